@@ -1,0 +1,213 @@
+"""The ``grouter`` command line.
+
+Every command accepts ``--json`` (one JSON object with its results as the last stdout line)
+and ``--debug`` (show tracebacks). User errors print one ``error: ...`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import GrouterError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error:`` line like every other bad input."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last stdout line")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on error")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# -- argument groups shared by the training commands ------------------------------------------
+MODEL_FLAGS = {  # flag -> MoEConfig field
+    "--d-model": "d_model", "--layers": "n_layers", "--heads": "n_heads", "--d-expert": "d_expert",
+    "--experts": "n_experts", "--top-k": "top_k", "--shared-experts": "n_shared_experts",
+}
+TRAIN_FLAGS = {  # flag -> TrainConfig field
+    "--steps": "steps", "--batch-size": "batch_size", "--lr": "lr", "--warmup-steps": "warmup_steps",
+    "--eval-every": "eval_every", "--eval-sequences": "eval_sequences",
+    "--checkpoint-every": "checkpoint_every", "--seed": "seed", "--device": "device",
+}
+
+
+def _add_training_args(p: argparse.ArgumentParser, default_preset: str, default_steps: int) -> None:
+    from .model import MODEL_PRESETS
+    from .train import TrainConfig
+
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=sorted(MODEL_PRESETS), default=default_preset, help="model size (default %(default)s)")
+    for flag, field in MODEL_FLAGS.items():
+        g.add_argument(flag, dest=field, type=int, default=None, help=f"override the preset's {field}")
+    t = p.add_argument_group("training")
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    defaults = TrainConfig()
+    for flag, field in TRAIN_FLAGS.items():
+        kind = {"int": int, "float": float, "str": str}[types[field]]
+        default = default_steps if field == "steps" else getattr(defaults, field)
+        t.add_argument(flag, dest=field, type=kind, default=default, help=f"(default {default})")
+    t.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start over")
+
+
+def _configs(args, data, router: str):
+    from .model import MODEL_PRESETS, MoEConfig
+    from .train import TrainConfig
+
+    model_kw = dict(MODEL_PRESETS[args.preset])
+    model_kw.update({f: getattr(args, f) for f in MODEL_FLAGS.values() if getattr(args, f) is not None})
+    model_cfg = MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router=router,
+                          seed=args.seed, **model_kw).validate()
+    train_cfg = TrainConfig(**{f: getattr(args, f) for f in TRAIN_FLAGS.values()}).validate()
+    return model_cfg, train_cfg
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_data_prepare(args) -> dict:
+    from .data import prepare_default
+
+    ds = prepare_default(args.out, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                         max_bytes_per_domain=int(args.max_mb_per_domain * 1e6), overwrite=args.overwrite)
+    return _dataset_summary(ds)
+
+
+def cmd_data_tokenize(args) -> dict:
+    from .data import tokenize_corpus
+
+    ds = tokenize_corpus(args.input, args.tokenizer, args.out, seq_len=args.seq_len, domain=args.domain,
+                         text_field=args.text_field, val_fraction=args.val_fraction, overwrite=args.overwrite)
+    return _dataset_summary(ds)
+
+
+def _dataset_summary(ds) -> dict:
+    splits = ds.meta["splits"]
+    return {"data": str(ds.path), "vocab_size": ds.vocab_size, "seq_len": ds.seq_len, "domains": ds.domains,
+            "train_sequences": splits["train"]["n_sequences"], "val_sequences": splits["val"]["n_sequences"],
+            "train_tokens": splits["train"]["n_tokens"], "fingerprint": ds.fingerprint}
+
+
+def _train(args, router: str) -> dict:
+    from .data import PackedDataset
+    from .train import train
+
+    data = PackedDataset.open(args.data)
+    model_cfg, train_cfg = _configs(args, data, router)
+    return train(data, args.out, model_cfg, train_cfg, overwrite=args.overwrite)
+
+
+def cmd_source_train(args) -> dict:
+    return _train(args, args.router)
+
+
+def cmd_train(args) -> dict:
+    return _train(args, args.router)
+
+
+def cmd_demo(args) -> dict:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .routers import ROUTER_KINDS
+
+    baseline_routers = [r for r in ROUTER_KINDS if r != "external"]
+    parser = _common(Parser(prog="grouter", description=__doc__.splitlines()[0]))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    data = sub.add_parser("data", help="prepare or tokenize a corpus into the packed format")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
+    p = _common(data_sub.add_parser("prepare", help="build the embedded default corpus (prose, speeches, code)"))
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--vocab-size", type=_positive_int, default=8192)
+    p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--max-mb-per-domain", type=float, default=4.0, help="cap on raw text per domain, MB (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = _common(data_sub.add_parser("tokenize", help="tokenize a user corpus (txt, jsonl, parquet) with a HF tokenizer"))
+    p.add_argument("--input", required=True, nargs="+", type=Path)
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json file or a Hugging Face model directory")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--domain", help="domain label for all inputs (default: each file's name)")
+    p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_tokenize)
+
+    source = sub.add_parser("source", help="the built-in source MoE model")
+    source_sub = source.add_subparsers(dest="source_command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
+    p = _common(source_sub.add_parser("train", help="train the built-in MoE LM that serves as a source"))
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--router", choices=baseline_routers, default="aux", help="the source's router (default aux)")
+    _add_training_args(p, default_preset="small", default_steps=300)
+    p.set_defaults(func=cmd_source_train)
+
+    p = _common(sub.add_parser("train", help="train a target MoE with a baseline router"))
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--router", required=True, choices=baseline_routers,
+                   help="aux: learned + load-balancing loss; zloss: + z-loss; auxfree: bias balancing; "
+                        "hash: balanced token-id table; random: frozen random; none: learned, no balancing")
+    _add_training_args(p, default_preset="small", default_steps=300)
+    p.set_defaults(func=cmd_train)
+
+    p = _common(sub.add_parser("demo", help="the whole pipeline, small, on the embedded corpus"))
+    p.add_argument("--out", type=Path, default=Path("demo"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except GrouterError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        for key, value in result.items():
+            if not isinstance(value, (dict, list)):
+                print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Routing decisions and the routers of the paper's baselines.
+
+A router turns a token's hidden state (and, for hash routing, its id) into a :class:`Routing`:
+k expert ids and k gate weights per token. The MoE layer does not care where a routing comes
+from, which is what lets a frozen Grouter replace the learned router, or stored routing replace
+any router at all (``external``).
+
+Routing is always computed in float32: top-k on bf16 logits ties and flips experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GrouterError
+
+ROUTER_KINDS = ("aux", "zloss", "auxfree", "hash", "random", "none", "external")
+
+
+@dataclass
+class Routing:
+    """k expert ids and k gate weights per token; any leading shape (``[..., k]``)."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+    def flatten(self) -> "Routing":
+        k = self.ids.shape[-1]
+        return Routing(self.ids.reshape(-1, k), self.weights.reshape(-1, k))
+
+    def to(self, device) -> "Routing":
+        return Routing(self.ids.to(device), self.weights.to(device))
+
+
+def topk_gating(logits: torch.Tensor, k: int, score: str = "softmax", scale: float = 1.0) -> Routing:
+    """Top-k experts of ``logits`` and their gate weights.
+
+    ``softmax``: softmax over the k selected logits (equal to softmax, top-k, renormalise).
+    ``sigmoid``: sigmoid scores of the selected experts normalised by their sum.
+    ``scale`` multiplies the weights (the authors used 2.5), so rows then sum to ``scale``.
+    """
+    if k > logits.shape[-1]:
+        raise GrouterError(f"top-k of {k} asked of {logits.shape[-1]} experts; use k <= number of experts")
+    logits = logits.float()
+    top, ids = logits.topk(k, dim=-1)
+    if score == "softmax":
+        weights = top.softmax(dim=-1)
+    elif score == "sigmoid":
+        s = top.sigmoid()
+        weights = s / s.sum(dim=-1, keepdim=True)
+    else:
+        raise GrouterError(f"unknown gating score {score!r}; use 'softmax' or 'sigmoid'")
+    return Routing(ids, weights * scale if scale != 1.0 else weights)
+
+
+def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Token-slots routed to each expert (the load L_i of the metrics)."""
+    return torch.bincount(ids.reshape(-1), minlength=n_experts)
+
+
+def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch/GShard loss ``E * sum_i f_i * P_i``; equals 1 at perfect balance.
+
+    f_i: fraction of the token-slots routed to expert i (no gradient); P_i: mean softmax
+    probability of expert i (carries the gradient).
+    """
+    probs = logits.float().softmax(dim=-1).reshape(-1, n_experts)
+    f = expert_counts(ids, n_experts).to(probs.dtype) / ids.numel()
+    return n_experts * (f * probs.mean(dim=0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition, keeps logits small."""
+    return logits.float().logsumexp(dim=-1).square().mean()
+
+
+class LearnedRouter(nn.Module):
+    """Linear softmax router (``aux``: + load-balancing loss; ``zloss``: + z-loss; ``none``: neither)."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, kind: str = "aux",
+                 aux_coef: float = 0.01, z_coef: float = 1e-3):
+        super().__init__()
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.n_experts, self.k, self.kind = n_experts, k, kind
+        self.aux_coef, self.z_coef = aux_coef, z_coef
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+        logits = F.linear(x.float(), self.gate.weight.float())
+        routing = topk_gating(logits, self.k)
+        loss = logits.new_zeros(())
+        if self.kind in ("aux", "zloss"):
+            loss = loss + self.aux_coef * load_balancing_loss(logits, routing.ids, self.n_experts)
+        if self.kind == "zloss":
+            loss = loss + self.z_coef * z_loss(logits)
+        return routing, loss
+
+
+class AuxFreeRouter(nn.Module):
+    """Auxiliary-loss-free balancing (DeepSeek-V3): sigmoid scores, a per-expert bias that only
+    affects selection, nudged after each step by ``b += gamma * sign(mean(c) - c_i)``."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, gamma: float = 1e-3):
+        super().__init__()
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.register_buffer("bias", torch.zeros(n_experts))
+        self.register_buffer("pending_counts", torch.zeros(n_experts), persistent=False)
+        self.n_experts, self.k, self.gamma = n_experts, k, gamma
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+        scores = F.linear(x.float(), self.gate.weight.float()).sigmoid()
+        ids = (scores.detach() + self.bias).topk(self.k, dim=-1).indices
+        chosen = scores.gather(-1, ids)
+        if self.training:
+            self.pending_counts += expert_counts(ids, self.n_experts).float()
+        return Routing(ids, chosen / chosen.sum(dim=-1, keepdim=True)), scores.new_zeros(())
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Apply the sign rule with the loads seen since the last update (call after each step)."""
+        c = self.pending_counts
+        if c.sum() > 0:
+            self.bias += self.gamma * torch.sign(c.mean() - c)
+        c.zero_()
+
+
+def balanced_hash_table(token_counts: np.ndarray, n_experts: int, k: int) -> np.ndarray:
+    """Token id -> k distinct experts, balancing expected load (Balanced HashLayer).
+
+    Tokens are taken from most to least frequent and each goes to the k experts with the least
+    frequency mass so far (greedy longest-processing-time). Runs once per vocabulary.
+    """
+    counts = np.asarray(token_counts, dtype=np.float64)
+    load = np.zeros(n_experts)
+    table = np.zeros((len(counts), k), dtype=np.int64)
+    for token in np.argsort(-counts, kind="stable"):
+        chosen = np.argpartition(load, k - 1)[:k] if k < n_experts else np.arange(n_experts)
+        table[token] = chosen
+        load[chosen] += counts[token]
+    return table
+
+
+class HashRouter(nn.Module):
+    """Experts fixed per token id by a balanced table; gate weights from a learned router."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, vocab_size: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        uniform = np.ones(vocab_size)
+        self.register_buffer("table", torch.from_numpy(balanced_hash_table(uniform, n_experts, k)))
+        self.n_experts, self.k = n_experts, k
+
+    def set_token_counts(self, token_counts: np.ndarray) -> None:
+        table = balanced_hash_table(token_counts, self.n_experts, self.k)
+        self.table.copy_(torch.from_numpy(table))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+        ids = self.table[token_ids]
+        logits = F.linear(x.float(), self.gate.weight.float())
+        weights = logits.gather(-1, ids).softmax(dim=-1)
+        return Routing(ids, weights), logits.new_zeros(())
+
+
+class RandomRouter(nn.Module):
+    """A frozen random linear router: the control that routing quality, not freezing, matters."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(n_experts, d_model, generator=g) / d_model**0.5)
+        self.k = k
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight)
+        return topk_gating(logits, self.k), logits.new_zeros(())
+
+
+def build_router(kind: str, d_model: int, n_experts: int, k: int, vocab_size: int,
+                 aux_coef: float, z_coef: float, auxfree_gamma: float, seed: int) -> nn.Module | None:
+    """The router module of one MoE layer, or None for ``external`` (routing comes with the batch)."""
+    if kind in ("aux", "zloss", "none"):
+        return LearnedRouter(d_model, n_experts, k, kind, aux_coef, z_coef)
+    if kind == "auxfree":
+        return AuxFreeRouter(d_model, n_experts, k, auxfree_gamma)
+    if kind == "hash":
+        return HashRouter(d_model, n_experts, k, vocab_size)
+    if kind == "random":
+        return RandomRouter(d_model, n_experts, k, seed)
+    if kind == "external":
+        return None
+    raise GrouterError(f"unknown router {kind!r}; choose one of {', '.join(ROUTER_KINDS)}")

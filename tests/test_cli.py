@@ -1,0 +1,101 @@
+"""The command line: help, --json, and one-line errors for bad input (nothing half-written)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from grouter.cli import main
+
+SMALL_TRAIN = ["--preset", "tiny", "--steps", "6", "--batch-size", "4", "--eval-every", "3",
+               "--checkpoint-every", "3", "--eval-sequences", "4"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and needle in lines[-1], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [[], ["data"], ["data", "prepare"], ["data", "tokenize"], ["source", "train"],
+                                  ["train"], ["demo"]])
+def test_every_command_has_help(argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--help"])
+    assert exit_.value.code == 0
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "grouter.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "demo" in result.stdout
+
+
+def test_train_json_output_and_resume(capsys, tiny_data, tmp_path):
+    code, out, _ = run(capsys, "train", "--data", str(tiny_data.path), "--out", str(tmp_path / "r"),
+                       "--router", "auxfree", "--json", *SMALL_TRAIN)
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["steps"] == 6 and result["out"] == str(tmp_path / "r")
+    assert result["final_val_loss"] > 0
+
+
+def test_source_train_writes_a_loadable_model(capsys, tiny_data, tmp_path):
+    from grouter.model import MoELM
+
+    code, _, _ = run(capsys, "source", "train", "--data", str(tiny_data.path), "--out", str(tmp_path / "s"),
+                     *SMALL_TRAIN)
+    assert code == 0
+    model = MoELM.from_pretrained(tmp_path / "s" / "checkpoint")
+    assert model.cfg.router == "aux" and model.cfg.vocab_size == tiny_data.vocab_size
+
+
+def test_missing_and_empty_data_directory(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--router", "aux")
+    assert_one_line_error(code, err, "not found")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--router", "aux")
+    assert_one_line_error(code, err, "empty")
+    assert not (tmp_path / "o").exists()
+
+
+def test_k_larger_than_experts(capsys, tiny_data, tmp_path):
+    code, _, err = run(capsys, "train", "--data", str(tiny_data.path), "--out", str(tmp_path / "o"), "--router", "aux",
+                       "--experts", "4", "--top-k", "5")
+    assert_one_line_error(code, err, "top-k 5")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_router(capsys, tiny_data, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", str(tiny_data.path), "--out", str(tmp_path / "o"), "--router", "magic"])
+    assert exit_.value.code == 2
+    assert_one_line_error(2, capsys.readouterr().err, "invalid choice: 'magic'")
+
+
+def test_corrupt_checkpoint(capsys, tiny_data, tmp_path):
+    args = ["train", "--data", str(tiny_data.path), "--out", str(tmp_path / "r"), "--router", "aux", *SMALL_TRAIN]
+    from grouter.data import PackedDataset
+    from grouter.model import MODEL_PRESETS, MoEConfig
+    from grouter.train import TrainConfig, train
+
+    cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, **MODEL_PRESETS["tiny"])
+    train(PackedDataset.open(tiny_data.path), tmp_path / "r", cfg,
+          TrainConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, eval_sequences=4), stop_after=3,
+          progress=False)
+    (tmp_path / "r" / "checkpoint" / "optimizer.safetensors").write_bytes(b"garbage")
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, "corrupt")
+
+
+def test_debug_shows_traceback(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                       "--router", "aux", "--debug")
+    assert code == 2 and "Traceback" in err

@@ -1,0 +1,131 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grouter.errors import GrouterError
+from grouter.model import Experts, MoEConfig, MoELM
+from grouter.routers import ROUTER_KINDS, Routing, topk_gating
+
+TINY = dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, d_expert=16, n_experts=8, top_k=2, max_seq_len=16)
+
+
+def tiny_model(**kw) -> MoELM:
+    return MoELM(MoEConfig(**{**TINY, **kw}))
+
+
+def random_routing(b, l, k=2, e=8, seed=0) -> Routing:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(b, l, e, generator=g).argsort(-1)[..., :k]
+    return Routing(ids, torch.rand(b, l, k, generator=g).softmax(-1))
+
+
+@pytest.mark.parametrize("router", [r for r in ROUTER_KINDS if r != "external"])
+def test_every_router_runs_forward_and_backward(router):
+    model = tiny_model(router=router)
+    x = torch.randint(0, 100, (3, 16))
+    out = model(x, labels=x)
+    assert out.logits.shape == (3, 16, 100)
+    assert torch.isfinite(out.loss)
+    assert out.expert_counts.shape == (2, 8)
+    assert out.expert_counts.sum(1).tolist() == [3 * 16 * 2] * 2
+    out.loss.backward()
+    assert model.blocks[0].moe.experts.w_in.grad.abs().sum() > 0
+    if router in ("aux", "zloss"):
+        assert out.aux_loss > 0
+        assert model.blocks[0].moe.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_grouped_experts_equal_per_token_reference():
+    torch.manual_seed(0)
+    experts = Experts(n_experts=6, d_model=8, d_expert=5)
+    torch.nn.init.normal_(experts.w_in)
+    torch.nn.init.normal_(experts.w_out)
+    x = torch.randn(20, 8)
+    routing = topk_gating(torch.randn(20, 6), 3)
+    y, counts = experts(x, routing)
+    reference = torch.zeros_like(x)
+    for t in range(20):
+        for j in range(3):
+            e = routing.ids[t, j]
+            gate, up = (x[t] @ experts.w_in[e]).chunk(2)
+            reference[t] += routing.weights[t, j] * ((F.silu(gate) * up) @ experts.w_out[e])
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == torch.bincount(routing.ids.flatten(), minlength=6).tolist()
+
+
+def test_model_is_causal():
+    model = tiny_model(router="aux").eval()
+    x = torch.randint(0, 100, (2, 16))
+    y = x.clone()
+    y[:, 9:] = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_external_routing_drives_the_experts_and_has_no_router():
+    model = tiny_model(router="external")
+    assert model.routers() == []
+    assert not any("router" in n for n, _ in model.named_parameters())
+    x = torch.randint(0, 100, (2, 16))
+    r1, r2 = random_routing(2, 16, seed=1), random_routing(2, 16, seed=2)
+    out1 = model(x, labels=x, routing=r1)
+    assert not torch.allclose(out1.logits, model(x, routing=r2).logits)
+    assert out1.expert_counts[0].tolist() == torch.bincount(r1.ids.flatten(), minlength=8).tolist()
+    with pytest.raises(GrouterError, match="external routing"):
+        model(x)
+
+
+def test_shared_expert_adds_parameters():
+    assert tiny_model(n_shared_experts=1).num_parameters() > tiny_model().num_parameters()
+    m = tiny_model()
+    assert m.num_parameters(active_only=True) < m.num_parameters()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(top_k=9), "top-k 9"),
+    (dict(router="learned"), "unknown router"),
+    (dict(n_heads=5), "heads"),
+])
+def test_bad_config_is_a_clear_error(bad, message):
+    with pytest.raises(GrouterError, match=message):
+        tiny_model(**bad)
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(GrouterError, match="max_seq_len"):
+        tiny_model()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model(router="hash")
+    model.set_token_counts(torch.arange(100).float().numpy())
+    model.save_pretrained(tmp_path)
+    loaded = MoELM.from_pretrained(tmp_path)
+    x = torch.randint(0, 100, (2, 16))
+    torch.testing.assert_close(model(x).logits, loaded(x).logits, rtol=0, atol=0)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.bin"))
+
+
+def test_truncated_or_missing_checkpoint_is_a_clear_error(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(GrouterError, match="corrupt or truncated"):
+        MoELM.from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(GrouterError, match="missing"):
+        MoELM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(GrouterError, match="not valid JSON"):
+        MoELM.from_pretrained(tmp_path)
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    other = tmp_path / "other"
+    tiny_model(n_experts=4).save_pretrained(other)
+    (tmp_path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(GrouterError, match="do not match its config"):
+        MoELM.from_pretrained(tmp_path)

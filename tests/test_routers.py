@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+
+from grouter.errors import GrouterError
+from grouter.routers import (AuxFreeRouter, HashRouter, balanced_hash_table, expert_counts,
+                             load_balancing_loss, topk_gating, z_loss)
+
+
+def test_topk_softmax_equals_softmax_then_topk_renormalised():
+    logits = torch.randn(5, 7, 16)
+    r = topk_gating(logits, 4)
+    probs = logits.softmax(-1)
+    top, ids = probs.topk(4, dim=-1)
+    assert torch.equal(r.ids, ids)
+    torch.testing.assert_close(r.weights, top / top.sum(-1, keepdim=True))
+
+
+def test_topk_sigmoid_and_scale():
+    logits = torch.randn(10, 8)
+    r = topk_gating(logits, 2, score="sigmoid", scale=2.5)
+    s = logits.sigmoid().gather(-1, r.ids)
+    torch.testing.assert_close(r.weights, 2.5 * s / s.sum(-1, keepdim=True))
+    torch.testing.assert_close(r.weights.sum(-1), torch.full((10,), 2.5))
+
+
+def test_topk_rejects_k_larger_than_experts():
+    with pytest.raises(GrouterError, match="top-k of 9"):
+        topk_gating(torch.randn(3, 8), 9)
+
+
+def test_load_balancing_loss_is_one_at_perfect_balance_and_larger_when_skewed():
+    n, e = 64, 8
+    uniform = torch.zeros(n, e)
+    balanced_ids = torch.arange(n).remainder(e).view(n, 1)
+    assert load_balancing_loss(uniform, balanced_ids, e).item() == pytest.approx(1.0)
+    skewed_logits = torch.zeros(n, e)
+    skewed_logits[:, 0] = 5.0
+    skewed_ids = torch.zeros(n, 1, dtype=torch.long)
+    assert load_balancing_loss(skewed_logits, skewed_ids, e).item() > 4.0
+
+
+def test_z_loss_grows_with_logit_scale():
+    x = torch.randn(32, 8)
+    assert z_loss(10 * x) > z_loss(x)
+
+
+def test_expert_counts():
+    ids = torch.tensor([[0, 1], [1, 3]])
+    assert expert_counts(ids, 5).tolist() == [1, 2, 0, 1, 0]
+
+
+def test_balanced_hash_table_is_distinct_and_balanced():
+    rng = np.random.default_rng(0)
+    freqs = rng.zipf(1.5, size=1000).astype(float)
+    freqs[0] = 0
+    table = balanced_hash_table(freqs, n_experts=16, k=2)
+    assert table.shape == (1000, 2)
+    assert (table[:, 0] != table[:, 1]).all()
+    load = np.zeros(16)
+    np.add.at(load, table.ravel(), np.repeat(freqs, 2))
+    # greedy LPT: the spread is at most the largest single token's mass
+    assert load.max() - load.min() <= freqs.max() + 1e-9
+
+
+def test_hash_router_uses_table_and_learned_weights():
+    r = HashRouter(d_model=8, n_experts=4, k=2, vocab_size=10)
+    r.set_token_counts(np.arange(10, dtype=float))
+    tokens = torch.tensor([3, 3, 7])
+    routing, aux = r(torch.randn(3, 8), tokens)
+    assert torch.equal(routing.ids, r.table[tokens])
+    torch.testing.assert_close(routing.weights.sum(-1), torch.ones(3))
+    assert aux.item() == 0.0
+
+
+def test_auxfree_bias_sign_rule():
+    r = AuxFreeRouter(d_model=4, n_experts=4, k=1, gamma=0.1)
+    r.train()
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[0, 0] = 10.0  # everything goes to expert 0
+    x = torch.zeros(6, 4)
+    x[:, 0] = 1.0
+    routing, _ = r(x, torch.zeros(6, dtype=torch.long))
+    assert (routing.ids == 0).all()
+    r.update_bias()
+    assert r.bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
+    assert r.pending_counts.sum() == 0

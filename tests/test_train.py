@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from grouter.errors import GrouterError
+from grouter.model import MoEConfig, MoELM
+from grouter.routers import ROUTER_KINDS, Routing
+from grouter.train import TrainConfig, lr_at, read_metrics, train
+
+BASELINES = [r for r in ROUTER_KINDS if r != "external"]
+
+
+def model_cfg(data, **kw) -> MoEConfig:
+    base = dict(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_layers=2, n_heads=2,
+                d_expert=32, n_experts=8, top_k=2)
+    return MoEConfig(**{**base, **kw})
+
+
+def train_cfg(**kw) -> TrainConfig:
+    base = dict(steps=40, batch_size=8, lr=1e-2, warmup_steps=4, eval_every=20, checkpoint_every=20,
+                eval_sequences=8)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("router", BASELINES)
+def test_every_router_trains_and_logs_its_metrics(tiny_data, tmp_path, router):
+    summary = train(tiny_data, tmp_path / router, model_cfg(tiny_data, router=router), train_cfg(), progress=False)
+    records = read_metrics(tmp_path / router / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert np.mean([r["loss"] for r in steps[-5:]]) < steps[0]["loss"] - 0.5, "the loss should go down"
+    assert all(len(r["expert_load"]) == 2 and len(r["expert_load"][0]) == 8 for r in steps)
+    assert all(r["grad_norm"] > 0 and r["max_vio"] >= 0 for r in steps)
+    assert [e["step"] for e in evals] == [20, 40]
+    assert set(evals[-1]["val_loss_by_domain"]) == set(tiny_data.domains)
+    assert summary["final_val_loss"] == evals[-1]["val_loss"]
+    assert summary["max_vio_global"] >= 0 and summary["grad_norm_cv50_mean"] is not None
+
+
+def test_balancing_routers_balance_better_than_none(tiny_data, tmp_path):
+    cfg = train_cfg(steps=60)
+    vio = {r: train(tiny_data, tmp_path / r, model_cfg(tiny_data, router=r), cfg, progress=False)["max_vio_global"]
+           for r in ("none", "aux", "hash")}
+    assert vio["hash"] < vio["none"] and vio["aux"] < vio["none"]
+
+
+@pytest.mark.parametrize("router", ["aux", "auxfree", "hash"])
+def test_resume_is_exact(tiny_data, tmp_path, router):
+    """N steps, stop, resume for N more: bit-identical to 2N steps uninterrupted."""
+    mcfg, tcfg = model_cfg(tiny_data, router=router), train_cfg(steps=20, checkpoint_every=10, eval_every=10)
+    train(tiny_data, tmp_path / "full", mcfg, tcfg, progress=False)
+    stopped = train(tiny_data, tmp_path / "resumed", mcfg, tcfg, stop_after=10, progress=False)
+    assert stopped["stopped_at"] == 10
+    train(tiny_data, tmp_path / "resumed", mcfg, tcfg, progress=False)
+    a = MoELM.from_pretrained(tmp_path / "full" / "checkpoint").state_dict()
+    b = MoELM.from_pretrained(tmp_path / "resumed" / "checkpoint").state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    log_a = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    losses = lambda log: [json.loads(ln).get("loss") for ln in log]
+    assert losses(log_a) == losses(log_b)
+
+
+def test_rerunning_a_finished_run_is_a_no_op(tiny_data, tmp_path):
+    mcfg, tcfg = model_cfg(tiny_data), train_cfg(steps=4, eval_every=4, checkpoint_every=4)
+    first = train(tiny_data, tmp_path / "run", mcfg, tcfg, progress=False)
+    size = (tmp_path / "run" / "metrics.jsonl").stat().st_size
+    assert train(tiny_data, tmp_path / "run", mcfg, tcfg, progress=False) == first
+    assert (tmp_path / "run" / "metrics.jsonl").stat().st_size == size
+    with pytest.raises(GrouterError, match="another configuration"):
+        train(tiny_data, tmp_path / "run", model_cfg(tiny_data, top_k=3), tcfg, progress=False)
+    again = train(tiny_data, tmp_path / "run", model_cfg(tiny_data, top_k=3), tcfg, overwrite=True, progress=False)
+    assert again["steps"] == 4
+
+
+def test_corrupt_checkpoint_is_refused_on_resume(tiny_data, tmp_path):
+    mcfg, tcfg = model_cfg(tiny_data), train_cfg(steps=8, checkpoint_every=4, eval_every=4)
+    train(tiny_data, tmp_path / "run", mcfg, tcfg, stop_after=4, progress=False)
+    weights = tmp_path / "run" / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(GrouterError, match="corrupt or truncated"):
+        train(tiny_data, tmp_path / "run", mcfg, tcfg, progress=False)
+
+
+def test_vocabulary_mismatch_is_refused(tiny_data, tmp_path):
+    with pytest.raises(GrouterError, match="another tokenizer"):
+        train(tiny_data, tmp_path / "run", model_cfg(tiny_data, vocab_size=1000), train_cfg(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_external_routing_source_trains_without_router_parameters(tiny_data, tmp_path):
+    """Routing supplied with the batch (what stored Grouter routing will feed)."""
+    n_experts, k = 8, 2
+
+    def token_hash_routing(split: str, idx: np.ndarray) -> Routing:
+        ids = torch.from_numpy(tiny_data.split(split).sequences(idx)[:, :-1])
+        experts = torch.stack([(ids * 7 + j * 3) % n_experts for j in range(k)], dim=-1)
+        return Routing(experts, torch.full(experts.shape, 1.0 / k))
+
+    cfg = model_cfg(tiny_data, router="external")
+    summary = train(tiny_data, tmp_path / "ext", cfg, train_cfg(), routing_source=token_hash_routing, progress=False)
+    assert summary["final_val_loss"] < 6.0
+    with pytest.raises(GrouterError, match="routing source"):
+        train(tiny_data, tmp_path / "ext2", cfg, train_cfg(), progress=False)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
