@@ -7,7 +7,8 @@ expert parallelism. See README.md for the pipeline and ../SPEC for the method.
 
 from .errors import GrouterError
 from .model import MoEConfig, MoELM, MoEOutput
+from .network import Grouter, GrouterConfig
 from .routers import Routing, topk_gating
 
-__all__ = ["GrouterError", "MoEConfig", "MoELM", "MoEOutput", "Routing", "topk_gating"]
+__all__ = ["Grouter", "GrouterConfig", "GrouterError", "MoEConfig", "MoELM", "MoEOutput", "Routing", "topk_gating"]
 __version__ = "0.1.0"

@@ -33,18 +33,24 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise GrouterError(f"{out} already exists; choose another --out or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    scratch.chmod(0o755)  # mkdtemp makes it private; the artifact should read like any directory
     try:
         yield scratch
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    move_into_place(scratch, out)
+
+
+def move_into_place(src: Path, out: Path) -> None:
+    """Rename a finished directory to ``out``, replacing an older ``out`` only at the last moment."""
     if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, trash / out.name)
-        os.replace(scratch, out)
+        os.replace(src, out)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.replace(scratch, out)
+        os.replace(src, out)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -111,3 +117,46 @@ def load_safetensors(path: str | Path, what: str) -> dict[str, "torch.Tensor"]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise GrouterError(f"{what} in {path} is corrupt or truncated ({str(e).splitlines()[0]}); re-create it") from None
+
+
+class ResumableDir:
+    """Scratch space for a long job that survives a kill and is renamed into place when done.
+
+    Work happens in ``.<name>.partial`` beside ``out`` with a ``progress.json`` recording the
+    job's identity (its inputs and options) and how far it got. Rerunning the same job resumes;
+    a different job finding a stale partial directory starts it over. ``finish()`` makes ``out``
+    appear atomically, complete.
+    """
+
+    def __init__(self, out: str | Path, identity: dict, overwrite: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise GrouterError(f"{self.out} already exists; choose another --out, or pass --overwrite")
+        self.identity = identity
+        self.work = self.out.parent / f".{self.out.name}.partial"
+        state = None
+        if (self.work / "progress.json").exists():
+            try:
+                state = read_json(self.work / "progress.json", "job progress")
+            except GrouterError:
+                state = None
+        if state is None or state.get("identity") != identity:
+            shutil.rmtree(self.work, ignore_errors=True)
+            state = {"identity": identity, "done": {}}
+        self.resumed = bool(state["done"])
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._state = state
+        write_json(self.work / "progress.json", state)
+
+    def done(self, key: str) -> int:
+        return int(self._state["done"].get(key, 0))
+
+    def set_done(self, key: str, value: int) -> None:
+        """Record progress; call only after the data it covers is flushed to disk."""
+        self._state["done"][key] = value
+        write_json(self.work / "progress.json", self._state)
+
+    def finish(self) -> Path:
+        (self.work / "progress.json").unlink()
+        move_into_place(self.work, self.out)
+        return self.out

@@ -123,6 +123,37 @@ def cmd_train(args) -> dict:
     return _train(args, args.router)
 
 
+def cmd_capture(args) -> dict:
+    from .capture import capture
+    from .data import PackedDataset
+
+    data = PackedDataset.open(args.data)
+    return capture(args.source, data, args.out, layer=args.layer, batch_size=args.batch_size,
+                   device=args.device, overwrite=args.overwrite)
+
+
+def cmd_distill(args) -> dict:
+    import warnings
+
+    from .capture import Targets
+    from .distill import DistillConfig, distill
+    from .network import LEAK_WARNING, GrouterConfig
+
+    targets = Targets.open(args.targets)
+    gcfg = GrouterConfig(vocab_size=targets.data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
+                         d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
+                         causal=not args.bidirectional_leaks_future, rope=not args.no_rope,
+                         max_seq_len=max(targets.data.seq_len, 4096), seed=args.seed)
+    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+                        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                        device=args.device)
+    if not gcfg.causal:
+        print(f"warning: {LEAK_WARNING}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return distill(targets, args.out, gcfg, cfg, overwrite=args.overwrite)
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
 
@@ -142,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--vocab-size", type=_positive_int, default=8192)
     p.add_argument("--seq-len", type=_positive_int, default=256)
-    p.add_argument("--max-mb-per-domain", type=float, default=4.0, help="cap on raw text per domain, MB (default %(default)s)")
+    from .data import DEFAULT_MAX_BYTES_PER_DOMAIN
+
+    p.add_argument("--max-mb-per-domain", type=float, default=DEFAULT_MAX_BYTES_PER_DOMAIN / 1e6,
+                   help="cap on raw text per domain, MB (default %(default)s)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_prepare)
 
@@ -174,6 +208,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "hash: balanced token-id table; random: frozen random; none: learned, no balancing")
     _add_training_args(p, default_preset="small", default_steps=300)
     p.set_defaults(func=cmd_train)
+
+    p = _common(sub.add_parser("capture", help="record a source MoE's router logits (one layer) for a dataset"))
+    p.add_argument("--source", required=True, type=Path,
+                   help="a `grouter source train` output or a Hugging Face MoE directory (Qwen2/3-MoE, OLMoE, Mixtral)")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--layer", type=int, default=None, help="MoE layer to capture (default: the first MoE layer)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_capture)
+
+    p = _common(sub.add_parser("distill", help="train a Grouter on captured router logits"))
+    p.add_argument("--targets", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    from .distill import DistillConfig
+
+    d = DistillConfig()
+    p.add_argument("--d-model", type=_positive_int, default=256)
+    p.add_argument("--layers", type=_positive_int, default=3)
+    p.add_argument("--heads", type=_positive_int, default=4)
+    p.add_argument("--d-ff", type=_positive_int, default=512)
+    p.add_argument("--no-rope", action="store_true", help="no positional information")
+    p.add_argument("--bidirectional-leaks-future", action="store_true",
+                   help="bidirectional attention, as the authors' code: routes see later tokens (a leak)")
+    p.add_argument("--steps", type=_positive_int, default=d.steps)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="KL temperature (default 1: no temperature)")
+    p.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_distill)
 
     p = _common(sub.add_parser("demo", help="the whole pipeline, small, on the embedded corpus"))
     p.add_argument("--out", type=Path, default=Path("demo"))

