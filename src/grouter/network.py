@@ -1,0 +1,164 @@
+"""The Grouter: a small standalone router that reads token ids and predicts expert logits.
+
+``G(X) = W_s · Enc_N(Emb(X))``: token embedding, N Transformer blocks, bias-free linear head to
+E experts (SPEC §1.1). Attention is **causal by default**: the route of token t depends only on
+tokens <= t. The authors' code ran the encoder bidirectionally, which lets the routing of token t
+see the tokens a causal LM is asked to predict; ``causal=False`` exists only to measure that
+leak and is reported as leaking wherever it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .artifacts import load_safetensors, read_json, save_safetensors, write_json
+from .errors import GrouterError
+from .model import Attention, RMSNorm, SwiGLU, rope_tables
+from .routers import Routing, topk_gating
+
+LEAK_WARNING = ("this Grouter is bidirectional: the route of token t depends on later tokens, which leaks "
+                "the future into a causal language model; use it only to measure that leak")
+
+
+@dataclass
+class GrouterConfig:
+    vocab_size: int
+    n_experts: int
+    top_k: int  # the k that route() uses by default (the source model's)
+    d_model: int = 256
+    n_layers: int = 3
+    n_heads: int = 4
+    d_ff: int = 512
+    causal: bool = True
+    rope: bool = True
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-6
+    score: str = "softmax"  # gating: softmax over the top-k logits, or "sigmoid"
+    scale: float = 1.0  # multiplies the gate weights (the authors used 2.5)
+    seed: int = 0
+    provenance: dict = field(default_factory=dict)  # source model, layer, fold map, tuning: where it came from
+
+    def validate(self) -> "GrouterConfig":
+        if not 1 <= self.top_k <= self.n_experts:
+            raise GrouterError(f"top-k {self.top_k} must be between 1 and the number of experts ({self.n_experts})")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise GrouterError(f"Grouter d_model {self.d_model} must split into {self.n_heads} heads of even size")
+        if self.score not in ("softmax", "sigmoid"):
+            raise GrouterError(f"unknown gating score {self.score!r}; use softmax or sigmoid")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GrouterConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise GrouterError(f"Grouter config has unknown fields {sorted(unknown)}; written by a newer grouter?")
+        return cls(**d).validate()
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: GrouterConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, causal=cfg.causal)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Grouter(nn.Module):
+    """``Grouter(cfg)(input_ids)`` -> float32 logits ``[batch, seq, experts]``."""
+
+    def __init__(self, cfg: GrouterConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        if not cfg.causal:
+            warnings.warn(LEAK_WARNING, stacklevel=2)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        # Selection-only bias (bias-only tuning): shifts which experts are chosen, never the weights.
+        self.register_buffer("selection_bias", torch.zeros(cfg.n_experts))
+        if cfg.rope:
+            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, 10000.0)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        for name, p in self.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        l = input_ids.shape[-1]
+        if l > self.cfg.max_seq_len:
+            raise GrouterError(f"sequence length {l} exceeds the Grouter's max_seq_len {self.cfg.max_seq_len}")
+        if self.cfg.rope:
+            cos, sin = self.rope_cos[:l], self.rope_sin[:l]
+        else:
+            cos = sin = None
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return F.linear(self.norm(x).float(), self.head.weight.float())
+
+    @torch.no_grad()
+    def route(self, input_ids: torch.Tensor, k: int | None = None) -> Routing:
+        """Top-k experts and gate weights per token (SPEC §1.3); weights carry no gradient."""
+        logits = self(input_ids)
+        return self.route_logits(logits, k)
+
+    def route_logits(self, logits: torch.Tensor, k: int | None = None) -> Routing:
+        bias = self.selection_bias if self.selection_bias.any() else None
+        return topk_gating(logits, k or self.cfg.top_k, self.cfg.score, self.cfg.scale, bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def fingerprint(self) -> str:
+        """Hash of the weights and config (incl. fold map): a routing store is bound to exactly this."""
+        h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_safetensors(directory / "model.safetensors", self.state_dict())
+        write_json(directory / "config.json", {"kind": "grouter", "config": asdict(self.cfg),
+                                               "fingerprint": self.fingerprint(), **(extra or {})})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "Grouter":
+        directory = Path(directory)
+        if (directory / "checkpoint" / "config.json").exists() and not (directory / "config.json").exists():
+            directory = directory / "checkpoint"  # a distillation run directory
+        meta = read_json(directory / "config.json", "Grouter config")
+        if meta.get("kind") != "grouter":
+            raise GrouterError(f"{directory} is not a Grouter (config kind {meta.get('kind')!r}); "
+                               "pass the output of `grouter distill`, `fold` or `tune`")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the leak warning is repeated by whoever uses it
+            model = cls(GrouterConfig.from_dict(meta["config"]))
+        try:
+            model.load_state_dict(load_safetensors(directory / "model.safetensors", "Grouter weights"))
+        except RuntimeError as e:
+            raise GrouterError(f"Grouter weights in {directory} do not match its config "
+                               f"({str(e).strip().splitlines()[-1].strip()}); the file is corrupt") from None
+        return model.eval()

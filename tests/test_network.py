@@ -1,0 +1,101 @@
+import warnings
+
+import pytest
+import torch
+
+from grouter import Grouter, GrouterConfig
+from grouter.errors import GrouterError
+
+CFG = dict(vocab_size=200, n_experts=16, top_k=4, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64)
+
+
+def make(**kw) -> Grouter:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = Grouter(GrouterConfig(**{**CFG, **kw}))
+    torch.nn.init.normal_(g.head.weight, std=1.0)  # sharpen logits so differences are visible
+    return g.eval()
+
+
+@pytest.mark.parametrize("t", [0, 7, 30])
+def test_causal_grouter_does_not_see_the_future(t):
+    g = make()
+    x = torch.randint(0, 200, (3, 32))
+    y = x.clone()
+    y[:, t + 1:] = torch.randint(0, 200, (3, 31 - t))
+    with torch.no_grad():
+        a, b = g(x), g(y)
+    assert (a[:, : t + 1] - b[:, : t + 1]).abs().max().item() <= 1e-6
+    if t < 31:
+        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_bidirectional_option_leaks_and_says_so():
+    with pytest.warns(UserWarning, match="leaks the future"):
+        Grouter(GrouterConfig(**CFG, causal=False))
+    g = make(causal=False)
+    x = torch.randint(0, 200, (3, 32))
+    y = x.clone()
+    y[:, 20:] = (y[:, 20:] + 1) % 200
+    with torch.no_grad():
+        a, b = g(x), g(y)
+    assert (a[:, :20] - b[:, :20]).abs().max().item() > 1e-4, "bidirectional routes depend on later tokens"
+
+
+def test_causal_is_the_default():
+    assert GrouterConfig(vocab_size=10, n_experts=4, top_k=1).causal is True
+
+
+def test_route_shapes_and_weights():
+    g = make()
+    x = torch.randint(0, 200, (2, 10))
+    r = g.route(x)
+    assert r.ids.shape == (2, 10, 4) and r.ids.dtype == torch.long
+    assert r.weights.shape == (2, 10, 4) and r.weights.dtype == torch.float32
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(2, 10))
+    assert not r.weights.requires_grad
+    assert g.route(x, k=2).ids.shape == (2, 10, 2)
+    top = g(x).topk(4, -1).indices
+    assert torch.equal(r.ids, top)
+
+
+def test_scaling_and_sigmoid_options():
+    x = torch.randint(0, 200, (2, 10))
+    scaled = make(scale=2.5).route(x)
+    torch.testing.assert_close(scaled.weights.sum(-1), torch.full((2, 10), 2.5))
+    sig = make(score="sigmoid")
+    s = sig(x).sigmoid().gather(-1, sig.route(x).ids)
+    torch.testing.assert_close(sig.route(x).weights, s / s.sum(-1, keepdim=True))
+
+
+def test_selection_bias_changes_choice_not_gate_formula():
+    g = make()
+    x = torch.randint(0, 200, (2, 10))
+    g.selection_bias[3] = 100.0
+    r = g.route(x)
+    assert (r.ids == 3).any(-1).all()
+    chosen = g(x).gather(-1, r.ids)
+    torch.testing.assert_close(r.weights, chosen.softmax(-1))
+
+
+def test_save_load_round_trip_and_fingerprint(tmp_path):
+    g = make()
+    g.save_pretrained(tmp_path / "g")
+    loaded = Grouter.from_pretrained(tmp_path / "g")
+    x = torch.randint(0, 200, (2, 10))
+    assert torch.equal(g(x), loaded(x))
+    assert loaded.fingerprint() == g.fingerprint()
+    with torch.no_grad():
+        loaded.head.weight[0, 0] += 1e-3
+    assert loaded.fingerprint() != g.fingerprint()
+    assert {p.name for p in (tmp_path / "g").iterdir()} == {"model.safetensors", "config.json"}
+
+
+def test_bad_grouter_inputs(tmp_path):
+    with pytest.raises(GrouterError, match="top-k 17"):
+        GrouterConfig(vocab_size=10, n_experts=16, top_k=17).validate()
+    with pytest.raises(GrouterError, match="max_seq_len"):
+        make()(torch.zeros(1, 65, dtype=torch.long))
+    (tmp_path / "config.json").write_text('{"kind": "grouter-moe-lm", "config": {}}')
+    with pytest.raises(GrouterError, match="not a Grouter"):
+        Grouter.from_pretrained(tmp_path)
