@@ -80,7 +80,7 @@ def resolve_device(name: str) -> torch.device:
         raise GrouterError(f"unknown device {name!r}; use auto, cpu or cuda") from None
 
 
-def build_optimizer(model: MoELM, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (norms) do not. Frozen tensors are buffers, not params."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -132,12 +132,15 @@ def evaluate(model: MoELM, split: DataSplit, cfg: TrainConfig, device: torch.dev
 
 
 class Run:
-    """A run directory: config identity, metrics log, checkpoints."""
+    """A run directory: config identity, metrics log, checkpoints (any model with save_pretrained)."""
 
-    def __init__(self, out: Path, identity: dict):
-        self.out, self.identity = out, identity
-        self.metrics_path = out / "metrics.jsonl"
-        self.checkpoint_dir = out / "checkpoint"
+    def __init__(self, out: Path, identity: dict, overwrite: bool = False):
+        self.out, self.identity = Path(out), identity
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.checkpoint_dir = self.out / "checkpoint"
+        if overwrite and self.out.exists():
+            with atomic_dir(self.out, overwrite=True):
+                pass  # replaces out with an empty directory, atomically
 
     def completed_summary(self) -> dict | None:
         """The summary of this very run if it already finished (rerunning it is a no-op)."""
@@ -178,7 +181,7 @@ class Run:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def save_checkpoint(self, model: MoELM, opt: torch.optim.Optimizer, state: dict, extra: dict) -> None:
+    def save_checkpoint(self, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, extra: dict) -> None:
         with atomic_dir(self.checkpoint_dir, overwrite=True) as tmp:
             model.save_pretrained(tmp, extra=extra)
             tensors, meta = optimizer_tensors(opt)
@@ -186,7 +189,7 @@ class Run:
             write_json(tmp / "optimizer.json", meta)
             write_json(tmp / "trainer_state.json", state)
 
-    def load_checkpoint(self, model: MoELM, opt: torch.optim.Optimizer) -> None:
+    def load_checkpoint(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         state = load_safetensors(self.checkpoint_dir / "model.safetensors", "checkpoint weights")
         try:
             model.load_state_dict(state)
@@ -226,13 +229,10 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
     train_split, val_split = data.split("train"), data.split("val")
     if cfg.batch_size > len(train_split):
         raise GrouterError(f"batch size {cfg.batch_size} exceeds the {len(train_split)} training sequences")
-    if overwrite and out.exists():
-        with atomic_dir(out, overwrite=True):
-            pass  # replaces out with an empty directory, atomically
 
     identity = {"model": asdict(model_cfg), "train": asdict(cfg), "data_fingerprint": data.fingerprint}
     identity["train"].pop("device")  # where it runs is not what it is
-    run = Run(out, identity)
+    run = Run(out, identity, overwrite)
     if (done := run.completed_summary()) is not None:
         return done
     resume_state = run.start()

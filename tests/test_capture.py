@@ -1,0 +1,148 @@
+"""Capture from built-in sources: logits equal the full model's, prefix-only, resumable, validated."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import grouter.capture as capture_mod
+from grouter.capture import BuiltinRouterPrefix, Targets, capture
+from grouter.errors import GrouterError
+from grouter.model import MoEConfig, MoELM
+
+
+def make_source(tmp_path, data, name="src", **kw) -> MoELM:
+    cfg = dict(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_layers=3, n_heads=2,
+               d_expert=16, n_experts=8, top_k=2, router="aux")
+    model = MoELM(MoEConfig(**{**cfg, **kw}))
+    model.save_pretrained(tmp_path / name, extra={"data": {"tokenizer_sha256": data.meta["tokenizer_sha256"]}})
+    return model
+
+
+def full_forward_router_logits(model: MoELM, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Reference: run the whole model and hook the router's input."""
+    seen = {}
+    router = model.blocks[layer].moe.router
+    handle = router.register_forward_pre_hook(lambda mod, args: seen.update(h=args[0]))
+    with torch.no_grad():
+        model(input_ids)
+    handle.remove()
+    return seen["h"].float() @ router.gate.weight.float().T
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_captured_logits_equal_full_forward(tmp_path, tiny_data, layer):
+    model = make_source(tmp_path, tiny_data).eval()
+    capture(tmp_path / "src", tiny_data, tmp_path / "t", layer=layer, progress=False)
+    targets = Targets.open(tmp_path / "t")
+    idx = np.arange(5)
+    expected = full_forward_router_logits(model, tiny_data.split("train").batch(idx)["input_ids"], layer)
+    got = targets.logits("train", idx)
+    torch.testing.assert_close(got, expected.view(got.shape).half().float(), rtol=0, atol=1e-3)
+    assert targets.array("val").shape == (len(tiny_data.split("val")), tiny_data.seq_len, 8)
+    assert targets.manifest["source"]["layer"] == layer
+
+
+def test_prefix_only_loading_ignores_later_layers(tmp_path, tiny_data):
+    make_source(tmp_path, tiny_data)
+    prefix = BuiltinRouterPrefix(tmp_path / "src", layer=1)
+    assert not any(n.startswith("blocks.2.") or n.startswith("blocks.1.moe.experts") for n in prefix.loaded_tensor_names)
+    ids = tiny_data.split("train").batch(np.arange(3))["input_ids"]
+    before = prefix.router_logits(ids)
+    weights = tmp_path / "src" / "model.safetensors"
+    state = load_file(weights)
+    state = {k: (torch.full_like(v, float("nan")) if k.startswith(("blocks.2.", "blocks.1.moe.experts")) else v)
+             for k, v in state.items() if not k.startswith("blocks.2.attn")}  # garbage and absent
+    save_file(state, weights)
+    after = BuiltinRouterPrefix(tmp_path / "src", layer=1).router_logits(ids)
+    assert torch.equal(before, after)
+
+
+def test_capture_resumes_to_identical_bytes(tmp_path, tiny_data, monkeypatch):
+    make_source(tmp_path, tiny_data)
+    capture(tmp_path / "src", tiny_data, tmp_path / "full", batch_size=4, progress=False)
+    calls = {"n": 0}
+    original = BuiltinRouterPrefix.router_logits
+
+    def dying(self, ids):
+        calls["n"] += 1
+        if calls["n"] == 150:
+            raise KeyboardInterrupt  # a kill in the middle of the train split
+        return original(self, ids)
+
+    monkeypatch.setattr(BuiltinRouterPrefix, "router_logits", dying)
+    with pytest.raises(KeyboardInterrupt):
+        capture(tmp_path / "src", tiny_data, tmp_path / "resumed", batch_size=4, progress=False)
+    assert not (tmp_path / "resumed").exists(), "nothing half-written is visible"
+    monkeypatch.setattr(BuiltinRouterPrefix, "router_logits", original)
+    capture(tmp_path / "src", tiny_data, tmp_path / "resumed", batch_size=4, progress=False)
+    for name in ("train.logits", "val.logits"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_layer_out_of_range(tmp_path, tiny_data):
+    make_source(tmp_path, tiny_data)
+    with pytest.raises(GrouterError, match="out of range"):
+        capture(tmp_path / "src", tiny_data, tmp_path / "t", layer=3, progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_source_without_moe_router(tmp_path, tiny_data):
+    make_source(tmp_path, tiny_data, router="hash")
+    with pytest.raises(GrouterError, match="not its routing"):
+        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+
+
+def test_vocabulary_larger_than_source(tmp_path, tiny_data):
+    make_source(tmp_path, tiny_data, vocab_size=tiny_data.vocab_size - 10)
+    with pytest.raises(GrouterError, match="larger than the source's embedding"):
+        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+
+
+def test_other_tokenizer_is_refused(tmp_path, tiny_data):
+    model = MoELM(MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=32, d_model=32, n_layers=1, n_heads=2,
+                            d_expert=16, n_experts=8, top_k=2))
+    model.save_pretrained(tmp_path / "src", extra={"data": {"tokenizer_sha256": "0" * 64}})
+    with pytest.raises(GrouterError, match="another tokenizer"):
+        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+
+
+def test_missing_source(tmp_path, tiny_data):
+    with pytest.raises(GrouterError, match="not found"):
+        capture(tmp_path / "nope", tiny_data, tmp_path / "t", progress=False)
+
+
+def test_nan_in_targets_is_refused(tmp_path, tiny_data):
+    make_source(tmp_path, tiny_data)
+    capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+    arr = np.memmap(tmp_path / "t" / "train.logits", dtype=np.float16, mode="r+")
+    arr[1000] = np.inf
+    arr.flush()
+    with pytest.raises(GrouterError, match="NaN or inf"):
+        Targets.open(tmp_path / "t")
+
+
+def test_truncated_targets_and_other_dataset(tmp_path, tiny_data):
+    make_source(tmp_path, tiny_data)
+    capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+    manifest = json.loads((tmp_path / "t" / "targets.json").read_text())
+    manifest["dataset_fingerprint"] = "f" * 64
+    (tmp_path / "t" / "targets.json").write_text(json.dumps(manifest))
+    with pytest.raises(GrouterError, match="another dataset"):
+        Targets.open(tmp_path / "t")
+    capture(tmp_path / "src", tiny_data, tmp_path / "t2", progress=False)
+    f = tmp_path / "t2" / "val.logits"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(GrouterError, match="truncated"):
+        Targets.open(tmp_path / "t2")
+
+
+def test_existing_output_is_not_overwritten(tmp_path, tiny_data):
+    make_source(tmp_path, tiny_data)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "keep.txt").write_text("mine")
+    with pytest.raises(GrouterError, match="already exists"):
+        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+    assert (tmp_path / "t" / "keep.txt").read_text() == "mine"
