@@ -154,6 +154,25 @@ def cmd_distill(args) -> dict:
         return distill(targets, args.out, gcfg, cfg, overwrite=args.overwrite)
 
 
+def cmd_fold(args) -> dict:
+    from .data import PackedDataset
+    from .fold import fold
+
+    return fold(args.grouter, PackedDataset.open(args.data), args.out, args.experts, strategy=args.strategy,
+                top_k=args.top_k, max_sequences=args.max_sequences, seed=args.seed, device=args.device,
+                overwrite=args.overwrite)
+
+
+def cmd_tune(args) -> dict:
+    from .data import PackedDataset
+    from .tune import TuneConfig, tune
+
+    cfg = TuneConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, method=args.method,
+                     bias_gamma=args.bias_gamma, domain=args.domain, eval_sequences=args.eval_sequences,
+                     seed=args.seed, device=args.device)
+    return tune(args.grouter, PackedDataset.open(args.data), args.out, cfg, overwrite=args.overwrite)
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
 
@@ -243,6 +262,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_distill)
+
+    from .fold import STRATEGIES
+
+    p = _common(sub.add_parser("fold", help="fold a Grouter to fewer experts by co-activation affinity"))
+    p.add_argument("--grouter", required=True, type=Path)
+    p.add_argument("--experts", required=True, type=int, help="target expert count (fewer than the Grouter's)")
+    p.add_argument("--data", required=True, type=Path, help="data to measure co-activation on")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--strategy", choices=STRATEGIES, default="affinity")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="the target's top-k (default: the Grouter's)")
+    p.add_argument("--max-sequences", type=_positive_int, default=2000, help="sequences to measure affinity on")
+    p.add_argument("--seed", type=int, default=0, help="for the random strategy")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_fold)
+
+    from .tune import METHODS, TuneConfig
+
+    t = TuneConfig()
+    p = _common(sub.add_parser("tune", help="re-balance a Grouter on target data (last layer only, balancing loss)"))
+    p.add_argument("--grouter", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--tokens", type=_positive_int, default=t.tokens, help="target tokens to tune on (default %(default)s)")
+    p.add_argument("--method", choices=METHODS, default=t.method,
+                   help="gradient: train the head with the load-balancing loss; bias: selection bias by the sign rule")
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--bias-gamma", type=float, default=t.bias_gamma)
+    p.add_argument("--batch-size", type=_positive_int, default=t.batch_size)
+    p.add_argument("--domain", default=None, help="tune and evaluate on one domain of the data only")
+    p.add_argument("--eval-sequences", type=_positive_int, default=t.eval_sequences)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_tune)
 
     p = _common(sub.add_parser("demo", help="the whole pipeline, small, on the embedded corpus"))
     p.add_argument("--out", type=Path, default=Path("demo"))

@@ -93,7 +93,8 @@ def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: Distill
     if cfg.batch_size > len(train_split):
         raise GrouterError(f"batch size {cfg.batch_size} exceeds the {len(train_split)} training sequences")
     gcfg.provenance = {**gcfg.provenance, "source": targets.manifest["source"],
-                       "distilled_on": data.fingerprint, "temperature": cfg.temperature}
+                       "distilled_on": data.fingerprint, "tokenizer_sha256": data.meta.get("tokenizer_sha256"),
+                       "temperature": cfg.temperature}
     gcfg.validate()
     identity = {"grouter": asdict(gcfg), "distill": {**asdict(cfg), "device": None},
                 "targets": targets.manifest["splits"]["train"]["sha256"]}

@@ -103,7 +103,8 @@ class Grouter(nn.Module):
             if p.ndim > 1:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states before the head, ``[batch, seq, d_model]``."""
         l = input_ids.shape[-1]
         if l > self.cfg.max_seq_len:
             raise GrouterError(f"sequence length {l} exceeds the Grouter's max_seq_len {self.cfg.max_seq_len}")
@@ -114,7 +115,24 @@ class Grouter(nn.Module):
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return F.linear(self.norm(x).float(), self.head.weight.float())
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_hidden(self.encode(input_ids))
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head, in float32 (routing decisions are never made in low precision)."""
+        return F.linear(hidden.float(), self.head.weight.float())
+
+    def check_data(self, data) -> None:
+        """Refuse a dataset tokenized differently from the one this Grouter was distilled on."""
+        if data.vocab_size != self.cfg.vocab_size:
+            raise GrouterError(f"the dataset's vocabulary ({data.vocab_size}) differs from the Grouter's "
+                               f"({self.cfg.vocab_size}): it was tokenized with another tokenizer")
+        expected = self.cfg.provenance.get("tokenizer_sha256")
+        if expected and expected != data.meta.get("tokenizer_sha256"):
+            raise GrouterError("the dataset was tokenized with another tokenizer than the Grouter's; "
+                               "re-tokenize it with the tokenizer of the source model")
 
     @torch.no_grad()
     def route(self, input_ids: torch.Tensor, k: int | None = None) -> Routing:

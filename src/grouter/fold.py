@@ -1,0 +1,165 @@
+"""Expert folding: adapt a Grouter with E_S outputs to a target model with E_T < E_S experts.
+
+Source experts that fire together are merged (SPEC §1.4):
+1. co-activation affinity ``P = RᵀR / N`` (diagonal zeroed) from the Grouter's top-k on data;
+2. group sizes: ``E_S // E_T`` each, and ``E_S % E_T`` groups get one more;
+3. greedy grouping. Seed rule: a new group starts from the unassigned expert with the largest
+   summed affinity to the other unassigned experts (ties: lowest id); then the unassigned expert
+   with the largest summed affinity to the group's members joins, until the group is full;
+4. mapping ``M ∈ {0,1}^{E_S×E_T}`` and folded head ``W̃ = W·M``: a target expert's logit is the
+   sum of its source experts' logits, so folding costs nothing at run time.
+``random`` and ``balance`` (pair high-load with low-load experts) are the ablation strategies.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .artifacts import atomic_dir, write_json
+from .data import DataSplit, PackedDataset
+from .errors import GrouterError
+from .network import Grouter
+from .train import resolve_device
+
+STRATEGIES = ("affinity", "random", "balance")
+
+
+@torch.no_grad()
+def coactivation(grouter: Grouter, split: DataSplit, k: int | None = None, max_sequences: int | None = None,
+                 batch_size: int = 32, device: torch.device | str = "cpu", progress: bool = False):
+    """Stream the data through the Grouter; returns (P [E,E] with zero diagonal, load [E], tokens)."""
+    E = grouter.cfg.n_experts
+    n = len(split) if max_sequences is None else min(max_sequences, len(split))
+    counts = torch.zeros(E, E, dtype=torch.float64, device=device)
+    tokens = 0
+    for lo in tqdm(range(0, n, batch_size), desc="co-activation", disable=not progress, mininterval=2):
+        ids = grouter.route(split.batch(np.arange(lo, min(lo + batch_size, n)))["input_ids"].to(device), k).ids
+        hits = torch.zeros(ids.shape[:-1] + (E,), device=device).scatter_(-1, ids, 1.0).reshape(-1, E)
+        counts += (hits.T @ hits).double()
+        tokens += hits.shape[0]
+    if tokens == 0:
+        raise GrouterError("no data to measure expert co-activation on; the split is empty")
+    counts = counts.cpu().numpy()
+    load = np.diag(counts).copy()
+    np.fill_diagonal(counts, 0.0)
+    return counts / tokens, load, tokens
+
+
+def group_sizes(n_source: int, n_target: int) -> list[int]:
+    if not 1 <= n_target < n_source:
+        raise GrouterError(f"--experts must be between 1 and {n_source - 1} (fewer than the Grouter's {n_source}); "
+                           f"got {n_target}")
+    base, extra = divmod(n_source, n_target)
+    return [base + 1] * extra + [base] * (n_target - extra)
+
+
+def affinity_groups(affinity: np.ndarray, sizes: list[int]) -> list[list[int]]:
+    """Greedy grouping by co-activation (seed rule in the module docstring)."""
+    free = np.ones(len(affinity), dtype=bool)
+    groups = []
+    for size in sizes:
+        seed = int(np.argmax(np.where(free, (affinity * free).sum(1), -np.inf)))
+        members, free[seed] = [seed], False
+        while len(members) < size:
+            pull = affinity[:, members].sum(1)
+            best = int(np.argmax(np.where(free, pull, -np.inf)))
+            members.append(best)
+            free[best] = False
+        groups.append(sorted(members))
+    return groups
+
+
+def random_groups(n_source: int, sizes: list[int], seed: int = 0) -> list[list[int]]:
+    order = np.random.default_rng(seed).permutation(n_source)
+    return [sorted(g.tolist()) for g in np.split(order, np.cumsum(sizes)[:-1])]
+
+
+def balance_groups(load: np.ndarray, sizes: list[int]) -> list[list[int]]:
+    """Pair high-load with low-load experts: heaviest first, each to the lightest group with room."""
+    groups: list[list[int]] = [[] for _ in sizes]
+    totals = np.zeros(len(sizes))
+    for expert in np.argsort(-load, kind="stable"):
+        room = np.array([len(g) < s for g, s in zip(groups, sizes)])
+        target = int(np.argmin(np.where(room, totals, np.inf)))
+        groups[target].append(int(expert))
+        totals[target] += load[expert]
+    return [sorted(g) for g in groups]
+
+
+def mapping_matrix(groups: list[list[int]], n_source: int) -> np.ndarray:
+    m = np.zeros((n_source, len(groups)), dtype=np.float32)
+    for t, members in enumerate(groups):
+        m[members, t] = 1.0
+    return m
+
+
+def fold_grouter(grouter: Grouter, groups: list[list[int]], strategy: str, top_k: int | None = None) -> Grouter:
+    """A new Grouter whose head is ``W·M`` (target logit = sum of its source experts' logits)."""
+    n_source, n_target = grouter.cfg.n_experts, len(groups)
+    k = top_k or grouter.cfg.top_k
+    if k >= n_target:
+        raise GrouterError(f"top-k {k} must be smaller than the target's {n_target} experts; pass a smaller --top-k "
+                           "or fold to more experts")
+    m = torch.from_numpy(mapping_matrix(groups, n_source))
+    cfg = copy.deepcopy(grouter.cfg)
+    cfg.n_experts, cfg.top_k = n_target, k
+    cfg.provenance = {**cfg.provenance, "fold": {"strategy": strategy, "source_experts": n_source, "groups": groups}}
+    folded = Grouter(cfg)
+    state = grouter.state_dict()
+    state["head.weight"] = (m.T @ grouter.head.weight.detach().float().cpu()).to(grouter.head.weight.dtype)
+    state["selection_bias"] = torch.zeros(n_target)
+    folded.load_state_dict(state)
+    return folded.eval()
+
+
+def make_groups(strategy: str, affinity: np.ndarray, load: np.ndarray, sizes: list[int], seed: int) -> list[list[int]]:
+    if strategy == "affinity":
+        return affinity_groups(affinity, sizes)
+    if strategy == "random":
+        return random_groups(len(load), sizes, seed)
+    if strategy == "balance":
+        return balance_groups(load, sizes)
+    raise GrouterError(f"unknown folding strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def within_group_affinity(affinity: np.ndarray, groups: list[list[int]]) -> float:
+    """Share of all co-activation mass that stays inside groups (what affinity folding maximises)."""
+    inside = sum(affinity[np.ix_(g, g)].sum() for g in groups)
+    return float(inside / max(affinity.sum(), 1e-12))
+
+
+def fold(grouter_dir: str | Path, data: PackedDataset, out: str | Path, n_experts: int, strategy: str = "affinity",
+         top_k: int | None = None, max_sequences: int | None = 2000, seed: int = 0, batch_size: int = 32,
+         device: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
+    """Fold the Grouter in ``grouter_dir`` to ``n_experts``; writes the folded Grouter + report + heatmap."""
+    from .report import plot_affinity
+
+    if strategy not in STRATEGIES:
+        raise GrouterError(f"unknown folding strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    dev = resolve_device(device)
+    grouter = Grouter.from_pretrained(grouter_dir).to(dev)
+    grouter.check_data(data)
+    sizes = group_sizes(grouter.cfg.n_experts, n_experts)
+    if (top_k or grouter.cfg.top_k) >= n_experts:
+        raise GrouterError(f"top-k {top_k or grouter.cfg.top_k} must be smaller than the target's {n_experts} experts; "
+                           "pass a smaller --top-k or fold to more experts")
+    affinity, load, tokens = coactivation(grouter, data.split("train"), max_sequences=max_sequences,
+                                          batch_size=batch_size, device=dev, progress=progress)
+    groups = make_groups(strategy, affinity, load, sizes, seed)
+    folded = fold_grouter(grouter.cpu(), groups, strategy, top_k)
+    report = {"strategy": strategy, "source_experts": grouter.cfg.n_experts, "target_experts": n_experts,
+              "top_k": folded.cfg.top_k, "group_sizes": [len(g) for g in groups], "groups": groups,
+              "tokens_measured": tokens, "within_group_affinity": within_group_affinity(affinity, groups),
+              "seed_rule": "highest summed affinity to unassigned experts (ties: lowest id)"}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        folded.save_pretrained(tmp)
+        write_json(tmp / "fold_report.json", report)
+        np.save(tmp / "affinity.npy", affinity)
+        plot_affinity(affinity, groups, tmp / "affinity.png", title=f"co-activation, {strategy} folding "
+                      f"{grouter.cfg.n_experts}→{n_experts}")
+    return {"grouter": str(out), **{k: v for k, v in report.items() if k != "groups"}}

@@ -1,0 +1,56 @@
+"""Expert tuning: only the last layer changes, balance improves on held-out data, report written."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from grouter.errors import GrouterError
+from grouter.network import Grouter, GrouterConfig
+from grouter.tune import TuneConfig, tune
+
+
+@pytest.fixture()
+def skewed_grouter(tmp_path, tiny_data):
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1,
+                              n_heads=2, d_ff=64, max_seq_len=tiny_data.seq_len))
+    with torch.no_grad():
+        torch.nn.init.normal_(g.head.weight, std=0.3)
+        g.head.weight[:2] += 0.5 * g.head.weight[:2].sign()  # experts 0 and 1 dominate
+    g.save_pretrained(tmp_path / "g")
+    return tmp_path / "g"
+
+
+@pytest.mark.parametrize("method", ["gradient", "bias"])
+def test_tuning_balances_held_out_routing(tmp_path, tiny_data, skewed_grouter, method):
+    summary = tune(skewed_grouter, tiny_data, tmp_path / "t",
+                   TuneConfig(tokens=60_000, method=method, eval_sequences=128, lr=2e-2, bias_gamma=5e-2),
+                   progress=False)
+    assert summary["max_vio_global_after"] <= summary["max_vio_global_before"] / 3, summary
+    assert 0 <= summary["topk_set_agreement_with_untuned"] <= 1
+    report = json.loads((tmp_path / "t" / "tune_report.json").read_text())
+    assert len(report["before"]["load"]) == 8 and report["held_out_sequences"] == 128
+    assert (tmp_path / "t" / "loads.png").exists() and "MaxVioGlobal" in (tmp_path / "t" / "tune_report.md").read_text()
+
+
+@pytest.mark.parametrize("method, changed", [("gradient", {"head.weight"}), ("bias", {"selection_bias"})])
+def test_tuning_changes_only_the_last_layer(tmp_path, tiny_data, skewed_grouter, method, changed):
+    tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(tokens=5_000, method=method), progress=False)
+    before = Grouter.from_pretrained(skewed_grouter).state_dict()
+    after = Grouter.from_pretrained(tmp_path / "t").state_dict()
+    differ = {name for name in before if not torch.equal(before[name], after[name])}
+    assert differ == changed
+
+
+def test_tuning_on_one_domain(tmp_path, tiny_data, skewed_grouter):
+    summary = tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(tokens=5_000, domain="code"), progress=False)
+    assert summary["max_vio_global_after"] >= 0
+    with pytest.raises(GrouterError, match="unknown domain"):
+        tune(skewed_grouter, tiny_data, tmp_path / "t2", TuneConfig(tokens=5_000, domain="poetry"), progress=False)
+    assert not (tmp_path / "t2").exists()
+
+
+def test_bad_tuning_options(tmp_path, tiny_data, skewed_grouter):
+    with pytest.raises(GrouterError, match="unknown tuning method"):
+        tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(method="magic"), progress=False)
