@@ -129,3 +129,14 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(GrouterError, match="do not match its config"):
         MoELM.from_pretrained(tmp_path)
+
+
+def test_precomputed_expert_grouping_gives_identical_results():
+    """Routing grouped in the data loader (order + counts) == grouping inside every layer."""
+    model = tiny_model(router="external")
+    x = torch.randint(0, 100, (2, 16))
+    r = random_routing(2, 16)
+    plain = model(x, labels=x, routing=r)
+    grouped = model(x, labels=x, routing=r.grouped(8))
+    assert torch.equal(plain.logits, grouped.logits)
+    assert torch.equal(plain.expert_counts, grouped.expert_counts)

@@ -140,9 +140,11 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, d]; routing ids/weights: [T, k]. Returns (y [T, d], counts [E])."""
         k = routing.ids.shape[-1]
-        flat_ids = routing.ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        counts = expert_counts(flat_ids, self.n_experts)
+        if routing.order is None:
+            flat_ids = routing.ids.reshape(-1)
+            order, counts = flat_ids.argsort(stable=True), expert_counts(flat_ids, self.n_experts)
+        else:  # precomputed by the data loader (routing known ahead of the step)
+            order, counts = routing.order, routing.counts
         token_of_slot = order // k
         xs = x[token_of_slot]
         outputs = []

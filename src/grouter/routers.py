@@ -24,30 +24,49 @@ ROUTER_KINDS = ("aux", "zloss", "auxfree", "hash", "random", "none", "external")
 
 @dataclass
 class Routing:
-    """k expert ids and k gate weights per token; any leading shape (``[..., k]``)."""
+    """k expert ids and k gate weights per token; any leading shape (``[..., k]``).
+
+    ``order`` (token-slots sorted by expert) and ``counts`` (slots per expert) are what the
+    experts need to run grouped. When routing is known ahead of the step they are computed once,
+    in the data loader (:meth:`grouped`), instead of once per MoE layer inside the step.
+    """
 
     ids: torch.Tensor
     weights: torch.Tensor
+    order: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
     def flatten(self) -> "Routing":
         k = self.ids.shape[-1]
-        return Routing(self.ids.reshape(-1, k), self.weights.reshape(-1, k))
+        return Routing(self.ids.reshape(-1, k), self.weights.reshape(-1, k), self.order, self.counts)
 
     def to(self, device) -> "Routing":
-        return Routing(self.ids.to(device), self.weights.to(device))
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Routing(move(self.ids), move(self.weights), move(self.order), move(self.counts))
+
+    def grouped(self, n_experts: int) -> "Routing":
+        """A copy with the expert grouping (permutation and per-expert counts) precomputed."""
+        flat = self.ids.reshape(-1)
+        return Routing(self.ids, self.weights, flat.argsort(stable=True), expert_counts(flat, n_experts))
 
 
-def topk_gating(logits: torch.Tensor, k: int, score: str = "softmax", scale: float = 1.0) -> Routing:
+def topk_gating(logits: torch.Tensor, k: int, score: str = "softmax", scale: float = 1.0,
+                selection_bias: torch.Tensor | None = None) -> Routing:
     """Top-k experts of ``logits`` and their gate weights.
 
     ``softmax``: softmax over the k selected logits (equal to softmax, top-k, renormalise).
     ``sigmoid``: sigmoid scores of the selected experts normalised by their sum.
     ``scale`` multiplies the weights (the authors used 2.5), so rows then sum to ``scale``.
+    ``selection_bias`` is added for choosing the experts only, never to the weights.
     """
     if k > logits.shape[-1]:
         raise GrouterError(f"top-k of {k} asked of {logits.shape[-1]} experts; use k <= number of experts")
     logits = logits.float()
-    top, ids = logits.topk(k, dim=-1)
+    if selection_bias is None:
+        top, ids = logits.topk(k, dim=-1)
+    else:
+        ids = (logits + selection_bias).topk(k, dim=-1).indices
+        top = logits.gather(-1, ids)
     if score == "softmax":
         weights = top.softmax(dim=-1)
     elif score == "sigmoid":
