@@ -99,3 +99,42 @@ def test_debug_shows_traceback(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
                        "--router", "aux", "--debug")
     assert code == 2 and "Traceback" in err
+
+
+def test_dispatch_then_train_with_stored_routing(capsys, tiny_data, tmp_path):
+    import torch
+
+    from grouter.network import Grouter, GrouterConfig
+
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1,
+                              n_heads=2, d_ff=64, max_seq_len=tiny_data.seq_len))
+    torch.nn.init.normal_(g.head.weight, std=0.5)
+    g.save_pretrained(tmp_path / "g")
+    code, out, err = run(capsys, "dispatch", "--grouter", str(tmp_path / "g"), "--data", str(tiny_data.path),
+                         "--out", str(tmp_path / "store"), "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["bytes_per_token"] == 6
+    code, out, err = run(capsys, "train", "--data", str(tiny_data.path), "--routing", str(tmp_path / "store"),
+                         "--out", str(tmp_path / "run"), "--json", *SMALL_TRAIN)
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "--data", str(tiny_data.path), "--routing", str(tmp_path / "store"),
+                       "--out", str(tmp_path / "run2"), "--top-k", "3", *SMALL_TRAIN)
+    assert_one_line_error(code, err, "contradicts the routing")
+
+
+def test_routing_store_for_another_dataset_is_refused(capsys, tiny_data, tmp_path):
+    from grouter.data import PackConfig, pack_documents
+
+    from conftest import stdlib_documents
+
+    other = pack_documents(stdlib_documents()[:6], tiny_data.tokenizer(), tmp_path / "other", PackConfig(seq_len=32))
+    g_args = ["--grouter", str(tmp_path / "g")]
+    from grouter.network import Grouter, GrouterConfig
+
+    Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1, n_heads=2,
+                          d_ff=64)).save_pretrained(tmp_path / "g")
+    assert run(capsys, "dispatch", *g_args, "--data", str(other.path), "--out", str(tmp_path / "store"))[0] == 0
+    code, _, err = run(capsys, "train", "--data", str(tiny_data.path), "--routing", str(tmp_path / "store"),
+                       "--out", str(tmp_path / "run"), *SMALL_TRAIN)
+    assert_one_line_error(code, err, "another dataset")
+    assert not (tmp_path / "run").exists()

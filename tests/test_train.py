@@ -115,3 +115,35 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_training_from_the_store_equals_online_grouter_routing(tiny_data, tmp_path):
+    """Stored routing (dispatch) gives the same losses as running the frozen Grouter every step."""
+    from grouter.dispatch import dispatch
+    from grouter.network import Grouter, GrouterConfig
+    from grouter.train import external_routing
+
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1,
+                              n_heads=2, d_ff=64, max_seq_len=tiny_data.seq_len))
+    torch.nn.init.normal_(g.head.weight, std=0.5)
+    g.save_pretrained(tmp_path / "g")
+    dispatch(tmp_path / "g", tiny_data, tmp_path / "store", progress=False)
+    mcfg, tcfg = model_cfg(tiny_data, router="external"), train_cfg(steps=12, eval_every=6, checkpoint_every=6)
+
+    stored, stored_id, e, k = external_routing(tiny_data, routing_dir=tmp_path / "store")
+    online, online_id, _, _ = external_routing(tiny_data, grouter_dir=tmp_path / "g", device="cpu")
+    assert (e, k) == (8, 2) and stored_id["grouter_fingerprint"] == online_id["grouter_fingerprint"]
+
+    def online_bf16(split, idx):  # the store keeps bf16 weights: round the same way
+        r = online(split, idx)
+        return Routing(r.ids, r.weights.to(torch.bfloat16).float())
+
+    a = train(tiny_data, tmp_path / "a", mcfg, tcfg, routing_source=stored, routing_identity=stored_id, progress=False)
+    b = train(tiny_data, tmp_path / "b", mcfg, tcfg, routing_source=online_bf16, progress=False)
+    c = train(tiny_data, tmp_path / "c", mcfg, tcfg, routing_source=online, routing_identity=online_id, progress=False)
+    loss = lambda run: [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"]
+    assert loss("a") == loss("b"), "stored routing == online routing, bit for bit"
+    assert np.allclose(loss("a"), loss("c"), atol=1e-3), "bf16 weights change losses only slightly"
+    assert a["final_val_loss"] == b["final_val_loss"]
+    model = MoELM.from_pretrained(tmp_path / "a" / "checkpoint")
+    assert not any("router" in name for name, _ in model.named_parameters()), "no router parameters"

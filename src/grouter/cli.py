@@ -106,21 +106,41 @@ def _dataset_summary(ds) -> dict:
             "train_tokens": splits["train"]["n_tokens"], "fingerprint": ds.fingerprint}
 
 
-def _train(args, router: str) -> dict:
+def cmd_source_train(args) -> dict:
     from .data import PackedDataset
     from .train import train
 
     data = PackedDataset.open(args.data)
-    model_cfg, train_cfg = _configs(args, data, router)
+    model_cfg, train_cfg = _configs(args, data, args.router)
     return train(data, args.out, model_cfg, train_cfg, overwrite=args.overwrite)
 
 
-def cmd_source_train(args) -> dict:
-    return _train(args, args.router)
-
-
 def cmd_train(args) -> dict:
-    return _train(args, args.router)
+    """Baseline router, stored routing (--routing) or online Grouter routing (--grouter)."""
+    from .data import PackedDataset
+    from .train import external_routing, train
+
+    data = PackedDataset.open(args.data)
+    if args.router:
+        model_cfg, train_cfg = _configs(args, data, args.router)
+        return train(data, args.out, model_cfg, train_cfg, overwrite=args.overwrite)
+    source, identity, n_experts, k = external_routing(data, routing_dir=args.routing, grouter_dir=args.grouter,
+                                                      device=args.device)
+    for flag, value, needed in (("--experts", args.n_experts, n_experts), ("--top-k", args.top_k, k)):
+        if value is not None and value != needed:
+            raise GrouterError(f"{flag} {value} contradicts the routing ({needed}); leave it out")
+    args.n_experts, args.top_k = n_experts, k
+    model_cfg, train_cfg = _configs(args, data, "external")
+    return train(data, args.out, model_cfg, train_cfg, routing_source=source, routing_identity=identity,
+                 overwrite=args.overwrite)
+
+
+def cmd_dispatch(args) -> dict:
+    from .data import PackedDataset
+    from .dispatch import dispatch
+
+    return dispatch(args.grouter, PackedDataset.open(args.data), args.out, k=args.k, batch_size=args.batch_size,
+                    device=args.device, weights_dtype=args.weights_dtype, overwrite=args.overwrite)
 
 
 def cmd_capture(args) -> dict:
@@ -219,12 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p, default_preset="small", default_steps=300)
     p.set_defaults(func=cmd_source_train)
 
-    p = _common(sub.add_parser("train", help="train a target MoE with a baseline router"))
+    p = _common(sub.add_parser("train", help="train a target MoE with stored Grouter routing or a baseline router"))
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--router", required=True, choices=baseline_routers,
-                   help="aux: learned + load-balancing loss; zloss: + z-loss; auxfree: bias balancing; "
-                        "hash: balanced token-id table; random: frozen random; none: learned, no balancing")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--routing", type=Path, help="a routing store from `grouter dispatch` (no router compute)")
+    which.add_argument("--grouter", type=Path, help="a Grouter, routing computed online every step")
+    which.add_argument("--router", choices=baseline_routers,
+                       help="aux: learned + load-balancing loss; zloss: + z-loss; auxfree: bias balancing; "
+                            "hash: balanced token-id table; random: frozen random; none: learned, no balancing")
     _add_training_args(p, default_preset="small", default_steps=300)
     p.set_defaults(func=cmd_train)
 
@@ -297,6 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_tune)
+
+    p = _common(sub.add_parser("dispatch", help="route the dataset once with a frozen Grouter: the routing store",
+                               description="Sharded: torchrun --nproc_per_node N -m grouter.cli dispatch ..."))
+    p.add_argument("--grouter", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--k", type=_positive_int, default=None, help="experts per token (default: the Grouter's top-k)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--weights-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_dispatch)
 
     p = _common(sub.add_parser("demo", help="the whole pipeline, small, on the embedded corpus"))
     p.add_argument("--out", type=Path, default=Path("demo"))

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -203,6 +205,52 @@ class Run:
         write_json(self.out / "run.json", {"identity": self.identity, "status": "complete", "summary": summary})
 
 
+def external_routing(data: PackedDataset, routing_dir: str | Path | None = None, grouter_dir: str | Path | None = None,
+                     device: str = "auto") -> tuple[RoutingSource, dict, int, int]:
+    """Routing for ``router="external"``: a routing store (read, no router compute) or a Grouter
+    run online each step. Returns (source, identity, n_experts, k)."""
+    if routing_dir is not None:
+        from .dispatch import RoutingStore
+
+        store = RoutingStore.open(routing_dir, data=data)
+        m = store.manifest
+        identity = {"kind": "store", "grouter_fingerprint": m["grouter_fingerprint"], "k": store.k,
+                    "weights_dtype": m["weights_dtype"], "causal": m["causal"]}
+        return store.routing, identity, store.n_experts, store.k
+    from .network import Grouter
+
+    dev = resolve_device(device)
+    grouter = Grouter.from_pretrained(grouter_dir).to(dev)
+    grouter.check_data(data)
+
+    def online(split: str, idx: np.ndarray) -> Routing:
+        return grouter.route(data.split(split).batch(idx)["input_ids"].to(dev))
+
+    identity = {"kind": "online", "grouter_fingerprint": grouter.fingerprint(), "k": grouter.cfg.top_k,
+                "causal": grouter.cfg.causal}
+    return online, identity, grouter.cfg.n_experts, grouter.cfg.top_k
+
+
+def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+    """Run ``iterator`` in a background thread, ``depth`` items ahead of the consumer."""
+    done = object()
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def work():
+        try:
+            for item in iterator:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # surfaced in the consumer, where it can be reported
+            q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def check_vocab(model_cfg: MoEConfig, data: PackedDataset) -> None:
     if model_cfg.vocab_size != data.vocab_size:
         raise GrouterError(f"the model's vocabulary ({model_cfg.vocab_size}) differs from the dataset's "
@@ -211,12 +259,13 @@ def check_vocab(model_cfg: MoEConfig, data: PackedDataset) -> None:
 
 
 def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: TrainConfig,
-          routing_source: RoutingSource | None = None, overwrite: bool = False,
-          stop_after: int | None = None, progress: bool = True) -> dict:
+          routing_source: RoutingSource | None = None, routing_identity: dict | None = None,
+          overwrite: bool = False, stop_after: int | None = None, progress: bool = True) -> dict:
     """Train (or resume) a run in ``out``; returns its summary.
 
-    ``stop_after`` ends the process early at that step (after checkpointing), which is how the
-    resume test simulates an interruption.
+    ``routing_identity`` names where external routing comes from (store or Grouter fingerprint),
+    so a run is never resumed with other routing. ``stop_after`` ends the process early at that
+    step (after checkpointing), which is how the resume test simulates an interruption.
     """
     out = Path(out)
     cfg.validate()
@@ -230,7 +279,8 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
     if cfg.batch_size > len(train_split):
         raise GrouterError(f"batch size {cfg.batch_size} exceeds the {len(train_split)} training sequences")
 
-    identity = {"model": asdict(model_cfg), "train": asdict(cfg), "data_fingerprint": data.fingerprint}
+    identity = {"model": asdict(model_cfg), "train": asdict(cfg), "data_fingerprint": data.fingerprint,
+                "routing": routing_identity}
     identity["train"].pop("device")  # where it runs is not what it is
     run = Run(out, identity, overwrite)
     if (done := run.completed_summary()) is not None:
@@ -260,15 +310,22 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
         state = {"step": step, "run_loads": run_loads.tolist(), "grad_norms": grad_norms}
         run.save_checkpoint(model, opt, state, extra)
 
+    def batches():
+        """Everything a step needs that does not depend on the model: gathered in the background."""
+        for step in range(start_step, cfg.steps):
+            idx = train_split.batch_indices(step, cfg.batch_size, cfg.seed)
+            routing = routing_source("train", idx) if routing_source else None
+            if routing is not None and routing.order is None:
+                routing = routing.grouped(n_experts)  # once per batch, not once per layer
+            yield step, train_split.batch(idx), routing
+
     tokens_per_step = cfg.batch_size * data.seq_len
     t0, timed_tokens = time.perf_counter(), 0
     last_train_loss = math.nan
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"train {out.name}",
+    bar = tqdm(prefetch(batches()), initial=start_step, total=cfg.steps, desc=f"train {out.name}",
                disable=not progress, mininterval=2, unit="step")
-    for step in bar:
-        idx = train_split.batch_indices(step, cfg.batch_size, cfg.seed)
-        batch = train_split.batch(idx)
-        routing = routing_source("train", idx).to(device) if routing_source else None
+    for step, batch, routing in bar:
+        routing = routing.to(device) if routing is not None else None
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         out_ = model(batch["input_ids"].to(device), labels=batch["labels"].to(device), routing=routing)

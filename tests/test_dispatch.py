@@ -1,0 +1,357 @@
+"""Pre-dispatch: the routing store equals online routing, is bound to its inputs, resumes and shards."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import stdlib_documents
+from grouter.data import SPLITS, PackConfig, PackedDataset, pack_documents, train_tokenizer
+from grouter.dispatch import ROUTING_FORMAT, ROUTING_VERSION, RoutingStore, dispatch
+from grouter.errors import GrouterError
+from grouter.network import Grouter, GrouterConfig
+
+BF16_TOL = 2 ** -8  # relative spacing of bfloat16 (8 significant bits)
+BATCH = 64
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def make_grouter(data, path: Path, n_experts: int = 16, top_k: int = 4) -> Path:
+    g = Grouter(GrouterConfig(vocab_size=data.vocab_size, n_experts=n_experts, top_k=top_k, d_model=32,
+                              n_layers=1, n_heads=2, d_ff=64, max_seq_len=data.seq_len))
+    with torch.no_grad():
+        g.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))  # routes that vary
+    g.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def grouter_dir(tiny_data, tmp_path_factory):
+    return make_grouter(tiny_data, tmp_path_factory.mktemp("grouter") / "g16")
+
+
+@pytest.fixture(scope="module")
+def store_dir(tiny_data, grouter_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("routing") / "store"
+    summary = dispatch(grouter_dir, tiny_data, out, batch_size=BATCH, progress=False)
+    assert summary["routing"] == str(out) and summary["k"] == 4 and summary["n_experts"] == 16
+    assert summary["tokens"] == sum(len(tiny_data.split(s)) for s in SPLITS) * tiny_data.seq_len
+    assert summary["tokens_per_second"] > 0 and not summary["resumed"]
+    return out
+
+
+def read_bytes(store: Path) -> dict[str, bytes]:
+    return {f"{s}.{kind}": (store / f"{s}.{kind}").read_bytes() for s in SPLITS for kind in ("ids", "weights")}
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # like torchrun's workers; the store must not depend on it
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# -- the store is the online routing of exactly the training sequences --------------------------
+
+
+def test_store_equals_online_routing(tiny_data, grouter_dir, store_dir):
+    g = Grouter.from_pretrained(grouter_dir)
+    store = RoutingStore.open(store_dir, data=tiny_data, grouter_fingerprint=g.fingerprint())
+    assert (store.k, store.n_experts) == (4, 16)
+    m = store.manifest
+    assert (m["format"], m["version"]) == (ROUTING_FORMAT, ROUTING_VERSION)
+    assert m["dataset_fingerprint"] == tiny_data.fingerprint and m["seq_len"] == tiny_data.seq_len
+    assert m["dataset_path"] == str(Path(tiny_data.path).resolve()) and m["causal"] is True
+    assert m["ids_dtype"] == "uint8" and m["weights_dtype"] == "bfloat16"
+    rng = np.random.default_rng(0)
+    for name in SPLITS:
+        split = tiny_data.split(name)
+        n = len(split)
+        assert m["splits"][name]["n_sequences"] == n and store.ids(name).shape == (n, tiny_data.seq_len, 4)
+        idx = np.unique(np.concatenate([rng.choice(n, 40, replace=False), [0, n - 1]]))
+        online = g.route(split.batch(idx)["input_ids"], 4)
+        stored = store.routing(name, idx)
+        assert stored.ids.dtype == torch.long and stored.weights.dtype == torch.float32
+        assert stored.ids.shape == stored.weights.shape == (len(idx), tiny_data.seq_len, 4)
+        assert torch.equal(stored.ids, online.ids)
+        assert torch.allclose(stored.weights, online.weights, rtol=BF16_TOL, atol=1e-6)
+        assert len(torch.unique(stored.ids)) > 8  # the routes vary: the comparison means something
+
+
+def test_store_aligned_with_training_sequences(tiny_data, grouter_dir, store_dir):
+    """Sequence i position t of the store routes split.batch([i])["input_ids"][0, t], and nothing else."""
+    g = Grouter.from_pretrained(grouter_dir)
+    store = RoutingStore.open(store_dir, data=tiny_data, verify=False)
+    L = tiny_data.seq_len
+    for name in SPLITS:
+        split = tiny_data.split(name)
+        n = len(split)
+        for i in sorted({0, 1, BATCH - 1, BATCH, n // 2, n - 2, n - 1}):
+            input_ids = split.batch([i])["input_ids"]
+            online = g.route(input_ids, 4)
+            stored = store.routing(name, np.array([i]))
+            for t in (0, 1, L // 2, L - 1):
+                assert torch.equal(stored.ids[0, t], online.ids[0, t]), (name, i, t)
+            # a one-token shift (the labels, or the neighbouring sequence) would route differently
+            shifted = g.route(split.batch([i])["labels"], 4)
+            assert not torch.equal(stored.ids[0], shifted.ids[0])
+        # gate weights of each token sum to 1 (softmax over the top-k, scale 1)
+        w = store.routing(name, np.arange(min(n, 50))).weights
+        assert torch.allclose(w.sum(-1), torch.ones(()), atol=4 * BF16_TOL)
+
+
+def test_storage_is_3k_bytes_per_token(tiny_data, store_dir):
+    k, L = 4, tiny_data.seq_len
+    tokens = sum(len(tiny_data.split(s)) for s in SPLITS) * L
+    data_bytes = sum(p.stat().st_size for p in store_dir.iterdir() if p.name != "manifest.json")
+    assert data_bytes == 3 * k * tokens
+    assert sorted(p.name for p in store_dir.iterdir()) == sorted(
+        ["manifest.json"] + [f"{s}.{x}" for s in SPLITS for x in ("ids", "weights")])
+
+
+def test_uint16_ids_above_256_experts_and_float16_weights(tiny_data, tmp_path):
+    g_dir = make_grouter(tiny_data, tmp_path / "g300", n_experts=300, top_k=2)
+    summary = dispatch(g_dir, tiny_data, tmp_path / "r300", batch_size=256, weights_dtype="float16", progress=False)
+    assert summary["bytes_per_token"] == 2 * (2 + 2)
+    store = RoutingStore.open(tmp_path / "r300", data=tiny_data)
+    assert store.manifest["ids_dtype"] == "uint16" and store.ids("train").dtype == np.uint16
+    assert store.manifest["weights_dtype"] == "float16"
+    n = len(tiny_data.split("train"))
+    assert (tmp_path / "r300" / "train.ids").stat().st_size == n * tiny_data.seq_len * 2 * 2
+    g = Grouter.from_pretrained(g_dir)
+    idx = np.array([0, 7, n - 1])
+    online = g.route(tiny_data.split("train").batch(idx)["input_ids"])
+    stored = store.routing("train", idx)
+    assert torch.equal(stored.ids, online.ids) and stored.ids.max() > 255
+    assert torch.allclose(stored.weights, online.weights, rtol=2 ** -11, atol=1e-6)
+
+
+# -- resumable and atomic -----------------------------------------------------------------------
+
+SLOW_FORWARD = """
+import time
+import grouter.network
+_forward = grouter.network.Grouter.forward
+def slow_forward(self, input_ids):  # same results, later: leaves time to kill the run mid-way
+    time.sleep(0.02)
+    return _forward(self, input_ids)
+grouter.network.Grouter.forward = slow_forward
+"""
+
+KILLED_RUN = SLOW_FORWARD + """
+import sys
+import grouter.dispatch as D
+from grouter.data import PackedDataset
+D.CHECKPOINT_EVERY = 1  # record progress after every batch so the kill lands mid-run
+D.dispatch(sys.argv[1], PackedDataset.open(sys.argv[2]), sys.argv[3], batch_size=int(sys.argv[4]), progress=False)
+"""
+
+
+def test_kill_and_resume_is_byte_identical(tiny_data, grouter_dir, store_dir, tmp_path):
+    batch, reference = BATCH, store_dir
+    out = tmp_path / "resumed"
+    progress_file = tmp_path / ".resumed.partial" / "progress.json"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(grouter_dir), str(tiny_data.path), str(out),
+                             str(batch)], env=subprocess_env(), stderr=subprocess.PIPE)
+    done = 0
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                done = json.loads(progress_file.read_text())["done"].get("train/rank0", 0)
+            except (OSError, ValueError, KeyError):
+                done = 0
+            if done >= 4 * batch:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, f"dispatch ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < done < len(tiny_data.split("train"))
+    assert not out.exists() and progress_file.exists()  # killed: no store, a partial one to resume
+
+    summary = dispatch(grouter_dir, tiny_data, out, batch_size=batch, progress=False)
+    assert summary["resumed"]
+    assert not progress_file.parent.exists()
+    assert read_bytes(out) == read_bytes(reference)
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
+    RoutingStore.open(out, data=tiny_data)
+
+
+def test_stale_partial_of_another_job_is_discarded_and_smaller_k_is_a_prefix(tiny_data, grouter_dir, store_dir,
+                                                                           tmp_path):
+    out = tmp_path / "k2"
+    partial = tmp_path / ".k2.partial"
+    partial.mkdir()
+    (partial / "progress.json").write_text(json.dumps({"identity": {"k": 99}, "done": {"train/rank0": 64}}))
+    (partial / "train.ids").write_bytes(b"\xff" * 100)
+    summary = dispatch(grouter_dir, tiny_data, out, k=2, batch_size=256, progress=False)
+    assert not summary["resumed"] and summary["bytes_per_token"] == 6
+    k2, k4 = RoutingStore.open(out, data=tiny_data), RoutingStore.open(store_dir, verify=False)
+    assert k2.k == 2
+    for name in SPLITS:  # top-k ids come sorted by logit: the first 2 of k = 4 are the k = 2 routing
+        assert np.array_equal(np.asarray(k2.ids(name)), np.asarray(k4.ids(name))[..., :2])
+
+
+# -- refusals -----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def store_copy(store_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(store_dir, copy)
+    return copy
+
+
+def test_tampered_ids_refused(tiny_data, store_copy):
+    f = store_copy / "train.ids"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    f.write_bytes(bytes(raw))
+    with pytest.raises(GrouterError, match="checksum"):
+        RoutingStore.open(store_copy, data=tiny_data)
+    RoutingStore.open(store_copy, data=tiny_data, verify=False)  # sizes still fine: opening unverified works
+
+
+def test_truncated_weights_refused(tiny_data, store_copy):
+    f = store_copy / "val.weights"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 2)
+    with pytest.raises(GrouterError, match="truncated"):
+        RoutingStore.open(store_copy, data=tiny_data, verify=False)
+
+
+def test_other_dataset_refused(tiny_data, store_dir, tmp_path):
+    docs = stdlib_documents()[:8]
+    tokenizer = train_tokenizer((d.text for d in docs), vocab_size=512)
+    pack_documents(docs, tokenizer, tmp_path / "other", PackConfig(seq_len=16, val_fraction=0.1, seed=0))
+    other = PackedDataset.open(tmp_path / "other")
+    with pytest.raises(GrouterError, match="another dataset"):
+        RoutingStore.open(store_dir, data=other)
+
+
+def test_other_grouter_refused(tiny_data, store_dir, tmp_path):
+    other = Grouter.from_pretrained(make_grouter(tiny_data, tmp_path / "g", n_experts=16, top_k=2))
+    with pytest.raises(GrouterError, match="another Grouter"):
+        RoutingStore.open(store_dir, data=tiny_data, grouter_fingerprint=other.fingerprint())
+
+
+def test_missing_or_foreign_store_refused(tiny_data, store_copy, tmp_path):
+    with pytest.raises(GrouterError, match="grouter dispatch"):
+        RoutingStore.open(tmp_path / "nowhere")
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    (store_copy / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(GrouterError, match="version"):
+        RoutingStore.open(store_copy)
+    (store_copy / "manifest.json").write_text(json.dumps({**manifest, "format": "grouter-targets"}))
+    with pytest.raises(GrouterError, match="not a grouter routing store"):
+        RoutingStore.open(store_copy)
+    (store_copy / "manifest.json").unlink()
+    with pytest.raises(GrouterError, match="grouter dispatch"):
+        RoutingStore.open(store_copy)
+
+
+def test_bad_arguments_refused(tiny_data, grouter_dir, store_dir, tmp_path):
+    with pytest.raises(GrouterError, match="k = 17"):
+        dispatch(grouter_dir, tiny_data, tmp_path / "k17", k=17, progress=False)
+    with pytest.raises(GrouterError, match="weights dtype"):
+        dispatch(grouter_dir, tiny_data, tmp_path / "f32", weights_dtype="float32", progress=False)
+    with pytest.raises(GrouterError, match="already exists"):
+        dispatch(grouter_dir, tiny_data, store_dir, progress=False)
+    assert not any(p.name.startswith(".k17") or p.name.startswith("k17") for p in tmp_path.iterdir())
+
+
+# -- sharded over processes ---------------------------------------------------------------------
+
+SHARDED_RUN = SLOW_FORWARD + """
+import sys
+import grouter.dispatch as D
+from grouter.data import PackedDataset
+D.CHECKPOINT_EVERY = int(sys.argv[5])
+summary = D.dispatch(sys.argv[1], PackedDataset.open(sys.argv[2]), sys.argv[3], batch_size=int(sys.argv[4]),
+                     device="cpu", progress=False)
+assert summary["world_size"] == 2, summary
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (torchrun starts its workers in sessions of their own)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_sharded_dispatch_killed_and_resumed_is_byte_identical(tiny_data, grouter_dir, store_dir, tmp_path):
+    """torchrun with 2 gloo ranks, killed (agent and workers) mid-run and relaunched: the store is
+    byte-identical to a single-process one."""
+    batch, reference = BATCH, store_dir
+    script = tmp_path / "run_dispatch.py"
+    script.write_text(SHARDED_RUN)
+    out = tmp_path / "sharded"
+    progress_file = tmp_path / ".sharded.partial" / "progress.json"
+    env = subprocess_env()
+    env.pop("WORLD_SIZE", None)
+
+    def launch(checkpoint_every: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port()), str(script), str(grouter_dir), str(tiny_data.path), str(out),
+             str(batch), str(checkpoint_every)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    proc = launch(1)
+    done = {}
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                done = json.loads(progress_file.read_text())["done"]
+            except (OSError, ValueError, KeyError):
+                done = {}
+            if done.get("train/rank1", 0) >= 2 * batch:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, f"dispatch ended before it could be killed: {proc.stderr.read()[-3000:]}"
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert 0 < done["train/rank0"] < len(tiny_data.split("train")) // 2
+    assert not out.exists()
+
+    proc = launch(64)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resuming dispatch" in stderr
+    assert read_bytes(out) == read_bytes(reference)
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
+    assert not progress_file.parent.exists()
