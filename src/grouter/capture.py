@@ -75,7 +75,7 @@ class BuiltinRouterPrefix:
         cos, sin = m.rope_cos[:l], m.rope_sin[:l]
         x = m.embed(input_ids.to(self.device))
         for block in m.blocks[: self.layer]:
-            x, _, _ = block(x, cos, sin, input_ids, None)
+            x = block(x, cos, sin, input_ids, None)[0]
         last = m.blocks[self.layer]
         x = x + last.attn(last.attn_norm(x), cos, sin)
         h = last.moe_norm(x).float()

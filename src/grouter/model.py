@@ -75,6 +75,7 @@ class MoEOutput:
     lm_loss: torch.Tensor | None
     aux_loss: torch.Tensor  # summed over layers, already multiplied by its coefficients
     expert_counts: torch.Tensor  # [n_layers, E] token-slots per expert in this batch
+    routing_ids: torch.Tensor  # [n_layers, B, L, k] the experts each layer chose (for consistency metrics)
 
 
 class RMSNorm(nn.Module):
@@ -193,7 +194,7 @@ class MoELayer(nn.Module):
         y, counts = self.experts(flat, routing)
         if self.shared is not None:
             y = y + self.shared(flat)
-        return y.view(b, l, d), aux, counts
+        return y.view(b, l, d), aux, counts, routing.ids.view(b, l, -1)
 
 
 class Block(nn.Module):
@@ -206,8 +207,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, token_ids, routing):
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        y, aux, counts = self.moe(self.moe_norm(x), token_ids, routing)
-        return x + y, aux, counts
+        y, aux, counts, ids = self.moe(self.moe_norm(x), token_ids, routing)
+        return x + y, aux, counts, ids
 
 
 class MoELM(nn.Module):
@@ -244,17 +245,18 @@ class MoELM(nn.Module):
         cos, sin = self.rope_cos[:l], self.rope_sin[:l]
         x = self.embed(input_ids)
         aux_total = x.new_zeros((), dtype=torch.float32)
-        counts = []
+        counts, chosen = [], []
         for block in self.blocks:
-            x, aux, c = block(x, cos, sin, input_ids, routing)
+            x, aux, c, ids = block(x, cos, sin, input_ids, routing)
             aux_total = aux_total + aux
             counts.append(c)
+            chosen.append(ids)
         logits = self.lm_head(self.norm(x))
         lm_loss = loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
             loss = lm_loss + aux_total
-        return MoEOutput(logits, loss, lm_loss, aux_total, torch.stack(counts).detach())
+        return MoEOutput(logits, loss, lm_loss, aux_total, torch.stack(counts).detach(), torch.stack(chosen).detach())
 
     def routers(self) -> list[nn.Module]:
         return [blk.moe.router for blk in self.blocks if blk.moe.router is not None]

@@ -133,6 +133,24 @@ def evaluate(model: MoELM, split: DataSplit, cfg: TrainConfig, device: torch.dev
     return {"val_loss": total_loss / max(total_tokens, 1), "val_loss_by_domain": result}
 
 
+PROBE_SEQUENCES = 8  # validation sequences whose routing is saved at every evaluation
+
+
+@torch.no_grad()
+def save_routing_probe(model: MoELM, split: DataSplit, device: torch.device,
+                       routing_source: RoutingSource | None, path: Path) -> None:
+    """Every layer's chosen experts on a fixed validation batch: successive probes give the
+    routing consistency of a run (paper Fig. 1a) without keeping every checkpoint."""
+    was_training = model.training
+    model.eval()
+    idx = np.arange(min(PROBE_SEQUENCES, len(split)))
+    routing = routing_source(split.name, idx).to(device) if routing_source else None
+    ids = model(split.batch(idx)["input_ids"].to(device), routing=routing).routing_ids
+    model.train(was_training)
+    path.parent.mkdir(exist_ok=True)
+    np.save(path, ids.cpu().numpy().astype(np.uint16))
+
+
 class Run:
     """A run directory: config identity, metrics log, checkpoints (any model with save_pretrained)."""
 
@@ -352,6 +370,7 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
         if done % cfg.eval_every == 0 or done == cfg.steps:
             run.log({"kind": "eval", "step": done, "tokens": done * tokens_per_step,
                      **evaluate(model, val_split, cfg, device, routing_source)})
+            save_routing_probe(model, val_split, device, routing_source, out / "probes" / f"step_{done:08d}.npy")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint(done)
         if stop_after is not None and done >= stop_after:
