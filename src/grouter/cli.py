@@ -193,6 +193,15 @@ def cmd_tune(args) -> dict:
     return tune(args.grouter, PackedDataset.open(args.data), args.out, cfg, overwrite=args.overwrite)
 
 
+def cmd_report(args) -> dict:
+    from .report import report
+
+    result = report(args.runs, args.out, overwrite=args.overwrite)
+    if not args.json:
+        print(result.pop("table"))
+    return result
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
 
@@ -332,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_dispatch)
+
+    p = _common(sub.add_parser("report", help="tables and plots comparing finished training runs"))
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = _common(sub.add_parser("demo", help="the whole pipeline, small, on the embedded corpus"))
     p.add_argument("--out", type=Path, default=Path("demo"))

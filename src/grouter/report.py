@@ -1,7 +1,9 @@
-"""Plots and tables for people: what each stage did, readable at a glance."""
+"""Plots and tables for people: what each stage did, and how training runs compare."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +12,10 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+
+from .artifacts import atomic_dir, read_json, write_json  # noqa: E402
+from .errors import GrouterError  # noqa: E402
+from .metrics import grad_norm_cv, topk_set_agreement  # noqa: E402
 
 
 def plot_affinity(affinity: np.ndarray, groups: list[list[int]], path: Path, title: str) -> None:
@@ -45,3 +51,179 @@ def plot_loads(loads: dict[str, np.ndarray], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -- comparing training runs (grouter report) --------------------------------------------------
+@dataclass
+class RunRecord:
+    """What the report needs of one training run directory."""
+
+    name: str
+    path: Path
+    router: str  # baseline name, or "grouter" for external routing
+    summary: dict
+    train: list[dict]
+    evals: list[dict]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunRecord":
+        path = Path(path)
+        run = read_json(path / "run.json", "run record")
+        if run.get("status") != "complete":
+            raise GrouterError(f"{path} is not a finished run (status {run.get('status')!r}); finish it first")
+        records = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        ident = run["identity"]
+        router = ident["model"]["router"]
+        if router == "external":
+            routing = ident.get("routing") or {}
+            router = "grouter" if routing.get("causal", True) else "grouter (bidirectional, leaks)"
+        return cls(path.name, path, router, run["summary"], [r for r in records if r["kind"] == "train"],
+                   [r for r in records if r["kind"] == "eval"])
+
+    def probe_consistency(self) -> list[tuple[int, float]]:
+        """Top-k set agreement of every layer's routing between successive evaluations."""
+        probes = sorted((self.path / "probes").glob("step_*.npy"))
+        out = []
+        for a, b in zip(probes, probes[1:]):
+            out.append((int(b.stem.split("_")[1]), topk_set_agreement(np.load(a), np.load(b))))
+        return out
+
+
+def tokens_to_reach(evals: list[dict], target: float) -> float | None:
+    """Tokens at which a validation curve first reaches ``target`` (linear interpolation)."""
+    prev_tokens, prev_loss = 0.0, None
+    for e in evals:
+        if e["val_loss"] <= target:
+            if prev_loss is None or prev_loss == e["val_loss"]:
+                return float(e["tokens"])
+            frac = (prev_loss - target) / (prev_loss - e["val_loss"])
+            return prev_tokens + frac * (e["tokens"] - prev_tokens)
+        prev_tokens, prev_loss = float(e["tokens"]), e["val_loss"]
+    return None
+
+
+def speedups(runs: list[RunRecord]) -> dict:
+    """Tokens-to-loss speedup of each Grouter run over the best baseline (lowest final val loss)."""
+    baselines = [r for r in runs if not r.router.startswith("grouter") and r.evals]
+    if not baselines:
+        return {}
+    best = min(baselines, key=lambda r: r.evals[-1]["val_loss"])
+    target = best.evals[-1]["val_loss"]
+    needed = tokens_to_reach(best.evals, target)
+    out = {"best_baseline": best.name, "target_val_loss": target, "baseline_tokens": needed, "runs": {}}
+    for r in runs:
+        if r.router.startswith("grouter") and r.evals:
+            reached = tokens_to_reach(r.evals, target)
+            out["runs"][r.name] = {
+                "tokens_to_target": reached,
+                "speedup": needed / reached if reached else None,  # None: never reached it
+                "final_val_loss_gap": r.evals[-1]["val_loss"] - target,
+            }
+    return out
+
+
+def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        ax.plot([e["tokens"] for e in r.evals], [e["val_loss"] for e in r.evals], marker="o", ms=3, label=r.name)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title("validation loss vs tokens")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=110)
+    plt.close(fig)
+    written.append("val_loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in runs:
+        ax.scatter(r.summary["max_vio_global"], r.summary["final_val_loss"], s=40)
+        ax.annotate(r.name, (r.summary["max_vio_global"], r.summary["final_val_loss"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("MaxVioGlobal (lower = more balanced)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("load balance vs quality")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "maxvio_vs_loss.png", dpi=110)
+    plt.close(fig)
+    written.append("maxvio_vs_loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        g = [t["grad_norm"] for t in r.train]
+        window = min(50, max(2, len(g) // 4))
+        cv = grad_norm_cv(g, window)
+        ax.plot(np.arange(window, len(g) + 1), cv, label=r.name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("grad-norm CV (sliding window)")
+    ax.set_title("gradient-norm stability")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "grad_norm_cv.png", dpi=110)
+    plt.close(fig)
+    written.append("grad_norm_cv.png")
+
+    consistency = {r.name: r.probe_consistency() for r in runs}
+    if any(consistency.values()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, points in consistency.items():
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("top-k set agreement with previous evaluation")
+        ax.set_title("routing consistency between successive checkpoints")
+        ax.set_ylim(0, 1.05)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "routing_consistency.png", dpi=110)
+        plt.close(fig)
+        written.append("routing_consistency.png")
+    return written
+
+
+def _fmt(x, digits=3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(runs: list[RunRecord], speed: dict) -> str:
+    domains = sorted({d for r in runs for d in r.summary.get("val_loss_by_domain", {})})
+    head = ["run", "router", "tokens", "val loss", *[f"val {d}" for d in domains], "MaxVioGlobal",
+            "mean batch MaxVio", "grad-norm CV", "tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        s = r.summary
+        cells = [r.name, r.router, f"{s['tokens']:,}", _fmt(s["final_val_loss"]),
+                 *[_fmt(s["val_loss_by_domain"].get(d)) for d in domains], _fmt(s["max_vio_global"]),
+                 _fmt(s["max_vio_batch_mean"]), _fmt(s.get("grad_norm_cv50_mean")), _fmt(s.get("tokens_per_second"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if speed.get("runs"):
+        text += (f"\nTokens-to-loss speedup over the best baseline ({speed['best_baseline']}, final val loss "
+                 f"{speed['target_val_loss']:.3f}, reached at {speed['baseline_tokens']:,.0f} tokens):\n\n"
+                 "| run | tokens to reach it | speedup | final loss gap |\n|---|---|---|---|\n")
+        for name, v in speed["runs"].items():
+            reached = "not reached" if v["tokens_to_target"] is None else f"{v['tokens_to_target']:,.0f}"
+            speedup = "< 1 (not reached)" if v["speedup"] is None else f"{v['speedup']:.2f}×"
+            text += f"| {name} | {reached} | {speedup} | {v['final_val_loss_gap']:+.3f} |\n"
+    return text
+
+
+def report(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
+    """Markdown + JSON tables and PNG plots comparing finished runs."""
+    if not run_dirs:
+        raise GrouterError("no run directories given; pass the --out directories of `grouter train` runs")
+    runs = [RunRecord.load(d) for d in run_dirs]
+    speed = speedups(runs)
+    table = markdown_table(runs, speed)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        plots = _plot_runs(runs, tmp)
+        (tmp / "report.md").write_text("# grouter report\n\n" + table + "\n" +
+                                       "".join(f"![{p}]({p})\n" for p in plots))
+        write_json(tmp / "report.json", {"runs": {r.name: {"router": r.router, "path": str(r.path), **r.summary}
+                                                  for r in runs}, "speedup": speed, "plots": plots})
+    return {"report": str(out), "table": table, "speedup": speed}
