@@ -193,6 +193,14 @@ def cmd_tune(args) -> dict:
     return tune(args.grouter, PackedDataset.open(args.data), args.out, cfg, overwrite=args.overwrite)
 
 
+def cmd_place(args) -> dict:
+    from .place import place
+
+    return place(args.routing, args.out, args.ranks, ranks_per_node=args.ranks_per_node, algorithm=args.algorithm,
+                 global_batch=args.global_batch, seed=args.seed, overwrite=args.overwrite, level=args.level,
+                 scope=args.scope, exact=args.exact)
+
+
 def cmd_report(args) -> dict:
     from .report import report
 
@@ -341,6 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_dispatch)
+
+    p = _common(sub.add_parser("place", help="expert-parallel placement plan from a routing store"))
+    p.add_argument("--routing", required=True, type=Path)
+    p.add_argument("--ranks", required=True, type=_positive_int, help="expert-parallel ranks (must divide the experts)")
+    p.add_argument("--ranks-per-node", type=_positive_int, default=None, help="GPUs per node, for node-level cost")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--algorithm", choices=("balanced", "greedy"), default="balanced",
+                   help="balanced: equal sequences per rank per global batch; greedy: the paper's Algorithm 1 "
+                        "(no capacity constraint: ranks get unequal work)")
+    p.add_argument("--level", choices=("rank", "node"), default=None,
+                   help="optimise rank-level (DeepEP) or node-level traffic (default: node when 1 < G < R)")
+    p.add_argument("--global-batch", type=_positive_int, default=None, help="sequences per global batch (default 16×R)")
+    p.add_argument("--scope", choices=("batch", "epoch"), default="batch", help="where the equal-share constraint holds")
+    p.add_argument("--exact", action="store_true", help="optimal per-batch assignment (slower) instead of the greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_place)
 
     p = _common(sub.add_parser("report", help="tables and plots comparing finished training runs"))
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")

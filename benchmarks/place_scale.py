@@ -1,0 +1,140 @@
+"""Scale check of ``grouter.place``: plan 1,000,000 sequences x 128 experts x 64 ranks.
+
+A synthetic clustered routing store (``--clusters`` clusters, each preferring its own experts; see
+``grouter.place.synthetic_routing``) is written once to ``--work`` by a child process (so the
+generator's memory does not count), with a real manifest (checksums included), all-zero (sparse)
+gate weights, ``--seq-len`` tokens per sequence and top-``--k``. This process then runs
+``grouter.place.place`` on it (opening and verifying the store, planning, writing plan.json and the
+reports) and prints wall time, peak RSS (``resource.getrusage``: ``ru_maxrss`` of this process)
+and the planner's own timings and figures. Target: <= 120 s and <= 8 GiB.
+
+    OMP_NUM_THREADS=1 python benchmarks/place_scale.py
+    OMP_NUM_THREADS=1 python benchmarks/place_scale.py --sequences 200000 --json place_scale.json
+
+Measured (2 shared CPU cores, OMP_NUM_THREADS=1, 1 M x 32 tokens x 128 experts top-8, 64 ranks,
+global batch 1 024): balanced 22 s wall / 2.1 GiB peak RSS (planner 19 s: clustering 7, traffic 5,
+placement 3); node level (8 per node) 21 s / 2.2 GiB; greedy 20 s; ``--exact`` 38 s; 64 tokens per
+sequence 27 s / 2.3 GiB. Generating the store takes another 7-13 s in the child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_store(out: Path, n: int, seq_len: int, n_experts: int, k: int, clusters: int, seed: int,
+                noise: float, decay: float) -> None:
+    """A routing store directory as ``grouter dispatch`` lays it out, holding synthetic routing."""
+    from grouter.artifacts import sha256_file, write_json
+    from grouter.dispatch import ROUTING_FORMAT, ROUTING_VERSION, ids_dtype_for
+    from grouter.place import synthetic_routing
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = ids_dtype_for(n_experts)
+    mm = np.memmap(tmp / "train.ids", dtype=dtype, mode="w+", shape=(n, seq_len, k))
+    synthetic_routing(n, seq_len, n_experts, k, clusters, seed=seed, noise=noise, decay=decay, out=mm)
+    mm.flush()
+    del mm
+    with open(tmp / "train.weights", "wb") as f:  # sparse zeros: the planner never reads weights
+        f.truncate(n * seq_len * k * 2)
+    manifest = {"format": ROUTING_FORMAT, "version": ROUTING_VERSION, "dataset_fingerprint": "synthetic",
+                "dataset_path": "synthetic", "grouter_fingerprint": "synthetic", "grouter_path": "synthetic",
+                "k": k, "n_experts": n_experts, "seq_len": seq_len, "ids_dtype": dtype.name,
+                "weights_dtype": "bfloat16", "causal": True,
+                "splits": {"train": {"n_sequences": n, "ids_sha256": sha256_file(tmp / "train.ids"),
+                                     "weights_sha256": sha256_file(tmp / "train.weights")}}}
+    write_json(tmp / "manifest.json", manifest)
+    os.replace(tmp, out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sequences", type=int, default=1_000_000)
+    ap.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default %(default)s)")
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--ranks", type=int, default=64)
+    ap.add_argument("--ranks-per-node", type=int, default=8)
+    ap.add_argument("--level", default="rank", choices=["rank", "node"])
+    ap.add_argument("--algorithm", default="balanced", choices=["balanced", "greedy"])
+    ap.add_argument("--global-batch", type=int, default=1024)
+    ap.add_argument("--exact", action="store_true", help="optimal per-batch assignment (linear_sum_assignment)")
+    ap.add_argument("--clusters", type=int, default=64, help="clusters of the synthetic routing")
+    ap.add_argument("--noise", type=float, default=0.3,
+                    help="share of token-slots routed uniformly (default %(default)s)")
+    ap.add_argument("--decay", type=float, default=0.5,
+                    help="geometric preference of a cluster for its favourite experts (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="/tmp/grouter_place_scale", help="where the store and plan go")
+    ap.add_argument("--keep", action="store_true", help="keep the store for a later run")
+    ap.add_argument("--json", default=None, metavar="OUT", help="write the results here")
+    ap.add_argument("--_generate", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    store = work / (f"routing_{args.sequences}x{args.seq_len}x{args.experts}k{args.k}c{args.clusters}"
+                    f"n{args.noise}d{args.decay}s{args.seed}")
+    if args._generate:
+        write_store(store, args.sequences, args.seq_len, args.experts, args.k, args.clusters, args.seed,
+                    args.noise, args.decay)
+        return
+    t = time.perf_counter()
+    generated = False
+    if not (store / "manifest.json").is_file():
+        subprocess.run([sys.executable, __file__, "--_generate", *sys.argv[1:]], check=True)
+        generated = True
+    gen_s = time.perf_counter() - t
+
+    from grouter.place import place
+
+    out = work / "plan"
+    t = time.perf_counter()
+    summary = place(store, out, args.ranks, args.ranks_per_node, args.algorithm, args.global_batch, args.seed,
+                    overwrite=True, level=args.level, exact=args.exact)
+    wall = time.perf_counter() - t
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    report = json.loads((out / "report.json").read_text())
+    result = {
+        "sequences": args.sequences, "seq_len": args.seq_len, "experts": args.experts, "k": args.k,
+        "ranks": args.ranks, "ranks_per_node": args.ranks_per_node, "level": args.level,
+        "algorithm": args.algorithm, "exact": args.exact, "global_batch": args.global_batch,
+        "synthetic_clusters": args.clusters, "synthetic_noise": args.noise, "synthetic_decay": args.decay,
+        "generate_seconds": round(gen_s, 1) if generated else None,
+        "place_wall_seconds": round(wall, 2), "peak_rss_gib": round(peak_gib, 3),
+        "plan_json_mib": round((out / "plan.json").stat().st_size / 2**20, 1),
+        "planner_timings_s": report["timings_s"],
+        "plan_over_random": summary["plan_over_random"], "bound_over_random": summary["bound_over_random"],
+        "load": {who: {"expert_load_per_batch_mean": report["load"][who]["expert_load_max_over_mean"]["per_batch_mean"],
+                       "sequences_per_batch_worst": report["load"][who]["sequences_max_over_mean"]["per_batch_worst"]}
+                 for who in ("plan", "random")},
+        "entropy_filter": {k: report["entropy_filter"][k] for k in ("threshold_bits", "kept", "filtered",
+                                                                    "uniform_routing_reference_bits")},
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+        "python": platform.python_version(), "numpy": np.__version__,
+        "within_budget": wall <= 120 and peak_gib <= 8,
+    }
+    print(json.dumps(result, indent=2))
+    print(f"place: {wall:.1f} s wall, peak RSS {peak_gib:.2f} GiB "
+          f"({'within' if result['within_budget'] else 'OVER'} the 120 s / 8 GiB budget)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if not args.keep:
+        shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""EP placement planning: volumes, balance, the realised plan, artifacts and user errors (SPEC §1.7)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from grouter.artifacts import sha256_file, write_json
+from grouter.dispatch import ROUTING_FORMAT, ROUTING_VERSION, RoutingStore, ids_dtype_for
+from grouter.errors import GrouterError
+from grouter.place import (Plan, PlanSampler, affinity_counts, balanced_assignment, entropy_bits, place,
+                           plan_placement, relabel, remote_volume, synthetic_routing, traffic)
+
+E, K, L, R = 16, 2, 16, 4
+GB = 64  # global batch: 16 sequences per rank
+
+
+def write_store(out: Path, ids: np.ndarray, n_experts: int) -> Path:
+    """A routing store laid out as ``grouter dispatch`` writes it (train split only, zero weights)."""
+    out.mkdir(parents=True)
+    n, seq_len, k = ids.shape
+    dtype = ids_dtype_for(n_experts)
+    ids.astype(dtype).tofile(out / "train.ids")
+    np.zeros(ids.shape, dtype=np.uint16).tofile(out / "train.weights")
+    write_json(out / "manifest.json", {
+        "format": ROUTING_FORMAT, "version": ROUTING_VERSION, "dataset_fingerprint": "synthetic",
+        "dataset_path": "synthetic", "grouter_fingerprint": "synthetic", "grouter_path": "synthetic", "k": k,
+        "n_experts": n_experts, "seq_len": seq_len, "ids_dtype": dtype.name, "weights_dtype": "bfloat16",
+        "causal": True, "splits": {"train": {"n_sequences": n, "ids_sha256": sha256_file(out / "train.ids"),
+                                             "weights_sha256": sha256_file(out / "train.weights")}}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    """2000 sequences from 4 clusters, each preferring its own experts."""
+    ids, _ = synthetic_routing(2000, L, E, K, clusters=4, seed=0, noise=0.1, decay=0.6)
+    return write_store(tmp_path_factory.mktemp("place") / "clustered", ids, E), ids
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory):
+    """Most sequences from one cluster: capacity-free placement piles them on one rank."""
+    ids, cluster = synthetic_routing(2000, L, E, K, clusters=4, seed=1, noise=0.1, decay=0.6, skew=1.5)
+    assert np.bincount(cluster)[0] > 0.7 * len(cluster)
+    return write_store(tmp_path_factory.mktemp("place") / "skewed", ids, E), ids
+
+
+def check_plan(plan: Plan, n: int, per_rank: int | None) -> None:
+    """Every sequence placed once (but the < R dropped); with ``per_rank``, that many per rank per batch."""
+    seen = np.concatenate([b for batches in plan.samples for b in batches] + [plan.dropped])
+    assert np.array_equal(np.sort(seen), np.arange(n))
+    assert len(plan.dropped) < plan.ranks
+    if per_rank is not None:
+        for b in range(plan.n_batches):
+            sizes = {len(plan.samples[r][b]) for r in range(plan.ranks)}
+            last = b == plan.n_batches - 1
+            assert sizes == {per_rank} or (last and len(sizes) == 1)
+
+
+# -- building blocks -----------------------------------------------------------------------------
+def test_affinity_counts_and_entropy():
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.permutation(E)[:K] for _ in range(5 * 7)]).reshape(5, 7, K).astype(np.uint8)
+    counts = affinity_counts(ids, E)
+    naive = np.zeros((5, E), dtype=np.int64)
+    for s in range(5):
+        for t in range(7):
+            for e in ids[s, t]:
+                naive[s, e] += 1
+    assert np.array_equal(counts, naive) and np.all(counts.sum(1) == 7 * K)
+    p = naive / naive.sum(1, keepdims=True)
+    direct = -np.where(p > 0, p * np.log2(np.where(p > 0, p, 1)), 0).sum(1)
+    assert np.allclose(entropy_bits(counts), direct)
+    assert np.allclose(entropy_bits(np.ones((1, E), dtype=np.uint16)), np.log2(E))
+    assert np.allclose(entropy_bits(np.eye(E, dtype=np.uint16)[:2] * 5), 0)
+
+
+@pytest.mark.parametrize("G", [None, 2])
+def test_traffic_matches_direct_count(G):
+    rng = np.random.default_rng(1)
+    n = 300
+    ids = np.argsort(rng.random((n, L, E)), axis=-1)[..., :K].astype(np.uint8)
+    rank_of_expert = rng.permutation(np.arange(E) // (E // R))
+    sample_rank = rng.integers(-1, R, n)  # -1: not placed
+    tr = traffic(ids, rank_of_expert, R, G)
+    tr_counts = traffic(ids, rank_of_expert, R, G, counts=affinity_counts(ids, E))
+    assert np.array_equal(tr.slots, tr_counts.slots) and np.array_equal(tr.tokens, tr_counts.tokens)
+    direct = remote_volume(ids, rank_of_expert, sample_rank, G)
+    rows = np.flatnonzero(sample_rank >= 0)
+    for model in tr.models():
+        assert int(tr.at(model, sample_rank[rows], rows).sum()) == direct[model]
+        assert np.array_equal(tr.cost(model)[rows, sample_rank[rows]], tr.at(model, sample_rank[rows], rows))
+    assert set(direct) == ({"megatron", "deepep", "node"} if G else {"megatron", "deepep"})
+
+
+def test_balanced_assignment_respects_capacity_and_is_near_optimal():
+    rng = np.random.default_rng(2)
+    P, cap, groups = 4, 8, 20
+    m = P * cap * groups
+    cost = rng.integers(0, 50, (m, P)).astype(float)
+    cost[np.arange(m), rng.integers(0, P, m)] -= 40  # a preferred partition, often over-subscribed
+    group = np.repeat(np.arange(groups), P * cap)
+    rng.shuffle(group)
+    capacity = np.full(groups, cap)
+    greedy = balanced_assignment(cost, group, capacity)
+    exact = balanced_assignment(cost, group, capacity, exact=True)
+    for part in (greedy, exact):
+        counts = np.zeros((groups, P), dtype=int)
+        np.add.at(counts, (group, part), 1)
+        assert np.all(counts == cap)
+    g_cost, x_cost = cost[np.arange(m), greedy].sum(), cost[np.arange(m), exact].sum()
+    free = cost.min(1).sum()
+    assert free <= x_cost <= g_cost <= x_cost + 0.05 * abs(x_cost)
+
+
+# -- plans on synthetic clustered routing --------------------------------------------------------
+def test_balanced_plan_beats_random_and_realises(clustered, tmp_path):
+    store_dir, ids = clustered
+    store = RoutingStore.open(store_dir)
+    plan = plan_placement(store, R, global_batch=GB, clusters=20)
+    n = len(ids)
+    check_plan(plan, n, GB // R)
+    rep = plan.report
+    assert rep["level"] == "rank" and rep["optimises"] == "deepep" and rep["algorithm"] == "balanced"
+    assert rep["load"]["plan"]["sequences_max_over_mean"]["per_batch_worst"] == 1.0
+    cm = rep["cost_models"]
+    assert set(cm) == {"megatron", "deepep"}
+    assert cm["deepep"]["plan_over_random"] < 0.6, cm["deepep"]
+    for c in cm.values():
+        assert c["floor_any_placement"] <= c["lower_bound"] <= c["plan"] < c["random"]
+    # expert permutation: a permutation, E/R experts per rank
+    perm = plan.permutation
+    assert np.array_equal(np.sort(perm), np.arange(E))
+    assert np.all(np.bincount(plan.rank_of_expert, minlength=R) == E // R)
+    # realising the plan: relabelled ids + contiguous EP blocks + the sampler's sequences
+    physical = relabel(np.asarray(store.ids("train")), perm)
+    assert physical.dtype == np.uint8
+    assert np.array_equal(physical // (E // R), plan.rank_of_expert[ids])
+    seq_rank = np.full(n, -1)
+    for r in range(R):
+        sampler = PlanSampler(plan, r, R)
+        got = list(sampler)
+        assert got == [int(i) for b in plan.samples[r] for i in b] and len(sampler) == len(got)
+        seq_rank[got] = r
+    realised = remote_volume(physical, np.arange(E) // (E // R), seq_rank)
+    assert realised == {m: c["plan"] for m, c in cm.items()}
+
+
+def test_greedy_unbalanced_on_skewed_data_and_attains_bound(skewed):
+    store_dir, ids = skewed
+    store = RoutingStore.open(store_dir)
+    greedy = plan_placement(store, R, algorithm="greedy", global_batch=GB, clusters=20)
+    balanced = plan_placement(store, R, global_batch=GB, clusters=20, refine=0)  # the paper's expert grouping
+    check_plan(greedy, len(ids), None)
+    check_plan(balanced, len(ids), GB // R)
+    g, b = greedy.report, balanced.report
+    assert g["load"]["plan"]["sequences_max_over_mean"]["per_batch_mean"] > 1.5
+    assert g["load"]["plan"]["sequences_max_over_mean"]["overall"] > 1.5
+    assert b["load"]["plan"]["sequences_max_over_mean"]["per_batch_worst"] == 1.0
+    assert np.array_equal(greedy.permutation, balanced.permutation)  # same experts, only samples differ
+    gd, bd = g["cost_models"]["deepep"], b["cost_models"]["deepep"]
+    assert gd["plan"] == gd["lower_bound"] <= bd["plan"] < bd["random"]  # Algorithm 1 = the bound
+    lens = [len(PlanSampler(greedy, r, R)) for r in range(R)]
+    assert max(lens) > 1.5 * np.mean(lens)
+
+
+def test_node_level_plan(clustered):
+    store_dir, ids = clustered
+    store = RoutingStore.open(store_dir, verify=False)
+    plan = plan_placement(store, R, ranks_per_node=2, global_batch=GB, clusters=20)
+    check_plan(plan, len(ids), GB // R)
+    rep = plan.report
+    assert rep["level"] == "node" and rep["partitions"] == 2 and rep["optimises"] == "node"
+    cm = rep["cost_models"]
+    assert set(cm) == {"megatron", "deepep", "node"}
+    for c in cm.values():
+        assert c["floor_any_placement"] <= c["lower_bound"] <= c["plan"] <= c["random"]
+    assert cm["node"]["plan_over_random"] < 0.6
+    assert rep["clustering"]["node_inner_split"]["refined"] == 2
+    trace = rep["refinement"]["local_share"]
+    assert max(trace) >= trace[0]
+    paper = plan_placement(store, R, ranks_per_node=2, global_batch=GB, clusters=20, refine=0).report
+    assert paper["refinement"] is None
+    assert cm["node"]["plan"] <= paper["cost_models"]["node"]["plan"]  # refining to the balance helps here
+    rank_level = plan_placement(store, R, ranks_per_node=2, level="rank", global_batch=GB, clusters=20)
+    assert rank_level.report["optimises"] == "deepep" and "node" in rank_level.report["cost_models"]
+
+
+def test_epoch_scope_and_max_sequences(clustered):
+    store_dir, ids = clustered
+    store = RoutingStore.open(store_dir, verify=False)
+    plan = plan_placement(store, R, global_batch=GB, clusters=20, scope="epoch", max_sequences=1001)
+    assert plan.n_sequences == 1001
+    check_plan(plan, 1001, GB // R)
+    assert len(plan.dropped) == 1001 % R
+    assert plan.report["cost_models"]["deepep"]["plan_over_random"] < 0.6
+    again = plan_placement(store, R, global_batch=GB, clusters=20, scope="epoch", max_sequences=1001)
+    assert np.array_equal(again.permutation, plan.permutation)  # deterministic for a seed
+    assert all(np.array_equal(a, b) for ra, rb in zip(again.samples, plan.samples) for a, b in zip(ra, rb))
+
+
+def test_relabel_torch_and_numpy():
+    perm = np.random.default_rng(3).permutation(E)
+    ids = torch.randint(0, E, (3, 5, K), dtype=torch.int64)
+    for t in (ids, ids.to(torch.uint8), ids.to(torch.int32)):
+        out = relabel(t, perm)
+        assert out.dtype == t.dtype and torch.equal(out.long(), torch.as_tensor(perm)[ids])
+    assert np.array_equal(relabel(ids.numpy().astype(np.uint16), perm), perm[ids.numpy()])
+    with pytest.raises(GrouterError, match="permutation"):
+        relabel(ids, np.zeros(E, dtype=int))
+
+
+# -- artifacts -----------------------------------------------------------------------------------
+def test_place_writes_plan_and_reports(clustered, tmp_path):
+    store_dir, ids = clustered
+    out = tmp_path / "plan"
+    summary = place(store_dir, out, R, ranks_per_node=2, global_batch=GB, clusters=20)
+    for name in ("plan.json", "report.json", "report.md", "report.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert summary["plan"] == str(out / "plan.json") and summary["level"] == "node"
+    assert summary["plan_over_random"]["node"] < 0.6 and summary["sequences_max_over_mean"] == 1.0
+    md = (out / "report.md").read_text()
+    assert "| deepep |" in md and "| node |" in md and "lower bound" in md
+    d = json.loads((out / "plan.json").read_text())
+    assert d["ranks"] == R and d["ranks_per_node"] == 2 and d["level"] == "node" and len(d["samples"]) == R
+    assert all(len(block) == E // R for block in d["rank_experts"])
+    loaded = Plan.load(out)
+    assert np.array_equal(loaded.permutation, d["permutation"]) and loaded.report["level"] == "node"
+    assert [list(PlanSampler(out, r, R)) for r in range(R)] == [list(PlanSampler(loaded, r, R)) for r in range(R)]
+    with pytest.raises(GrouterError, match="already exists"):
+        place(store_dir, out, R)
+    with pytest.raises(GrouterError, match="world_size"):
+        PlanSampler(loaded, 0, 2 * R)
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(GrouterError, match="not a grouter placement plan"):
+        Plan.load(tmp_path / "bad.json")
+
+
+def test_plan_on_dispatched_store(tiny_data, tmp_path):
+    """End to end on the routing a (random) Grouter writes with `grouter dispatch`."""
+    from grouter.dispatch import dispatch
+    from grouter.network import Grouter, GrouterConfig
+
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=E, top_k=K, d_model=32, n_layers=1,
+                              n_heads=2, d_ff=64, max_seq_len=tiny_data.seq_len))
+    with torch.no_grad():
+        g.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    g.save_pretrained(tmp_path / "g")
+    dispatch(tmp_path / "g", tiny_data, tmp_path / "routing", batch_size=256, progress=False)
+    n = len(tiny_data.split("train"))
+    summary = place(tmp_path / "routing", tmp_path / "plan", R, global_batch=2 * R, clusters=10)
+    plan = Plan.load(tmp_path / "plan")
+    check_plan(plan, n, 2)
+    assert summary["sequences_placed"] == n - n % R
+    assert summary["plan_over_random"]["deepep"] <= 1.0
+
+
+# -- user errors ---------------------------------------------------------------------------------
+def test_errors(clustered, tmp_path):
+    store_dir, ids = clustered
+    store = RoutingStore.open(store_dir, verify=False)
+    with pytest.raises(GrouterError, match="divides 16"):
+        plan_placement(store, 3)
+    with pytest.raises(GrouterError, match="only 8 sequences for 16 ranks"):
+        plan_placement(store, 16, max_sequences=8)
+    with pytest.raises(GrouterError, match="unknown placement algorithm 'fast'.*balanced, greedy"):
+        plan_placement(store, R, algorithm="fast")
+    with pytest.raises(GrouterError, match="multiple of the 4 ranks"):
+        plan_placement(store, R, global_batch=30)
+    with pytest.raises(GrouterError, match="ranks-per-node 3"):
+        plan_placement(store, R, ranks_per_node=3)
+    with pytest.raises(GrouterError, match="node-level placement needs"):
+        plan_placement(store, R, level="node")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GrouterError, match="no manifest.json"):
+        place(tmp_path / "empty", tmp_path / "out", R)
+    assert not (tmp_path / "out").exists()
