@@ -122,50 +122,42 @@ def speedups(runs: list[RunRecord]) -> dict:
     return out
 
 
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: bool = True) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
         ax.plot([e["tokens"] for e in r.evals], [e["val_loss"] for e in r.evals], marker="o", ms=3, label=r.name)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss")
-    ax.set_title("validation loss vs tokens")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "val_loss.png", dpi=110)
-    plt.close(fig)
-    written.append("val_loss.png")
+    written.append(_save(fig, ax, out / "val_loss.png", "training tokens", "validation loss",
+                         "validation loss vs tokens"))
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in runs:
         ax.scatter(r.summary["max_vio_global"], r.summary["final_val_loss"], s=40)
         ax.annotate(r.name, (r.summary["max_vio_global"], r.summary["final_val_loss"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("MaxVioGlobal (lower = more balanced)")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("load balance vs quality")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "maxvio_vs_loss.png", dpi=110)
-    plt.close(fig)
-    written.append("maxvio_vs_loss.png")
+    written.append(_save(fig, ax, out / "maxvio_vs_loss.png", "MaxVioGlobal (lower = more balanced)",
+                         "final validation loss", "load balance vs quality", legend=False))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
         g = [t["grad_norm"] for t in r.train]
         window = min(50, max(2, len(g) // 4))
-        cv = grad_norm_cv(g, window)
-        ax.plot(np.arange(window, len(g) + 1), cv, label=r.name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("grad-norm CV (sliding window)")
-    ax.set_title("gradient-norm stability")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "grad_norm_cv.png", dpi=110)
-    plt.close(fig)
-    written.append("grad_norm_cv.png")
+        ax.plot(np.arange(window, len(g) + 1), grad_norm_cv(g, window), label=r.name)
+    written.append(_save(fig, ax, out / "grad_norm_cv.png", "step", "grad-norm CV (sliding window)",
+                         "gradient-norm stability"))
 
     consistency = {r.name: r.probe_consistency() for r in runs}
     if any(consistency.values()):
@@ -173,16 +165,10 @@ def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
         for name, points in consistency.items():
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("top-k set agreement with previous evaluation")
-        ax.set_title("routing consistency between successive checkpoints")
         ax.set_ylim(0, 1.05)
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "routing_consistency.png", dpi=110)
-        plt.close(fig)
-        written.append("routing_consistency.png")
+        written.append(_save(fig, ax, out / "routing_consistency.png", "step",
+                             "top-k set agreement with previous evaluation",
+                             "routing consistency between successive checkpoints"))
     return written
 
 

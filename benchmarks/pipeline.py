@@ -1,0 +1,140 @@
+"""Pipeline throughput on the embedded corpus, side by side in one run.
+
+1. Training step tokens/s (forward + backward + AdamW) of the built-in MoE with
+   - stored routing (routing store, expert grouping precomputed by the loader),
+   - online Grouter routing (the frozen Grouter runs every step),
+   - a learned router + aux loss (the usual baseline),
+   interleaved round by round so machine noise hits all three alike; ratios are reported.
+2. Capture, distillation and dispatch tokens/s, and dispatch time relative to one epoch of
+   target training (the cost of pre-dispatch, paid once).
+
+    python benchmarks/pipeline.py --out /tmp/grouter-bench [--json results.json]
+
+Needs a prepared demo directory (``grouter demo --out DIR``) for the data, source and Grouter;
+pass it with ``--demo DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from grouter.capture import Targets, capture
+from grouter.data import PackedDataset
+from grouter.dispatch import dispatch
+from grouter.distill import DistillConfig, distill
+from grouter.model import MoEConfig, MoELM
+from grouter.network import Grouter
+from grouter.train import TrainConfig, build_optimizer, external_routing
+
+
+def step_timer(model: MoELM, opt, batch, routing_fn):
+    """One optimizer step; routing_fn(idx) returns the routing (or None) — its cost is counted."""
+    idx, inputs, labels = batch
+
+    def step() -> float:
+        t = time.perf_counter()
+        routing = routing_fn(idx)
+        out = model(inputs, labels=labels, routing=routing)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    return step
+
+
+def training_throughput(demo: Path, rounds: int, batch_size: int) -> dict:
+    data = PackedDataset.open(demo / "data")
+    split = data.split("train")
+    stored, _, n_experts, k = external_routing(data, routing_dir=demo / "routing")
+    online, _, _, _ = external_routing(data, grouter_dir=demo / "grouter", device="cpu")
+    base = dict(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=128, n_layers=4, n_heads=4,
+                d_expert=64, n_experts=n_experts, top_k=k)
+    cfg = TrainConfig(batch_size=batch_size)
+    variants = {
+        "stored routing": (MoEConfig(router="external", **base), lambda idx: stored("train", idx).grouped(n_experts)),
+        "online Grouter": (MoEConfig(router="external", **base), lambda idx: online("train", idx)),
+        "learned + aux": (MoEConfig(router="aux", **base), lambda idx: None),
+    }
+    steps = {}
+    for name, (mcfg, fn) in variants.items():
+        torch.manual_seed(0)
+        model = MoELM(mcfg).train()
+        steps[name] = (model, build_optimizer(model, cfg), fn)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds + 2):  # two warm-up rounds
+        idx = split.batch_indices(r, batch_size)
+        b = split.batch(idx)
+        batch = (idx, b["input_ids"], b["labels"])
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            model, opt, fn = steps[name]
+            elapsed = step_timer(model, opt, batch, fn)()
+            if r >= 2:
+                times[name].append(elapsed)
+    tokens = batch_size * data.seq_len
+    result = {name: tokens / statistics.median(t) for name, t in times.items()}
+    return {"tokens_per_second": result,
+            "stored_vs_aux": result["stored routing"] / result["learned + aux"],
+            "stored_vs_online": result["stored routing"] / result["online Grouter"],
+            "epoch_seconds_stored": split.n_sequences * data.seq_len / result["stored routing"]}
+
+
+def stage_throughput(demo: Path, out: Path) -> dict:
+    data = PackedDataset.open(demo / "data")
+    tokens = (data.split("train").n_sequences + data.split("val").n_sequences) * data.seq_len
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t = time.perf_counter()
+    capture(demo / "source", data, out / "targets", progress=False)
+    capture_s = time.perf_counter() - t
+    targets = Targets.open(out / "targets", data)
+    g = Grouter.from_pretrained(demo / "grouter-distilled")
+    steps, batch = 50, 16
+    t = time.perf_counter()
+    distill(targets, out / "distill", g.cfg, DistillConfig(steps=steps, batch_size=batch, eval_every=10_000,
+                                                            checkpoint_every=10_000), progress=False)
+    distill_s = time.perf_counter() - t
+    t = time.perf_counter()
+    summary = dispatch(demo / "grouter", data, out / "routing", progress=False)
+    dispatch_s = time.perf_counter() - t
+    return {"capture_tokens_per_second": tokens / capture_s,
+            "distill_tokens_per_second": steps * batch * data.seq_len / distill_s,
+            "dispatch_tokens_per_second": tokens / dispatch_s, "dispatch_seconds": dispatch_s,
+            "dispatch_bytes_per_token": summary["bytes_per_token"], "tokens": tokens}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", type=Path, default=Path("demo"), help="a finished `grouter demo --out` directory")
+    p.add_argument("--out", type=Path, default=Path("/tmp/grouter-bench"))
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    train = training_throughput(args.demo, args.rounds, args.batch_size)
+    stages = stage_throughput(args.demo, args.out)
+    stages["dispatch_share_of_epoch"] = stages["dispatch_seconds"] / train["epoch_seconds_stored"]
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| training step | tokens/s | vs learned + aux |\n|---|---|---|")
+    for name, tps in train["tokens_per_second"].items():
+        print(f"| {name} | {tps:,.0f} | {tps / train['tokens_per_second']['learned + aux']:.2f}× |")
+    print(f"\n| stage | tokens/s |\n|---|---|\n| capture | {stages['capture_tokens_per_second']:,.0f} |\n"
+          f"| distill (training) | {stages['distill_tokens_per_second']:,.0f} |\n"
+          f"| dispatch | {stages['dispatch_tokens_per_second']:,.0f} |\n")
+    print(f"dispatch: {stages['dispatch_seconds']:.1f} s = {100 * stages['dispatch_share_of_epoch']:.1f}% of one "
+          f"epoch of target training ({train['epoch_seconds_stored']:.0f} s); "
+          f"{stages['dispatch_bytes_per_token']} bytes/token")
+    if args.json:
+        args.json.write_text(json.dumps({"training": train, "stages": stages}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
