@@ -30,13 +30,13 @@ class DemoConfig:
     seq_len: int = 128
     source: dict = field(default_factory=lambda: dict(d_model=128, n_layers=4, n_heads=4, d_expert=64,
                                                       n_experts=32, top_k=4))
-    source_steps: int = 300
+    source_steps: int = 250
     grouter: dict = field(default_factory=lambda: dict(d_model=128, n_layers=2, n_heads=4, d_ff=256))
     distill_steps: int = 400
     target_experts: int = 16
     tune_tokens: int = 300_000
     target: dict = field(default_factory=lambda: dict(d_model=128, n_layers=4, n_heads=4, d_expert=64))
-    target_steps: int = 300
+    target_steps: int = 200
     batch_size: int = 16
     baselines: tuple[str, ...] = ("aux", "auxfree")
     ranks: int = 4

@@ -1,0 +1,810 @@
+"""Expert parallelism (EP) for the built-in MoE LM, with stored routing and a placement plan.
+
+R processes (``torch.distributed``: gloo on CPU, NCCL on GPU). Every rank is a data-parallel
+replica of the dense parts (embeddings, attention, norms, lm head: gradients all-reduced) and the
+owner of E/R experts: rank r holds the *physical* experts ``[r*E/R, (r+1)*E/R)`` as its shard of
+each layer's ``w_in`` / ``w_out``. Routing comes with the batch (``router="external"``): the routing
+store's expert ids relabelled with the plan's permutation (:func:`grouter.place.relabel`), so the
+plan's expert grouping is realised by the contiguous blocks and the plan's sample placement by
+which sequences each rank reads.
+
+The same model code runs: :func:`to_expert_parallel` takes a :class:`~grouter.model.MoELM` and
+replaces each layer's :class:`~grouter.model.Experts` with an :class:`EPExperts` holding the
+rank's shard (physical expert p = the model's logical expert ``inverse(permutation)[p]``, so the EP
+model computes exactly the function of the original one on un-relabelled routing).
+
+Exchange per MoE layer (forward), for the tokens of this rank with their physical ids / weights:
+
+- ``dedup`` (default, DeepEP-style): one copy of a token's hidden state per *destination rank*
+  holding at least one of its experts. Counts per destination rank are exchanged
+  (``all_to_all_single``), then the rows (``all_to_all_single`` with variable split sizes) and, as
+  routing metadata, per row the k local expert ids (-1: not on that rank) and gate weights (int32 +
+  float32 bits). The owner runs all of the token's experts it holds, grouped by expert (the loop of
+  :class:`~grouter.model.Experts`), sums them with the gate weights, and returns *one* combined row
+  per (token, rank) with the reverse all-to-all; the sender adds the rows of its token.
+  This is the cost model the plan optimises (``deepep``).
+- ``slot`` (Megatron-style): one copy per (token, expert) slot, sorted by expert. Counts per
+  destination *expert* are exchanged (so no per-row metadata: the owner knows each row's expert
+  from the counts), the owner runs its experts and returns one row per slot, the sender applies
+  the gate weights and sums (cost model ``megatron``).
+
+Backward runs through the all-to-alls: :class:`_AllToAll` is an autograd function whose backward
+is the reverse all-to-all (split sizes swapped). Every rank always takes part in the backward
+collectives (a rank that receives no rows still keeps its empty result in the graph). Gate weights
+are data (external routing): they get no gradient, and a routing whose weights require grad is
+refused.
+
+Bytes are counted where they are sent: every all-to-all adds the rows it sends to *other* ranks
+(self-sends excluded) times the row size to :class:`CommStats`, per phase: ``dispatch`` (hidden
+states to the experts' owners), ``combine`` (results back), ``dispatch_backward`` /
+``combine_backward`` (their gradients), ``meta`` (counts and routing metadata).
+:func:`analytic_copies` gives the same from the routing alone.
+
+Training: :func:`train_ep` (AdamW, the learning-rate schedule of :func:`grouter.train.lr_at`,
+global-norm clipping over dense + all expert shards), each rank backpropagating its mean loss
+weighted by its share of the global batch's tokens, so that summing the dense gradients over ranks
+gives exactly the gradient of the mean loss over the global batch (a single process on the union
+of the ranks' batches). Launch::
+
+    torchrun --nproc_per_node R -m grouter.ep --data D --routing S --plan P --steps N --out O \\
+        [--placement plan|random] [--exchange dedup|slot]
+
+``--placement random`` is the baseline: the plan's global batches dealt to the ranks by a seeded
+shuffle, identity permutation (expert e on rank e // (E/R)). Rank 0 writes ``O/metrics.jsonl``
+(per step: loss, lr, grad norm, step time, per-rank bytes per phase and remote copies, the analytic
+copies under both cost models) and ``O/summary.json``; ``--save-model`` writes the gathered model
+(logical expert order) as an :class:`~grouter.model.MoELM` checkpoint in ``O/model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import GrouterError
+from .model import MODEL_PRESETS, Experts, MoEConfig, MoELM
+from .routers import Routing
+
+EXCHANGES = {
+    "dedup": "one copy per (token, destination rank) (DeepEP-style; the plan's deepep cost)",
+    "slot": "one copy per (token, expert) slot (Megatron-style; the megatron cost)",
+}
+PLACEMENTS = ("plan", "random")
+PHASES = ("dispatch", "combine", "dispatch_backward", "combine_backward", "meta")
+
+
+# -- communication ------------------------------------------------------------------------------
+@dataclass
+class CommStats:
+    """Bytes and rows this rank sent to *other* ranks, per phase, since the last :meth:`reset`."""
+
+    bytes: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    rows: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    seconds: float = 0.0  # wall time inside the collectives (includes waiting for the peers)
+
+    def add(self, phase: str, rows: int, nbytes: int, seconds: float) -> None:
+        self.rows[phase] += rows
+        self.bytes[phase] += nbytes
+        self.seconds += seconds
+
+    def reset(self) -> None:
+        self.bytes = dict.fromkeys(PHASES, 0)
+        self.rows = dict.fromkeys(PHASES, 0)
+        self.seconds = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+@dataclass
+class EPContext:
+    """Where this rank sits in the expert-parallel group and how it exchanges tokens."""
+
+    rank: int
+    world: int
+    n_experts: int
+    exchange: str = "dedup"
+    group: object = None  # a torch.distributed process group; None: the default (world) group
+    stats: CommStats = field(default_factory=CommStats)
+
+    def __post_init__(self):
+        if self.exchange not in EXCHANGES:
+            raise GrouterError(f"unknown exchange {self.exchange!r}; use one of {', '.join(EXCHANGES)}")
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise GrouterError(f"rank {self.rank} is outside 0..{self.world - 1}")
+        if self.n_experts % self.world:
+            divisors = [d for d in range(1, self.n_experts + 1) if self.n_experts % d == 0]
+            raise GrouterError(f"{self.world} ranks cannot each hold the same number of the {self.n_experts} "
+                               f"experts; use a number of ranks that divides {self.n_experts} "
+                               f"({', '.join(map(str, divisors))})")
+
+    @classmethod
+    def current(cls, n_experts: int, exchange: str = "dedup", group=None) -> "EPContext":
+        """The context of this process in the initialised process group ``group`` (default: world)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise GrouterError("expert parallelism needs an initialised torch.distributed process group; "
+                               "launch with torchrun (or grouter.ep.spawn)")
+        return cls(dist.get_rank(group), dist.get_world_size(group), n_experts, exchange, group)
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.n_experts // self.world
+
+    @property
+    def experts(self) -> range:
+        """Physical expert ids this rank holds."""
+        per = self.experts_per_rank
+        return range(self.rank * per, (self.rank + 1) * per)
+
+
+def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], ep: EPContext, phase: str) -> torch.Tensor:
+    """Rows ``x`` split by ``send`` to the ranks; returns the rows received, split by ``recv``, in rank order."""
+    x = x.contiguous()
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    t0 = time.perf_counter()
+    if ep.world > 1:
+        dist.all_to_all_single(out, x, recv, send, group=ep.group)
+    else:
+        out.copy_(x)
+    remote = sum(send) - send[ep.rank]
+    row_bytes = x.shape[1:].numel() * x.element_size()
+    ep.stats.add(phase, remote, remote * row_bytes, time.perf_counter() - t0)
+    return out
+
+
+def _exchange_counts(counts: torch.Tensor, ep: EPContext) -> torch.Tensor:
+    """Equal-split all-to-all of a count vector (R blocks): block s of the result is what rank s sent us."""
+    n = counts.numel() // ep.world
+    return _all_to_all(counts, [n] * ep.world, [n] * ep.world, ep, "meta")
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable variable-split all-to-all: the backward is the reverse all-to-all.
+
+    (``torch.distributed.nn.functional.all_to_all_single`` does the same but is deprecated in
+    torch 2.13 and counts nothing; this one records the bytes of both directions.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, send, recv, ep, phase, backward_phase):
+        ctx.send, ctx.recv, ctx.ep, ctx.backward_phase = send, recv, ep, backward_phase
+        return _all_to_all(x, send, recv, ep, phase)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.recv, ctx.send, ctx.ep, ctx.backward_phase), None, None, None, None, None
+
+
+# -- the expert-parallel experts ----------------------------------------------------------------
+class EPExperts(Experts):
+    """This rank's E/R experts (physical ids ``ep.experts``) behind an all-to-all exchange.
+
+    A drop-in for :class:`~grouter.model.Experts` in :class:`~grouter.model.MoELayer`: ``forward(x,
+    routing)`` takes this rank's tokens ``x [T, d]`` with *physical* expert ids and gate weights
+    ``[T, k]`` and returns ``(y [T, d], counts [E])`` (counts: this rank's token-slots per physical
+    expert). ``w_in`` / ``w_out`` are the shard ``[E/R, d, 2f]`` / ``[E/R, f, d]``; the local experts
+    run grouped by :meth:`Experts.forward` itself.
+    """
+
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, ep: EPContext):
+        nn.Module.__init__(self)
+        if w_in.shape[0] != ep.experts_per_rank or w_out.shape[0] != ep.experts_per_rank:
+            raise GrouterError(f"an expert shard of rank {ep.rank} must hold {ep.experts_per_rank} experts, "
+                               f"got {w_in.shape[0]}")
+        self.w_in = nn.Parameter(w_in.detach().clone())
+        self.w_out = nn.Parameter(w_out.detach().clone())
+        self.n_experts = ep.experts_per_rank  # what Experts.forward groups over: the local experts
+        self.ep = ep
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.ep.rank}, experts=[{self.ep.experts.start}, {self.ep.experts.stop}) of "
+                f"{self.ep.n_experts}, exchange={self.ep.exchange}")
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        T, _ = x.shape
+        ids = routing.ids.reshape(T, -1).long()
+        weights = routing.weights.reshape(T, ids.shape[1])
+        if weights.requires_grad:
+            raise GrouterError("expert parallelism takes the gate weights as data (router 'external'); "
+                               "a learned router's weights would get no gradient")
+        counts = torch.bincount(ids.reshape(-1), minlength=self.ep.n_experts)
+        if self.ep.exchange == "dedup":
+            return self._dedup(x, ids, weights), counts
+        return self._slot(x, ids, weights), counts
+
+    def _local(self, rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Per-row outputs ``weight * expert(row)`` of this rank's experts, grouped by expert."""
+        if rows.shape[0] == 0:
+            return rows * 0  # keeps the (empty) received rows in the graph: backward collectives run
+        y, _ = Experts.forward(self, rows, Routing(local_ids[:, None], weights[:, None]))
+        return y
+
+    def _dedup(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ep, per = self.ep, self.ep.experts_per_rank
+        T, k = ids.shape
+        dest = ids // per  # [T, k] destination rank of each slot
+        present = torch.zeros(T, ep.world, dtype=torch.bool, device=x.device)
+        present.scatter_(1, dest, True)
+        rank_of_row, token_of_row = present.t().nonzero(as_tuple=True)  # sorted by rank, then token
+        send = present.sum(0)
+        recv = _exchange_counts(send, ep)
+        send_l, recv_l = send.tolist(), recv.tolist()
+        here = dest[token_of_row] == rank_of_row[:, None]  # [N, k] slots of the row on its destination
+        local_ids = torch.where(here, ids[token_of_row] - rank_of_row[:, None] * per, -1).to(torch.int32)
+        gate = torch.where(here, weights[token_of_row].float(), 0.0)
+        meta = _all_to_all(torch.cat([local_ids, gate.view(torch.int32)], 1), send_l, recv_l, ep, "meta")
+        x_recv = _AllToAll.apply(x[token_of_row], send_l, recv_l, ep, "dispatch", "dispatch_backward")
+        # the owner: every slot of every received row that is on this rank, grouped by expert
+        r_ids, r_gate = meta[:, :k], meta[:, k:].contiguous().view(torch.float32)
+        row, j = (r_ids >= 0).nonzero(as_tuple=True)
+        y_slots = self._local(x_recv[row], r_ids[row, j].long(), r_gate[row, j])
+        y_recv = torch.zeros_like(x_recv).index_add(0, row, y_slots) if row.numel() else y_slots
+        y_back = _AllToAll.apply(y_recv, recv_l, send_l, ep, "combine", "combine_backward")
+        return torch.zeros_like(x).index_add(0, token_of_row, y_back)
+
+    def _slot(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ep, per = self.ep, self.ep.experts_per_rank
+        T, k = ids.shape
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)  # slots by expert, so by destination rank
+        token_of_slot = order // k
+        per_expert = torch.bincount(flat, minlength=ep.n_experts)
+        recv_per_expert = _exchange_counts(per_expert, ep)  # block s: slots rank s sends to each of our experts
+        send_l = per_expert.view(ep.world, per).sum(1).tolist()
+        recv_l = recv_per_expert.view(ep.world, per).sum(1).tolist()
+        x_recv = _AllToAll.apply(x[token_of_slot], send_l, recv_l, ep, "dispatch", "dispatch_backward")
+        local_ids = torch.arange(per, device=x.device).repeat(ep.world).repeat_interleave(recv_per_expert)
+        y_recv = self._local(x_recv, local_ids, torch.ones(len(local_ids), device=x.device))
+        y_back = _AllToAll.apply(y_recv, recv_l, send_l, ep, "combine", "combine_backward")
+        gate = weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add(0, token_of_slot, y_back * gate)
+
+
+def _inverse(permutation: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(permutation)
+    inv[permutation] = np.arange(len(permutation))
+    return inv
+
+
+def to_expert_parallel(model: MoELM, ep: EPContext, permutation=None) -> MoELM:
+    """Turn ``model`` (router ``external``) into this rank's EP replica, in place; returns it.
+
+    Each layer's experts become an :class:`EPExperts` holding physical experts ``ep.experts``,
+    physical p being logical expert ``inverse(permutation)[p]`` of ``model`` (``permutation``:
+    logical -> physical, default identity). Feed the model routing relabelled with the same
+    permutation. All ranks must start from the same ``model`` (same config and seed).
+    """
+    cfg = model.cfg
+    if cfg.router != "external":
+        raise GrouterError(f"expert parallelism runs on stored routing: the model's router must be 'external', "
+                           f"not {cfg.router!r}")
+    if cfg.n_experts != ep.n_experts:
+        raise GrouterError(f"the model has {cfg.n_experts} experts but the EP context {ep.n_experts}")
+    perm = np.arange(cfg.n_experts) if permutation is None else np.asarray(permutation, dtype=np.int64)
+    if not np.array_equal(np.sort(perm), np.arange(cfg.n_experts)):
+        raise GrouterError(f"the expert permutation is not a permutation of 0..{cfg.n_experts - 1}")
+    logical = torch.as_tensor(_inverse(perm)[list(ep.experts)])
+    for block in model.blocks:
+        old = block.moe.experts
+        if isinstance(old, EPExperts):
+            raise GrouterError("the model is already expert-parallel")
+        block.moe.experts = EPExperts(old.w_in.data[logical], old.w_out.data[logical], ep)
+    model.ep_context = ep
+    model.ep_permutation = perm
+    return model
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The rank's expert shards (owned by this rank alone: no data-parallel all-reduce)."""
+    return [p for m in model.modules() if isinstance(m, EPExperts) for p in m.parameters()]
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters every rank replicates (all-reduced)."""
+    experts = {id(p) for p in expert_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in experts and p.requires_grad]
+
+
+def _flat_collective(tensors: list[torch.Tensor], fn) -> None:
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    fn(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def broadcast_dense(model: nn.Module, ep: EPContext, src: int = 0) -> None:
+    """Make every rank's dense parameters equal to rank ``src``'s (one flat broadcast)."""
+    if ep.world > 1:
+        with torch.no_grad():
+            _flat_collective([p.data for p in dense_parameters(model)],
+                             lambda t: dist.broadcast(t, dist.get_global_rank(ep.group, src) if ep.group else src,
+                                                      group=ep.group))
+
+
+def all_reduce_dense_grads(model: nn.Module, ep: EPContext) -> None:
+    """Sum the dense gradients over the ranks (one flat all-reduce); missing gradients count as 0."""
+    params = dense_parameters(model)
+    for p in params + expert_parameters(model):
+        if p.grad is None:  # e.g. a shard no token reached: it still decays, as in one process
+            p.grad = torch.zeros_like(p)
+    if ep.world > 1:
+        _flat_collective([p.grad for p in params], lambda t: dist.all_reduce(t, group=ep.group))
+
+
+def clip_grad_norm_ep(model: nn.Module, max_norm: float, ep: EPContext) -> float:
+    """Global gradient norm (dense once + every rank's expert shards), clipped like ``clip_grad_norm_``."""
+    dense = [p.grad for p in dense_parameters(model) if p.grad is not None]
+    experts = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    ref = (dense or experts)[0]
+    sq_dense = torch.stack([g.float().pow(2).sum() for g in dense]).sum() if dense else ref.new_zeros(())
+    sq_experts = torch.stack([g.float().pow(2).sum() for g in experts]).sum() if experts else ref.new_zeros(())
+    if ep.world > 1:
+        dist.all_reduce(sq_experts, group=ep.group)
+    total = (sq_dense + sq_experts).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in dense + experts:
+        g.mul_(coef.to(g.dtype))
+    return float(total)
+
+
+def gather_state_dict(model: MoELM) -> dict[str, torch.Tensor]:
+    """The full :class:`MoELM` state dict (every rank gets it; experts in the model's logical order)."""
+    ep, perm = model.ep_context, model.ep_permutation
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("experts.w_in", "experts.w_out")):
+            parts = [torch.empty_like(t) for _ in range(ep.world)]
+            if ep.world > 1:
+                dist.all_gather(parts, t.contiguous(), group=ep.group)
+            else:
+                parts = [t]
+            physical = torch.cat(parts)
+            t = physical[torch.as_tensor(perm, device=physical.device)]  # logical l sits at physical perm[l]
+        state[name] = t.detach().cpu().clone()
+    return state
+
+
+# -- analytic traffic -----------------------------------------------------------------------------
+def analytic_copies(ids, n_experts: int, ranks: int, rank: int) -> dict[str, int]:
+    """Remote copies a rank sends per MoE layer for tokens with *physical* ids ``[..., k]``.
+
+    ``dedup``: (token, destination rank != rank) pairs; ``slot``: (token, expert) slots on other ranks.
+    Multiply by ``d_model * element size`` for bytes.
+    """
+    ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids).astype(np.int64)
+    k = ids.shape[-1]
+    dest = np.sort(ids.reshape(-1, k) // (n_experts // ranks), axis=1)
+    first = np.ones(dest.shape, dtype=bool)
+    first[:, 1:] = dest[:, 1:] != dest[:, :-1]
+    return {"dedup": int((first & (dest != rank)).sum()), "slot": int((dest != rank).sum())}
+
+
+# -- data: which sequences each rank trains --------------------------------------------------------
+def rank_batches(plan, placement: str, world: int, seed: int = 0, split_size: int | None = None,
+                 global_batch: int | None = None, steps: int = 0) -> list[list[np.ndarray]]:
+    """``out[b][r]``: sequences rank r trains in global batch b.
+
+    ``plan`` placement: ``plan.samples[r][b]``. ``random``: the same global batches (the union over
+    the plan's ranks) dealt by a shuffle seeded with ``(seed, b)`` in equal parts; without a plan,
+    ``steps`` global batches of ``global_batch`` from a seeded epoch permutation of ``split_size``.
+    """
+    if placement not in PLACEMENTS:
+        raise GrouterError(f"unknown placement {placement!r}; use plan or random")
+    if plan is not None:
+        if plan.ranks != world:
+            raise GrouterError(f"the plan is for {plan.ranks} ranks but {world} processes run; make a plan with "
+                               f"--ranks {world} or launch {plan.ranks} processes")
+        if placement == "plan":
+            out = [[plan.samples[r][b] for r in range(world)] for b in range(plan.n_batches)]
+        else:
+            out = []
+            for b in range(plan.n_batches):
+                members = np.concatenate([plan.samples[r][b] for r in range(world)])
+                members = np.random.default_rng([seed, b]).permutation(members)
+                if len(members) % world:
+                    raise GrouterError(f"global batch {b} of the plan ({len(members)} sequences) does not split "
+                                       f"evenly over {world} ranks")
+                out.append(np.split(members, world))
+    else:
+        if placement == "plan":
+            raise GrouterError("plan placement needs a placement plan (--plan)")
+        if not global_batch or global_batch % world:
+            raise GrouterError(f"without a plan, give a global batch (--global-batch) that is a multiple of {world}")
+        if split_size is None or global_batch > split_size:
+            raise GrouterError(f"a global batch of {global_batch} does not fit the {split_size} training sequences")
+        per_epoch = split_size // global_batch
+        out = []
+        for b in range(max(steps, 1)):
+            epoch, pos = divmod(b, per_epoch)
+            order = np.random.default_rng([seed, epoch]).permutation(split_size)
+            out.append(np.split(order[pos * global_batch:(pos + 1) * global_batch], world))
+    for b, parts in enumerate(out):
+        empty = [r for r, p in enumerate(parts) if len(p) == 0]
+        if empty:
+            raise GrouterError(f"global batch {b} gives rank(s) {empty} no sequences; synchronous expert "
+                               "parallelism needs every rank to train (use a balanced plan)")
+    return out
+
+
+# -- training -------------------------------------------------------------------------------------
+def train_step(model: MoELM, opt: torch.optim.Optimizer, input_ids: torch.Tensor, labels: torch.Tensor,
+               routing: Routing, lr: float, grad_clip: float) -> dict:
+    """One synchronous EP step on this rank's batch. Returns global loss, grad norm and local tokens.
+
+    Every rank backpropagates ``lm_loss * tokens_r / tokens_total``; with the dense gradients
+    summed over ranks this is the gradient of the mean loss over the global batch.
+    """
+    ep = model.ep_context
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out = model(input_ids, labels=labels, routing=routing)
+    n_local = labels.numel()
+    totals = torch.tensor([float(n_local), float(out.lm_loss.detach()) * n_local], dtype=torch.float64,
+                          device=labels.device)
+    if ep.world > 1:
+        dist.all_reduce(totals, group=ep.group)
+    if not math.isfinite(float(totals[1])):
+        raise GrouterError(f"the loss became {float(totals[1] / totals[0])}; lower --lr")
+    opt.zero_grad(set_to_none=True)
+    ((out.loss) * (n_local / float(totals[0]))).backward()
+    all_reduce_dense_grads(model, ep)
+    grad_norm = clip_grad_norm_ep(model, grad_clip, ep)
+    opt.step()
+    return {"loss": float(totals[1] / totals[0]), "grad_norm": grad_norm, "tokens": int(totals[0]),
+            "expert_counts": out.expert_counts}
+
+
+def _gather_floats(values: list[float], ep: EPContext, device) -> np.ndarray:
+    """``[R, len(values)]`` of every rank's values."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if ep.world == 1:
+        return t[None].cpu().numpy()
+    parts = [torch.empty_like(t) for _ in range(ep.world)]
+    dist.all_gather(parts, t, group=ep.group)
+    return torch.stack(parts).cpu().numpy()
+
+
+def _device(name: str) -> torch.device:
+    from .train import resolve_device
+
+    dev = resolve_device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GrouterError("CUDA was asked for but is not available; pass --device cpu")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return dev
+
+
+def train_ep(data, routing, out, *, plan=None, placement: str = "plan", exchange: str = "dedup",
+             model_cfg: MoEConfig | None = None, train_cfg=None, steps: int | None = None,
+             global_batch: int | None = None, save_model: bool = False, overwrite: bool = False,
+             group=None, progress: bool = False) -> dict:
+    """Train the EP model for ``steps`` steps in the current process group; every rank calls it.
+
+    ``data``: a :class:`~grouter.data.PackedDataset` (or its path); ``routing``: a routing store
+    (or path) of that dataset; ``plan``: a :class:`~grouter.place.Plan` (or path) for this many
+    ranks; ``placement``: ``plan`` (its permutation and samples) or ``random`` (identity
+    permutation, the plan's global batches dealt at random; without a plan, ``global_batch``
+    sequences per step). ``model_cfg``: default the ``tiny`` preset with the store's E and k (router
+    ``external``). ``train_cfg``: a :class:`~grouter.train.TrainConfig` (lr schedule, AdamW, clip,
+    seed, device; its ``steps``, unless ``steps`` is given). Rank 0 writes ``out/metrics.jsonl``
+    (one record per step) and ``out/summary.json``; returns the summary on every rank.
+    """
+    from .data import PackedDataset
+    from .dispatch import RoutingStore
+    from .place import Plan, relabel
+    from .train import TrainConfig, build_optimizer, lr_at
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise GrouterError("train_ep runs in a torch.distributed process group; launch it with torchrun "
+                           "(python -m grouter.ep) or grouter.ep.spawn")
+    data = data if isinstance(data, PackedDataset) else PackedDataset.open(data)
+    store = routing if isinstance(routing, RoutingStore) else RoutingStore.open(routing, data=data)
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    train_cfg = TrainConfig() if train_cfg is None else train_cfg
+    if steps is not None:
+        from dataclasses import replace
+
+        train_cfg = replace(train_cfg, steps=int(steps))
+    train_cfg.validate()
+    E, k = store.n_experts, store.k
+    if model_cfg is None:
+        model_cfg = MoEConfig(**{**MODEL_PRESETS["tiny"], "n_experts": E, "top_k": k}, vocab_size=data.vocab_size,
+                              max_seq_len=data.seq_len, router="external", seed=train_cfg.seed)
+    model_cfg.validate()
+    if model_cfg.router != "external" or (model_cfg.n_experts, model_cfg.top_k) != (E, k):
+        raise GrouterError(f"the EP model must use router 'external' with the store's {E} experts, top-{k}")
+    if model_cfg.vocab_size != data.vocab_size or model_cfg.max_seq_len < data.seq_len:
+        raise GrouterError("the model's vocabulary / max_seq_len do not fit the dataset")
+    split_name = plan.split if plan is not None else "train"
+    if store.seq_len != data.seq_len or store.n_sequences(split_name) != len(data.split(split_name)):
+        raise GrouterError(f"routing store {store.path} does not match the dataset's {split_name} split")
+    if plan is not None:
+        if (plan.n_experts, plan.k) != (E, k):
+            raise GrouterError(f"the plan is for {plan.n_experts} experts top-{plan.k}, the store has {E} top-{k}")
+        fp = plan.source.get("dataset_fingerprint")
+        if fp is not None and fp != store.manifest["dataset_fingerprint"]:
+            raise GrouterError("the plan was made from routing of another dataset")
+
+    ep = EPContext.current(E, exchange, group)
+    backend = dist.get_backend(group)
+    dev = torch.device("cuda" if backend == "nccl" else "cpu") if train_cfg.device == "auto" else None
+    dev = _device(dev.type if dev is not None else train_cfg.device)
+    if (dev.type == "cuda") != (backend == "nccl"):
+        raise GrouterError(f"device {dev.type} does not go with the {backend} process group: use --device cpu with "
+                           "gloo, cuda with NCCL")
+    split = data.split(split_name)
+    batches = rank_batches(plan, placement, ep.world, train_cfg.seed, len(split), global_batch, train_cfg.steps)
+    perm = plan.permutation if (plan is not None and placement == "plan") else np.arange(E)
+
+    out = Path(out)
+    if ep.rank == 0:
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise_later = GrouterError(f"{out} already exists; choose another --out, or pass --overwrite")
+        else:
+            raise_later = None
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            (out / "metrics.jsonl").write_text("")
+    else:
+        raise_later = None
+    flag = _gather_floats([1.0 if raise_later else 0.0], ep, dev)
+    if flag.any():
+        raise raise_later or GrouterError(f"{out} already exists (rank 0 refused it)")
+
+    torch.manual_seed(train_cfg.seed)
+    model = to_expert_parallel(MoELM(model_cfg), ep, perm).to(dev).train()
+    broadcast_dense(model, ep)
+    opt = build_optimizer(model, train_cfg)
+    d_bytes = model_cfg.d_model * torch.tensor([], dtype=torch.float32).element_size()
+    L = model_cfg.n_layers
+
+    records, t_start = [], time.perf_counter()
+    for step in range(train_cfg.steps):
+        t0 = time.perf_counter()
+        idx = batches[step % len(batches)][ep.rank]
+        batch = split.batch(idx)
+        r = store.routing(split_name, idx)
+        r = Routing(relabel(r.ids, perm), r.weights)
+        copies = analytic_copies(r.ids, E, ep.world, ep.rank)
+        r = r.to(dev)
+        ep.stats.reset()
+        res = train_step(model, opt, batch["input_ids"].to(dev), batch["labels"].to(dev), r,
+                         lr_at(step, train_cfg), train_cfg.grad_clip)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t0
+        s = ep.stats
+        mine = [s.bytes[p] for p in PHASES] + [s.rows["dispatch"], copies["dedup"] * L, copies["slot"] * L,
+                                              seconds, s.seconds, len(idx)]
+        g = _gather_floats(mine, ep, dev)
+        n = len(PHASES)
+        per_rank = {p: g[:, i].astype(np.int64).tolist() for i, p in enumerate(PHASES)}
+        rec = {"step": step + 1, "loss": res["loss"], "lr": lr_at(step, train_cfg), "grad_norm": res["grad_norm"],
+               "tokens": res["tokens"], "sequences_per_rank": g[:, n + 5].astype(np.int64).tolist(),
+               "step_seconds": float(g[:, n + 3].max()), "a2a_seconds_per_rank": g[:, n + 4].round(6).tolist(),
+               "bytes_per_rank": {**per_rank, "total": g[:, :n].sum(1).astype(np.int64).tolist()},
+               "remote_copies_per_rank": g[:, n].astype(np.int64).tolist(),
+               "analytic_copies_per_rank": {"dedup": g[:, n + 1].astype(np.int64).tolist(),
+                                            "slot": g[:, n + 2].astype(np.int64).tolist()},
+               "analytic_dispatch_bytes_per_rank": {m: (g[:, n + 1 + i] * d_bytes).astype(np.int64).tolist()
+                                                    for i, m in enumerate(("dedup", "slot"))}}
+        records.append(rec)
+        if ep.rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if progress:
+                print(f"step {step + 1}/{train_cfg.steps} loss {rec['loss']:.4f} dispatch bytes/rank "
+                      f"{np.mean(rec['bytes_per_rank']['dispatch']):.0f} {seconds:.3f}s", file=sys.stderr, flush=True)
+
+    timed = records[1:] or records  # the first step pays for warm-up
+    mean_rank = lambda key, sub: float(np.mean([np.mean(r[key][sub]) for r in records]))  # noqa: E731
+    summary = {
+        "out": str(out), "ranks": ep.world, "placement": placement, "exchange": exchange,
+        "exchange_description": EXCHANGES[exchange], "steps": train_cfg.steps, "n_experts": E, "k": k,
+        "model": asdict(model_cfg), "final_loss": records[-1]["loss"] if records else None,
+        "dispatch_bytes_per_rank_step": mean_rank("bytes_per_rank", "dispatch"),
+        "total_bytes_per_rank_step": mean_rank("bytes_per_rank", "total"),
+        "remote_copies_per_rank_step": float(np.mean([np.mean(r["remote_copies_per_rank"]) for r in records])),
+        "analytic_dispatch_bytes_per_rank_step": {m: mean_rank("analytic_dispatch_bytes_per_rank", m)
+                                                  for m in ("dedup", "slot")},
+        "step_seconds_median": float(np.median([r["step_seconds"] for r in timed])) if records else None,
+        "a2a_seconds_median": float(np.median([max(r["a2a_seconds_per_rank"]) for r in timed])) if records else None,
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    state = gather_state_dict(model) if save_model else None
+    if ep.rank == 0:
+        if state is not None:
+            from .artifacts import save_safetensors, write_json
+
+            (out / "model").mkdir(exist_ok=True)
+            save_safetensors(out / "model" / "model.safetensors", state)
+            write_json(out / "model" / "config.json", {"kind": "grouter-moe-lm", "config": asdict(model_cfg)})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    settle(ep.group)
+    return summary
+
+
+# -- launching ------------------------------------------------------------------------------------
+def settle(group=None, seconds: float = 0.1) -> None:
+    """Barrier, then give gloo's worker threads time (GIL released) to drop their finished work.
+
+    A gloo worker thread releases a finished collective's tensors after the caller's ``wait()``
+    returns; doing so needs the GIL, and if the interpreter is already finalizing, the thread is
+    killed inside a destructor and the process aborts ("terminate called without an active
+    exception", seen in about 1 of 15 test runs on CPU). Processes started here also leave with
+    :func:`_exit` (no interpreter teardown at all).
+    """
+    dist.barrier(group=group)
+    time.sleep(seconds)
+
+
+def _exit(code: int) -> None:
+    """Leave a worker process without interpreter teardown (see :func:`settle`), output flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank: int, world: int, port: int, fn, args, threads: int) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+        settle()
+    finally:
+        dist.destroy_process_group()
+    _exit(0)  # success only: an exception above reaches torch.multiprocessing's error reporting
+
+
+def spawn(world: int, fn, args: tuple = (), threads: int = 1) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh CPU processes joined by a gloo group.
+
+    ``fn`` must be importable (a module-level function). Each process uses ``threads`` threads.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawned, args=(world, free_port(), fn, args, threads), nprocs=world, join=True)
+
+
+def train_many(rank: int, world: int, runs: list[dict]) -> None:
+    """Worker for :func:`spawn`: ``train_ep(**run)`` for each run, in one process group (tests, benchmarks)."""
+    for run in runs:
+        train_ep(**run)
+
+
+# -- synthetic routing store (tests, benchmarks) ---------------------------------------------------
+def synthetic_store(data, out, n_experts: int, k: int, clusters: int, seed: int = 0, noise: float = 0.3,
+                    decay: float = 0.5) -> Path:
+    """Write a valid routing store for ``data`` (both splits) holding clustered synthetic routing.
+
+    Expert ids from :func:`grouter.place.synthetic_routing` (``clusters`` sequence clusters, each
+    preferring its own experts), gate weights a seeded softmax over the k slots (bfloat16).
+    """
+    from .artifacts import sha256_file, write_json
+    from .data import SPLITS, PackedDataset
+    from .dispatch import ROUTING_FORMAT, ROUTING_VERSION, ids_dtype_for
+    from .place import synthetic_routing
+
+    data = data if isinstance(data, PackedDataset) else PackedDataset.open(data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=False)
+    L = data.seq_len
+    splits = {}
+    for i, name in enumerate(SPLITS):
+        n = len(data.split(name))
+        ids, _ = synthetic_routing(n, L, n_experts, k, clusters, seed=seed + 7919 * i, noise=noise, decay=decay)
+        assert ids.dtype == ids_dtype_for(n_experts)
+        g = torch.Generator().manual_seed(seed * 31 + i)
+        w = torch.randn(n, L, k, generator=g).softmax(-1).to(torch.bfloat16)
+        (out / f"{name}.ids").write_bytes(np.ascontiguousarray(ids).tobytes())
+        (out / f"{name}.weights").write_bytes(w.view(torch.int16).numpy().tobytes())
+        splits[name] = {"n_sequences": n, "ids_sha256": sha256_file(out / f"{name}.ids"),
+                        "weights_sha256": sha256_file(out / f"{name}.weights")}
+    write_json(out / "manifest.json", {
+        "format": ROUTING_FORMAT, "version": ROUTING_VERSION, "dataset_fingerprint": data.fingerprint,
+        "dataset_path": str(Path(data.path).resolve()), "grouter_fingerprint": f"synthetic-{clusters}-{seed}",
+        "grouter_path": "synthetic", "k": k, "n_experts": n_experts, "seq_len": L,
+        "ids_dtype": ids_dtype_for(n_experts).name, "weights_dtype": "bfloat16", "causal": True, "splits": splits})
+    return out
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m grouter.ep", description=(
+        "Expert-parallel training of the built-in MoE LM on stored routing with a placement plan. "
+        "Launch with torchrun --nproc_per_node R -m grouter.ep ... (one process: world 1)."))
+    p.add_argument("--data", required=True, help="packed dataset directory")
+    p.add_argument("--routing", required=True, help="routing store of the dataset (grouter dispatch)")
+    p.add_argument("--plan", help="placement plan (grouter place) for R ranks; needed for --placement plan")
+    p.add_argument("--placement", choices=PLACEMENTS, default="plan",
+                   help="plan: the plan's experts and samples; random: identity experts, batches dealt at random")
+    p.add_argument("--exchange", choices=sorted(EXCHANGES), default="dedup",
+                   help="dedup: one copy per (token, rank) (DeepEP); slot: one per (token, expert) (Megatron)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, summary.json, model/)")
+    p.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="tiny")
+    for flag, name in (("--d-model", "d_model"), ("--layers", "n_layers"), ("--heads", "n_heads"),
+                       ("--d-expert", "d_expert")):
+        p.add_argument(flag, type=int, dest=name, help=f"override the preset's {name}")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--global-batch", type=int, help="sequences per step without a plan (random placement)")
+    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, cuda:LOCAL_RANK)")
+    p.add_argument("--save-model", action="store_true", help="write the gathered model to OUT/model")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import PackedDataset
+    from .dispatch import RoutingStore
+    from .train import TrainConfig
+
+    args = _parser().parse_args(argv)
+    created = False
+    try:
+        cuda = _device(args.device).type == "cuda"
+        if not dist.is_initialized():
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            if "WORLD_SIZE" in os.environ:
+                dist.init_process_group("nccl" if cuda else "gloo")
+            else:
+                dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                        rank=0, world_size=1)
+            created = True
+        data = PackedDataset.open(args.data)
+        store = RoutingStore.open(args.routing, data=data)
+        overrides = {k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads", "d_expert")
+                     if getattr(args, k) is not None}
+        model_cfg = MoEConfig(**{**MODEL_PRESETS[args.preset], **overrides, "n_experts": store.n_experts,
+                                 "top_k": store.k}, vocab_size=data.vocab_size, max_seq_len=data.seq_len,
+                              router="external", seed=args.seed)
+        train_cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                                grad_clip=args.grad_clip, device=args.device)
+        summary = train_ep(data, store, args.out, plan=args.plan, placement=args.placement, exchange=args.exchange,
+                           model_cfg=model_cfg, train_cfg=train_cfg, global_batch=args.global_batch,
+                           save_model=args.save_model, overwrite=args.overwrite, progress=args.progress)
+        if dist.get_rank() == 0:
+            print(json.dumps(summary))
+        return 0
+    except GrouterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _exit(main())
