@@ -20,33 +20,26 @@ from .capture import Targets
 from .errors import GrouterError
 from .metrics import topk_recall, topk_set_agreement
 from .network import LEAK_WARNING, Grouter, GrouterConfig
-from .train import Run, build_optimizer, lr_at, read_metrics, resolve_device
+from .train import Run, TrainConfig, build_optimizer, lr_at, read_metrics, resolve_device
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(TrainConfig):
+    """The trainer's optimiser and schedule with distillation's defaults, plus the KL temperature."""
+
     steps: int = 600
-    batch_size: int = 16
     lr: float = 2e-3
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    temperature: float = 1.0
     eval_every: int = 100
     eval_sequences: int = 128
     checkpoint_every: int = 100
-    seed: int = 0
-    device: str = "auto"
+    temperature: float = 1.0
 
     def validate(self) -> "DistillConfig":
         if self.temperature <= 0:
             raise GrouterError(f"--temperature must be positive, got {self.temperature}")
-        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_sequences"):
-            if getattr(self, name) < 1:
-                raise GrouterError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        super().validate()
         return self
 
 
