@@ -175,12 +175,7 @@ def dispatch(grouter: str | Path, data: PackedDataset, out: str | Path, k: int |
     if not 1 <= k <= E:
         raise GrouterError(f"k = {k} is not possible with the Grouter's {E} experts; use 1 <= --k <= {E}")
     ids_dtype = ids_dtype_for(E)
-    check = getattr(model, "check_data", None)
-    if check is not None:
-        check(data)
-    elif data.vocab_size > cfg.vocab_size:
-        raise GrouterError(f"the dataset's vocabulary ({data.vocab_size}) is larger than the Grouter's "
-                           f"({cfg.vocab_size}): it was tokenized with another tokenizer")
+    model.check_data(data)
     L = data.seq_len
     if L > cfg.max_seq_len:
         raise GrouterError(f"the dataset's sequences ({L} tokens) are longer than the Grouter's max_seq_len "
