@@ -148,7 +148,7 @@ def _preallocate(path: Path, size: int) -> None:
 
 @torch.inference_mode()
 def dispatch(grouter: str | Path, data: PackedDataset, out: str | Path, k: int | None = None,
-             batch_size: int = 32, device: str = "auto", weights_dtype: str = "bfloat16",
+             batch_size: int = 16, device: str = "auto", weights_dtype: str = "bfloat16",
              overwrite: bool = False, progress: bool = True) -> dict:
     """Write the routing store ``out`` for both splits of ``data``; resumable, atomic, shardable.
 
