@@ -18,6 +18,7 @@ from .distill import DistillConfig, distill
 from .fold import fold
 from .model import MoEConfig
 from .network import GrouterConfig
+from .place import place
 from .report import report
 from .train import TrainConfig, external_routing, train
 from .tune import TuneConfig, tune
@@ -81,8 +82,6 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> dict:
           lambda: tune(out / "grouter-folded", data, out / "grouter", TuneConfig(tokens=cfg.tune_tokens)))
     _once(out / "routing", "pre-dispatching: routing store for every training sequence",
           lambda: dispatch(out / "grouter", data, out / "routing"))
-    from .place import place
-
     _once(out / "plan", f"planning expert parallelism over {cfg.ranks} ranks",
           lambda: place(out / "routing", out / "plan", ranks=cfg.ranks))
 
