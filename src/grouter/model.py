@@ -95,6 +95,13 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()
 
 
+def register_rope(module: nn.Module, head_dim: int, max_len: int, theta: float) -> None:
+    """Attach the RoPE tables as non-persistent buffers (recomputed, never saved)."""
+    cos, sin = rope_tables(head_dim, max_len, theta)
+    module.register_buffer("rope_cos", cos, persistent=False)
+    module.register_buffer("rope_sin", sin, persistent=False)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, half-split convention (as Llama/Qwen): x is [B, H, L, D]."""
     half = x.shape[-1] // 2
@@ -221,9 +228,7 @@ class MoELM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        register_rope(self, cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from torch import nn
 
 from .artifacts import load_safetensors, read_json, save_safetensors, write_json
 from .errors import GrouterError
-from .model import Attention, RMSNorm, SwiGLU, rope_tables
+from .model import Attention, RMSNorm, SwiGLU, register_rope
 from .routers import Routing, topk_gating
 
 LEAK_WARNING = ("this Grouter is bidirectional: the route of token t depends on later tokens, which leaks "
@@ -91,9 +91,7 @@ class Grouter(nn.Module):
         # Selection-only bias (bias-only tuning): shifts which experts are chosen, never the weights.
         self.register_buffer("selection_bias", torch.zeros(cfg.n_experts))
         if cfg.rope:
-            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, 10000.0)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            register_rope(self, cfg.d_model // cfg.n_heads, cfg.max_seq_len, 10000.0)
         self.reset_parameters()
 
     @torch.no_grad()
