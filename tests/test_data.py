@@ -25,6 +25,7 @@ from grouter.data import (
     pack_documents,
     prepare_default,
     read_documents,
+    subset_domains,
     tokenize_corpus,
     train_tokenizer,
 )
@@ -445,3 +446,23 @@ def test_prepare_default_end_to_end(tmp_path):
     text = ds.tokenizer().decode(ds.split("train").sequences(np.flatnonzero(code)[:20]).ravel().tolist())
     assert "import" in text or "def " in text
     assert ds.meta["sources"]["max_bytes_per_domain"] == 300_000
+
+
+def test_subset_domains_keeps_exactly_those_sequences(tiny_data, tmp_path):
+    sub = subset_domains(tiny_data, ["prose"], tmp_path / "prose")
+    assert sub.domains == ["prose"] and sub.fingerprint != tiny_data.fingerprint
+    assert sub.meta["tokenizer_sha256"] == tiny_data.meta["tokenizer_sha256"]
+    for split in ("train", "val"):
+        full, part = tiny_data.split(split), sub.split(split)
+        prose = np.flatnonzero(full.domain_ids() == tiny_data.domains.index("prose"))
+        assert len(part) == len(prose) > 0 and (part.domain_ids() == 0).all()
+        np.testing.assert_array_equal(part.sequences(np.arange(len(part))), full.sequences(prose))
+    # a second subset of the same domains is the same dataset
+    assert subset_domains(tiny_data, ["prose"], tmp_path / "again").fingerprint == sub.fingerprint
+
+
+@pytest.mark.parametrize("domains", [[], ["poetry"], ["prose", "prose"]])
+def test_subset_domains_rejects_unknown_or_repeated_domains(tiny_data, tmp_path, domains):
+    with pytest.raises(GrouterError, match="choose distinct domains among"):
+        subset_domains(tiny_data, domains, tmp_path / "sub")
+    assert not (tmp_path / "sub").exists()

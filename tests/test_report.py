@@ -1,6 +1,7 @@
 """The report: tables, plots, tokens-to-loss speedup computed from real run logs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,16 +9,34 @@ import torch
 
 from grouter.errors import GrouterError
 from grouter.model import MoEConfig
-from grouter.report import report, speedups, tokens_to_reach
+from grouter.report import RunRecord, report, speedups, tokens_to_reach
 from grouter.routers import Routing
 from grouter.train import TrainConfig, train
 
 
 def test_tokens_to_reach_interpolates():
-    evals = [{"tokens": 100, "val_loss": 5.0}, {"tokens": 200, "val_loss": 3.0}, {"tokens": 300, "val_loss": 2.0}]
-    assert tokens_to_reach(evals, 4.0) == pytest.approx(150)
-    assert tokens_to_reach(evals, 2.0) == pytest.approx(300)
-    assert tokens_to_reach(evals, 1.0) is None
+    curve = [(100, 5.0), (200, 3.0), (300, 2.0)]
+    assert tokens_to_reach(curve, 4.0) == pytest.approx(150)
+    assert tokens_to_reach(curve, 2.0) == pytest.approx(300)
+    assert tokens_to_reach(curve, 1.0) is None
+
+
+def _record(name: str, router: str, losses: dict[str, list[float]]) -> RunRecord:
+    """A run whose per-domain validation curves are given; `all` is their mean."""
+    evals = [{"tokens": 100 * (i + 1), "val_loss": float(np.mean([v[i] for v in losses.values()])),
+              "val_loss_by_domain": {d: v[i] for d, v in losses.items()}} for i in range(3)]
+    return RunRecord(name, Path(name), router, {}, [], evals)
+
+
+def test_speedups_per_domain_pick_the_best_baseline_of_each_domain():
+    runs = [_record("aux", "aux", {"seen": [5, 4, 3], "held": [6, 5, 4]}),
+            _record("hash", "hash", {"seen": [5, 4.5, 3.5], "held": [6, 4.5, 3.8]}),
+            _record("g", "grouter", {"seen": [4, 2, 1.5], "held": [6, 5.5, 5]})]
+    seen, held = speedups(runs, "seen"), speedups(runs, "held")
+    assert seen["best_baseline"] == "aux" and seen["runs"]["g"]["speedup"] == pytest.approx(2.0)
+    assert held["best_baseline"] == "hash" and held["runs"]["g"]["speedup"] is None  # never reaches 3.8
+    assert held["runs"]["g"]["final_val_loss_gap"] == pytest.approx(1.2)
+    assert speedups(runs)["runs"]["g"]["speedup"] == pytest.approx(300 / 250)  # the mean curve reaches 3.5 at 250
 
 
 def test_report_compares_runs(tiny_data, tmp_path):
@@ -43,9 +62,8 @@ def test_report_compares_runs(tiny_data, tmp_path):
     assert data["speedup"]["best_baseline"] == "aux"
     assert "grouter" in data["speedup"]["runs"]
     assert "| aux | aux |" in result["table"]
+    assert set(data["speedup_by_domain"]) == {"all", *tiny_data.domains}
     # external routing is fixed: successive probes agree completely
-    from grouter.report import RunRecord
-
     assert all(v == 1.0 for _, v in RunRecord.load(tmp_path / "grouter").probe_consistency())
 
 

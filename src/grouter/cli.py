@@ -216,6 +216,14 @@ def cmd_demo(args) -> dict:
     return run_demo(Path(args.out))
 
 
+def cmd_reproduce(args) -> dict:
+    from .reproduce import run_reproduce, scaled
+
+    overrides = {k: v for k, v in (("held_out_domain", args.held_out_domain), ("target_steps", args.target_steps))
+                 if v is not None}
+    return run_reproduce(Path(args.out), scaled(args.scale, **overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .routers import ROUTER_KINDS
 
@@ -378,6 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _common(sub.add_parser("demo", help="the whole pipeline, small, on the embedded corpus"))
     p.add_argument("--out", type=Path, default=Path("demo"))
     p.set_defaults(func=cmd_demo)
+
+    from .reproduce import SCALES
+
+    p = _common(sub.add_parser("reproduce", help="the paper's comparison: Grouter vs every baseline, with ablations"))
+    p.add_argument("--out", type=Path, default=Path("reproduce"))
+    p.add_argument("--scale", choices=list(SCALES), default="cpu",
+                   help="model and data sizes: smoke (minutes), cpu (about an hour on 2 cores), gpu (one GPU)")
+    p.add_argument("--held-out-domain", default=None, help="the domain the source never sees (default: code)")
+    p.add_argument("--target-steps", type=_positive_int, default=None, help="override the scale's target steps")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

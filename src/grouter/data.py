@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import sysconfig
 from array import array
@@ -422,6 +423,41 @@ def pack_documents(
             "sources": sources or {},
             "fingerprint": sha256_json({"files": hashes, "seq_len": L, "vocab_size": vocab_size}),
         })
+    return PackedDataset.open(out)
+
+
+def subset_domains(data: "PackedDataset", domains: list[str], out: str | Path, overwrite: bool = False) -> "PackedDataset":
+    """The same packed sequences restricted to ``domains`` (same tokenizer, same token ids).
+
+    Token files are hard-linked (copied where linking is impossible) and only the sequence index
+    is filtered, so a subset costs no re-tokenizing. Its use: train a source MoE on part of a
+    corpus so that the remaining domain is one the source and its Grouter never saw.
+    """
+    domains = list(domains)
+    unknown = [d for d in domains if d not in data.domains]
+    if not domains or unknown or len(set(domains)) != len(domains):
+        raise GrouterError(f"choose distinct domains among {', '.join(data.domains)} "
+                           f"(got {', '.join(domains) or 'none'})")
+    old_to_new = np.full(len(data.domains), -1, dtype=np.int64)
+    old_to_new[[data.domains.index(d) for d in domains]] = np.arange(len(domains))
+    meta = json.loads(json.dumps(data.meta))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for split in SPLITS:
+            index = data.split(split).index
+            kept = index[old_to_new[index[:, 1]] >= 0]
+            kept = np.stack([kept[:, 0], old_to_new[kept[:, 1]]], axis=1)
+            np.save(tmp / f"{split}.index.npy", kept)
+            try:
+                os.link(data.path / f"{split}.tokens", tmp / f"{split}.tokens")
+            except OSError:
+                shutil.copyfile(data.path / f"{split}.tokens", tmp / f"{split}.tokens")
+            counts = np.bincount(kept[:, 1], minlength=len(domains))
+            meta["splits"][split].update(n_sequences=len(kept),
+                                         sequences_per_domain=dict(zip(domains, counts.tolist())))
+        shutil.copyfile(data.path / "tokenizer.json", tmp / "tokenizer.json")
+        meta.update(domains=domains, subset_of={"fingerprint": data.fingerprint, "path": str(data.path)},
+                    fingerprint=sha256_json({"subset_of": data.fingerprint, "domains": domains}))
+        write_json(tmp / "meta.json", meta)
     return PackedDataset.open(out)
 
 

@@ -3,14 +3,17 @@
 data → source MoE → capture → distill → fold → tune → dispatch → place → target training with
 the Grouter and baselines at equal tokens → report. Each stage writes its own directory under
 ``--out`` and is skipped (or resumed) when rerun, so an interrupted demo picks up where it stopped.
+The stage helpers here are shared with ``grouter reproduce``.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .artifacts import read_json
 from .capture import Targets, capture
 from .data import PackedDataset, prepare_default
 from .dispatch import dispatch
@@ -26,7 +29,7 @@ from .tune import TuneConfig, tune
 
 @dataclass
 class DemoConfig:
-    max_bytes_per_domain: int = 1_500_000
+    max_bytes_per_domain: int | None = 1_500_000
     vocab_size: int = 4096
     seq_len: int = 128
     source: dict = field(default_factory=lambda: dict(d_model=128, n_layers=4, n_heads=4, d_expert=64,
@@ -39,69 +42,129 @@ class DemoConfig:
     target: dict = field(default_factory=lambda: dict(d_model=128, n_layers=4, n_heads=4, d_expert=64))
     target_steps: int = 200
     batch_size: int = 16
+    eval_every: int = 50  # target runs: validation points for the tokens-to-loss curves
     baselines: tuple[str, ...] = ("aux", "auxfree")
     ranks: int = 4
 
 
-def _say(msg: str) -> None:
-    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+class Stages:
+    """Runs the pipeline's stages into one output directory, each once: a stage whose output
+    exists is reused, and the stages that resume (training, capture, dispatch) do so."""
 
+    def __init__(self, out: Path, cfg: DemoConfig, tag: str):
+        self.out, self.cfg, self.tag = Path(out), cfg, tag
+        self.seconds: dict[str, float] = {}  # wall time of the stages run by this invocation
 
-def _once(path: Path, what: str, make) -> None:
-    """Run a stage unless its finished output is already there (outputs appear atomically)."""
-    if path.exists():
-        _say(f"{what}: reusing {path}")
-    else:
-        _say(what)
-        make()
+    def say(self, msg: str) -> None:
+        print(f"[{self.tag}] {msg}", file=sys.stderr, flush=True)
+
+    def once(self, name: str, what: str, make) -> Path:
+        path = self.out / name
+        if path.exists():
+            self.say(f"{what}: reusing {path}")
+        else:
+            self.say(what)
+            t0 = time.perf_counter()
+            make(path)
+            self.seconds[name] = time.perf_counter() - t0
+        return path
+
+    def timed(self, name: str, what: str, make):
+        """A training stage: it resumes, or returns its summary at once when already finished."""
+        run_json = self.out / name / "run.json"
+        if run_json.exists() and read_json(run_json, "run record").get("status") == "complete":
+            self.say(f"{what}: reusing {self.out / name}")
+            return make()
+        self.say(what)
+        t0 = time.perf_counter()
+        result = make()
+        self.seconds[name] = time.perf_counter() - t0
+        return result
+
+    def data(self) -> PackedDataset:
+        cfg = self.cfg
+        path = self.once("data", "preparing the embedded corpus",
+                         lambda p: prepare_default(p, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
+                                                   max_bytes_per_domain=cfg.max_bytes_per_domain))
+        return PackedDataset.open(path)
+
+    def source_targets(self, data: PackedDataset) -> Targets:
+        """Train the source MoE on ``data`` and capture its first-layer router logits."""
+        cfg = self.cfg
+        train_cfg = TrainConfig(steps=cfg.source_steps, batch_size=cfg.batch_size, warmup_steps=20,
+                                eval_every=100, checkpoint_every=100)
+        self.timed("source", f"training the source MoE ({cfg.source['n_experts']} experts, top-{cfg.source['top_k']}) "
+                   f"on {', '.join(data.domains)}",
+                   lambda: train(data, self.out / "source", MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len,
+                                                                      router="aux", **cfg.source), train_cfg))
+        path = self.once("targets", "capturing the source's first-layer router logits",
+                         lambda p: capture(self.out / "source", data, p))
+        return Targets.open(path, data)
+
+    def distilled(self, targets: Targets, causal: bool = True) -> tuple[Path, dict]:
+        cfg, name = self.cfg, "grouter-distilled" + ("" if causal else "-bidirectional")
+        data = targets.data
+        gcfg = GrouterConfig(vocab_size=data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
+                             max_seq_len=data.seq_len, causal=causal, **cfg.grouter)
+        summary = self.timed(name, f"distilling the Grouter ({'causal' if causal else 'bidirectional: leaks the future'})",
+                             lambda: distill(targets, self.out / name, gcfg,
+                                             DistillConfig(steps=cfg.distill_steps, eval_every=100, checkpoint_every=100)))
+        return self.out / name, summary
+
+    def folded(self, distilled: Path, data: PackedDataset, strategy: str = "affinity") -> Path:
+        n = self.cfg.target_experts
+        name = distilled.name.replace("grouter-distilled", "grouter-folded") + ("" if strategy == "affinity" else f"-{strategy}")
+        return self.once(name, f"folding {distilled.name} to {n} experts ({strategy})",
+                         lambda p: fold(distilled, data, p, n, strategy=strategy))
+
+    def tuned(self, folded: Path, data: PackedDataset) -> Path:
+        name = folded.name.replace("grouter-folded", "grouter")
+        return self.once(name, f"tuning {folded.name} for balance on the target data",
+                         lambda p: tune(folded, data, p, TuneConfig(tokens=self.cfg.tune_tokens)))
+
+    def routing(self, grouter: Path, data: PackedDataset) -> Path:
+        name = "routing" + grouter.name.removeprefix("grouter")
+        return self.once(name, f"pre-dispatching {grouter.name}: routing store for every sequence",
+                         lambda p: dispatch(grouter, data, p))
+
+    def train_targets(self, data: PackedDataset, routed: dict[str, Path], baselines: tuple[str, ...]) -> list[Path]:
+        """Target runs at equal tokens and data order: one per routing store, one per baseline router."""
+        cfg = self.cfg
+        target_cfg = TrainConfig(steps=cfg.target_steps, batch_size=cfg.batch_size, warmup_steps=20,
+                                 eval_every=cfg.eval_every, checkpoint_every=100)
+        runs = []
+        for name, store in routed.items():
+            source, identity, n_experts, k = external_routing(data, routing_dir=store)
+            runs.append(self.out / "runs" / name)
+            self.timed(f"runs/{name}", f"training the target with {store.name} ({n_experts} experts, top-{k})",
+                       lambda: train(data, runs[-1], MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len,
+                                                               router="external", n_experts=n_experts, top_k=k,
+                                                               **cfg.target),
+                                     target_cfg, routing_source=source, routing_identity=identity))
+        for router in baselines:
+            runs.append(self.out / "runs" / router)
+            self.timed(f"runs/{router}", f"training the same target with the {router!r} router, same tokens",
+                       lambda: train(data, runs[-1], MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len,
+                                                               router=router, n_experts=cfg.target_experts,
+                                                               top_k=cfg.source["top_k"], **cfg.target),
+                                     target_cfg))
+        return runs
 
 
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> dict:
-    out = Path(out)
-    _once(out / "data", "preparing the embedded corpus",
-          lambda: prepare_default(out / "data", vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
-                                  max_bytes_per_domain=cfg.max_bytes_per_domain))
-    data = PackedDataset.open(out / "data")
-    train_cfg = TrainConfig(steps=cfg.source_steps, batch_size=cfg.batch_size, warmup_steps=20,
-                            eval_every=100, checkpoint_every=100)
-
-    _say(f"training the source MoE ({cfg.source['n_experts']} experts, top-{cfg.source['top_k']})")
-    train(data, out / "source", MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router="aux",
-                                          **cfg.source), train_cfg)
-    _once(out / "targets", "capturing the source's first-layer router logits",
-          lambda: capture(out / "source", data, out / "targets"))
-    targets = Targets.open(out / "targets", data)
-    _say("distilling the Grouter (causal)")
-    gcfg = GrouterConfig(vocab_size=data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
-                         max_seq_len=data.seq_len, **cfg.grouter)
-    distilled = distill(targets, out / "grouter-distilled", gcfg,
-                        DistillConfig(steps=cfg.distill_steps, eval_every=100, checkpoint_every=100))
-    _once(out / "grouter-folded", f"folding {targets.n_experts} → {cfg.target_experts} experts by affinity",
-          lambda: fold(out / "grouter-distilled", data, out / "grouter-folded", cfg.target_experts))
-    _once(out / "grouter", "tuning the folded Grouter for balance on the target data",
-          lambda: tune(out / "grouter-folded", data, out / "grouter", TuneConfig(tokens=cfg.tune_tokens)))
-    _once(out / "routing", "pre-dispatching: routing store for every training sequence",
-          lambda: dispatch(out / "grouter", data, out / "routing"))
-    _once(out / "plan", f"planning expert parallelism over {cfg.ranks} ranks",
-          lambda: place(out / "routing", out / "plan", ranks=cfg.ranks))
-
-    target_cfg = TrainConfig(steps=cfg.target_steps, batch_size=cfg.batch_size, warmup_steps=20,
-                             eval_every=50, checkpoint_every=100)
-    source, identity, n_experts, k = external_routing(data, routing_dir=out / "routing")
-    runs = [out / "runs" / "grouter"]
-    _say(f"training the target MoE with stored Grouter routing ({n_experts} experts, top-{k})")
-    train(data, runs[0], MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router="external",
-                                   n_experts=n_experts, top_k=k, **cfg.target),
-          target_cfg, routing_source=source, routing_identity=identity)
-    for router in cfg.baselines:
-        _say(f"training the same target with the {router!r} router, same tokens")
-        runs.append(out / "runs" / router)
-        train(data, runs[-1], MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router=router,
-                                        n_experts=n_experts, top_k=k, **cfg.target), target_cfg)
-    result = report(runs, out / "report", overwrite=True)
+    stages = Stages(out, cfg, "demo")
+    data = stages.data()
+    targets = stages.source_targets(data)
+    distilled, distill_summary = stages.distilled(targets)
+    grouter = stages.tuned(stages.folded(distilled, data), data)
+    routing = stages.routing(grouter, data)
+    plan = stages.once("plan", f"planning expert parallelism over {cfg.ranks} ranks",
+                       lambda p: place(routing, p, ranks=cfg.ranks))
+    runs = stages.train_targets(data, {"grouter": routing}, cfg.baselines)
+    result = report(runs, stages.out / "report", overwrite=True)
     print(result["table"])
-    print(f"report: {out / 'report' / 'report.md'}")
-    return {"data": str(out / "data"), "source": str(out / "source"), "targets": str(out / "targets"),
-            "grouter": str(out / "grouter"), "routing": str(out / "routing"), "plan": str(out / "plan"),
-            "runs": {r.name: str(r) for r in runs}, "report": str(out / "report"),
-            "distill_val_topk_recall": distilled.get("val_topk_recall"), "speedup": result["speedup"]}
+    print(f"report: {stages.out / 'report' / 'report.md'}")
+    return {"data": str(data.path), "source": str(stages.out / "source"), "targets": str(targets.path),
+            "grouter": str(grouter), "routing": str(routing), "plan": str(plan),
+            "runs": {r.name: str(r) for r in runs}, "report": str(stages.out / "report"),
+            "distill_val_topk_recall": distill_summary.get("val_topk_recall"), "speedup": result["speedup"]}

@@ -89,35 +89,42 @@ class RunRecord:
         return out
 
 
-def tokens_to_reach(evals: list[dict], target: float) -> float | None:
+def val_curve(evals: list[dict], domain: str | None = None) -> list[tuple[float, float]]:
+    """(tokens, validation loss) points: on all validation data, or on one domain of it."""
+    return [(float(e["tokens"]), e["val_loss"] if domain is None else e["val_loss_by_domain"][domain])
+            for e in evals if domain is None or domain in e.get("val_loss_by_domain", {})]
+
+
+def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
     """Tokens at which a validation curve first reaches ``target`` (linear interpolation)."""
     prev_tokens, prev_loss = 0.0, None
-    for e in evals:
-        if e["val_loss"] <= target:
-            if prev_loss is None or prev_loss == e["val_loss"]:
-                return float(e["tokens"])
-            frac = (prev_loss - target) / (prev_loss - e["val_loss"])
-            return prev_tokens + frac * (e["tokens"] - prev_tokens)
-        prev_tokens, prev_loss = float(e["tokens"]), e["val_loss"]
+    for tokens, loss in curve:
+        if loss <= target:
+            if prev_loss is None or prev_loss == loss:
+                return tokens
+            return prev_tokens + (prev_loss - target) / (prev_loss - loss) * (tokens - prev_tokens)
+        prev_tokens, prev_loss = tokens, loss
     return None
 
 
-def speedups(runs: list[RunRecord]) -> dict:
-    """Tokens-to-loss speedup of each Grouter run over the best baseline (lowest final val loss)."""
-    baselines = [r for r in runs if not r.router.startswith("grouter") and r.evals]
+def speedups(runs: list[RunRecord], domain: str | None = None) -> dict:
+    """Tokens-to-loss speedup of each Grouter run over the best baseline (lowest final val loss),
+    measured on all validation data or on one domain's (the best baseline is chosen per domain)."""
+    curves = {r.name: val_curve(r.evals, domain) for r in runs}
+    baselines = [r for r in runs if not r.router.startswith("grouter") and curves[r.name]]
     if not baselines:
         return {}
-    best = min(baselines, key=lambda r: r.evals[-1]["val_loss"])
-    target = best.evals[-1]["val_loss"]
-    needed = tokens_to_reach(best.evals, target)
+    best = min(baselines, key=lambda r: curves[r.name][-1][1])
+    target = curves[best.name][-1][1]
+    needed = tokens_to_reach(curves[best.name], target)
     out = {"best_baseline": best.name, "target_val_loss": target, "baseline_tokens": needed, "runs": {}}
     for r in runs:
-        if r.router.startswith("grouter") and r.evals:
-            reached = tokens_to_reach(r.evals, target)
+        if r.router.startswith("grouter") and curves[r.name]:
+            reached = tokens_to_reach(curves[r.name], target)
             out["runs"][r.name] = {
                 "tokens_to_target": reached,
                 "speedup": needed / reached if reached else None,  # None: never reached it
-                "final_val_loss_gap": r.evals[-1]["val_loss"] - target,
+                "final_val_loss_gap": curves[r.name][-1][1] - target,
             }
     return out
 
@@ -199,17 +206,40 @@ def markdown_table(runs: list[RunRecord], speed: dict) -> str:
     return text
 
 
+def speedup_by_domain_table(by_domain: dict[str, dict]) -> str:
+    """One row per Grouter run, one column per validation set: speedup (final loss gap)."""
+    sets = [d for d, s in by_domain.items() if s.get("runs")]
+    if not sets:
+        return ""
+    names = list(next(by_domain[d] for d in sets)["runs"])
+    lines = ["| run | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets),
+             "| best baseline | " + " | ".join(f"{by_domain[d]['best_baseline']} ({by_domain[d]['target_val_loss']:.3f})"
+                                              for d in sets) + " |"]
+    for name in names:
+        cells = []
+        for d in sets:
+            v = by_domain[d]["runs"][name]
+            cells.append(("not reached" if v["speedup"] is None else f"{v['speedup']:.2f}×")
+                         + f" ({v['final_val_loss_gap']:+.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return ("\nTokens-to-loss speedup over the best baseline of each validation set (final loss gap in "
+            "brackets; `all` is every validation sequence):\n\n" + "\n".join(lines) + "\n")
+
+
 def report(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
     """Markdown + JSON tables and PNG plots comparing finished runs."""
     if not run_dirs:
         raise GrouterError("no run directories given; pass the --out directories of `grouter train` runs")
     runs = [RunRecord.load(d) for d in run_dirs]
     speed = speedups(runs)
-    table = markdown_table(runs, speed)
+    domains = sorted({d for r in runs for d in r.summary.get("val_loss_by_domain", {})})
+    by_domain = {"all": speed, **{d: speedups(runs, d) for d in domains}}
+    table = markdown_table(runs, speed) + speedup_by_domain_table(by_domain)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         plots = _plot_runs(runs, tmp)
         (tmp / "report.md").write_text("# grouter report\n\n" + table + "\n" +
                                        "".join(f"![{p}]({p})\n" for p in plots))
         write_json(tmp / "report.json", {"runs": {r.name: {"router": r.router, "path": str(r.path), **r.summary}
-                                                  for r in runs}, "speedup": speed, "plots": plots})
-    return {"report": str(out), "table": table, "speedup": speed}
+                                                  for r in runs}, "speedup": speed, "speedup_by_domain": by_domain,
+                                                  "plots": plots})
+    return {"report": str(out), "table": table, "speedup": speed, "speedup_by_domain": by_domain}
