@@ -26,7 +26,7 @@ def assert_one_line_error(code, err, needle):
 
 
 @pytest.mark.parametrize("argv", [[], ["data"], ["data", "prepare"], ["data", "tokenize"], ["source", "train"],
-                                  ["train"], ["demo"]])
+                                  ["train"], ["demo"], ["data", "subset"], ["reproduce"]])
 def test_every_command_has_help(argv):
     with pytest.raises(SystemExit) as exit_:
         main(argv + ["--help"])
@@ -55,6 +55,15 @@ def test_source_train_writes_a_loadable_model(capsys, tiny_data, tmp_path):
     assert code == 0
     model = MoELM.from_pretrained(tmp_path / "s" / "checkpoint")
     assert model.cfg.router == "aux" and model.cfg.vocab_size == tiny_data.vocab_size
+
+
+def test_data_subset(capsys, tiny_data, tmp_path):
+    code, out, _ = run(capsys, "data", "subset", "--data", str(tiny_data.path), "--domains", "code",
+                       "--out", str(tmp_path / "code"), "--json")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["domains"] == ["code"]
+    code, _, err = run(capsys, "data", "subset", "--data", str(tiny_data.path), "--domains", "poetry",
+                       "--out", str(tmp_path / "poetry"))
+    assert_one_line_error(code, err, "choose distinct domains among code, prose")
 
 
 def test_missing_and_empty_data_directory(capsys, tmp_path):

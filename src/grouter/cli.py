@@ -99,6 +99,13 @@ def cmd_data_tokenize(args) -> dict:
     return _dataset_summary(ds)
 
 
+def cmd_data_subset(args) -> dict:
+    from .data import PackedDataset, subset_domains
+
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    return _dataset_summary(subset_domains(PackedDataset.open(args.data), domains, args.out, overwrite=args.overwrite))
+
+
 def _dataset_summary(ds) -> dict:
     splits = ds.meta["splits"]
     return {"data": str(ds.path), "vocab_size": ds.vocab_size, "seq_len": ds.seq_len, "domains": ds.domains,
@@ -254,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_tokenize)
+
+    p = _common(data_sub.add_parser("subset", help="the same dataset restricted to some domains (e.g. to hold one out)"))
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--domains", required=True, help="comma-separated domains to keep")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_subset)
 
     source = sub.add_parser("source", help="the built-in source MoE model")
     source_sub = source.add_subparsers(dest="source_command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
