@@ -50,13 +50,18 @@ def step_timer(model: MoELM, opt, batch, routing_fn):
     return step
 
 
-def training_throughput(demo: Path, rounds: int, batch_size: int) -> dict:
+# Target sizes to time (the demo's Grouter routes all of them: 16 experts, top-4). "demo" is the
+# demo's target; "base" is the `--preset base` body, a target about 7x the Grouter's compute.
+TARGETS = {"demo": dict(d_model=128, n_layers=4, n_heads=4, d_expert=64),
+           "base": dict(d_model=256, n_layers=6, n_heads=8, d_expert=256)}
+
+
+def training_throughput(demo: Path, rounds: int, batch_size: int, target: dict) -> dict:
     data = PackedDataset.open(demo / "data")
     split = data.split("train")
     stored, _, n_experts, k = external_routing(data, routing_dir=demo / "routing")
     online, _, _, _ = external_routing(data, grouter_dir=demo / "grouter", device="cpu")
-    base = dict(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=128, n_layers=4, n_heads=4,
-                d_expert=64, n_experts=n_experts, top_k=k)
+    base = dict(vocab_size=data.vocab_size, max_seq_len=data.seq_len, n_experts=n_experts, top_k=k, **target)
     cfg = TrainConfig(batch_size=batch_size)
     variants = {
         "stored routing": (MoEConfig(router="external", **base), lambda idx: stored("train", idx).grouped(n_experts)),
@@ -117,21 +122,25 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/grouter-bench"))
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--targets", default="demo,base", help=f"target sizes to time, of {', '.join(TARGETS)}")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    train = training_throughput(args.demo, args.rounds, args.batch_size)
+    train = {name: training_throughput(args.demo, args.rounds, args.batch_size, TARGETS[name])
+             for name in args.targets.split(",")}
     stages = stage_throughput(args.demo, args.out)
-    stages["dispatch_share_of_epoch"] = stages["dispatch_seconds"] / train["epoch_seconds_stored"]
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| training step | tokens/s | vs learned + aux |\n|---|---|---|")
-    for name, tps in train["tokens_per_second"].items():
-        print(f"| {name} | {tps:,.0f} | {tps / train['tokens_per_second']['learned + aux']:.2f}× |")
+    print("| target | training step | tokens/s | vs learned + aux |\n|---|---|---|---|")
+    for target, t in train.items():
+        for name, tps in t["tokens_per_second"].items():
+            print(f"| {target} | {name} | {tps:,.0f} | {tps / t['tokens_per_second']['learned + aux']:.2f}× |")
     print(f"\n| stage | tokens/s |\n|---|---|\n| capture | {stages['capture_tokens_per_second']:,.0f} |\n"
           f"| distill (training) | {stages['distill_tokens_per_second']:,.0f} |\n"
           f"| dispatch | {stages['dispatch_tokens_per_second']:,.0f} |\n")
-    print(f"dispatch: {stages['dispatch_seconds']:.1f} s = {100 * stages['dispatch_share_of_epoch']:.1f}% of one "
-          f"epoch of target training ({train['epoch_seconds_stored']:.0f} s); "
-          f"{stages['dispatch_bytes_per_token']} bytes/token")
+    for target, t in train.items():
+        t["dispatch_share_of_epoch"] = stages["dispatch_seconds"] / t["epoch_seconds_stored"]
+        print(f"dispatch: {stages['dispatch_seconds']:.1f} s = {100 * t['dispatch_share_of_epoch']:.1f}% of one "
+              f"epoch of {target} target training ({t['epoch_seconds_stored']:.0f} s)")
+    print(f"{stages['dispatch_bytes_per_token']} bytes/token")
     if args.json:
         args.json.write_text(json.dumps({"training": train, "stages": stages}, indent=2))
 

@@ -9,6 +9,8 @@ import pytest
 from grouter.cli import main
 from grouter.data import PackedDataset
 from grouter.errors import GrouterError
+from grouter.model import MoEConfig
+from grouter.network import GrouterConfig
 from grouter.reproduce import SCALES, run_reproduce, scaled
 
 
@@ -49,6 +51,27 @@ def test_reproduce_refuses_a_held_out_domain_the_data_lacks(tmp_path):
         run_reproduce(tmp_path / "r", replace(tiny(), held_out_domain="poetry"))
     with pytest.raises(GrouterError, match="unknown scale"):
         scaled("huge")
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_every_scale_builds_valid_models(scale):
+    cfg = SCALES[scale]
+    MoEConfig(vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_len, **cfg.source).validate()
+    MoEConfig(vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_len, n_experts=cfg.target_experts,
+              top_k=cfg.source["top_k"], **cfg.target).validate()
+    GrouterConfig(vocab_size=cfg.vocab_size, n_experts=cfg.source["n_experts"], top_k=cfg.source["top_k"],
+                  **cfg.grouter).validate()
+    assert cfg.source["top_k"] < cfg.target_experts < cfg.source["n_experts"]
+
+
+def test_reproduce_on_a_users_dataset(tiny_data, tmp_path):
+    """--data: the held-out domain is one of the user's; the embedded corpus is not prepared."""
+    summary = run_reproduce(tmp_path / "r", replace(tiny(), data=str(tiny_data.path), held_out_domain="prose",
+                                                    baselines=("aux",), fold_ablation=(), causal_ablation=False))
+    assert summary["domains"] == {"source_saw": ["code"], "held_out": "prose"}
+    assert not (tmp_path / "r" / "data").exists()
+    assert set(json.loads((tmp_path / "r" / "report" / "report.json").read_text())["runs"]) == {
+        "grouter", "grouter-raw", "aux"}
 
 
 def test_cli_reproduce_has_scales(capsys):

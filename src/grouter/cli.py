@@ -226,8 +226,8 @@ def cmd_demo(args) -> dict:
 def cmd_reproduce(args) -> dict:
     from .reproduce import run_reproduce, scaled
 
-    overrides = {k: v for k, v in (("held_out_domain", args.held_out_domain), ("target_steps", args.target_steps))
-                 if v is not None}
+    overrides = {k: v for k, v in (("held_out_domain", args.held_out_domain), ("target_steps", args.target_steps),
+                                   ("data", args.data and str(args.data))) if v is not None}
     return run_reproduce(Path(args.out), scaled(args.scale, **overrides))
 
 
@@ -407,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reproduce"))
     p.add_argument("--scale", choices=list(SCALES), default="cpu",
                    help="model and data sizes: smoke (minutes), cpu (about an hour on 2 cores), gpu (one GPU)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a dataset from `grouter data prepare/tokenize` (default: the embedded corpus, prepared in --out)")
     p.add_argument("--held-out-domain", default=None, help="the domain the source never sees (default: code)")
     p.add_argument("--target-steps", type=_positive_int, default=None, help="override the scale's target steps")
     p.set_defaults(func=cmd_reproduce)

@@ -81,7 +81,10 @@ class Stages:
         self.seconds[name] = time.perf_counter() - t0
         return result
 
-    def data(self) -> PackedDataset:
+    def data(self, existing: Path | None = None) -> PackedDataset:
+        """The embedded corpus, prepared under ``out``, or a dataset the user prepared."""
+        if existing is not None:
+            return PackedDataset.open(existing)
         cfg = self.cfg
         path = self.once("data", "preparing the embedded corpus",
                          lambda p: prepare_default(p, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,

@@ -38,11 +38,13 @@ class ReproduceConfig(DemoConfig):
     held_out_domain: str = "code"
     fold_ablation: tuple[str, ...] = ("random", "balance")
     causal_ablation: bool = True
+    data: str | None = None  # a prepared dataset (`grouter data prepare/tokenize`) instead of the embedded corpus
 
 
 # Documented sizes. "cpu" is sized for about an hour on a 2-core CPU machine (measured in
-# docs/RESULTS.md); "gpu" scales models and tokens up for one GPU (not measured here); "smoke"
-# checks that every stage runs, in a few minutes.
+# docs/RESULTS.md); "gpu" scales models and tokens up for one GPU (not measured here: no GPU was
+# available; 16M tokens per target run, about 2.7 epochs of the embedded corpus, so pass a bigger
+# corpus with --data there); "smoke" checks that every stage runs, in under a minute.
 SCALES: dict[str, ReproduceConfig] = {
     "smoke": ReproduceConfig(max_bytes_per_domain=300_000, vocab_size=2048, seq_len=64,
                              source=dict(d_model=64, n_layers=2, n_heads=2, d_expert=32, n_experts=16, top_k=2),
@@ -53,17 +55,17 @@ SCALES: dict[str, ReproduceConfig] = {
     "cpu": ReproduceConfig(),
     "gpu": ReproduceConfig(seq_len=256, source=dict(d_model=512, n_layers=8, n_heads=8, d_expert=256, n_experts=64,
                                                     top_k=8),
-                           source_steps=6000, grouter=dict(d_model=256, n_layers=3, n_heads=4, d_ff=512),
-                           distill_steps=4000, target_experts=32, tune_tokens=2_000_000,
-                           target=dict(d_model=384, n_layers=8, n_heads=6, d_expert=256), target_steps=6000,
-                           batch_size=32, eval_every=200),
+                           source_steps=2000, grouter=dict(d_model=256, n_layers=3, n_heads=4, d_ff=512),
+                           distill_steps=3000, target_experts=32, tune_tokens=2_000_000,
+                           target=dict(d_model=384, n_layers=8, n_heads=6, d_expert=256), target_steps=2000,
+                           batch_size=32, eval_every=100),
 }
 
 
 def run_reproduce(out: str | Path, cfg: ReproduceConfig = SCALES["cpu"]) -> dict:
     t0 = time.perf_counter()
     stages = Stages(Path(out), cfg, "reproduce")
-    data = stages.data()
+    data = stages.data(Path(cfg.data) if cfg.data else None)
     if cfg.held_out_domain not in data.domains or len(data.domains) < 2:
         raise GrouterError(f"held-out domain {cfg.held_out_domain!r} must be one of the data's domains "
                            f"({', '.join(data.domains)}), with at least one other left for the source")
