@@ -55,8 +55,8 @@ def test_report_compares_runs(tiny_data, tmp_path):
           routing_identity={"kind": "test", "causal": True}, progress=False)
     result = report([tmp_path / "aux", tmp_path / "grouter"], tmp_path / "rep")
     files = {p.name for p in (tmp_path / "rep").iterdir()}
-    assert {"report.md", "report.json", "val_loss.png", "maxvio_vs_loss.png", "grad_norm_cv.png",
-            "routing_consistency.png"} <= files
+    assert {"report.md", "report.json", "val_loss.png", "val_loss_by_domain.png", "maxvio_vs_loss.png",
+            "grad_norm_cv.png", "routing_consistency.png"} <= files
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["runs"]["grouter"]["router"] == "grouter" and data["runs"]["aux"]["router"] == "aux"
     assert data["speedup"]["best_baseline"] == "aux"

@@ -150,6 +150,23 @@ def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
     written.append(_save(fig, ax, out / "val_loss.png", "training tokens", "validation loss",
                          "validation loss vs tokens"))
 
+    domains = sorted({d for r in runs for e in r.evals for d in e.get("val_loss_by_domain", {})})
+    if len(domains) > 1:
+        fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 4.2), squeeze=False)
+        for ax, domain in zip(axes[0], domains):
+            for r in runs:
+                curve = val_curve(r.evals, domain)
+                ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", ms=2, label=r.name)
+            ax.set_title(f"validation: {domain}")
+            ax.set_xlabel("training tokens")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("validation loss")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "val_loss_by_domain.png", dpi=110)
+        plt.close(fig)
+        written.append("val_loss_by_domain.png")
+
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in runs:
         ax.scatter(r.summary["max_vio_global"], r.summary["final_val_loss"], s=40)
