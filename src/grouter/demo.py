@@ -45,6 +45,7 @@ class DemoConfig:
     eval_every: int = 50  # target runs: validation points for the tokens-to-loss curves
     baselines: tuple[str, ...] = ("aux", "auxfree")
     ranks: int = 4
+    seed: int = 0  # of the target runs (initialisation and data order)
 
 
 class Stages:
@@ -134,7 +135,7 @@ class Stages:
         """Target runs at equal tokens and data order: one per routing store, one per baseline router."""
         cfg = self.cfg
         target_cfg = TrainConfig(steps=cfg.target_steps, batch_size=cfg.batch_size, warmup_steps=20,
-                                 eval_every=cfg.eval_every, checkpoint_every=100)
+                                 eval_every=cfg.eval_every, checkpoint_every=100, seed=cfg.seed)
         runs = []
         for name, store in routed.items():
             source, identity, n_experts, k = external_routing(data, routing_dir=store)

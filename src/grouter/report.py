@@ -142,11 +142,18 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: boo
     return path.name
 
 
+def _line_style(i: int) -> dict:
+    """Ten colours, then the same colours dashed: every run of a reproduction stays distinguishable."""
+    return {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}
+
+
 def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    style = {r.name: _line_style(i) for i, r in enumerate(runs)}
     for r in runs:
-        ax.plot([e["tokens"] for e in r.evals], [e["val_loss"] for e in r.evals], marker="o", ms=3, label=r.name)
+        ax.plot([e["tokens"] for e in r.evals], [e["val_loss"] for e in r.evals], marker="o", ms=3, label=r.name,
+                **style[r.name])
     written.append(_save(fig, ax, out / "val_loss.png", "training tokens", "validation loss",
                          "validation loss vs tokens"))
 
@@ -156,7 +163,7 @@ def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
         for ax, domain in zip(axes[0], domains):
             for r in runs:
                 curve = val_curve(r.evals, domain)
-                ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", ms=2, label=r.name)
+                ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", ms=2, label=r.name, **style[r.name])
             ax.set_title(f"validation: {domain}")
             ax.set_xlabel("training tokens")
             ax.grid(alpha=0.3)
@@ -169,7 +176,7 @@ def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in runs:
-        ax.scatter(r.summary["max_vio_global"], r.summary["final_val_loss"], s=40)
+        ax.scatter(r.summary["max_vio_global"], r.summary["final_val_loss"], s=40, color=style[r.name]["color"])
         ax.annotate(r.name, (r.summary["max_vio_global"], r.summary["final_val_loss"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
     written.append(_save(fig, ax, out / "maxvio_vs_loss.png", "MaxVioGlobal (lower = more balanced)",
@@ -179,7 +186,7 @@ def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
     for r in runs:
         g = [t["grad_norm"] for t in r.train]
         window = min(50, max(2, len(g) // 4))
-        ax.plot(np.arange(window, len(g) + 1), grad_norm_cv(g, window), label=r.name)
+        ax.plot(np.arange(window, len(g) + 1), grad_norm_cv(g, window), label=r.name, **style[r.name])
     written.append(_save(fig, ax, out / "grad_norm_cv.png", "step", "grad-norm CV (sliding window)",
                          "gradient-norm stability"))
 
@@ -188,7 +195,7 @@ def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, points in consistency.items():
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name, **style[name])
         ax.set_ylim(0, 1.05)
         written.append(_save(fig, ax, out / "routing_consistency.png", "step",
                              "top-k set agreement with previous evaluation",
@@ -229,9 +236,9 @@ def speedup_by_domain_table(by_domain: dict[str, dict]) -> str:
     if not sets:
         return ""
     names = list(next(by_domain[d] for d in sets)["runs"])
+    best = [f"{by_domain[d]['best_baseline']} ({by_domain[d]['target_val_loss']:.3f})" for d in sets]
     lines = ["| run | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets),
-             "| best baseline | " + " | ".join(f"{by_domain[d]['best_baseline']} ({by_domain[d]['target_val_loss']:.3f})"
-                                              for d in sets) + " |"]
+             "| best baseline | " + " | ".join(best) + " |"]
     for name in names:
         cells = []
         for d in sets:
