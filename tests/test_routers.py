@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from grouter.errors import GrouterError
-from grouter.routers import (AuxFreeRouter, HashRouter, balanced_hash_table, expert_counts,
+from grouter.routers import (AuxFreeRouter, HashRouter, Routing, balanced_hash_table, expert_counts,
                              load_balancing_loss, topk_gating, z_loss)
 
 
@@ -86,3 +86,12 @@ def test_auxfree_bias_sign_rule():
     r.update_bias()
     assert r.bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
     assert r.pending_counts.sum() == 0
+
+
+def test_precomputed_grouping_keeps_counts_on_the_host():
+    """The loader's per-expert counts stay on the CPU when the batch moves to the device, so the
+    experts never read them back from the device (a sync per MoE layer on a GPU)."""
+    ids = torch.tensor([[[0, 2], [2, 1]], [[1, 0], [3, 2]]])
+    r = Routing(ids, torch.full(ids.shape, 0.5)).grouped(4).to("meta")
+    assert r.ids.device.type == r.order.device.type == "meta"
+    assert r.counts.device.type == "cpu" and r.counts.tolist() == [2, 2, 3, 1]

@@ -41,8 +41,10 @@ class Routing:
         return Routing(self.ids.reshape(-1, k), self.weights.reshape(-1, k), self.order, self.counts)
 
     def to(self, device) -> "Routing":
+        """Move to ``device``, except ``counts``: they stay on the host, where the experts read
+        them to size their splits without a device-to-host sync in every layer."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Routing(move(self.ids), move(self.weights), move(self.order), move(self.counts))
+        return Routing(move(self.ids), move(self.weights), move(self.order), self.counts)
 
     def grouped(self, n_experts: int) -> "Routing":
         """A copy with the expert grouping (permutation and per-expert counts) precomputed."""
