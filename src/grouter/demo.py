@@ -97,10 +97,9 @@ class Stages:
         cfg = self.cfg
         train_cfg = TrainConfig(steps=cfg.source_steps, batch_size=cfg.batch_size, warmup_steps=20,
                                 eval_every=100, checkpoint_every=100)
-        self.timed("source", f"training the source MoE ({cfg.source['n_experts']} experts, top-{cfg.source['top_k']}) "
-                   f"on {', '.join(data.domains)}",
-                   lambda: train(data, self.out / "source", MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len,
-                                                                      router="aux", **cfg.source), train_cfg))
+        model_cfg = MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router="aux", **cfg.source)
+        self.timed("source", f"training the source MoE ({model_cfg.n_experts} experts, top-{model_cfg.top_k}) "
+                   f"on {', '.join(data.domains)}", lambda: train(data, self.out / "source", model_cfg, train_cfg))
         path = self.once("targets", "capturing the source's first-layer router logits",
                          lambda p: capture(self.out / "source", data, p))
         return Targets.open(path, data)
@@ -110,14 +109,16 @@ class Stages:
         data = targets.data
         gcfg = GrouterConfig(vocab_size=data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
                              max_seq_len=data.seq_len, causal=causal, **cfg.grouter)
-        summary = self.timed(name, f"distilling the Grouter ({'causal' if causal else 'bidirectional: leaks the future'})",
-                             lambda: distill(targets, self.out / name, gcfg,
-                                             DistillConfig(steps=cfg.distill_steps, eval_every=100, checkpoint_every=100)))
+        distill_cfg = DistillConfig(steps=cfg.distill_steps, eval_every=100, checkpoint_every=100)
+        kind = "causal" if causal else "bidirectional: leaks the future"
+        summary = self.timed(name, f"distilling the Grouter ({kind})",
+                             lambda: distill(targets, self.out / name, gcfg, distill_cfg))
         return self.out / name, summary
 
     def folded(self, distilled: Path, data: PackedDataset, strategy: str = "affinity") -> Path:
         n = self.cfg.target_experts
-        name = distilled.name.replace("grouter-distilled", "grouter-folded") + ("" if strategy == "affinity" else f"-{strategy}")
+        name = distilled.name.replace("grouter-distilled", "grouter-folded")
+        name += "" if strategy == "affinity" else f"-{strategy}"
         return self.once(name, f"folding {distilled.name} to {n} experts ({strategy})",
                          lambda p: fold(distilled, data, p, n, strategy=strategy))
 
@@ -136,21 +137,22 @@ class Stages:
         cfg = self.cfg
         target_cfg = TrainConfig(steps=cfg.target_steps, batch_size=cfg.batch_size, warmup_steps=20,
                                  eval_every=cfg.eval_every, checkpoint_every=100, seed=cfg.seed)
+
+        def target(router: str, n_experts: int, k: int) -> MoEConfig:
+            return MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router=router,
+                             n_experts=n_experts, top_k=k, **cfg.target)
+
         runs = []
         for name, store in routed.items():
             source, identity, n_experts, k = external_routing(data, routing_dir=store)
             runs.append(self.out / "runs" / name)
             self.timed(f"runs/{name}", f"training the target with {store.name} ({n_experts} experts, top-{k})",
-                       lambda: train(data, runs[-1], MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len,
-                                                               router="external", n_experts=n_experts, top_k=k,
-                                                               **cfg.target),
-                                     target_cfg, routing_source=source, routing_identity=identity))
+                       lambda: train(data, runs[-1], target("external", n_experts, k), target_cfg,
+                                     routing_source=source, routing_identity=identity))
         for router in baselines:
             runs.append(self.out / "runs" / router)
             self.timed(f"runs/{router}", f"training the same target with the {router!r} router, same tokens",
-                       lambda: train(data, runs[-1], MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len,
-                                                               router=router, n_experts=cfg.target_experts,
-                                                               top_k=cfg.source["top_k"], **cfg.target),
+                       lambda: train(data, runs[-1], target(router, cfg.target_experts, cfg.source["top_k"]),
                                      target_cfg))
         return runs
 

@@ -101,7 +101,8 @@ def run_reproduce(out: str | Path, cfg: ReproduceConfig = SCALES["cpu"]) -> dict
 def summarize(stages: Stages, cfg: ReproduceConfig, data: PackedDataset, seen: list[str], distilled: dict,
               grouter: Path, folds: dict[str, Path], result: dict) -> dict:
     """Everything reproduce.md states, in one JSON-able dict (also reproduce.json)."""
-    previous = read_json(stages.out / "reproduce.json", "reproduce summary") if (stages.out / "reproduce.json").exists() else {}
+    done = stages.out / "reproduce.json"
+    previous = read_json(done, "reproduce summary") if done.exists() else {}
     tokens = cfg.target_steps * cfg.batch_size * data.seq_len
     return {
         "config": asdict(cfg),
@@ -112,7 +113,8 @@ def summarize(stages: Stages, cfg: ReproduceConfig, data: PackedDataset, seen: l
                     for kind, s in distilled.items()},
         "tune": {k: v for k, v in read_json(grouter / "tune_report.json", "tune report").items()
                  if k in ("max_vio_global_ratio", "topk_set_agreement_with_untuned", "before", "after")},
-        "fold": {s: read_json(p / "fold_report.json", "fold report")["within_group_affinity"] for s, p in folds.items()},
+        "fold": {strategy: read_json(path / "fold_report.json", "fold report")["within_group_affinity"]
+                 for strategy, path in folds.items()},
         "speedup_by_domain": result["speedup_by_domain"],
         "stage_seconds": {**previous.get("stage_seconds", {}), **stages.seconds},
     }
@@ -150,7 +152,8 @@ def reproduce_markdown(summary: dict, table: str) -> str:
         text += ["## Ablation: causal vs bidirectional Grouter", "",
                  "The bidirectional Grouter routes each token with the tokens after it, so its routing carries "
                  "information about the labels (SPEC §1.2); any extra gain it shows is leakage, not routing quality.",
-                 "", "| Grouter | distill top-k recall | loss gap vs best baseline (all) | (held-out) |", "|---|---|---|---|"]
+                 "", "| Grouter | distill top-k recall | loss gap vs best baseline (all) | (held-out) |",
+                 "|---|---|---|---|"]
         for kind, name in (("causal", "grouter"), ("bidirectional", "grouter-bidirectional")):
             text.append(f"| {kind} | {summary['distill'][kind]['val_topk_recall']:.3f} | {gap(name, 'all')} | "
                         f"{gap(name, held)} |")
