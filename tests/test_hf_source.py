@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a hard dependency: a missing install must fail, not skip
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from grouter.errors import GrouterError  # noqa: E402
-from grouter.hf_source import (  # noqa: E402
+from grouter.errors import GrouterError
+from grouter.hf_source import (
     SUPPORTED_MODEL_TYPES,
     HFRouterPrefix,
     inspect_hf_moe,

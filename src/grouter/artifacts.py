@@ -82,6 +82,23 @@ def read_json(path: str | Path, what: str) -> dict:
     return obj
 
 
+def read_manifest(path: Path, file: str, fmt: str, version: int, what: str, create: str) -> dict:
+    """The manifest of an artifact directory, after checking that the directory exists and holds
+    this format at this version. ``what`` names the artifact ("routing store"); ``create`` is the
+    command that makes one, quoted in every message."""
+    if not path.is_dir():
+        raise GrouterError(f"{what} {path} not found; create it with `{create}`")
+    if not (path / file).is_file():
+        raise GrouterError(f"{path} is not a grouter {what} (no {file}); create it with `{create}`")
+    manifest = read_json(path / file, f"{what} manifest")
+    if manifest.get("format") != fmt:
+        raise GrouterError(f"{path} is not a grouter {what} ({file} format is {manifest.get('format')!r})")
+    if manifest.get("version") != version:
+        raise GrouterError(f"{what} {path} has format version {manifest.get('version')!r} but this grouter reads "
+                           f"version {version}; re-create it with `{create}`")
+    return manifest
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     """Content hash of a file, streamed so large token files never sit in memory."""
     h = hashlib.sha256()

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .artifacts import ResumableDir, read_json, sha256_file, write_json
+from .artifacts import ResumableDir, read_json, read_manifest, sha256_file, write_json
 from .data import PackedDataset
 from .errors import GrouterError
 from .model import MoEConfig, MoELM
@@ -173,11 +173,7 @@ class Targets:
     @classmethod
     def open(cls, path: str | Path, data: PackedDataset | None = None, verify: bool = True) -> "Targets":
         path = Path(path)
-        if not path.is_dir():
-            raise GrouterError(f"targets directory {path} not found; create it with `grouter capture`")
-        m = read_json(path / "targets.json", "targets manifest")
-        if m.get("format") != TARGETS_FORMAT or m.get("version") != TARGETS_VERSION:
-            raise GrouterError(f"{path} is not a grouter targets directory (format {m.get('format')!r} v{m.get('version')})")
+        m = read_manifest(path, "targets.json", TARGETS_FORMAT, TARGETS_VERSION, "targets directory", "grouter capture")
         data = data or PackedDataset.open(m["dataset_path"])
         if data.fingerprint != m["dataset_fingerprint"]:
             raise GrouterError(f"targets in {path} were captured for another dataset (fingerprint "

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .artifacts import atomic_dir, read_json, sha256_file, sha256_json, write_json
+from .artifacts import atomic_dir, read_json, read_manifest, sha256_file, sha256_json, write_json
 from .errors import GrouterError
 
 DATASET_FORMAT = "grouter-dataset"
@@ -769,16 +769,8 @@ class PackedDataset:
     def open(cls, path: str | Path) -> "PackedDataset":
         """Check the directory is a complete dataset of this format version, cheaply (sizes only)."""
         path = Path(path)
-        if not path.is_dir():
-            raise GrouterError(f"data directory {path} not found; run `grouter data prepare --out {path}` to create it")
-        if not (path / "meta.json").is_file():
-            raise GrouterError(f"{path} is not a grouter dataset (no meta.json); run `grouter data prepare --out {path}`")
-        meta = read_json(path / "meta.json", "dataset metadata")
-        if meta.get("format") != DATASET_FORMAT:
-            raise GrouterError(f"{path} is not a grouter dataset (meta.json format is {meta.get('format')!r})")
-        if meta.get("version") != DATASET_VERSION:
-            raise GrouterError(f"dataset {path} has format version {meta.get('version')!r} but this grouter reads "
-                               f"version {DATASET_VERSION}; re-create it with `grouter data prepare`")
+        meta = read_manifest(path, "meta.json", DATASET_FORMAT, DATASET_VERSION, "dataset",
+                             f"grouter data prepare --out {path}")
         redo = f"re-create it with `grouter data prepare --out {path} --overwrite`"
         try:
             missing = [k for k in ("vocab_size", "seq_len", "eos_id", "domains", "fingerprint") if k not in meta]

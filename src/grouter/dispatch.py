@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import ResumableDir, read_json, sha256_file, write_json
+from .artifacts import ResumableDir, read_json, read_manifest, sha256_file, write_json
 from .data import SPLITS, PackedDataset
 from .errors import GrouterError
 from .routers import Routing
@@ -294,16 +294,7 @@ class RoutingStore:
         ``verify`` also checks the files' SHA-256 against the manifest (reads them once).
         """
         path = Path(path)
-        if not path.is_dir():
-            raise GrouterError(f"routing store {path} not found; create it with `grouter dispatch`")
-        if not (path / "manifest.json").is_file():
-            raise GrouterError(f"{path} is not a routing store (no manifest.json); create it with `grouter dispatch`")
-        m = read_json(path / "manifest.json", "routing store manifest")
-        if m.get("format") != ROUTING_FORMAT:
-            raise GrouterError(f"{path} is not a grouter routing store (manifest format {m.get('format')!r})")
-        if m.get("version") != ROUTING_VERSION:
-            raise GrouterError(f"routing store {path} has format version {m.get('version')!r} but this grouter reads "
-                               f"version {ROUTING_VERSION}; re-create it with `grouter dispatch`")
+        m = read_manifest(path, "manifest.json", ROUTING_FORMAT, ROUTING_VERSION, "routing store", "grouter dispatch")
         redo = f"re-create it with `grouter dispatch --out {path} --overwrite`"
         try:
             k, E, L = int(m["k"]), int(m["n_experts"]), int(m["seq_len"])
