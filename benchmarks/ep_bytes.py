@@ -1,6 +1,6 @@
 """Expert-parallel bytes and step time: plan vs random placement, 2 and 4 gloo processes on CPU.
 
-For each number of ranks R (``--ranks``, default 2 4) one ``grouter.ep.spawn`` of R CPU processes
+For each number of ranks R (``--ranks``, default 2 4) one ``grouter.device.spawn`` of R CPU processes
 (gloo, one thread each) trains the EP model (``grouter.ep.train_ep``) for ``--steps`` steps four
 times: {plan, random} placement x {dedup (DeepEP-style, one copy per (token, rank)), slot
 (Megatron-style, one copy per (token, expert))} exchange. Reported per run, from the run's
@@ -13,7 +13,7 @@ time inside the all-to-alls.
 Inputs: ``--data D --routing S`` (a dataset and its routing store) and optionally ``--plan R=P``
 (a plan for R ranks; made on the fly with ``grouter.place.plan_placement`` otherwise). Without
 ``--routing`` a small dataset is packed from Python standard-library modules and given a synthetic
-clustered routing store (``grouter.ep.synthetic_store``) in ``--work``.
+clustered routing store (``grouter.testing.synthetic_store``) in ``--work``.
 
     OMP_NUM_THREADS=1 python benchmarks/ep_bytes.py --json ep_bytes.json
     OMP_NUM_THREADS=1 python benchmarks/ep_bytes.py --data D --routing S --plan 4=P4 --ranks 4
@@ -93,11 +93,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from grouter.data import PackedDataset
-    from grouter.dispatch import RoutingStore
-    from grouter.ep import spawn, synthetic_store, train_many
+    from grouter.device import spawn
+    from grouter.ep import train_many
+    from grouter.store import RoutingStore
+    from grouter.testing import synthetic_store
     from grouter.model import MoEConfig
     from grouter.place import Plan, plan_placement
-    from grouter.train import TrainConfig
+    from grouter.loop import TrainConfig
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ep_bytes_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
             spawn(R, train_many, (runs,))
             print(f"{R} ranks: 4 runs of {args.steps} steps in {time.perf_counter() - ts:.1f} s", file=sys.stderr)
             for run in runs:
-                s = json.loads((run["out"] / "summary.json").read_text())
+                s = json.loads((run["out"] / "run.json").read_text())["summary"]
                 recs = [json.loads(x) for x in (run["out"] / "metrics.jsonl").read_text().splitlines()]
                 x = run["exchange"]
                 rows.append({

@@ -31,7 +31,8 @@ from grouter.dispatch import dispatch
 from grouter.distill import DistillConfig, distill
 from grouter.model import MoEConfig, MoELM
 from grouter.network import Grouter
-from grouter.train import TrainConfig, build_optimizer, external_routing
+from grouter.loop import TrainConfig, build_optimizer
+from grouter.train import external_routing
 
 
 def step_timer(model: MoELM, opt, batch, routing_fn):

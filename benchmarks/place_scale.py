@@ -1,20 +1,17 @@
 """Scale check of ``grouter.place``: plan 1,000,000 sequences x 128 experts x 64 ranks.
 
 A synthetic clustered routing store (``--clusters`` clusters, each preferring its own experts; see
-``grouter.place.synthetic_routing``) is written once to ``--work`` by a child process (so the
-generator's memory does not count), with a real manifest (checksums included), all-zero (sparse)
-gate weights, ``--seq-len`` tokens per sequence and top-``--k``. This process then runs
-``grouter.place.place`` on it (opening and verifying the store, planning, writing plan.json and the
-reports) and prints wall time, peak RSS (``resource.getrusage``: ``ru_maxrss`` of this process)
-and the planner's own timings and figures. Target: <= 120 s and <= 8 GiB.
+``grouter.testing.synthetic_routing``) is written once to ``--work`` by a child process (so the
+generator's memory does not count) with ``grouter.store.StoreWriter``: a real manifest (checksums
+included), all-zero (sparse) gate weights, ``--seq-len`` tokens per sequence and top-``--k``. This
+process then runs ``grouter.place.place`` on it (opening and verifying the store, planning, writing
+plan.json and the reports) and prints wall time, peak RSS (``resource.getrusage``: ``ru_maxrss`` of
+this process) and the planner's own timings and figures. Target: <= 120 s and <= 8 GiB.
 
     OMP_NUM_THREADS=1 python benchmarks/place_scale.py
     OMP_NUM_THREADS=1 python benchmarks/place_scale.py --sequences 200000 --json place_scale.json
 
-Measured (2 shared CPU cores, OMP_NUM_THREADS=1, 1 M x 32 tokens x 128 experts top-8, 64 ranks,
-global batch 1 024): balanced 22 s wall / 2.1 GiB peak RSS (planner 19 s: clustering 7, traffic 5,
-placement 3); node level (8 per node) 21 s / 2.2 GiB; greedy 20 s; ``--exact`` 38 s; 64 tokens per
-sequence 27 s / 2.3 GiB. Generating the store takes another 7-13 s in the child.
+Measured figures: docs/RESULTS.md#planner-scale.
 """
 
 from __future__ import annotations
@@ -35,28 +32,20 @@ import numpy as np
 
 def write_store(out: Path, n: int, seq_len: int, n_experts: int, k: int, clusters: int, seed: int,
                 noise: float, decay: float) -> None:
-    """A routing store directory as ``grouter dispatch`` lays it out, holding synthetic routing."""
-    from grouter.artifacts import sha256_file, write_json
-    from grouter.dispatch import ROUTING_FORMAT, ROUTING_VERSION, ids_dtype_for
-    from grouter.place import synthetic_routing
+    """A routing store holding synthetic routing, filled in place (memory-mapped) and renamed to ``out``."""
+    from grouter.testing import synthetic_routing
+    from grouter.store import StoreWriter
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dtype = ids_dtype_for(n_experts)
-    mm = np.memmap(tmp / "train.ids", dtype=dtype, mode="w+", shape=(n, seq_len, k))
+    writer = StoreWriter(tmp, seq_len, k, n_experts)
+    writer.allocate("train", n)  # sparse zeros: the weights stay so, the planner never reads them
+    mm = writer.maps("train", 0, n)[0]
     synthetic_routing(n, seq_len, n_experts, k, clusters, seed=seed, noise=noise, decay=decay, out=mm)
     mm.flush()
     del mm
-    with open(tmp / "train.weights", "wb") as f:  # sparse zeros: the planner never reads weights
-        f.truncate(n * seq_len * k * 2)
-    manifest = {"format": ROUTING_FORMAT, "version": ROUTING_VERSION, "dataset_fingerprint": "synthetic",
-                "dataset_path": "synthetic", "grouter_fingerprint": "synthetic", "grouter_path": "synthetic",
-                "k": k, "n_experts": n_experts, "seq_len": seq_len, "ids_dtype": dtype.name,
-                "weights_dtype": "bfloat16", "causal": True,
-                "splits": {"train": {"n_sequences": n, "ids_sha256": sha256_file(tmp / "train.ids"),
-                                     "weights_sha256": sha256_file(tmp / "train.weights")}}}
-    write_json(tmp / "manifest.json", manifest)
+    writer.finish(None, "synthetic", "synthetic")
     os.replace(tmp, out)
 
 

@@ -45,15 +45,35 @@ def test_captured_logits_equal_full_forward(tmp_path, tiny_data, layer):
     assert targets.manifest["source"]["layer"] == layer
 
 
+def test_auxfree_source_records_the_scores_it_selects_by(tmp_path, tiny_data):
+    """An aux-loss-free router selects by sigmoid(logits) + its selection bias: that is what is recorded."""
+    model = make_source(tmp_path, tiny_data, router="auxfree").eval()
+    router = model.blocks[0].moe.router
+    router.bias.copy_(torch.linspace(-0.5, 0.5, 8))  # a trained source has a non-zero bias
+    model.save_pretrained(tmp_path / "src", extra={"data": {"tokenizer_sha256": tiny_data.meta["tokenizer_sha256"]}})
+    capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+    targets = Targets.open(tmp_path / "t")
+    assert (targets.manifest["score_function"], targets.manifest["includes_bias"]) == ("sigmoid", True)
+    idx = np.arange(4)
+    ids = tiny_data.split("train").batch(idx)["input_ids"]
+    scores = full_forward_router_logits(model, ids, 0).sigmoid() + router.bias
+    got = targets.logits("train", idx)
+    torch.testing.assert_close(got, scores.view(got.shape).half().float(), rtol=0, atol=1e-3)
+    with torch.no_grad():  # the same experts the model itself chose
+        chosen = model(ids).routing_ids[0]
+    assert torch.equal(got.topk(2, -1).indices.sort(-1).values, chosen.sort(-1).values)
+
+
 def test_prefix_only_loading_ignores_later_layers(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data)
     prefix = BuiltinRouterPrefix(tmp_path / "src", layer=1)
-    assert not any(n.startswith("blocks.2.") or n.startswith("blocks.1.moe.experts") for n in prefix.loaded_tensor_names)
+    assert not any(n.startswith(("blocks.2.", "blocks.1.moe.experts", "norm.", "lm_head.")) for n in prefix.loaded_tensor_names)
     ids = tiny_data.split("train").batch(np.arange(3))["input_ids"]
     before = prefix.router_logits(ids)
     weights = tmp_path / "src" / "model.safetensors"
     state = load_file(weights)
-    state = {k: (torch.full_like(v, float("nan")) if k.startswith(("blocks.2.", "blocks.1.moe.experts")) else v)
+    state = {k: (torch.full_like(v, float("nan")) if k.startswith(("blocks.2.", "blocks.1.moe.experts", "lm_head."))
+                 else v)
              for k, v in state.items() if not k.startswith("blocks.2.attn")}  # garbage and absent
     save_file(state, weights)
     after = BuiltinRouterPrefix(tmp_path / "src", layer=1).router_logits(ids)

@@ -9,7 +9,7 @@ from grouter.distill import DistillConfig, distill, kl_loss
 from grouter.errors import GrouterError
 from grouter.model import MoEConfig, MoELM
 from grouter.network import Grouter, GrouterConfig
-from grouter.train import read_metrics
+from grouter.loop import read_metrics
 
 
 def make_targets(tmp_path, data, n_experts, top_k=2, name="t") -> Targets:

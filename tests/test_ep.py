@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from grouter.dispatch import RoutingStore
-from grouter.ep import (EPContext, EPExperts, analytic_copies, free_port, rank_batches, spawn, synthetic_store,
-                        to_expert_parallel, train_many)
+from grouter.device import free_port, spawn
+from grouter.ep import EPContext, EPExperts, analytic_copies, rank_batches, to_expert_parallel, train_many
 from grouter.errors import GrouterError
 from grouter.model import MoEConfig, MoELM
 from grouter.place import Plan, plan_placement, remote_volume
-from grouter.train import TrainConfig, build_optimizer, lr_at
+from grouter.loop import TrainConfig, build_optimizer, lr_at
+from grouter.store import RoutingStore
+from grouter.testing import synthetic_store
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 E, K, CLUSTERS, GLOBAL_BATCH, STEPS = 8, 2, 4, 8, 3
@@ -31,7 +32,7 @@ D_MODEL, LAYERS = 32, 2
 # its own running RMS, so float reassociation (sums over ranks / over a token's experts in another
 # order) of a near-cancelling gradient element becomes an absolute error of up to ~lr x its relative
 # error: measured max 2.3e-6 at lr 1e-2 with AdamW(fused=False) (one embedding entry), 4.7e-7 with
-# fused=True (grouter.train.build_optimizer decides; both sides use it).
+# fused=True (grouter.loop.build_optimizer decides; both sides use it).
 RTOL, ATOL = 1e-4, 1e-5
 
 
@@ -93,6 +94,7 @@ def read_run(out: Path):
     from grouter.artifacts import load_safetensors
 
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     return records, load_safetensors(out / "model" / "model.safetensors", "model")
 
 
@@ -171,10 +173,10 @@ def test_cli_torchrun_4_ranks(setup, tiny_data):
     out = setup / "cli4"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
-           str(free_port()), "-m", "grouter.ep",
+           str(free_port()), "-m", "grouter.cli", "ep",
            "--data", str(tiny_data.path), "--routing", str(setup / "store"), "--plan", str(setup / "plan4"),
            "--steps", "2", "--out", str(out), "--d-model", str(D_MODEL), "--layers", str(LAYERS), "--heads", "2",
-           "--d-expert", "32", "--lr", "1e-2", "--warmup-steps", "1", "--save-model"]
+           "--d-expert", "32", "--lr", "1e-2", "--warmup-steps", "1", "--save-model", "--json"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[:4000]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -187,7 +189,7 @@ def test_cli_torchrun_4_ranks(setup, tiny_data):
     for name, t in ref_state.items():
         torch.testing.assert_close(state[name], t, rtol=RTOL, atol=ATOL, msg=name)
     check_bytes(records, store, plan, "plan", "dedup")
-    assert json.loads((out / "summary.json").read_text())["dispatch_bytes_per_rank_step"] > 0
+    assert json.loads((out / "run.json").read_text())["summary"] == {k: v for k, v in summary.items() if k != "out"}
 
 
 def test_analytic_copies():

@@ -15,6 +15,7 @@ import transformers  # a hard dependency: a missing install must fail, not skip
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from grouter.data import train_tokenizer
 from grouter.errors import GrouterError
 from grouter.hf_source import (
     SUPPORTED_MODEL_TYPES,
@@ -294,7 +295,7 @@ def test_bad_directories(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_hidden_layers": "three"}))
     with pytest.raises(GrouterError, match="invalid Hugging Face config .*num_hidden_layers"):
         inspect_hf_moe(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"kind": "grouter-moe-lm", "model_type": "mixtral"}))
+    (tmp_path / "config.json").write_text(json.dumps({"format": "grouter-moe-lm", "version": 1, "model_type": "mixtral"}))
     assert not is_hf_model_dir(tmp_path)
     with pytest.raises(GrouterError, match="grouter checkpoint"):
         inspect_hf_moe(tmp_path)
@@ -366,3 +367,37 @@ def test_tokenizer_vocabulary(qwen2, tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(GrouterError, match="tokenizer file .* is corrupt"):
         load_hf_tokenizer_vocab(tmp_path)
+
+
+def test_check_tokenizer(qwen2, tiny_data, tmp_path):
+    """A dataset is accepted with the source's own tokenizer and refused with another one."""
+    d = tmp_path / "model"
+    shutil.copytree(qwen2, d)
+    prefix = HFRouterPrefix(d, layer=1)
+    prefix.check_tokenizer(tiny_data)  # no tokenizer.json: nothing to check
+    tiny_data.tokenizer().save(str(d / "tokenizer.json"))
+    prefix.check_tokenizer(tiny_data)
+    other = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+    other.save(str(d / "tokenizer.json"))
+    with pytest.raises(GrouterError, match="another tokenizer") as err:
+        prefix.check_tokenizer(tiny_data)
+    assert "\n" not in str(err.value)
+    assert f"grouter data tokenize --tokenizer {d}" in str(err.value)
+
+
+def test_score_function_and_gate_bias(qwen2, tmp_path):
+    """Raw logits are softmax scores; a gate bias in the checkpoint is added and declared."""
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    plain = HFRouterPrefix(qwen2, layer=2)
+    assert (plain.score_function, plain.includes_bias) == ("softmax", False)
+    d = tmp_path / "model"
+    shutil.copytree(qwen2, d)
+    bias = torch.randn(8)
+    save_file({"model.layers.2.mlp.gate.bias": bias}, str(d / "bias.safetensors"), metadata={"format": "pt"})
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.2.mlp.gate.bias"] = "bias.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    biased = HFRouterPrefix(d, layer=2)
+    assert biased.includes_bias and biased.describe()["includes_bias"] is True
+    assert biased.describe()["score_function"] == "softmax"
+    torch.testing.assert_close(biased.router_logits(ids), plain.router_logits(ids) + bias, atol=1e-5, rtol=0)

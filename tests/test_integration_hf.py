@@ -422,7 +422,8 @@ def test_trainer_with_online_routing(tmp_path):
 
 def test_with_a_real_routing_store(tiny_data, tmp_path):
     """dispatch -> RoutingStore -> routing_collator -> GrouterRoutedModel: the routes online mode takes."""
-    from grouter.dispatch import RoutingStore, dispatch
+    from grouter.dispatch import dispatch
+    from grouter.store import RoutingStore
 
     g = tiny_grouter(vocab=tiny_data.vocab_size)
     g.save_pretrained(tmp_path / "g")

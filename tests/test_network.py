@@ -96,6 +96,6 @@ def test_bad_grouter_inputs(tmp_path):
         GrouterConfig(vocab_size=10, n_experts=16, top_k=17).validate()
     with pytest.raises(GrouterError, match="max_seq_len"):
         make()(torch.zeros(1, 65, dtype=torch.long))
-    (tmp_path / "config.json").write_text('{"kind": "grouter-moe-lm", "config": {}}')
+    (tmp_path / "config.json").write_text('{"format": "grouter-moe-lm", "version": 1, "config": {}}')
     with pytest.raises(GrouterError, match="not a Grouter"):
         Grouter.from_pretrained(tmp_path)

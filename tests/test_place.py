@@ -1,4 +1,7 @@
-"""EP placement planning: volumes, balance, the realised plan, artifacts and user errors (SPEC §1.7)."""
+"""EP placement planning: volumes, balance, the realised plan, artifacts and user errors.
+
+The method: docs/method.md#expert-parallel-placement.
+"""
 
 import json
 from pathlib import Path
@@ -7,30 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from grouter.artifacts import sha256_file, write_json
-from grouter.dispatch import ROUTING_FORMAT, ROUTING_VERSION, RoutingStore, ids_dtype_for
+from grouter import store as routing_store
 from grouter.errors import GrouterError
 from grouter.place import (Plan, PlanSampler, affinity_counts, balanced_assignment, entropy_bits, place,
-                           plan_placement, relabel, remote_volume, synthetic_routing, traffic)
+                           plan_placement, relabel, remote_volume, traffic)
+from grouter.testing import synthetic_routing
+from grouter.routers import Routing
+from grouter.store import RoutingStore
 
 E, K, L, R = 16, 2, 16, 4
 GB = 64  # global batch: 16 sequences per rank
 
 
 def write_store(out: Path, ids: np.ndarray, n_experts: int) -> Path:
-    """A routing store laid out as ``grouter dispatch`` writes it (train split only, zero weights)."""
-    out.mkdir(parents=True)
-    n, seq_len, k = ids.shape
-    dtype = ids_dtype_for(n_experts)
-    ids.astype(dtype).tofile(out / "train.ids")
-    np.zeros(ids.shape, dtype=np.uint16).tofile(out / "train.weights")
-    write_json(out / "manifest.json", {
-        "format": ROUTING_FORMAT, "version": ROUTING_VERSION, "dataset_fingerprint": "synthetic",
-        "dataset_path": "synthetic", "grouter_fingerprint": "synthetic", "grouter_path": "synthetic", "k": k,
-        "n_experts": n_experts, "seq_len": seq_len, "ids_dtype": dtype.name, "weights_dtype": "bfloat16",
-        "causal": True, "splits": {"train": {"n_sequences": n, "ids_sha256": sha256_file(out / "train.ids"),
-                                             "weights_sha256": sha256_file(out / "train.weights")}}})
-    return out
+    """A synthetic routing store (train split only, zero weights), written by the one store writer."""
+    routing = Routing(torch.from_numpy(ids), torch.zeros(ids.shape))
+    return routing_store.write_store(out, {"train": routing}, n_experts)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +88,8 @@ def test_traffic_matches_direct_count(G):
     for model in tr.models():
         assert int(tr.at(model, sample_rank[rows], rows).sum()) == direct[model]
         assert np.array_equal(tr.cost(model)[rows, sample_rank[rows]], tr.at(model, sample_rank[rows], rows))
+        assert tr.bound(model, rows) == int(tr.cost(model)[rows].min(1).sum())  # the placed sequences only
+        assert tr.bound(model) == int(tr.cost(model).min(1).sum())
     assert set(direct) == ({"megatron", "deepep", "node"} if G else {"megatron", "deepep"})
 
 
@@ -237,6 +234,32 @@ def test_place_writes_plan_and_reports(clustered, tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(GrouterError, match="not a grouter placement plan"):
         Plan.load(tmp_path / "bad.json")
+
+
+def test_plan_load_checks_the_header(tmp_path):
+    """Plan.load reads a plan directory or the plan file (any name) and refuses what is not a plan."""
+    plan = Plan(n_experts=E, k=K, ranks=R, ranks_per_node=None, level="rank", algorithm="balanced",
+                scope="batch", global_batch=8, seed=0, split="train", n_sequences=8,
+                permutation=np.random.default_rng(0).permutation(E), samples=[[np.array([r, r + R])] for r in range(R)],
+                dropped=np.zeros(0, dtype=np.int64))
+    (tmp_path / "dir").mkdir()
+    saved = (plan.save(tmp_path / "dir").parent, tmp_path / "dir" / "plan.json", plan.save(tmp_path / "other.json"))
+    for where in saved:
+        loaded = Plan.load(where)
+        assert loaded.to_json() == plan.to_json() and loaded.report == {}
+    d = plan.to_json()
+    for name, content, message in (("version.json", {**d, "version": 2}, "format version 2 but .* reads version 1"),
+                                   ("format.json", {**d, "format": "other"}, "not a grouter placement plan"),
+                                   ("corrupt.json", {**d, "ranks": 3}, "corrupt"),
+                                   ("notjson.json", "{", "corrupt")):
+        (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(GrouterError, match=message):
+            Plan.load(tmp_path / name)
+    with pytest.raises(GrouterError, match="placement plan .*absent not found; create it with `grouter place`"):
+        Plan.load(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GrouterError, match=r"not a grouter placement plan \(no plan.json\)"):
+        Plan.load(tmp_path / "empty")
 
 
 def test_plan_on_dispatched_store(tiny_data, tmp_path):

@@ -11,7 +11,8 @@ from grouter.errors import GrouterError
 from grouter.model import MoEConfig
 from grouter.report import RunRecord, report, speedups, tokens_to_reach
 from grouter.routers import Routing
-from grouter.train import TrainConfig, train
+from grouter.loop import TrainConfig
+from grouter.train import train
 
 
 def test_tokens_to_reach_interpolates():
@@ -74,7 +75,7 @@ def test_report_refuses_unfinished_runs(tiny_data, tmp_path):
     train(tiny_data, tmp_path / "r", mcfg, tcfg, stop_after=2, progress=False)
     with pytest.raises(GrouterError, match="not a finished run"):
         report([tmp_path / "r"], tmp_path / "rep")
-    with pytest.raises(GrouterError, match="missing"):
+    with pytest.raises(GrouterError, match="nope not found"):
         report([tmp_path / "nope"], tmp_path / "rep")
     assert not (tmp_path / "rep").exists()
 

@@ -17,6 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from .errors import GrouterError
 
 
@@ -82,17 +85,33 @@ def read_json(path: str | Path, what: str) -> dict:
     return obj
 
 
-def read_manifest(path: Path, file: str, fmt: str, version: int, what: str, create: str) -> dict:
+def header(fmt: str, version: int) -> dict:
+    """The two fields every grouter artifact's JSON starts with; :func:`read_manifest` checks them."""
+    return {"format": fmt, "version": version}
+
+
+def _named(what: str) -> str:
+    return what if what.lower().startswith("grouter") else f"grouter {what}"
+
+
+def read_manifest(path: Path, file: str, fmt: str, version: int, what: str, create: str,
+                  accept_file: bool = False) -> dict:
     """The manifest of an artifact directory, after checking that the directory exists and holds
     this format at this version. ``what`` names the artifact ("routing store"); ``create`` is the
-    command that makes one, quoted in every message."""
-    if not path.is_dir():
-        raise GrouterError(f"{what} {path} not found; create it with `{create}`")
-    if not (path / file).is_file():
-        raise GrouterError(f"{path} is not a grouter {what} (no {file}); create it with `{create}`")
-    manifest = read_json(path / file, f"{what} manifest")
+    command that makes one, quoted in every message. ``accept_file``: ``path`` may also be the
+    manifest file itself (any name), for artifacts that are a single file."""
+    path = Path(path)
+    if accept_file and path.is_file():
+        file = path.name
+        manifest = read_json(path, f"{what} manifest")
+    else:
+        if not path.is_dir():
+            raise GrouterError(f"{what} {path} not found; create it with `{create}`")
+        if not (path / file).is_file():
+            raise GrouterError(f"{path} is not a {_named(what)} (no {file}); create it with `{create}`")
+        manifest = read_json(path / file, f"{what} manifest")
     if manifest.get("format") != fmt:
-        raise GrouterError(f"{path} is not a grouter {what} ({file} format is {manifest.get('format')!r})")
+        raise GrouterError(f"{path} is not a {_named(what)} ({file} format is {manifest.get('format')!r})")
     if manifest.get("version") != version:
         raise GrouterError(f"{what} {path} has format version {manifest.get('version')!r} but this grouter reads "
                            f"version {version}; re-create it with `{create}`")
@@ -114,8 +133,6 @@ def sha256_json(obj: Any) -> str:
 
 def save_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"]) -> None:
     """Save tensors atomically (tmp file + rename); shared storage is copied, as safetensors requires."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp))
@@ -124,9 +141,6 @@ def save_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"]) -> No
 
 def load_safetensors(path: str | Path, what: str) -> dict[str, "torch.Tensor"]:
     """Load a safetensors file, turning a missing, truncated or corrupt file into a GrouterError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise GrouterError(f"{what} not found: {path} is missing")
@@ -167,6 +181,10 @@ class ResumableDir:
 
     def done(self, key: str) -> int:
         return int(self._state["done"].get(key, 0))
+
+    def progress(self) -> dict[str, int]:
+        """Every recorded key and how far it got."""
+        return {key: int(v) for key, v in self._state["done"].items()}
 
     def set_done(self, key: str, value: int) -> None:
         """Record progress; call only after the data it covers is flushed to disk."""

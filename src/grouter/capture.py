@@ -1,12 +1,17 @@
-"""Capture: record a source MoE's raw router logits (one layer) for every token of a dataset.
+"""Capture: record the routing scores of one MoE layer of a source model for every token of a dataset.
 
 The targets are what distillation learns from, so the teacher never re-runs. Layout of a
 targets directory:
-- ``targets.json``: manifest (format, dataset fingerprint, source provenance, E, k, checksums);
+- ``targets.json``: manifest (format, dataset fingerprint, source provenance, E, k, checksums,
+  and what the scores are: ``score_function`` ``softmax`` for raw gate logits, ``sigmoid`` for
+  sources that select by sigmoid scores, and ``includes_bias``: whether a gate or selection bias is
+  part of them);
 - ``{split}.logits``: float16 ``[n_sequences, seq_len, E]``, one row per *input* token of each
   packed sequence, in the dataset's order (memory-mapped on read).
 
-Only the prefix of the source that feeds the captured gate is loaded and run (SPEC §1.2).
+A source is anything that follows :class:`RouterPrefix`: the built-in MoE LM here, Hugging Face
+MoE checkpoints in :mod:`grouter.hf_source`. Only the prefix of the source that feeds the captured
+gate is loaded and run (docs/method.md#capture).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,13 +27,37 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .artifacts import ResumableDir, read_json, read_manifest, sha256_file, write_json
-from .data import PackedDataset
+from .data import SPLITS, PackedDataset, batches_of
+from .device import resolve_device
 from .errors import GrouterError
-from .model import MoEConfig, MoELM
-from .routers import HashRouter, RandomRouter
-from .train import resolve_device
+from .hf_source import HFRouterPrefix, is_hf_model_dir
+from .model import MoEConfig, MoELM, read_config
+from .routers import AuxFreeRouter, RandomRouter
 
 TARGETS_FORMAT, TARGETS_VERSION = "grouter-targets", 1
+
+
+class RouterPrefix(Protocol):
+    """What capture needs of a source model: the scores its router selects experts by, per token.
+
+    ``router_logits(input_ids [B, L])`` returns float32 ``[B, L, E]``: the scores whose top-k are
+    the source's routing (raw gate logits for softmax routers; sigmoid scores plus the selection
+    bias for aux-loss-free routers). ``score_function`` and ``includes_bias`` say which.
+    """
+
+    layer: int
+    n_experts: int
+    top_k: int
+    vocab_size: int
+    score_function: str
+    includes_bias: bool
+    loaded_tensor_names: list[str]
+
+    def router_logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> dict: ...
+
+    def check_tokenizer(self, data: PackedDataset) -> None: ...
 
 
 class BuiltinRouterPrefix:
@@ -42,7 +72,7 @@ class BuiltinRouterPrefix:
         if (path / "checkpoint" / "config.json").exists():
             path = path / "checkpoint"  # a training run directory
         self.path = path
-        meta = read_json(path / "config.json", "source model config")
+        meta = read_config(path)
         cfg = MoEConfig.from_dict(meta["config"])
         self.layer = 0 if layer is None else layer
         if not 0 <= self.layer < cfg.n_layers:
@@ -52,22 +82,30 @@ class BuiltinRouterPrefix:
                                "capture from a source trained with a learned router (aux, zloss, auxfree, none)")
         self.data_info = meta.get("data", {})
         self.n_experts, self.top_k, self.vocab_size = cfg.n_experts, cfg.top_k, cfg.vocab_size
-        self.model = MoELM(MoEConfig(**{**meta["config"], "n_layers": self.layer + 1}))
-        block = f"blocks.{self.layer}.moe."
-        wanted = {k for k in self.model.state_dict() if not k.startswith(block) or k.startswith(block + "router.")}
-        self.loaded_tensor_names = sorted(wanted)
-        state = {}
-        try:
-            with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-                missing = wanted - set(f.keys())
-                if missing:
-                    raise GrouterError(f"source checkpoint {path} lacks {sorted(missing)[0]}; it is corrupt")
-                state = {k: f.get_tensor(k) for k in sorted(wanted)}
-        except (OSError, RuntimeError) as e:  # safetensors reports a bad header as these
-            raise GrouterError(f"source weights in {path} are corrupt or truncated ({str(e).splitlines()[0]})") from None
-        self.model.load_state_dict(state, strict=False)
-        self.model.to(device).eval()
+        # An aux-loss-free router selects by sigmoid scores plus its selection bias: record those.
+        self.score_function = "sigmoid" if cfg.router == "auxfree" else "softmax"
+        self.includes_bias = cfg.router == "auxfree"
         self.device = torch.device(device)
+        self.model = self._load_prefix(meta["config"])
+
+    def _load_prefix(self, config: dict) -> MoELM:
+        """The blocks up to ``layer``, with the weights of everything but that layer's experts."""
+        model = MoELM(MoEConfig(**{**config, "n_layers": self.layer + 1}))
+        block = f"blocks.{self.layer}.moe."
+        wanted = sorted(k for k in model.state_dict() if k.startswith(("embed.", "blocks."))
+                        and (not k.startswith(block) or k.startswith(block + "router.")))
+        self.loaded_tensor_names = wanted
+        try:
+            with safe_open(str(self.path / "model.safetensors"), framework="pt") as f:
+                missing = set(wanted) - set(f.keys())
+                if missing:
+                    raise GrouterError(f"source checkpoint {self.path} lacks {sorted(missing)[0]}; it is corrupt")
+                state = {k: f.get_tensor(k) for k in wanted}
+        except (OSError, RuntimeError) as e:  # safetensors reports a bad header as these
+            raise GrouterError(f"source weights in {self.path} are corrupt or truncated "
+                               f"({str(e).splitlines()[0]})") from None
+        model.load_state_dict(state, strict=False)
+        return model.to(self.device).eval()
 
     @torch.no_grad()
     def router_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -81,11 +119,15 @@ class BuiltinRouterPrefix:
         h = last.moe_norm(x).float()
         router = last.moe.router
         weight = router.weight if isinstance(router, RandomRouter) else router.gate.weight
-        return h @ weight.float().T
+        logits = h @ weight.float().T
+        if isinstance(router, AuxFreeRouter):
+            return logits.sigmoid() + router.bias.float()
+        return logits
 
     def describe(self) -> dict:
         return {"kind": "builtin", "path": str(self.path), "layer": self.layer, "n_experts": self.n_experts,
-                "top_k": self.top_k, "weights_sha256": sha256_file(self.path / "model.safetensors")}
+                "top_k": self.top_k, "weights_sha256": sha256_file(self.path / "model.safetensors"),
+                "score_function": self.score_function, "includes_bias": self.includes_bias}
 
     def check_tokenizer(self, data: PackedDataset) -> None:
         src = self.data_info.get("tokenizer_sha256")
@@ -94,72 +136,74 @@ class BuiltinRouterPrefix:
                                "re-tokenize it with the source's tokenizer")
 
 
-def open_source(path: str | Path, layer: int | None, device) -> "BuiltinRouterPrefix":
+def open_source(path: str | Path, layer: int | None, device) -> RouterPrefix:
     """A built-in checkpoint or a Hugging Face MoE directory, as a router prefix."""
     path = Path(path)
     if not path.exists():
-        raise GrouterError(f"source {path} not found; pass a `grouter source train` output or a Hugging Face MoE model directory")
-    from .hf_source import HFRouterPrefix, is_hf_model_dir
-
+        raise GrouterError(f"source {path} not found; pass a `grouter source train` output or a Hugging Face MoE "
+                           "model directory")
     if is_hf_model_dir(path):
         return HFRouterPrefix(path, layer=layer, device=device)
     return BuiltinRouterPrefix(path, layer=layer, device=device)
 
 
-def check_vocab_against_source(prefix, data: PackedDataset) -> None:
+def check_vocab_against_source(prefix: RouterPrefix, data: PackedDataset) -> None:
     if data.vocab_size > prefix.vocab_size:
         raise GrouterError(f"the dataset's vocabulary ({data.vocab_size}) is larger than the source's embedding "
                            f"({prefix.vocab_size} rows): it was tokenized with another tokenizer")
-    check = getattr(prefix, "check_tokenizer", None)
-    if check is not None:
-        check(data)
+    prefix.check_tokenizer(data)
+
+
+# Flush the targets and record progress every this many batches.
+CHECKPOINT_EVERY = 64
+
+
+def _capture_split(prefix: RouterPrefix, split, job: ResumableDir, batch_size: int, progress: bool) -> dict:
+    """Fill ``{split}.logits`` from where the last run of this job stopped; returns its manifest entry."""
+    n, name = len(split), split.name
+    path = job.work / f"{name}.logits"
+    start = job.done(name)
+    mode = "r+" if path.exists() and start else "w+"
+    targets = np.memmap(path, dtype=np.float16, mode=mode, shape=(n, split.seq_len, prefix.n_experts))
+    bar = tqdm(total=n, initial=start, desc=f"capture {name}", unit="seq", disable=not progress, mininterval=2)
+    for i, idx in enumerate(batches_of(n, batch_size, start)):
+        scores = prefix.router_logits(split.batch(idx)["input_ids"])
+        half = scores.to(torch.float16).cpu().numpy()
+        if not np.isfinite(half).all():
+            bad = "non-finite" if not torch.isfinite(scores).all() else "beyond float16 range"
+            raise GrouterError(f"the source produced {bad} router scores for {name} sequence {idx[0]}+; "
+                               "is the source checkpoint corrupt?")
+        targets[idx] = half
+        if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 or idx[-1] == n - 1:
+            targets.flush()
+            job.set_done(name, int(idx[-1]) + 1)
+        bar.update(len(idx))
+    bar.close()
+    targets.flush()
+    del targets
+    return {"n_sequences": n, "sha256": sha256_file(path)}
 
 
 def capture(source: str | Path, data: PackedDataset, out: str | Path, layer: int | None = None,
             batch_size: int = 16, device: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
     """Write the targets directory ``out``; resumable (rerun the same command) and atomic."""
-    dev = resolve_device(device)
-    prefix = open_source(source, layer, dev)
+    prefix = open_source(source, layer, resolve_device(device))
     check_vocab_against_source(prefix, data)
     source_info = prefix.describe()
     identity = {"dataset": data.fingerprint, "source": source_info, "version": TARGETS_VERSION}
     job = ResumableDir(out, identity, overwrite=overwrite)
     if job.resumed:
         print(f"resuming capture in {job.work}", file=sys.stderr)
-    E, L = prefix.n_experts, data.seq_len
-    splits = {}
-    for name in ("train", "val"):
-        split = data.split(name)
-        n = len(split)
-        path = job.work / f"{name}.logits"
-        mode = "r+" if path.exists() and job.done(name) else "w+"
-        targets = np.memmap(path, dtype=np.float16, mode=mode, shape=(n, L, E))
-        start = job.done(name)
-        bar = tqdm(total=n, initial=start, desc=f"capture {name}", unit="seq", disable=not progress, mininterval=2)
-        for lo in range(start, n, batch_size):
-            idx = np.arange(lo, min(lo + batch_size, n))
-            logits = prefix.router_logits(split.batch(idx)["input_ids"])
-            half = logits.to(torch.float16).cpu().numpy()
-            if not np.isfinite(half).all():
-                bad = "non-finite" if not torch.isfinite(logits).all() else "beyond float16 range"
-                raise GrouterError(f"the source produced {bad} router logits for {name} sequence {lo}+; "
-                                   "is the source checkpoint corrupt?")
-            targets[idx] = half
-            if (lo // batch_size) % 64 == 63 or idx[-1] == n - 1:
-                targets.flush()
-                job.set_done(name, int(idx[-1]) + 1)
-            bar.update(len(idx))
-        bar.close()
-        targets.flush()
-        del targets
-        splits[name] = {"n_sequences": n, "sha256": sha256_file(path)}
+    splits = {name: _capture_split(prefix, data.split(name), job, batch_size, progress) for name in SPLITS}
     manifest = {"format": TARGETS_FORMAT, "version": TARGETS_VERSION, "dataset_fingerprint": data.fingerprint,
-                "dataset_path": str(data.path.resolve()), "seq_len": L, "n_experts": E, "top_k": prefix.top_k,
-                "vocab_size": data.vocab_size, "dtype": "float16", "source": source_info, "splits": splits}
+                "dataset_path": str(data.path.resolve()), "seq_len": data.seq_len, "n_experts": prefix.n_experts,
+                "top_k": prefix.top_k, "vocab_size": data.vocab_size, "dtype": "float16", "layer": prefix.layer,
+                "score_function": prefix.score_function, "includes_bias": prefix.includes_bias,
+                "source": source_info, "splits": splits}
     write_json(job.work / "targets.json", manifest)
     job.finish()
-    return {"targets": str(out), "n_experts": E, "top_k": prefix.top_k, "layer": source_info["layer"],
-            "train_tokens": splits["train"]["n_sequences"] * L}
+    return {"targets": str(out), "n_experts": prefix.n_experts, "top_k": prefix.top_k, "layer": prefix.layer,
+            "score_function": prefix.score_function, "train_tokens": splits["train"]["n_sequences"] * data.seq_len}
 
 
 @dataclass

@@ -2,18 +2,42 @@
 
 Every command accepts ``--json`` (one JSON object with its results as the last stdout line)
 and ``--debug`` (show tracebacks). User errors print one ``error: ...`` line and exit 2.
+Each command has its parser (``add_*``) next to its handler (``cmd_*``); :func:`build_parser`
+only lists them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
+from .capture import Targets, capture
+from .data import DEFAULT_MAX_BYTES_PER_DOMAIN, PackedDataset, prepare_default, subset_domains, tokenize_corpus
+from .demo import run_demo
+from .device import ProcessGroup, exit_now
+from .dispatch import dispatch
+from .distill import DistillConfig, distill
+from .ep import EXCHANGES, PLACEMENTS, default_model_config, train_ep
 from .errors import GrouterError
+from .fold import STRATEGIES, fold
+from .loop import TrainConfig
+from .model import MODEL_PRESETS, MoEConfig
+from .network import LEAK_WARNING, GrouterConfig
+from .place import ALGORITHMS, LEVELS, SCOPES, place
+from .report import report
+from .reproduce import SCALES, run_reproduce, scaled
+from .routers import ROUTER_KINDS
+from .store import WEIGHTS_DTYPES, RoutingStore
+from .train import external_routing, train
+from .tune import METHODS, TuneConfig, tune
+
+BASELINE_ROUTERS = [r for r in ROUTER_KINDS if r != "external"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,10 +48,28 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last stdout line")
-    parser.add_argument("--debug", action="store_true", help="show a traceback on error")
-    return parser
+def _command(sub, name: str, help: str, func, **kw) -> argparse.ArgumentParser:
+    """A subcommand with the options every command has (``--json``, ``--debug``)."""
+    p = sub.add_parser(name, help=help, **kw)
+    _common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last stdout line")
+    p.add_argument("--debug", action="store_true", help="show a traceback on error")
+    return p
+
+
+def _output(p: argparse.ArgumentParser, required: bool = True, default: Path | None = None,
+            what: str = "output directory") -> None:
+    p.add_argument("--out", required=required, type=Path, default=default, help=what)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is done)")
+
+
+def _device(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, help="auto (CUDA when available), cpu, cuda or cuda:N")
 
 
 def _positive_int(text: str) -> int:
@@ -40,7 +82,63 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# -- argument groups shared by the training commands ------------------------------------------
+def _data(args) -> PackedDataset:
+    return PackedDataset.open(args.data)
+
+
+# -- data -----------------------------------------------------------------------------------------
+def _dataset_summary(ds: PackedDataset) -> dict:
+    splits = ds.meta["splits"]
+    return {"data": str(ds.path), "vocab_size": ds.vocab_size, "seq_len": ds.seq_len, "domains": ds.domains,
+            "train_sequences": splits["train"]["n_sequences"], "val_sequences": splits["val"]["n_sequences"],
+            "train_tokens": splits["train"]["n_tokens"], "fingerprint": ds.fingerprint}
+
+
+def cmd_data_prepare(args) -> dict:
+    return _dataset_summary(prepare_default(args.out, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                                            max_bytes_per_domain=int(args.max_mb_per_domain * 1e6),
+                                            overwrite=args.overwrite))
+
+
+def cmd_data_tokenize(args) -> dict:
+    return _dataset_summary(tokenize_corpus(args.input, args.tokenizer, args.out, seq_len=args.seq_len,
+                                            domain=args.domain, text_field=args.text_field,
+                                            val_fraction=args.val_fraction, overwrite=args.overwrite))
+
+
+def cmd_data_subset(args) -> dict:
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    return _dataset_summary(subset_domains(_data(args), domains, args.out, overwrite=args.overwrite))
+
+
+def add_data(sub) -> None:
+    data = sub.add_parser("data", help="prepare, tokenize or subset a corpus in the packed format")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
+    p = _command(data_sub, "prepare", "build the embedded default corpus (prose, speeches, code)", cmd_data_prepare)
+    _output(p)
+    p.add_argument("--vocab-size", type=_positive_int, default=8192)
+    p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--max-mb-per-domain", type=float, default=DEFAULT_MAX_BYTES_PER_DOMAIN / 1e6,
+                   help="cap on raw text per domain, MB (default %(default)s)")
+
+    p = _command(data_sub, "tokenize", "tokenize a user corpus (txt, jsonl, parquet) with a HF tokenizer",
+                 cmd_data_tokenize)
+    p.add_argument("--input", required=True, nargs="+", type=Path)
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json file or a Hugging Face model directory")
+    _output(p)
+    p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--domain", help="domain label for all inputs (default: each file's name)")
+    p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+
+    p = _command(data_sub, "subset", "the same dataset restricted to some domains (e.g. to hold one out)",
+                 cmd_data_subset)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--domains", required=True, help="comma-separated domains to keep")
+    _output(p)
+
+
+# -- training the built-in MoE LM (source and targets) ---------------------------------------------
 MODEL_FLAGS = {  # flag -> MoEConfig field
     "--d-model": "d_model", "--layers": "n_layers", "--heads": "n_heads", "--d-expert": "d_expert",
     "--experts": "n_experts", "--top-k": "top_k", "--shared-experts": "n_shared_experts",
@@ -52,28 +150,19 @@ TRAIN_FLAGS = {  # flag -> TrainConfig field
 }
 
 
-def _add_training_args(p: argparse.ArgumentParser, default_preset: str, default_steps: int) -> None:
-    from .model import MODEL_PRESETS
-    from .train import TrainConfig
-
+def _training_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=sorted(MODEL_PRESETS), default=default_preset, help="model size (default %(default)s)")
+    g.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="small", help="model size (default %(default)s)")
     for flag, field in MODEL_FLAGS.items():
         g.add_argument(flag, dest=field, type=int, default=None, help=f"override the preset's {field}")
     t = p.add_argument_group("training")
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    defaults = TrainConfig()
+    kinds = {f.name: {"int": int, "float": float, "str": str}[f.type] for f in fields(TrainConfig)}
     for flag, field in TRAIN_FLAGS.items():
-        kind = {"int": int, "float": float, "str": str}[types[field]]
-        default = default_steps if field == "steps" else getattr(defaults, field)
-        t.add_argument(flag, dest=field, type=kind, default=default, help=f"(default {default})")
-    t.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start over")
+        default = default_steps if field == "steps" else getattr(TrainConfig(), field)
+        t.add_argument(flag, dest=field, type=kinds[field], default=default, help=f"(default {default})")
 
 
-def _configs(args, data, router: str):
-    from .model import MODEL_PRESETS, MoEConfig
-    from .train import TrainConfig
-
+def _configs(args, data: PackedDataset, router: str) -> tuple[MoEConfig, TrainConfig]:
     model_kw = dict(MODEL_PRESETS[args.preset])
     model_kw.update({f: getattr(args, f) for f in MODEL_FLAGS.values() if getattr(args, f) is not None})
     model_cfg = MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router=router,
@@ -82,52 +171,15 @@ def _configs(args, data, router: str):
     return model_cfg, train_cfg
 
 
-# -- commands -------------------------------------------------------------------------------
-def cmd_data_prepare(args) -> dict:
-    from .data import prepare_default
-
-    ds = prepare_default(args.out, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                         max_bytes_per_domain=int(args.max_mb_per_domain * 1e6), overwrite=args.overwrite)
-    return _dataset_summary(ds)
-
-
-def cmd_data_tokenize(args) -> dict:
-    from .data import tokenize_corpus
-
-    ds = tokenize_corpus(args.input, args.tokenizer, args.out, seq_len=args.seq_len, domain=args.domain,
-                         text_field=args.text_field, val_fraction=args.val_fraction, overwrite=args.overwrite)
-    return _dataset_summary(ds)
-
-
-def cmd_data_subset(args) -> dict:
-    from .data import PackedDataset, subset_domains
-
-    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
-    return _dataset_summary(subset_domains(PackedDataset.open(args.data), domains, args.out, overwrite=args.overwrite))
-
-
-def _dataset_summary(ds) -> dict:
-    splits = ds.meta["splits"]
-    return {"data": str(ds.path), "vocab_size": ds.vocab_size, "seq_len": ds.seq_len, "domains": ds.domains,
-            "train_sequences": splits["train"]["n_sequences"], "val_sequences": splits["val"]["n_sequences"],
-            "train_tokens": splits["train"]["n_tokens"], "fingerprint": ds.fingerprint}
-
-
 def cmd_source_train(args) -> dict:
-    from .data import PackedDataset
-    from .train import train
-
-    data = PackedDataset.open(args.data)
+    data = _data(args)
     model_cfg, train_cfg = _configs(args, data, args.router)
     return train(data, args.out, model_cfg, train_cfg, overwrite=args.overwrite)
 
 
 def cmd_train(args) -> dict:
     """Baseline router, stored routing (--routing) or online Grouter routing (--grouter)."""
-    from .data import PackedDataset
-    from .train import external_routing, train
-
-    data = PackedDataset.open(args.data)
+    data = _data(args)
     if args.router:
         model_cfg, train_cfg = _configs(args, data, args.router)
         return train(data, args.out, model_cfg, train_cfg, overwrite=args.overwrite)
@@ -142,30 +194,45 @@ def cmd_train(args) -> dict:
                  overwrite=args.overwrite)
 
 
-def cmd_dispatch(args) -> dict:
-    from .data import PackedDataset
-    from .dispatch import dispatch
+def add_training(sub) -> None:
+    source = sub.add_parser("source", help="the built-in source MoE model")
+    source_sub = source.add_subparsers(dest="source_command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
+    p = _command(source_sub, "train", "train the built-in MoE LM that serves as a source", cmd_source_train)
+    p.add_argument("--data", required=True, type=Path)
+    _output(p, what="run directory (resumed when it holds this same run)")
+    p.add_argument("--router", choices=BASELINE_ROUTERS, default="aux", help="the source's router (default aux)")
+    _training_args(p, default_steps=300)
 
-    return dispatch(args.grouter, PackedDataset.open(args.data), args.out, k=args.k, batch_size=args.batch_size,
-                    device=args.device, weights_dtype=args.weights_dtype, overwrite=args.overwrite)
+    p = _command(sub, "train", "train a target MoE with stored Grouter routing or a baseline router", cmd_train)
+    p.add_argument("--data", required=True, type=Path)
+    _output(p, what="run directory (resumed when it holds this same run)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--routing", type=Path, help="a routing store from `grouter dispatch` (no router compute)")
+    which.add_argument("--grouter", type=Path, help="a Grouter, routing computed online every step")
+    which.add_argument("--router", choices=BASELINE_ROUTERS,
+                       help="aux: learned + load-balancing loss; zloss: + z-loss; auxfree: bias balancing; "
+                            "hash: balanced token-id table; random: frozen random; none: learned, no balancing")
+    _training_args(p, default_steps=300)
 
 
+# -- capture, distill, fold, tune ------------------------------------------------------------------
 def cmd_capture(args) -> dict:
-    from .capture import capture
-    from .data import PackedDataset
-
-    data = PackedDataset.open(args.data)
-    return capture(args.source, data, args.out, layer=args.layer, batch_size=args.batch_size,
+    return capture(args.source, _data(args), args.out, layer=args.layer, batch_size=args.batch_size,
                    device=args.device, overwrite=args.overwrite)
 
 
+def add_capture(sub) -> None:
+    p = _command(sub, "capture", "record a source MoE's router scores (one layer) for a dataset", cmd_capture)
+    p.add_argument("--source", required=True, type=Path,
+                   help="a `grouter source train` output or a Hugging Face MoE directory (Qwen2/3-MoE, OLMoE, Mixtral)")
+    p.add_argument("--data", required=True, type=Path)
+    _output(p)
+    p.add_argument("--layer", type=int, default=None, help="MoE layer to capture (default: the first MoE layer)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    _device(p)
+
+
 def cmd_distill(args) -> dict:
-    import warnings
-
-    from .capture import Targets
-    from .distill import DistillConfig, distill
-    from .network import LEAK_WARNING, GrouterConfig
-
     targets = Targets.open(args.targets)
     gcfg = GrouterConfig(vocab_size=targets.data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
                          d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
@@ -177,140 +244,19 @@ def cmd_distill(args) -> dict:
     if not gcfg.causal:
         print(f"warning: {LEAK_WARNING}", file=sys.stderr)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # the leak warning was printed once, above
         return distill(targets, args.out, gcfg, cfg, overwrite=args.overwrite)
 
 
-def cmd_fold(args) -> dict:
-    from .data import PackedDataset
-    from .fold import fold
-
-    return fold(args.grouter, PackedDataset.open(args.data), args.out, args.experts, strategy=args.strategy,
-                top_k=args.top_k, max_sequences=args.max_sequences, seed=args.seed, device=args.device,
-                overwrite=args.overwrite)
-
-
-def cmd_tune(args) -> dict:
-    from .data import PackedDataset
-    from .tune import TuneConfig, tune
-
-    cfg = TuneConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, method=args.method,
-                     bias_gamma=args.bias_gamma, domain=args.domain, eval_sequences=args.eval_sequences,
-                     seed=args.seed, device=args.device)
-    return tune(args.grouter, PackedDataset.open(args.data), args.out, cfg, overwrite=args.overwrite)
-
-
-def cmd_place(args) -> dict:
-    from .place import place
-
-    return place(args.routing, args.out, args.ranks, ranks_per_node=args.ranks_per_node, algorithm=args.algorithm,
-                 global_batch=args.global_batch, seed=args.seed, overwrite=args.overwrite, level=args.level,
-                 scope=args.scope, exact=args.exact)
-
-
-def cmd_report(args) -> dict:
-    from .report import report
-
-    result = report(args.runs, args.out, overwrite=args.overwrite)
-    if not args.json:
-        print(result.pop("table"))
-    return result
-
-
-def cmd_demo(args) -> dict:
-    from .demo import run_demo
-
-    return run_demo(Path(args.out))
-
-
-def cmd_reproduce(args) -> dict:
-    from .reproduce import run_reproduce, scaled
-
-    overrides = {k: v for k, v in (("held_out_domain", args.held_out_domain), ("target_steps", args.target_steps),
-                                   ("data", args.data and str(args.data))) if v is not None}
-    return run_reproduce(Path(args.out), scaled(args.scale, **overrides))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .routers import ROUTER_KINDS
-
-    baseline_routers = [r for r in ROUTER_KINDS if r != "external"]
-    parser = _common(Parser(prog="grouter", description=__doc__.splitlines()[0]))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-
-    data = sub.add_parser("data", help="prepare or tokenize a corpus into the packed format")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
-    p = _common(data_sub.add_parser("prepare", help="build the embedded default corpus (prose, speeches, code)"))
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--vocab-size", type=_positive_int, default=8192)
-    p.add_argument("--seq-len", type=_positive_int, default=256)
-    from .data import DEFAULT_MAX_BYTES_PER_DOMAIN
-
-    p.add_argument("--max-mb-per-domain", type=float, default=DEFAULT_MAX_BYTES_PER_DOMAIN / 1e6,
-                   help="cap on raw text per domain, MB (default %(default)s)")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_data_prepare)
-
-    p = _common(data_sub.add_parser("tokenize", help="tokenize a user corpus (txt, jsonl, parquet) with a HF tokenizer"))
-    p.add_argument("--input", required=True, nargs="+", type=Path)
-    p.add_argument("--tokenizer", required=True, help="a tokenizer.json file or a Hugging Face model directory")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seq-len", type=_positive_int, default=256)
-    p.add_argument("--domain", help="domain label for all inputs (default: each file's name)")
-    p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_data_tokenize)
-
-    p = _common(data_sub.add_parser("subset", help="the same dataset restricted to some domains (e.g. to hold one out)"))
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--domains", required=True, help="comma-separated domains to keep")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_data_subset)
-
-    source = sub.add_parser("source", help="the built-in source MoE model")
-    source_sub = source.add_subparsers(dest="source_command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
-    p = _common(source_sub.add_parser("train", help="train the built-in MoE LM that serves as a source"))
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--router", choices=baseline_routers, default="aux", help="the source's router (default aux)")
-    _add_training_args(p, default_preset="small", default_steps=300)
-    p.set_defaults(func=cmd_source_train)
-
-    p = _common(sub.add_parser("train", help="train a target MoE with stored Grouter routing or a baseline router"))
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--routing", type=Path, help="a routing store from `grouter dispatch` (no router compute)")
-    which.add_argument("--grouter", type=Path, help="a Grouter, routing computed online every step")
-    which.add_argument("--router", choices=baseline_routers,
-                       help="aux: learned + load-balancing loss; zloss: + z-loss; auxfree: bias balancing; "
-                            "hash: balanced token-id table; random: frozen random; none: learned, no balancing")
-    _add_training_args(p, default_preset="small", default_steps=300)
-    p.set_defaults(func=cmd_train)
-
-    p = _common(sub.add_parser("capture", help="record a source MoE's router logits (one layer) for a dataset"))
-    p.add_argument("--source", required=True, type=Path,
-                   help="a `grouter source train` output or a Hugging Face MoE directory (Qwen2/3-MoE, OLMoE, Mixtral)")
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--layer", type=int, default=None, help="MoE layer to capture (default: the first MoE layer)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_capture)
-
-    p = _common(sub.add_parser("distill", help="train a Grouter on captured router logits"))
+def add_distill(sub) -> None:
+    p = _command(sub, "distill", "train a Grouter on captured router scores", cmd_distill)
     p.add_argument("--targets", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    from .distill import DistillConfig
-
-    d = DistillConfig()
-    p.add_argument("--d-model", type=_positive_int, default=256)
-    p.add_argument("--layers", type=_positive_int, default=3)
-    p.add_argument("--heads", type=_positive_int, default=4)
-    p.add_argument("--d-ff", type=_positive_int, default=512)
+    _output(p, what="run directory (resumed when it holds this same run)")
+    g, d = GrouterConfig(vocab_size=1, n_experts=1, top_k=1), DistillConfig()
+    p.add_argument("--d-model", type=_positive_int, default=g.d_model)
+    p.add_argument("--layers", type=_positive_int, default=g.n_layers)
+    p.add_argument("--heads", type=_positive_int, default=g.n_heads)
+    p.add_argument("--d-ff", type=_positive_int, default=g.d_ff)
     p.add_argument("--no-rope", action="store_true", help="no positional information")
     p.add_argument("--bidirectional-leaks-future", action="store_true",
                    help="bidirectional attention, as the authors' code: routes see later tokens (a leak)")
@@ -320,33 +266,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=d.temperature, help="KL temperature (default 1: no temperature)")
     p.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
     p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_distill)
+    p.add_argument("--seed", type=int, default=d.seed)
+    _device(p)
 
-    from .fold import STRATEGIES
 
-    p = _common(sub.add_parser("fold", help="fold a Grouter to fewer experts by co-activation affinity"))
+def cmd_fold(args) -> dict:
+    return fold(args.grouter, _data(args), args.out, args.experts, strategy=args.strategy, top_k=args.top_k,
+                max_sequences=args.max_sequences, seed=args.seed, device=args.device, overwrite=args.overwrite)
+
+
+def add_fold(sub) -> None:
+    p = _command(sub, "fold", "fold a Grouter to fewer experts by co-activation affinity", cmd_fold)
     p.add_argument("--grouter", required=True, type=Path)
     p.add_argument("--experts", required=True, type=int, help="target expert count (fewer than the Grouter's)")
     p.add_argument("--data", required=True, type=Path, help="data to measure co-activation on")
-    p.add_argument("--out", required=True, type=Path)
+    _output(p)
     p.add_argument("--strategy", choices=STRATEGIES, default="affinity")
     p.add_argument("--top-k", type=_positive_int, default=None, help="the target's top-k (default: the Grouter's)")
     p.add_argument("--max-sequences", type=_positive_int, default=2000, help="sequences to measure affinity on")
     p.add_argument("--seed", type=int, default=0, help="for the random strategy")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_fold)
+    _device(p)
 
-    from .tune import METHODS, TuneConfig
 
+def cmd_tune(args) -> dict:
+    cfg = TuneConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, method=args.method,
+                     bias_gamma=args.bias_gamma, domain=args.domain, eval_sequences=args.eval_sequences,
+                     seed=args.seed, device=args.device)
+    return tune(args.grouter, _data(args), args.out, cfg, overwrite=args.overwrite)
+
+
+def add_tune(sub) -> None:
     t = TuneConfig()
-    p = _common(sub.add_parser("tune", help="re-balance a Grouter on target data (last layer only, balancing loss)"))
+    p = _command(sub, "tune", "re-balance a Grouter on target data (last layer only, balancing loss)", cmd_tune)
     p.add_argument("--grouter", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
+    _output(p)
     p.add_argument("--tokens", type=_positive_int, default=t.tokens, help="target tokens to tune on (default %(default)s)")
     p.add_argument("--method", choices=METHODS, default=t.method,
                    help="gradient: train the head with the load-balancing loss; bias: selection bias by the sign rule")
@@ -355,69 +309,146 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=t.batch_size)
     p.add_argument("--domain", default=None, help="tune and evaluate on one domain of the data only")
     p.add_argument("--eval-sequences", type=_positive_int, default=t.eval_sequences)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_tune)
+    p.add_argument("--seed", type=int, default=t.seed)
+    _device(p)
 
-    p = _common(sub.add_parser("dispatch", help="route the dataset once with a frozen Grouter: the routing store",
-                               description="Sharded: torchrun --nproc_per_node N -m grouter.cli dispatch ..."))
+
+# -- dispatch, place, ep ---------------------------------------------------------------------------
+def cmd_dispatch(args) -> dict:
+    return dispatch(args.grouter, _data(args), args.out, k=args.k, batch_size=args.batch_size, device=args.device,
+                    weights_dtype=args.weights_dtype, overwrite=args.overwrite)
+
+
+def add_dispatch(sub) -> None:
+    p = _command(sub, "dispatch", "route the dataset once with a frozen Grouter: the routing store", cmd_dispatch,
+                 description="Sharded: torchrun --nproc_per_node N -m grouter.cli dispatch ...")
     p.add_argument("--grouter", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
+    _output(p)
     p.add_argument("--k", type=_positive_int, default=None, help="experts per token (default: the Grouter's top-k)")
     p.add_argument("--batch-size", type=_positive_int, default=16,
-                   help="sequences per Grouter forward: 16 measured fastest on CPU (16: 167k, 64: 132k, "
-                        "256: 94k tokens/s); use more on a GPU. Resuming needs the same value")
-    p.add_argument("--weights-dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_dispatch)
+                   help="sequences per Grouter forward (default %(default)s: small batches suit a CPU, use more on "
+                        "a GPU; docs/BENCHMARKS.md); resuming needs the same value")
+    p.add_argument("--weights-dtype", choices=sorted(WEIGHTS_DTYPES), default="bfloat16")
+    _device(p)
 
-    p = _common(sub.add_parser("place", help="expert-parallel placement plan from a routing store"))
+
+def cmd_place(args) -> dict:
+    return place(args.routing, args.out, args.ranks, ranks_per_node=args.ranks_per_node, algorithm=args.algorithm,
+                 global_batch=args.global_batch, seed=args.seed, overwrite=args.overwrite, level=args.level,
+                 scope=args.scope, exact=args.exact)
+
+
+def add_place(sub) -> None:
+    p = _command(sub, "place", "expert-parallel placement plan from a routing store", cmd_place)
     p.add_argument("--routing", required=True, type=Path)
     p.add_argument("--ranks", required=True, type=_positive_int, help="expert-parallel ranks (must divide the experts)")
     p.add_argument("--ranks-per-node", type=_positive_int, default=None, help="GPUs per node, for node-level cost")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--algorithm", choices=("balanced", "greedy"), default="balanced",
+    _output(p)
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="balanced",
                    help="balanced: equal sequences per rank per global batch; greedy: the paper's Algorithm 1 "
                         "(no capacity constraint: ranks get unequal work)")
-    p.add_argument("--level", choices=("rank", "node"), default=None,
+    p.add_argument("--level", choices=LEVELS, default=None,
                    help="optimise rank-level (DeepEP) or node-level traffic (default: node when 1 < G < R)")
     p.add_argument("--global-batch", type=_positive_int, default=None, help="sequences per global batch (default 16×R)")
-    p.add_argument("--scope", choices=("batch", "epoch"), default="batch", help="where the equal-share constraint holds")
+    p.add_argument("--scope", choices=SCOPES, default="batch", help="where the equal-share constraint holds")
     p.add_argument("--exact", action="store_true", help="optimal per-batch assignment (slower) instead of the greedy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_place)
 
-    p = _common(sub.add_parser("report", help="tables and plots comparing finished training runs"))
+
+def cmd_ep(args) -> dict | None:
+    """Every rank runs this; only rank 0 reports (the others return None: nothing printed)."""
+    with ProcessGroup(args.device, always=True) as group:
+        data = _data(args)
+        store = RoutingStore.open(args.routing, data=data)
+        sizes = {k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads", "d_expert") if getattr(args, k)}
+        model_cfg = default_model_config(data, store, args.seed, args.preset, **sizes)
+        train_cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                                grad_clip=args.grad_clip, device=args.device)
+        summary = train_ep(data, store, args.out, plan=args.plan, placement=args.placement, exchange=args.exchange,
+                           model_cfg=model_cfg, train_cfg=train_cfg, global_batch=args.global_batch,
+                           save_model=args.save_model, overwrite=args.overwrite, progress=not args.json)
+        return {"out": str(args.out), **summary} if group.rank == 0 else None
+
+
+def add_ep(sub) -> None:
+    p = _command(sub, "ep", "expert-parallel training of the built-in MoE LM on stored routing with a plan", cmd_ep,
+                 description="Launch with torchrun --nproc_per_node R -m grouter.cli ep ... (one process: world 1). "
+                             "A reference engine with exact per-phase byte counts; see docs/method.md.")
+    p.set_defaults(hard_exit=True)  # see main()
+    p.add_argument("--data", required=True, type=Path, help="packed dataset directory")
+    p.add_argument("--routing", required=True, type=Path, help="routing store of the dataset (grouter dispatch)")
+    p.add_argument("--plan", type=Path, help="placement plan (grouter place) for R ranks; needed for --placement plan")
+    p.add_argument("--placement", choices=PLACEMENTS, default="plan",
+                   help="plan: the plan's experts and samples; random: identity experts, batches dealt at random")
+    p.add_argument("--exchange", choices=sorted(EXCHANGES), default="dedup",
+                   help="dedup: one copy per (token, rank) (DeepEP); slot: one per (token, expert) (Megatron)")
+    _output(p, what="run directory (run.json, metrics.jsonl, model/)")
+    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="tiny")
+    for flag, name in (("--d-model", "d_model"), ("--layers", "n_layers"), ("--heads", "n_heads"),
+                       ("--d-expert", "d_expert")):
+        p.add_argument(flag, type=_positive_int, dest=name, help=f"override the preset's {name}")
+    defaults = TrainConfig()
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--global-batch", type=_positive_int, help="sequences per step without a plan (random placement)")
+    _device(p)
+    p.add_argument("--save-model", action="store_true", help="write the gathered model to OUT/model")
+
+
+# -- report, demo, reproduce -----------------------------------------------------------------------
+def cmd_report(args) -> dict:
+    result = report(args.runs, args.out, overwrite=args.overwrite)
+    if not args.json:
+        print(result.pop("table"))
+    return result
+
+
+def cmd_demo(args) -> dict:
+    return run_demo(Path(args.out))
+
+
+def cmd_reproduce(args) -> dict:
+    overrides = {k: v for k, v in (("held_out_domain", args.held_out_domain), ("target_steps", args.target_steps),
+                                   ("data", args.data and str(args.data))) if v is not None}
+    return run_reproduce(Path(args.out), scaled(args.scale, **overrides))
+
+
+def add_reporting(sub) -> None:
+    p = _command(sub, "report", "tables and plots comparing finished training runs", cmd_report)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_report)
+    _output(p)
 
-    p = _common(sub.add_parser("demo", help="the whole pipeline, small, on the embedded corpus"))
-    p.add_argument("--out", type=Path, default=Path("demo"))
-    p.set_defaults(func=cmd_demo)
+    p = _command(sub, "demo", "the whole pipeline, small, on the embedded corpus", cmd_demo)
+    p.add_argument("--out", type=Path, default=Path("demo"), help="where every stage writes (rerun to resume)")
 
-    from .reproduce import SCALES
-
-    p = _common(sub.add_parser("reproduce", help="the paper's comparison: Grouter vs every baseline, with ablations"))
-    p.add_argument("--out", type=Path, default=Path("reproduce"))
+    p = _command(sub, "reproduce", "the paper's comparison: Grouter vs every baseline, with ablations", cmd_reproduce)
+    p.add_argument("--out", type=Path, default=Path("reproduce"), help="where every stage writes (rerun to resume)")
     p.add_argument("--scale", choices=list(SCALES), default="cpu",
-                   help="model and data sizes: smoke (minutes), cpu (about an hour on 2 cores), gpu (one GPU)")
+                   help="model and data sizes: smoke (minutes), cpu (CPU-sized), gpu (one GPU); docs/RESULTS.md")
     p.add_argument("--data", type=Path, default=None,
                    help="a dataset from `grouter data prepare/tokenize` (default: the embedded corpus, prepared in --out)")
     p.add_argument("--held-out-domain", default=None, help="the domain the source never sees (default: code)")
     p.add_argument("--target-steps", type=_positive_int, default=None, help="override the scale's target steps")
-    p.set_defaults(func=cmd_reproduce)
+
+
+COMMANDS = (add_data, add_training, add_capture, add_distill, add_fold, add_tune, add_dispatch, add_place, add_ep,
+            add_reporting)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _common(Parser(prog="grouter", description=__doc__.splitlines()[0]))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(args) -> int:
+    """Run the parsed command; print its result; the exit status."""
     try:
         result = args.func(args)
     except GrouterError as e:
@@ -434,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", file=sys.stderr)
         return 1
+    if result is None:
+        return 0
     if args.json:
         print(json.dumps(result, default=str))
     else:
@@ -441,6 +474,16 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(value, (dict, list)):
                 print(f"{key}: {value}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code = run_command(args)
+    if getattr(args, "hard_exit", False) and "WORLD_SIZE" in os.environ:
+        # A rank of a launch that ran gloo collectives leaves without interpreter teardown: gloo's
+        # worker threads may still hold tensors, and tearing down under them aborts the process.
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

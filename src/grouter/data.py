@@ -48,9 +48,7 @@ EOS_TOKEN = "<|endoftext|>"
 WELL_KNOWN_EOS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 
 # Per-domain cap of the default corpus. It keeps the domains balanced (prose has 7.2 MB in all;
-# speeches and code are cut to 8 MB each), and with it `prepare_default()` (vocab 8192, seq_len
-# 256; 23 MB of text -> 6.2 M tokens) took 9-14 s on a 2-core CPU machine (tokenizer training
-# ~3 s, packing ~6 s), well under the one-minute budget.
+# speeches and code are cut to 8 MB each: 23 MB of text, 6.2 M tokens at vocab 8192).
 DEFAULT_MAX_BYTES_PER_DOMAIN = 8_000_000
 # The tokenizer is trained on at most this much text per domain (BPE merges settle early).
 TOKENIZER_SAMPLE_BYTES_PER_DOMAIN = 3_000_000
@@ -245,6 +243,7 @@ def _read_jsonl(path: Path, domain: str, text_field: str) -> Iterator[Document]:
 
 
 def _read_parquet(path: Path, domain: str, text_field: str) -> Iterator[Document]:
+    # pyarrow takes about a second to import and only parquet input needs it: imported on use
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -313,7 +312,7 @@ def _tokenizer_via_transformers(model_dir: Path) -> Tokenizer:
     if not (model_dir / "tokenizer_config.json").is_file():
         raise GrouterError(f"no tokenizer.json in {model_dir}; pass a tokenizer.json file or a model directory containing one")
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # transformers takes seconds to import: only on use
 
         hf = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True, local_files_only=True)
         return hf.backend_tokenizer
@@ -676,6 +675,14 @@ def tokenize_corpus(
 # Reading
 
 
+def batches_of(idx, batch_size: int, start: int = 0) -> Iterator[np.ndarray]:
+    """Consecutive batches of ``batch_size`` of the sequence indices ``idx`` (an int: ``range(idx)``),
+    from position ``start``; the last batch may be shorter."""
+    idx = np.arange(idx) if isinstance(idx, (int, np.integer)) else np.asarray(idx, dtype=np.int64)
+    for lo in range(start, len(idx), batch_size):
+        yield idx[lo:lo + batch_size]
+
+
 @dataclass(eq=False)
 class DataSplit:
     """One split: a token memmap and its sequence index, with batch access for training/eval."""
@@ -735,8 +742,8 @@ class DataSplit:
     def iter_batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """All sequences in index order (evaluation, dispatch statistics)."""
         stop = self.n_sequences - self.n_sequences % batch_size if drop_last else self.n_sequences
-        for start in range(0, stop, batch_size):
-            yield self.batch(np.arange(start, min(start + batch_size, stop)))
+        for idx in batches_of(stop, batch_size):
+            yield self.batch(idx)
 
     def token_counts(self) -> np.ndarray:
         """int64 ``[vocab_size]``: how often each id occurs among the sequences' input tokens."""

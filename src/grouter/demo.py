@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import read_json
 from .capture import Targets, capture
 from .data import PackedDataset, prepare_default
 from .dispatch import dispatch
@@ -23,7 +22,8 @@ from .model import MoEConfig
 from .network import GrouterConfig
 from .place import place
 from .report import report
-from .train import TrainConfig, external_routing, train
+from .loop import TrainConfig, read_run
+from .train import external_routing, train
 from .tune import TuneConfig, tune
 
 
@@ -72,8 +72,7 @@ class Stages:
 
     def timed(self, name: str, what: str, make):
         """A training stage: it resumes, or returns its summary at once when already finished."""
-        run_json = self.out / name / "run.json"
-        if run_json.exists() and read_json(run_json, "run record").get("status") == "complete":
+        if (self.out / name / "run.json").exists() and read_run(self.out / name).get("status") == "complete":
             self.say(f"{what}: reusing {self.out / name}")
             return make()
         self.say(what)

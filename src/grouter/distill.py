@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .capture import Targets
+from .data import batches_of
+from .device import resolve_device
 from .errors import GrouterError
+from .loop import Run, Step, TrainConfig, build_optimizer, fit, read_metrics
 from .metrics import topk_recall, topk_set_agreement
 from .network import LEAK_WARNING, Grouter, GrouterConfig
-from .train import Run, TrainConfig, build_optimizer, lr_at, read_metrics, resolve_device
 
 
 @dataclass
@@ -59,8 +60,7 @@ def evaluate_distill(grouter: Grouter, targets: Targets, split: str, n_sequences
     data, k = targets.data.split(split), targets.top_k
     n = min(n_sequences, len(data))
     kl_sum, recall_sum, match_sum, tokens = 0.0, 0.0, 0.0, 0
-    for lo in range(0, n, batch_size):
-        idx = np.arange(lo, min(lo + batch_size, n))
+    for idx in batches_of(n, batch_size):
         teacher = targets.logits(split, idx).to(device)
         student = grouter(data.batch(idx)["input_ids"].to(device))
         count = teacher.shape[0] * teacher.shape[1]
@@ -100,38 +100,20 @@ def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: Distill
     torch.manual_seed(cfg.seed)
     grouter = Grouter(gcfg).to(device).train()
     opt = build_optimizer(grouter, cfg)
-    start = 0
-    if resume_state is not None:
-        run.load_checkpoint(grouter, opt)
-        start = resume_state["step"]
-    run.trim_metrics(start)
-    extra = {"leaks_future": not gcfg.causal}
+    start = run.resume(grouter, opt, resume_state)
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", unit="step",
-               disable=not progress, mininterval=2)
-    for step in bar:
-        idx = train_split.batch_indices(step, cfg.batch_size, cfg.seed)
+    def forward(idx: np.ndarray) -> Step:
         teacher = targets.logits("train", idx).to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
         loss = kl_loss(teacher, grouter(train_split.batch(idx)["input_ids"].to(device)), cfg.temperature)
-        if not torch.isfinite(loss):
-            raise GrouterError(f"distillation loss became {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(grouter.parameters(), cfg.grad_clip).item()
-        opt.step()
-        done = step + 1
-        run.log({"kind": "train", "step": done, "kl": loss.item(), "lr": lr_at(step, cfg), "grad_norm": grad_norm})
-        bar.set_postfix(kl=f"{loss.item():.3f}", refresh=False)
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            run.log({"kind": "eval", "step": done,
-                     **evaluate_distill(grouter, targets, "val", cfg.eval_sequences, cfg.batch_size, device)})
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            run.save_checkpoint(grouter, opt, {"step": done}, extra)
-        if stop_after is not None and done >= stop_after:
-            return {"out": str(out), "stopped_at": done}
-    bar.close()
+        return Step(loss, {"loss": loss.item()})
+
+    def evaluate(step: int) -> dict:
+        return evaluate_distill(grouter, targets, "val", cfg.eval_sequences, cfg.batch_size, device)
+
+    batches = ((step, train_split.batch_indices(step, cfg.batch_size, cfg.seed)) for step in range(start, cfg.steps))
+    if not fit(run, grouter, opt, cfg, start, batches, forward, evaluate=evaluate, extra={"leaks_future": not gcfg.causal},
+               desc="distill", progress=progress, stop_after=stop_after):
+        return {"out": str(out), "stopped_at": stop_after}
 
     evals = [r for r in read_metrics(run.metrics_path) if r["kind"] == "eval"]
     summary = {"grouter": str(out), "steps": cfg.steps, "n_experts": gcfg.n_experts, "top_k": gcfg.top_k,

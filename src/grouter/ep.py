@@ -40,33 +40,28 @@ states to the experts' owners), ``combine`` (results back), ``dispatch_backward`
 ``combine_backward`` (their gradients), ``meta`` (counts and routing metadata).
 :func:`analytic_copies` gives the same from the routing alone.
 
-Training: :func:`train_ep` (AdamW, the learning-rate schedule of :func:`grouter.train.lr_at`,
-global-norm clipping over dense + all expert shards), each rank backpropagating its mean loss
-weighted by its share of the global batch's tokens, so that summing the dense gradients over ranks
-gives exactly the gradient of the mean loss over the global batch (a single process on the union
-of the ranks' batches). Launch::
+Training: :func:`train_ep` runs the shared loop of :mod:`grouter.loop` (AdamW, its learning-rate
+schedule) with EP's collectives: global-norm clipping over dense + all expert shards, each rank
+backpropagating its mean loss weighted by its share of the global batch's tokens, so that summing
+the dense gradients over ranks gives exactly the gradient of the mean loss over the global batch
+(a single process on the union of the ranks' batches). Launch::
 
-    torchrun --nproc_per_node R -m grouter.ep --data D --routing S --plan P --steps N --out O \\
+    torchrun --nproc_per_node R -m grouter.cli ep --data D --routing S --plan P --steps N --out O \\
         [--placement plan|random] [--exchange dedup|slot]
 
 ``--placement random`` is the baseline: the plan's global batches dealt to the ranks by a seeded
-shuffle, identity permutation (expert e on rank e // (E/R)). Rank 0 writes ``O/metrics.jsonl``
-(per step: loss, lr, grad norm, step time, per-rank bytes per phase and remote copies, the analytic
-copies under both cost models) and ``O/summary.json``; ``--save-model`` writes the gathered model
-(logical expert order) as an :class:`~grouter.model.MoELM` checkpoint in ``O/model``.
+shuffle, identity permutation (expert e on rank e // (E/R)). Rank 0 writes the run directory ``O``:
+``metrics.jsonl`` (per step: loss, lr, grad norm, step time, per-rank bytes per phase and remote
+copies, the analytic copies under both cost models) and ``run.json`` (its summary); ``--save-model``
+writes the gathered model (logical expert order) as an :class:`~grouter.model.MoELM` checkpoint in
+``O/model``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import shutil
-import socket
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +69,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .data import PackedDataset
+from .device import resolve_device, settle
 from .errors import GrouterError
+from .loop import Run, Step, TrainConfig, build_optimizer, fit
 from .model import MODEL_PRESETS, Experts, MoEConfig, MoELM
+from .place import Plan, relabel
 from .routers import Routing
+from .store import RoutingStore
 
 EXCHANGES = {
     "dedup": "one copy per (token, destination rank) (DeepEP-style; the plan's deepep cost)",
@@ -445,366 +445,218 @@ def rank_batches(plan, placement: str, world: int, seed: int = 0, split_size: in
 
 
 # -- training -------------------------------------------------------------------------------------
-def train_step(model: MoELM, opt: torch.optim.Optimizer, input_ids: torch.Tensor, labels: torch.Tensor,
-               routing: Routing, lr: float, grad_clip: float) -> dict:
-    """One synchronous EP step on this rank's batch. Returns global loss, grad norm and local tokens.
+@dataclass
+class StepStats:
+    """One rank's measurements of one step; :meth:`gather` collects every rank's."""
 
-    Every rank backpropagates ``lm_loss * tokens_r / tokens_total``; with the dense gradients
-    summed over ranks this is the gradient of the mean loss over the global batch.
-    """
-    ep = model.ep_context
-    for group in opt.param_groups:
-        group["lr"] = lr
-    out = model(input_ids, labels=labels, routing=routing)
-    n_local = labels.numel()
-    totals = torch.tensor([float(n_local), float(out.lm_loss.detach()) * n_local], dtype=torch.float64,
-                          device=labels.device)
-    if ep.world > 1:
-        dist.all_reduce(totals, group=ep.group)
-    if not math.isfinite(float(totals[1])):
-        raise GrouterError(f"the loss became {float(totals[1] / totals[0])}; lower --lr")
-    opt.zero_grad(set_to_none=True)
-    ((out.loss) * (n_local / float(totals[0]))).backward()
-    all_reduce_dense_grads(model, ep)
-    grad_norm = clip_grad_norm_ep(model, grad_clip, ep)
-    opt.step()
-    return {"loss": float(totals[1] / totals[0]), "grad_norm": grad_norm, "tokens": int(totals[0]),
-            "expert_counts": out.expert_counts}
+    bytes: dict[str, int]  # sent to other ranks, per phase
+    remote_copies: int  # hidden-state rows dispatched to other ranks
+    analytic_copies: dict[str, int]  # the same predicted from the routing, per exchange
+    seconds: float
+    a2a_seconds: float
+    sequences: int
+
+    @staticmethod
+    def gather(mine: "StepStats", ep: EPContext) -> list["StepStats"]:
+        everyone: list = [None] * ep.world
+        dist.all_gather_object(everyone, mine, group=ep.group)
+        return everyone
 
 
-def _gather_floats(values: list[float], ep: EPContext, device) -> np.ndarray:
-    """``[R, len(values)]`` of every rank's values."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if ep.world == 1:
-        return t[None].cpu().numpy()
-    parts = [torch.empty_like(t) for _ in range(ep.world)]
-    dist.all_gather(parts, t, group=ep.group)
-    return torch.stack(parts).cpu().numpy()
+def step_record(stats: list[StepStats], row_bytes: int) -> dict:
+    """The per-rank lists of a step's log record (rank r at position r)."""
+    each = lambda f: [f(s) for s in stats]  # noqa: E731
+    by_phase = {p: each(lambda s, p=p: s.bytes[p]) for p in PHASES}
+    return {"sequences_per_rank": each(lambda s: s.sequences), "step_seconds": max(each(lambda s: s.seconds)),
+            "a2a_seconds_per_rank": each(lambda s: round(s.a2a_seconds, 6)),
+            "bytes_per_rank": {**by_phase, "total": each(lambda s: sum(s.bytes.values()))},
+            "remote_copies_per_rank": each(lambda s: s.remote_copies),
+            "analytic_copies_per_rank": {x: each(lambda s, x=x: s.analytic_copies[x]) for x in EXCHANGES},
+            "analytic_dispatch_bytes_per_rank": {x: each(lambda s, x=x: s.analytic_copies[x] * row_bytes)
+                                                 for x in EXCHANGES}}
 
 
-def _device(name: str) -> torch.device:
-    from .train import resolve_device
+def summarize(records: list[dict], ep: EPContext, placement: str, model_cfg: MoEConfig, seconds: float) -> dict:
+    """Means per rank and step of what the records hold; the first step (warm-up) is left out of times."""
+    timed = records[1:] or records
+    mean_rank = lambda key, sub: float(np.mean([np.mean(r[key][sub]) for r in records]))  # noqa: E731
+    return {
+        "ranks": ep.world, "placement": placement, "exchange": ep.exchange,
+        "exchange_description": EXCHANGES[ep.exchange], "steps": len(records), "n_experts": model_cfg.n_experts,
+        "k": model_cfg.top_k, "model": asdict(model_cfg), "final_loss": records[-1]["loss"],
+        "dispatch_bytes_per_rank_step": mean_rank("bytes_per_rank", "dispatch"),
+        "total_bytes_per_rank_step": mean_rank("bytes_per_rank", "total"),
+        "remote_copies_per_rank_step": float(np.mean([np.mean(r["remote_copies_per_rank"]) for r in records])),
+        "analytic_dispatch_bytes_per_rank_step": {x: mean_rank("analytic_dispatch_bytes_per_rank", x)
+                                                  for x in EXCHANGES},
+        "step_seconds_median": float(np.median([r["step_seconds"] for r in timed])),
+        "a2a_seconds_median": float(np.median([max(r["a2a_seconds_per_rank"]) for r in timed])),
+        "seconds": round(seconds, 3),
+    }
 
-    dev = resolve_device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GrouterError("CUDA was asked for but is not available; pass --device cpu")
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return dev
 
-
-def train_ep(data, routing, out, *, plan=None, placement: str = "plan", exchange: str = "dedup",
-             model_cfg: MoEConfig | None = None, train_cfg=None, steps: int | None = None,
-             global_batch: int | None = None, save_model: bool = False, overwrite: bool = False,
-             group=None, progress: bool = False) -> dict:
-    """Train the EP model for ``steps`` steps in the current process group; every rank calls it.
-
-    ``data``: a :class:`~grouter.data.PackedDataset` (or its path); ``routing``: a routing store
-    (or path) of that dataset; ``plan``: a :class:`~grouter.place.Plan` (or path) for this many
-    ranks; ``placement``: ``plan`` (its permutation and samples) or ``random`` (identity
-    permutation, the plan's global batches dealt at random; without a plan, ``global_batch``
-    sequences per step). ``model_cfg``: default the ``tiny`` preset with the store's E and k (router
-    ``external``). ``train_cfg``: a :class:`~grouter.train.TrainConfig` (lr schedule, AdamW, clip,
-    seed, device; its ``steps``, unless ``steps`` is given). Rank 0 writes ``out/metrics.jsonl``
-    (one record per step) and ``out/summary.json``; returns the summary on every rank.
-    """
-    from .data import PackedDataset
-    from .dispatch import RoutingStore
-    from .place import Plan, relabel
-    from .train import TrainConfig, build_optimizer, lr_at
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise GrouterError("train_ep runs in a torch.distributed process group; launch it with torchrun "
-                           "(python -m grouter.ep) or grouter.ep.spawn")
+def _open_inputs(data, routing, plan) -> tuple[PackedDataset, RoutingStore, Plan | None]:
     data = data if isinstance(data, PackedDataset) else PackedDataset.open(data)
     store = routing if isinstance(routing, RoutingStore) else RoutingStore.open(routing, data=data)
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    train_cfg = TrainConfig() if train_cfg is None else train_cfg
-    if steps is not None:
-        from dataclasses import replace
+    return data, store, plan
 
-        train_cfg = replace(train_cfg, steps=int(steps))
-    train_cfg.validate()
+
+def default_model_config(data: PackedDataset, store: RoutingStore, seed: int = 0, preset: str = "tiny",
+                         **overrides) -> MoEConfig:
+    """A preset MoE LM with the store's experts and top-k and external routing."""
+    return MoEConfig(**{**MODEL_PRESETS[preset], **overrides, "n_experts": store.n_experts, "top_k": store.k},
+                     vocab_size=data.vocab_size, max_seq_len=data.seq_len, router="external", seed=seed)
+
+
+def _check_inputs(data: PackedDataset, store: RoutingStore, plan: Plan | None, model_cfg: MoEConfig) -> str:
+    """Refuse a model, store or plan that do not go together; returns the split to train on."""
     E, k = store.n_experts, store.k
-    if model_cfg is None:
-        model_cfg = MoEConfig(**{**MODEL_PRESETS["tiny"], "n_experts": E, "top_k": k}, vocab_size=data.vocab_size,
-                              max_seq_len=data.seq_len, router="external", seed=train_cfg.seed)
     model_cfg.validate()
     if model_cfg.router != "external" or (model_cfg.n_experts, model_cfg.top_k) != (E, k):
         raise GrouterError(f"the EP model must use router 'external' with the store's {E} experts, top-{k}")
     if model_cfg.vocab_size != data.vocab_size or model_cfg.max_seq_len < data.seq_len:
         raise GrouterError("the model's vocabulary / max_seq_len do not fit the dataset")
-    split_name = plan.split if plan is not None else "train"
-    if store.seq_len != data.seq_len or store.n_sequences(split_name) != len(data.split(split_name)):
-        raise GrouterError(f"routing store {store.path} does not match the dataset's {split_name} split")
+    split = plan.split if plan is not None else "train"
+    if store.seq_len != data.seq_len or store.n_sequences(split) != len(data.split(split)):
+        raise GrouterError(f"routing store {store.path} does not match the dataset's {split} split")
     if plan is not None:
         if (plan.n_experts, plan.k) != (E, k):
             raise GrouterError(f"the plan is for {plan.n_experts} experts top-{plan.k}, the store has {E} top-{k}")
         fp = plan.source.get("dataset_fingerprint")
         if fp is not None and fp != store.manifest["dataset_fingerprint"]:
             raise GrouterError("the plan was made from routing of another dataset")
+    return split
 
-    ep = EPContext.current(E, exchange, group)
-    backend = dist.get_backend(group)
-    dev = torch.device("cuda" if backend == "nccl" else "cpu") if train_cfg.device == "auto" else None
-    dev = _device(dev.type if dev is not None else train_cfg.device)
-    if (dev.type == "cuda") != (backend == "nccl"):
-        raise GrouterError(f"device {dev.type} does not go with the {backend} process group: use --device cpu with "
-                           "gloo, cuda with NCCL")
-    split = data.split(split_name)
-    batches = rank_batches(plan, placement, ep.world, train_cfg.seed, len(split), global_batch, train_cfg.steps)
-    perm = plan.permutation if (plan is not None and placement == "plan") else np.arange(E)
 
-    out = Path(out)
+def _device_for(ep: EPContext, name: str) -> torch.device:
+    """This rank's device, which must go with the process group's backend (gloo: CPU, NCCL: CUDA)."""
+    backend = dist.get_backend(ep.group)
+    if name == "auto":
+        name = "cuda" if backend == "nccl" else "cpu"
+    device = resolve_device(name, local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))
+    if (device.type == "cuda") != (backend == "nccl"):
+        raise GrouterError(f"device {device.type} does not go with the {backend} process group: use --device cpu "
+                           "with gloo, cuda with NCCL")
+    return device
+
+
+def _start_run(out: Path, identity: dict, overwrite: bool, ep: EPContext) -> Run | None:
+    """Rank 0's run directory (other ranks get None); a refusal reaches every rank."""
+    run, error = None, None
     if ep.rank == 0:
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise_later = GrouterError(f"{out} already exists; choose another --out, or pass --overwrite")
-        else:
-            raise_later = None
-            if out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True)
-            (out / "metrics.jsonl").write_text("")
-    else:
-        raise_later = None
-    flag = _gather_floats([1.0 if raise_later else 0.0], ep, dev)
-    if flag.any():
-        raise raise_later or GrouterError(f"{out} already exists (rank 0 refused it)")
+        try:
+            if out.exists() and any(out.iterdir()) and not overwrite:
+                raise GrouterError(f"{out} already exists; choose another --out, or pass --overwrite")
+            run = Run(out, identity, overwrite)
+            run.start()
+        except GrouterError as e:
+            error = str(e)
+    message = [error]
+    dist.broadcast_object_list(message, src=dist.get_global_rank(ep.group, 0) if ep.group else 0, group=ep.group)
+    if message[0]:
+        raise GrouterError(message[0])
+    return run
+
+
+def train_ep(data, routing, out, *, plan=None, placement: str = "plan", exchange: str = "dedup",
+             model_cfg: MoEConfig | None = None, train_cfg: TrainConfig | None = None, steps: int | None = None,
+             global_batch: int | None = None, save_model: bool = False, overwrite: bool = False,
+             group=None, progress: bool = False) -> dict:
+    """Train the EP model in the current process group; every rank calls it and gets the summary.
+
+    ``data``: a :class:`~grouter.data.PackedDataset` (or its path); ``routing``: a routing store
+    (or path) of that dataset; ``plan``: a :class:`~grouter.place.Plan` (or path) for this many
+    ranks; ``placement``: ``plan`` (its permutation and samples) or ``random`` (identity
+    permutation, the plan's global batches dealt at random; without a plan, ``global_batch``
+    sequences per step). ``model_cfg``: default the ``tiny`` preset with the store's E and k.
+    ``train_cfg``: schedule, AdamW, clip, seed, device (its ``steps`` unless ``steps`` is given).
+    Rank 0 writes the run directory ``out`` (``run.json`` with the summary, ``metrics.jsonl``: one
+    record per step with every rank's bytes per phase); ``save_model`` adds the gathered model
+    (logical expert order) as a :class:`~grouter.model.MoELM` checkpoint in ``out/model``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise GrouterError("train_ep runs in a torch.distributed process group; launch it with torchrun "
+                           "(grouter ep) or grouter.device.spawn")
+    data, store, plan = _open_inputs(data, routing, plan)
+    train_cfg = replace(train_cfg or TrainConfig(), **({"steps": int(steps)} if steps is not None else {})).validate()
+    model_cfg = model_cfg or default_model_config(data, store, train_cfg.seed)
+    split = data.split(_check_inputs(data, store, plan, model_cfg))
+    ep = EPContext.current(store.n_experts, exchange, group)
+    device = _device_for(ep, train_cfg.device)
+    batches = rank_batches(plan, placement, ep.world, train_cfg.seed, len(split), global_batch, train_cfg.steps)
+    perm = plan.permutation if (plan is not None and placement == "plan") else np.arange(store.n_experts)
+    identity = {"placement": placement, "exchange": exchange, "ranks": ep.world, "model": asdict(model_cfg),
+                "train": asdict(train_cfg), "routing": store.manifest["grouter_fingerprint"],
+                "plan": plan.source if plan is not None else None}
+    run = _start_run(Path(out), identity, overwrite, ep)
 
     torch.manual_seed(train_cfg.seed)
-    model = to_expert_parallel(MoELM(model_cfg), ep, perm).to(dev).train()
+    model = to_expert_parallel(MoELM(model_cfg), ep, perm).to(device).train()
     broadcast_dense(model, ep)
     opt = build_optimizer(model, train_cfg)
-    d_bytes = model_cfg.d_model * torch.tensor([], dtype=torch.float32).element_size()
-    L = model_cfg.n_layers
-
-    records, t_start = [], time.perf_counter()
-    for step in range(train_cfg.steps):
-        t0 = time.perf_counter()
-        idx = batches[step % len(batches)][ep.rank]
-        batch = split.batch(idx)
-        r = store.routing(split_name, idx)
-        r = Routing(relabel(r.ids, perm), r.weights)
-        copies = analytic_copies(r.ids, E, ep.world, ep.rank)
-        r = r.to(dev)
-        ep.stats.reset()
-        res = train_step(model, opt, batch["input_ids"].to(dev), batch["labels"].to(dev), r,
-                         lr_at(step, train_cfg), train_cfg.grad_clip)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        seconds = time.perf_counter() - t0
-        s = ep.stats
-        mine = [s.bytes[p] for p in PHASES] + [s.rows["dispatch"], copies["dedup"] * L, copies["slot"] * L,
-                                              seconds, s.seconds, len(idx)]
-        g = _gather_floats(mine, ep, dev)
-        n = len(PHASES)
-        per_rank = {p: g[:, i].astype(np.int64).tolist() for i, p in enumerate(PHASES)}
-        rec = {"step": step + 1, "loss": res["loss"], "lr": lr_at(step, train_cfg), "grad_norm": res["grad_norm"],
-               "tokens": res["tokens"], "sequences_per_rank": g[:, n + 5].astype(np.int64).tolist(),
-               "step_seconds": float(g[:, n + 3].max()), "a2a_seconds_per_rank": g[:, n + 4].round(6).tolist(),
-               "bytes_per_rank": {**per_rank, "total": g[:, :n].sum(1).astype(np.int64).tolist()},
-               "remote_copies_per_rank": g[:, n].astype(np.int64).tolist(),
-               "analytic_copies_per_rank": {"dedup": g[:, n + 1].astype(np.int64).tolist(),
-                                            "slot": g[:, n + 2].astype(np.int64).tolist()},
-               "analytic_dispatch_bytes_per_rank": {m: (g[:, n + 1 + i] * d_bytes).astype(np.int64).tolist()
-                                                    for i, m in enumerate(("dedup", "slot"))}}
-        records.append(rec)
-        if ep.rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if progress:
-                print(f"step {step + 1}/{train_cfg.steps} loss {rec['loss']:.4f} dispatch bytes/rank "
-                      f"{np.mean(rec['bytes_per_rank']['dispatch']):.0f} {seconds:.3f}s", file=sys.stderr, flush=True)
-
-    timed = records[1:] or records  # the first step pays for warm-up
-    mean_rank = lambda key, sub: float(np.mean([np.mean(r[key][sub]) for r in records]))  # noqa: E731
-    summary = {
-        "out": str(out), "ranks": ep.world, "placement": placement, "exchange": exchange,
-        "exchange_description": EXCHANGES[exchange], "steps": train_cfg.steps, "n_experts": E, "k": k,
-        "model": asdict(model_cfg), "final_loss": records[-1]["loss"] if records else None,
-        "dispatch_bytes_per_rank_step": mean_rank("bytes_per_rank", "dispatch"),
-        "total_bytes_per_rank_step": mean_rank("bytes_per_rank", "total"),
-        "remote_copies_per_rank_step": float(np.mean([np.mean(r["remote_copies_per_rank"]) for r in records])),
-        "analytic_dispatch_bytes_per_rank_step": {m: mean_rank("analytic_dispatch_bytes_per_rank", m)
-                                                  for m in ("dedup", "slot")},
-        "step_seconds_median": float(np.median([r["step_seconds"] for r in timed])) if records else None,
-        "a2a_seconds_median": float(np.median([max(r["a2a_seconds_per_rank"]) for r in timed])) if records else None,
-        "seconds": round(time.perf_counter() - t_start, 3),
-    }
+    t0 = time.perf_counter()
+    records = _fit_ep(run, model, opt, train_cfg, store, split, batches, perm, device, progress)
+    summary = summarize(records, ep, placement, model_cfg, time.perf_counter() - t0)
     state = gather_state_dict(model) if save_model else None
-    if ep.rank == 0:
-        if state is not None:
-            from .artifacts import save_safetensors, write_json
-
-            (out / "model").mkdir(exist_ok=True)
-            save_safetensors(out / "model" / "model.safetensors", state)
-            write_json(out / "model" / "config.json", {"kind": "grouter-moe-lm", "config": asdict(model_cfg)})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if run is not None:
+        if state is not None:  # the gathered model is a plain MoELM
+            _save_gathered(model_cfg, state, Path(out) / "model")
+        run.finish(summary)
     settle(ep.group)
     return summary
 
 
-# -- launching ------------------------------------------------------------------------------------
-def settle(group=None, seconds: float = 0.1) -> None:
-    """Barrier, then give gloo's worker threads time (GIL released) to drop their finished work.
-
-    A gloo worker thread releases a finished collective's tensors after the caller's ``wait()``
-    returns; doing so needs the GIL, and if the interpreter is already finalizing, the thread is
-    killed inside a destructor and the process aborts ("terminate called without an active
-    exception", seen in about 1 of 15 test runs on CPU). Processes started here also leave with
-    :func:`_exit` (no interpreter teardown at all).
-    """
-    dist.barrier(group=group)
-    time.sleep(seconds)
+def _save_gathered(model_cfg: MoEConfig, state: dict, path: Path) -> None:
+    model = MoELM(model_cfg)
+    model.load_state_dict(state)
+    model.save_pretrained(path)
 
 
-def _exit(code: int) -> None:
-    """Leave a worker process without interpreter teardown (see :func:`settle`), output flushed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+def _fit_ep(run: Run | None, model: MoELM, opt, cfg: TrainConfig, store: RoutingStore, split, batches, perm,
+            device: torch.device, progress: bool) -> list[dict]:
+    """The shared training loop with EP's collectives: the global loss, the dense all-reduce and
+    the global clip, and every rank's step statistics in each record."""
+    ep, L, E = model.ep_context, model.cfg.n_layers, model.cfg.n_experts
+    row_bytes = model.cfg.d_model * torch.finfo(torch.float32).bits // 8
+    records, now = [], {}
 
+    def forward(idx: np.ndarray) -> Step:
+        now.update(t0=time.perf_counter(), n=len(idx))
+        ep.stats.reset()
+        batch, r = split.batch(idx), store.routing(split.name, idx)
+        r = Routing(relabel(r.ids, perm), r.weights)
+        now["copies"] = {x: c * L for x, c in analytic_copies(r.ids, E, ep.world, ep.rank).items()}
+        labels = batch["labels"].to(device)
+        out = model(batch["input_ids"].to(device), labels=labels, routing=r.to(device))
+        totals = torch.tensor([float(labels.numel()), float(out.lm_loss.detach()) * labels.numel()],
+                              dtype=torch.float64, device=device)
+        dist.all_reduce(totals, group=ep.group)
+        # each rank's share of the global batch: the summed dense gradients are the global mean's
+        return Step(out.loss * (labels.numel() / float(totals[0])),
+                    {"loss": float(totals[1] / totals[0]), "tokens": int(totals[0])})
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def clip() -> float:
+        all_reduce_dense_grads(model, ep)
+        return clip_grad_norm_ep(model, cfg.grad_clip, ep)
 
+    def after_step(record: dict) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        s = ep.stats
+        mine = StepStats(dict(s.bytes), s.rows["dispatch"], now["copies"], time.perf_counter() - now["t0"],
+                         s.seconds, now["n"])
+        record.update(step_record(StepStats.gather(mine, ep), row_bytes))
+        records.append(record)
 
-def _spawned(rank: int, world: int, port: int, fn, args, threads: int) -> None:
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-        settle()
-    finally:
-        dist.destroy_process_group()
-    _exit(0)  # success only: an exception above reaches torch.multiprocessing's error reporting
-
-
-def spawn(world: int, fn, args: tuple = (), threads: int = 1) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` fresh CPU processes joined by a gloo group.
-
-    ``fn`` must be importable (a module-level function). Each process uses ``threads`` threads.
-    """
-    import torch.multiprocessing as mp
-
-    mp.spawn(_spawned, args=(world, free_port(), fn, args, threads), nprocs=world, join=True)
+    steps = ((step, batches[step % len(batches)][ep.rank]) for step in range(cfg.steps))
+    fit(run, model, opt, cfg, 0, steps, forward, clip=clip, after_step=after_step, checkpoints=False,
+        desc="ep", progress=progress and ep.rank == 0)
+    return records
 
 
 def train_many(rank: int, world: int, runs: list[dict]) -> None:
-    """Worker for :func:`spawn`: ``train_ep(**run)`` for each run, in one process group (tests, benchmarks)."""
+    """Worker for :func:`grouter.device.spawn`: ``train_ep(**run)`` for each run, in one process group."""
     for run in runs:
         train_ep(**run)
-
-
-# -- synthetic routing store (tests, benchmarks) ---------------------------------------------------
-def synthetic_store(data, out, n_experts: int, k: int, clusters: int, seed: int = 0, noise: float = 0.3,
-                    decay: float = 0.5) -> Path:
-    """Write a valid routing store for ``data`` (both splits) holding clustered synthetic routing.
-
-    Expert ids from :func:`grouter.place.synthetic_routing` (``clusters`` sequence clusters, each
-    preferring its own experts), gate weights a seeded softmax over the k slots (bfloat16).
-    """
-    from .artifacts import sha256_file, write_json
-    from .data import SPLITS, PackedDataset
-    from .dispatch import ROUTING_FORMAT, ROUTING_VERSION, ids_dtype_for
-    from .place import synthetic_routing
-
-    data = data if isinstance(data, PackedDataset) else PackedDataset.open(data)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=False)
-    L = data.seq_len
-    splits = {}
-    for i, name in enumerate(SPLITS):
-        n = len(data.split(name))
-        ids, _ = synthetic_routing(n, L, n_experts, k, clusters, seed=seed + 7919 * i, noise=noise, decay=decay)
-        assert ids.dtype == ids_dtype_for(n_experts)
-        g = torch.Generator().manual_seed(seed * 31 + i)
-        w = torch.randn(n, L, k, generator=g).softmax(-1).to(torch.bfloat16)
-        (out / f"{name}.ids").write_bytes(np.ascontiguousarray(ids).tobytes())
-        (out / f"{name}.weights").write_bytes(w.view(torch.int16).numpy().tobytes())
-        splits[name] = {"n_sequences": n, "ids_sha256": sha256_file(out / f"{name}.ids"),
-                        "weights_sha256": sha256_file(out / f"{name}.weights")}
-    write_json(out / "manifest.json", {
-        "format": ROUTING_FORMAT, "version": ROUTING_VERSION, "dataset_fingerprint": data.fingerprint,
-        "dataset_path": str(Path(data.path).resolve()), "grouter_fingerprint": f"synthetic-{clusters}-{seed}",
-        "grouter_path": "synthetic", "k": k, "n_experts": n_experts, "seq_len": L,
-        "ids_dtype": ids_dtype_for(n_experts).name, "weights_dtype": "bfloat16", "causal": True, "splits": splits})
-    return out
-
-
-# -- command line ---------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m grouter.ep", description=(
-        "Expert-parallel training of the built-in MoE LM on stored routing with a placement plan. "
-        "Launch with torchrun --nproc_per_node R -m grouter.ep ... (one process: world 1)."))
-    p.add_argument("--data", required=True, help="packed dataset directory")
-    p.add_argument("--routing", required=True, help="routing store of the dataset (grouter dispatch)")
-    p.add_argument("--plan", help="placement plan (grouter place) for R ranks; needed for --placement plan")
-    p.add_argument("--placement", choices=PLACEMENTS, default="plan",
-                   help="plan: the plan's experts and samples; random: identity experts, batches dealt at random")
-    p.add_argument("--exchange", choices=sorted(EXCHANGES), default="dedup",
-                   help="dedup: one copy per (token, rank) (DeepEP); slot: one per (token, expert) (Megatron)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, summary.json, model/)")
-    p.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="tiny")
-    for flag, name in (("--d-model", "d_model"), ("--layers", "n_layers"), ("--heads", "n_heads"),
-                       ("--d-expert", "d_expert")):
-        p.add_argument(flag, type=int, dest=name, help=f"override the preset's {name}")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--global-batch", type=int, help="sequences per step without a plan (random placement)")
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, cuda:LOCAL_RANK)")
-    p.add_argument("--save-model", action="store_true", help="write the gathered model to OUT/model")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--progress", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .data import PackedDataset
-    from .dispatch import RoutingStore
-    from .train import TrainConfig
-
-    args = _parser().parse_args(argv)
-    created = False
-    try:
-        cuda = _device(args.device).type == "cuda"
-        if not dist.is_initialized():
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-            if "WORLD_SIZE" in os.environ:
-                dist.init_process_group("nccl" if cuda else "gloo")
-            else:
-                dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
-                                        rank=0, world_size=1)
-            created = True
-        data = PackedDataset.open(args.data)
-        store = RoutingStore.open(args.routing, data=data)
-        overrides = {k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads", "d_expert")
-                     if getattr(args, k) is not None}
-        model_cfg = MoEConfig(**{**MODEL_PRESETS[args.preset], **overrides, "n_experts": store.n_experts,
-                                 "top_k": store.k}, vocab_size=data.vocab_size, max_seq_len=data.seq_len,
-                              router="external", seed=args.seed)
-        train_cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
-                                grad_clip=args.grad_clip, device=args.device)
-        summary = train_ep(data, store, args.out, plan=args.plan, placement=args.placement, exchange=args.exchange,
-                           model_cfg=model_cfg, train_cfg=train_cfg, global_batch=args.global_batch,
-                           save_model=args.save_model, overwrite=args.overwrite, progress=args.progress)
-        if dist.get_rank() == 0:
-            print(json.dumps(summary))
-        return 0
-    except GrouterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _exit(main())

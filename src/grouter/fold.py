@@ -1,6 +1,6 @@
 """Expert folding: adapt a Grouter with E_S outputs to a target model with E_T < E_S experts.
 
-Source experts that fire together are merged (SPEC §1.4):
+Source experts that fire together are merged (docs/method.md#expert-folding):
 1. co-activation affinity ``P = RᵀR / N`` (diagonal zeroed) from the Grouter's top-k on data;
 2. group sizes: ``E_S // E_T`` each, and ``E_S % E_T`` groups get one more;
 3. greedy grouping. Seed rule: a new group starts from the unassigned expert with the largest
@@ -21,10 +21,11 @@ import torch
 from tqdm import tqdm
 
 from .artifacts import atomic_dir, write_json
-from .data import DataSplit, PackedDataset
+from .data import DataSplit, PackedDataset, batches_of
+from .device import resolve_device
 from .errors import GrouterError
 from .network import Grouter
-from .train import resolve_device
+from .report import plot_affinity
 
 STRATEGIES = ("affinity", "random", "balance")
 
@@ -37,8 +38,9 @@ def coactivation(grouter: Grouter, split: DataSplit, k: int | None = None, max_s
     n = len(split) if max_sequences is None else min(max_sequences, len(split))
     counts = torch.zeros(E, E, dtype=torch.float64, device=device)
     tokens = 0
-    for lo in tqdm(range(0, n, batch_size), desc="co-activation", disable=not progress, mininterval=2):
-        ids = grouter.route(split.batch(np.arange(lo, min(lo + batch_size, n)))["input_ids"].to(device), k).ids
+    for idx in tqdm(batches_of(n, batch_size), desc="co-activation", disable=not progress, mininterval=2,
+                    total=-(-n // batch_size)):
+        ids = grouter.route(split.batch(idx)["input_ids"].to(device), k).ids
         hits = torch.zeros(ids.shape[:-1] + (E,), device=device).scatter_(-1, ids, 1.0).reshape(-1, E)
         counts += (hits.T @ hits).double()
         tokens += hits.shape[0]
@@ -137,8 +139,6 @@ def fold(grouter_dir: str | Path, data: PackedDataset, out: str | Path, n_expert
          top_k: int | None = None, max_sequences: int | None = 2000, seed: int = 0, batch_size: int = 32,
          device: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
     """Fold the Grouter in ``grouter_dir`` to ``n_experts``; writes the folded Grouter + report + heatmap."""
-    from .report import plot_affinity
-
     if strategy not in STRATEGIES:
         raise GrouterError(f"unknown folding strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     dev = resolve_device(device)

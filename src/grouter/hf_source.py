@@ -20,7 +20,8 @@ probe receives the gate's input ``H`` and stops the forward; the logits are ``H 
 float32 with the gate weight ``W`` read from disk. The ``router_logits`` outputs of transformers
 are never used (some releases return probabilities under that name).
 
-Supported ``model_type``: ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``mixtral``.
+Supported ``model_type``: ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``mixtral``; all of them route by
+the softmax of these raw logits. See docs/method.md#capture.
 """
 
 from __future__ import annotations
@@ -31,24 +32,32 @@ import hashlib
 import json
 import operator
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 from torch import nn
 
 from .artifacts import read_json
+from .data import PackedDataset
 from .errors import GrouterError
+from .model import MODEL_FORMAT
+from .network import GROUTER_FORMAT
 
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
 
-_GROUTER_KIND = "grouter-moe-lm"
 # Attribute of a decoder layer holding its MoE block (v5 uses ``mlp`` everywhere; Mixtral in v4
 # used ``block_sparse_moe``) and the names the gate's tensors may have on disk under that layer.
 _MOE_ATTRS = ("mlp", "block_sparse_moe")
 _GATE_INPUT_MODULES = ("input_layernorm", "self_attn", "post_attention_layernorm")
 _SUPPORTED_TEXT = ", ".join(SUPPORTED_MODEL_TYPES)
+
+# grouter's own checkpoints hold a config.json too; they are never Hugging Face models
+GROUTER_FORMATS = (MODEL_FORMAT, GROUTER_FORMAT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +75,7 @@ def is_hf_model_dir(path) -> bool:
         obj = json.loads(cfg_path.read_text())
     except (OSError, ValueError, TypeError):
         return False
-    if not isinstance(obj, dict) or obj.get("kind") == _GROUTER_KIND:
+    if not isinstance(obj, dict) or obj.get("format") in GROUTER_FORMATS:
         return False
     return isinstance(obj.get("model_type"), str) and bool(obj["model_type"])
 
@@ -87,7 +96,7 @@ def _read_raw_config(path: Path) -> dict:
     if not path.is_dir():
         raise GrouterError(f"Hugging Face model directory not found: {path} is not a directory")
     raw = read_json(path / "config.json", "Hugging Face model config")
-    if raw.get("kind") == _GROUTER_KIND:
+    if raw.get("format") in GROUTER_FORMATS:
         raise GrouterError(f"{path} is a grouter checkpoint, not a Hugging Face MoE model; pass the source model's directory")
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or not model_type:
@@ -103,7 +112,7 @@ def _read_raw_config(path: Path) -> dict:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars for the duration of the block."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # transformers takes seconds to import: only on load
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -120,7 +129,7 @@ def _quiet_transformers() -> Iterator[None]:
 def _load_config(path: Path):
     """The transformers config object (defaults filled in exactly as the modeling code sees them)."""
     _read_raw_config(path)
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers takes seconds to import: only on load
 
     try:
         with _quiet_transformers():
@@ -204,8 +213,6 @@ class _Shards:
 
     @staticmethod
     def _keys_of(file: Path) -> list[str]:
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(file), framework="pt") as f:
                 return list(f.keys())
@@ -213,8 +220,6 @@ class _Shards:
             raise GrouterError(f"weights file {file} is corrupt or truncated ({str(e).splitlines()[0]}); re-download it") from None
 
     def _handle(self, name: str):
-        from safetensors import SafetensorError, safe_open
-
         fname = self.file_of[name]
         if fname not in self._handles:
             file = self.path / fname
@@ -227,8 +232,6 @@ class _Shards:
         return self._handles[fname]
 
     def get(self, name: str, what: str = "required tensor") -> torch.Tensor:
-        from safetensors import SafetensorError
-
         if name not in self.file_of:
             raise GrouterError(f"{what} {name!r} is missing from the safetensors weights in {self.path}; the checkpoint is incomplete")
         try:
@@ -274,10 +277,10 @@ class _GateProbe(nn.Module):
 
 
 def _decoder_layer_class(base) -> type:
+    """The decoder-layer class of ``base``: that of its first layer, or (L = 0) the one its model
+    class declares unsplittable."""
     if len(base.layers) > 0:
         return type(base.layers[0])
-    import sys
-
     module = sys.modules[type(base).__module__]
     for name in getattr(base, "_no_split_modules", None) or []:
         cls = getattr(module, name, None)
@@ -286,13 +289,24 @@ def _decoder_layer_class(base) -> type:
     raise RuntimeError(f"cannot find the decoder layer class of {type(base).__name__}")
 
 
-def _cfg_set(cfg, **values) -> None:
-    for key, value in values.items():
-        setattr(cfg, key, value)
+def _set_n_layers(cfg, n: int, layer_types) -> None:
+    """Give ``cfg`` ``n`` layers, keeping its per-layer attention types (``layer_types``: the full
+    model's, or None) in step."""
+    cfg.num_hidden_layers = n
+    if layer_types is not None:
+        cfg.layer_types = list(layer_types[:n])
 
 
 class HFRouterPrefix:
-    """Prefix of a HF MoE model up to the gate of one layer; computes that gate's raw logits."""
+    """Prefix of a HF MoE model up to the gate of one layer; computes that gate's raw logits.
+
+    Follows :class:`grouter.capture.RouterPrefix`. ``includes_bias`` is True when the checkpoint
+    stores a gate bias, which is then added to the logits.
+    """
+
+    # Every supported architecture routes by the top-k of softmax(raw gate logits) (transformers'
+    # *TopKRouter), so the raw logits are the scores it selects by.
+    score_function = "softmax"
 
     def __init__(self, path, layer: int | None = None, device="cpu", dtype=torch.float32):
         self.path = Path(path)
@@ -300,23 +314,7 @@ class HFRouterPrefix:
         self.dtype = dtype
         full_cfg = _load_config(self.path)
         self.info = _info_from_config(full_cfg, self.path)
-        moe = self.info.moe_layers
-        if layer is None:
-            layer = moe[0]
-        try:
-            if isinstance(layer, bool):
-                raise TypeError
-            layer = operator.index(layer)
-        except TypeError:
-            raise GrouterError(f"layer must be an integer layer index, got {layer!r}; MoE layers are {_fmt_layers(moe)}") from None
-        if not 0 <= layer < self.info.n_layers:
-            raise GrouterError(
-                f"layer {layer} is out of range: {self.path} has {self.info.n_layers} layers (0..{self.info.n_layers - 1}); "
-                f"MoE layers are {_fmt_layers(moe)}"
-            )
-        if layer not in moe:
-            raise GrouterError(f"layer {layer} of {self.path} is not a MoE layer (it has a dense MLP and no gate); MoE layers are {_fmt_layers(moe)}")
-        self.layer = layer
+        self.layer = _resolve_layer(layer, self.info, self.path)
         self.n_experts = self.info.n_experts
         self.top_k = self.info.top_k
 
@@ -327,70 +325,75 @@ class HFRouterPrefix:
             shards.close()
         self.loaded_tensor_names: list[str] = list(shards.read)
         self.vocab_size = int(self._base.embed_tokens.weight.shape[0])
+        self.includes_bias = self._gate_b is not None
 
     # -- construction -------------------------------------------------------------------------
 
     def _build(self, full_cfg, shards: _Shards) -> None:
-        from transformers import MODEL_MAPPING
+        """Layers 0..L-1 loaded by transformers, layer L appended up to its gate, the gate read aside."""
+        prefix = _checkpoint_prefix(shards.file_of, self.path)
+        base = self._load_base(full_cfg, self._prefix_state_dict(shards, prefix))
+        block = self._gate_layer(full_cfg, base, shards, prefix)
+        self._load_gate(shards, prefix)
+        # The model's own forward now runs layers 0..L (rotary embeddings, causal or sliding-window
+        # masks included) and stops at the probe.
+        base.layers.append(block)
+        _set_n_layers(base.config, self.layer + 1, getattr(full_cfg, "layer_types", None))
+        base.to(self.device)
+        base.eval()
+        base.requires_grad_(False)
+        self._base = base
+
+    def _prefix_state_dict(self, shards: _Shards, prefix: str) -> dict[str, torch.Tensor]:
+        """The embedding and every tensor of layers < L, exactly as named on disk.
+
+        safetensors returns CPU tensors that map the shard files (no copy), and transformers
+        converts them (fusing experts, casting to ``dtype``) into the model, so the prefix's
+        parameters are materialised once, in the model.
+        """
+        L = self.layer
+        layer_re = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
+        layer_of = {name: int(m.group(1)) for name in shards.file_of if (m := layer_re.match(name))}
+        absent = sorted(set(range(L)) - set(layer_of.values()))
+        if absent:
+            raise GrouterError(
+                f"required tensors of layer {absent[0]} ('{prefix}layers.{absent[0]}.*') are missing from the "
+                f"safetensors weights in {self.path}; the checkpoint is incomplete"
+            )
+        wanted = [prefix + "embed_tokens.weight"] + [name for name, i in layer_of.items() if i < L]
+        _check_experts_complete(wanted, self.n_experts, self.path)
+        return {name: shards.get(name) for name in wanted}
+
+    def _load_base(self, full_cfg, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        """The base model with layers 0..L-1, built, loaded and converted by transformers itself, so
+        its checkpoint-to-module conversions (fused experts, renames) apply unchanged."""
+        from transformers import MODEL_MAPPING  # transformers takes seconds to import: only on load
 
         L = self.layer
-        prefix = _checkpoint_prefix(shards.file_of, self.path)
-        layer_re = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
-
-        # 1. Tensors of the embedding and of layers < L, exactly as named on disk.
-        wanted = [prefix + "embed_tokens.weight"]
-        for name in shards.file_of:
-            m = layer_re.match(name)
-            if m and int(m.group(1)) < L:
-                wanted.append(name)
-        present_layers = {int(m.group(1)) for n in shards.file_of if (m := layer_re.match(n))}
-        for i in range(L):
-            if i not in present_layers:
-                raise GrouterError(f"required tensors of layer {i} ('{prefix}layers.{i}.*') are missing from the safetensors weights in {self.path}; the checkpoint is incomplete")
-        _check_experts_complete(wanted, self.n_experts, self.path)
-        # safetensors returns CPU tensors that map the shard files (no copy); transformers converts
-        # them (fusing experts, casting to ``dtype``) into the model. Measured peak anonymous memory
-        # is ~1.05x the prefix's parameters; lazy slices measured higher, so they are not used.
-        state_dict = {name: shards.get(name) for name in wanted}
-
-        # 2. The base model with layers 0..L-1, loaded (and converted) by transformers.
-        attn = getattr(full_cfg, "_attn_implementation", None)
-        prefix_cfg = copy.deepcopy(full_cfg)
-        layer_types = getattr(full_cfg, "layer_types", None)
-        _cfg_set(prefix_cfg, num_hidden_layers=L)
-        if layer_types is not None:
-            _cfg_set(prefix_cfg, layer_types=list(layer_types[:L]))
-        model_cls = MODEL_MAPPING[type(full_cfg)]
-        kwargs = {"config": prefix_cfg, "state_dict": state_dict, "output_loading_info": True, "ignore_mismatched_sizes": True}
-        kwargs[_dtype_kwarg()] = self.dtype
-        if attn is not None:
-            kwargs["attn_implementation"] = attn
+        cfg = copy.deepcopy(full_cfg)
+        _set_n_layers(cfg, L, getattr(full_cfg, "layer_types", None))
+        attn = full_cfg._attn_implementation
+        kwargs = {} if attn is None else {"attn_implementation": attn}
         try:
             with _quiet_transformers():
-                base, loading = model_cls.from_pretrained(None, **kwargs)
+                base, loading = MODEL_MAPPING[type(full_cfg)].from_pretrained(
+                    None, config=cfg, state_dict=state_dict, dtype=self.dtype,
+                    output_loading_info=True, ignore_mismatched_sizes=True, **kwargs,
+                )
         except (RuntimeError, ValueError) as e:  # transformers reports conversion/config failures this way
             raise GrouterError(
                 f"could not load layers < {L} of {self.path} ({_brief(e)}); the checkpoint is incomplete or does not match config.json"
             ) from None
-        del state_dict
-        # The final norm is not part of the prefix; anything else missing was needed.
-        missing = sorted(k for k in loading.get("missing_keys", ()) if k != "norm.weight")
-        if missing:
-            raise GrouterError(
-                f"required tensor(s) for layers < {L} missing from the safetensors weights in {self.path} "
-                f"(model parameters {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); the checkpoint is incomplete"
-            )
-        mismatched = sorted(loading.get("mismatched_keys", ()), key=str)
-        if mismatched:
-            key, *shapes = mismatched[0]
-            got = f": {tuple(shapes[0])} in the checkpoint, {tuple(shapes[1])} from config.json" if len(shapes) == 2 else ""
-            raise GrouterError(f"shape mismatch for {key} in {self.path}{got}; the config does not match the checkpoint")
+        _check_loading(loading, L, self.path)
+        return base
 
-        # 3. Layer L: the model's own decoder layer, built on meta so its experts never exist;
-        #    only the modules that produce the gate's input are materialised and loaded.
+    def _gate_layer(self, full_cfg, base, shards: _Shards, prefix: str) -> nn.Module:
+        """Layer L: the model's own decoder layer, built on meta so its experts never take memory,
+        with its MoE block replaced by the probe; only the modules feeding the gate are loaded."""
+        L = self.layer
         layer_cls = _decoder_layer_class(base)
-        if attn is None:
-            _cfg_set(full_cfg, _attn_implementation=base.config._attn_implementation)
+        if full_cfg._attn_implementation is None:
+            full_cfg._attn_implementation = base.config._attn_implementation
         with torch.device("meta"):
             block = layer_cls(full_cfg, L)
         moe_attr = next((a for a in _MOE_ATTRS if hasattr(getattr(block, a, None), "gate")), None)
@@ -409,44 +412,24 @@ class HFRouterPrefix:
         layer_sd = {}
         for param_name, ref in expected.items():
             disk_name = f"{prefix}layers.{L}.{param_name}"
-            t = shards.get(disk_name)
-            if tuple(t.shape) != tuple(ref.shape):
-                raise GrouterError(
-                    f"shape mismatch for {disk_name} in {self.path}: {tuple(t.shape)} on disk, {tuple(ref.shape)} "
-                    "from config.json; the config does not match the checkpoint"
-                )
-            layer_sd[param_name] = t
+            layer_sd[param_name] = _check_shape(disk_name, shards.get(disk_name), tuple(ref.shape), self.path)
         block.load_state_dict(layer_sd, strict=True)
-        del layer_sd, expected
+        return block
 
-        # 4. The gate's own weight (and bias, if the checkpoint has one), kept in float32.
-        gate_w_name, gate_b_name = self._gate_names(shards, prefix, L)
-        w = shards.get(gate_w_name, "gate weight")
+    def _load_gate(self, shards: _Shards, prefix: str) -> None:
+        """The gate's weight (and bias, if the checkpoint has one), kept in float32 on the device,
+        and the hash of the weight's bytes as stored."""
+        w_name, b_name = self._gate_names(shards, prefix, self.layer)
+        w = shards.get(w_name, "gate weight")
         self._gate_sha256 = hashlib.sha256(_raw_bytes(w)).hexdigest()
-        if tuple(w.shape) != (self.n_experts, self.info.hidden_size):
-            raise GrouterError(
-                f"shape mismatch for {gate_w_name} in {self.path}: {tuple(w.shape)} on disk, "
-                f"({self.n_experts}, {self.info.hidden_size}) from config.json; the config does not match the checkpoint"
-            )
+        _check_shape(w_name, w, (self.n_experts, self.info.hidden_size), self.path)
+        self._gate_weight_name = w_name
         self._gate_w = w.to(device=self.device, dtype=torch.float32)
         self._gate_b = None
-        if gate_b_name is not None:
-            b = shards.get(gate_b_name, "gate bias")
-            if tuple(b.shape) != (self.n_experts,):
-                raise GrouterError(f"shape mismatch for {gate_b_name} in {self.path}: {tuple(b.shape)}, expected ({self.n_experts},)")
+        if b_name is not None:
+            b = _check_shape(b_name, shards.get(b_name, "gate bias"), (self.n_experts,), self.path)
             self._gate_b = b.to(device=self.device, dtype=torch.float32)
-            self.info.gate_has_bias = True
-        self._gate_weight_name = gate_w_name
-
-        # 5. Append layer L; the model's own forward now runs layers 0..L and stops at the probe.
-        base.layers.append(block)
-        _cfg_set(base.config, num_hidden_layers=L + 1)
-        if layer_types is not None:
-            _cfg_set(base.config, layer_types=list(layer_types[: L + 1]))
-        base.to(self.device)
-        base.eval()
-        base.requires_grad_(False)
-        self._base = base
+        self.info.gate_has_bias = self._gate_b is not None
 
     @staticmethod
     def _gate_names(shards: _Shards, prefix: str, L: int) -> tuple[str, str | None]:
@@ -502,10 +485,72 @@ class HFRouterPrefix:
             "vocab_size": self.vocab_size,
             "hidden_size": self.info.hidden_size,
             "moe_layers": list(self.info.moe_layers),
+            "score_function": self.score_function,
+            "includes_bias": self.includes_bias,
             "gate_weight_name": self._gate_weight_name,
-            "gate_has_bias": self._gate_b is not None,
             "gate_weight_sha256": self._gate_sha256,
         }
+
+    def check_tokenizer(self, data: PackedDataset) -> None:
+        """Refuse a dataset tokenized with another vocabulary than the source's ``tokenizer.json``.
+
+        Token ids only mean the same tokens under the same vocabulary. A source directory without a
+        ``tokenizer.json`` is not checked here (capture still checks the vocabulary size).
+        """
+        vocab = load_hf_tokenizer_vocab(self.path)
+        if vocab is not None and vocab != data.tokenizer().get_vocab(with_added_tokens=True):
+            raise GrouterError(
+                f"dataset {data.path} was tokenized with another tokenizer than the source's "
+                f"({self.path / 'tokenizer.json'}); re-tokenize the corpus with "
+                f"`grouter data tokenize --tokenizer {self.path}`"
+            )
+
+
+def _resolve_layer(layer, info: HFMoEInfo, path: Path) -> int:
+    """The MoE layer to capture: ``layer``, checked, or the first MoE layer when None."""
+    moe = info.moe_layers
+    if layer is None:
+        return moe[0]
+    try:
+        if isinstance(layer, bool):
+            raise TypeError
+        layer = operator.index(layer)
+    except TypeError:
+        raise GrouterError(f"layer must be an integer layer index, got {layer!r}; MoE layers are {_fmt_layers(moe)}") from None
+    if not 0 <= layer < info.n_layers:
+        raise GrouterError(
+            f"layer {layer} is out of range: {path} has {info.n_layers} layers (0..{info.n_layers - 1}); "
+            f"MoE layers are {_fmt_layers(moe)}"
+        )
+    if layer not in moe:
+        raise GrouterError(f"layer {layer} of {path} is not a MoE layer (it has a dense MLP and no gate); MoE layers are {_fmt_layers(moe)}")
+    return layer
+
+
+def _check_loading(loading: dict, L: int, path: Path) -> None:
+    """transformers' loading report of layers < L: every parameter but the final norm (not part of
+    the prefix) must have been loaded, at its configured shape."""
+    missing = sorted(k for k in loading.get("missing_keys", ()) if k != "norm.weight")
+    if missing:
+        raise GrouterError(
+            f"required tensor(s) for layers < {L} missing from the safetensors weights in {path} "
+            f"(model parameters {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); the checkpoint is incomplete"
+        )
+    mismatched = sorted(loading.get("mismatched_keys", ()), key=str)
+    if mismatched:
+        key, *shapes = mismatched[0]
+        got = f": {tuple(shapes[0])} in the checkpoint, {tuple(shapes[1])} from config.json" if len(shapes) == 2 else ""
+        raise GrouterError(f"shape mismatch for {key} in {path}{got}; the config does not match the checkpoint")
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], path: Path) -> torch.Tensor:
+    """``t``, if it has the shape config.json implies."""
+    if tuple(t.shape) != tuple(expected):
+        raise GrouterError(
+            f"shape mismatch for {name} in {path}: {tuple(t.shape)} on disk, {tuple(expected)} from config.json; "
+            "the config does not match the checkpoint"
+        )
+    return t
 
 
 def _check_experts_complete(names: list[str], n_experts: int, path: Path) -> None:
@@ -543,17 +588,6 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _transformers_version() -> tuple[int, int]:
-    import transformers
-
-    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
-    return major, minor
-
-
-def _dtype_kwarg() -> str:
-    return "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
-
-
 # --------------------------------------------------------------------------------------------
 # tokenizer
 # --------------------------------------------------------------------------------------------
@@ -564,8 +598,6 @@ def load_hf_tokenizer_vocab(path) -> dict[str, int] | None:
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
         return None
-    from tokenizers import Tokenizer
-
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files

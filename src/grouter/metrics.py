@@ -1,4 +1,4 @@
-"""Metrics of the paper (SPEC §2), as plain functions on arrays or tensors.
+"""Metrics of the paper (docs/method.md#metrics), as plain functions on arrays or tensors.
 
 Loads are token-slot counts per expert (``L_i``); all functions accept NumPy arrays or torch
 tensors and return NumPy values so they can go straight into JSON logs.

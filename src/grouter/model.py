@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import load_safetensors, read_json, save_safetensors, write_json
+from .artifacts import header, load_safetensors, read_manifest, save_safetensors, write_json
 from .errors import GrouterError
 from .routers import ROUTER_KINDS, AuxFreeRouter, HashRouter, Routing, build_router, expert_counts
+
+
+MODEL_FORMAT, MODEL_VERSION = "grouter-moe-lm", 1
 
 
 @dataclass
@@ -218,6 +221,12 @@ class Block(nn.Module):
         return x + y, aux, counts, ids
 
 
+def read_config(directory: str | Path) -> dict:
+    """The ``config.json`` of a MoE LM checkpoint, header checked."""
+    return read_manifest(Path(directory), "config.json", MODEL_FORMAT, MODEL_VERSION, "MoE checkpoint",
+                         "grouter source train")
+
+
 class MoELM(nn.Module):
     """Decoder-only MoE language model. ``model(input_ids, labels, routing)`` -> :class:`MoEOutput`."""
 
@@ -290,14 +299,13 @@ class MoELM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors(directory / "model.safetensors", self.state_dict())
-        write_json(directory / "config.json", {"kind": "grouter-moe-lm", "config": asdict(self.cfg), **(extra or {})})
+        write_json(directory / "config.json", {**header(MODEL_FORMAT, MODEL_VERSION), "config": asdict(self.cfg),
+                                               **(extra or {})})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> "MoELM":
         directory = Path(directory)
-        meta = read_json(directory / "config.json", "model config")
-        if meta.get("kind") != "grouter-moe-lm":
-            raise GrouterError(f"{directory} is not a grouter MoE checkpoint (config kind {meta.get('kind')!r})")
+        meta = read_config(directory)
         model = cls(MoEConfig.from_dict({**meta["config"], **overrides}))
         state = load_safetensors(directory / "model.safetensors", "model weights")
         try:

@@ -1,7 +1,7 @@
 """The Grouter: a small standalone router that reads token ids and predicts expert logits.
 
 ``G(X) = W_s · Enc_N(Emb(X))``: token embedding, N Transformer blocks, bias-free linear head to
-E experts (SPEC §1.1). Attention is **causal by default**: the route of token t depends only on
+E experts (docs/method.md#the-grouter-network). Attention is **causal by default**: the route of token t depends only on
 tokens <= t. The authors' code ran the encoder bidirectionally, which lets the routing of token t
 see the tokens a causal LM is asked to predict; ``causal=False`` exists only to measure that
 leak and is reported as leaking wherever it is used.
@@ -19,13 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import load_safetensors, read_json, save_safetensors, write_json
+from .artifacts import header, load_safetensors, read_manifest, save_safetensors, write_json
 from .errors import GrouterError
 from .model import Attention, RMSNorm, SwiGLU, register_rope
 from .routers import Routing, topk_gating
 
 LEAK_WARNING = ("this Grouter is bidirectional: the route of token t depends on later tokens, which leaks "
                 "the future into a causal language model; use it only to measure that leak")
+
+
+GROUTER_FORMAT, GROUTER_VERSION = "grouter-router", 1
 
 
 @dataclass
@@ -134,7 +137,7 @@ class Grouter(nn.Module):
 
     @torch.no_grad()
     def route(self, input_ids: torch.Tensor, k: int | None = None) -> Routing:
-        """Top-k experts and gate weights per token (SPEC §1.3); weights carry no gradient."""
+        """Top-k experts and gate weights per token (docs/method.md#gating); weights carry no gradient."""
         logits = self(input_ids)
         return self.route_logits(logits, k)
 
@@ -157,7 +160,7 @@ class Grouter(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors(directory / "model.safetensors", self.state_dict())
-        write_json(directory / "config.json", {"kind": "grouter", "config": asdict(self.cfg),
+        write_json(directory / "config.json", {**header(GROUTER_FORMAT, GROUTER_VERSION), "config": asdict(self.cfg),
                                                "fingerprint": self.fingerprint(), **(extra or {})})
 
     @classmethod
@@ -165,10 +168,8 @@ class Grouter(nn.Module):
         directory = Path(directory)
         if (directory / "checkpoint" / "config.json").exists() and not (directory / "config.json").exists():
             directory = directory / "checkpoint"  # a distillation run directory
-        meta = read_json(directory / "config.json", "Grouter config")
-        if meta.get("kind") != "grouter":
-            raise GrouterError(f"{directory} is not a Grouter (config kind {meta.get('kind')!r}); "
-                               "pass the output of `grouter distill`, `fold` or `tune`")
+        meta = read_manifest(directory, "config.json", GROUTER_FORMAT, GROUTER_VERSION, "Grouter",
+                             "grouter distill, fold or tune")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning is repeated by whoever uses it
             model = cls(GrouterConfig.from_dict(meta["config"]))

@@ -1,4 +1,7 @@
-"""Expert-parallel placement planning from known routing (SPEC §1.7; paper §3.4.2, App. J, Algorithm 1).
+"""Expert-parallel placement planning from known routing (paper §3.4.2, App. J, Algorithm 1).
+
+The method and its deviations from the paper: docs/method.md#expert-parallel-placement; measured
+volumes and planner timings: docs/RESULTS.md#expert-parallel-placement and docs/BENCHMARKS.md.
 
 With the routing of every training sequence known before training (a routing store written by
 ``grouter dispatch``), the expert-parallel (EP) all-to-all can be shrunk offline: put experts that
@@ -12,7 +15,8 @@ Pipeline (:func:`plan_placement`):
 
 1. **Affinity** ``φ(X)_i = (1/|X|) Σ_t 1[i ∈ topk(x_t)]`` of every sequence of the store's ``train``
    split (sums to k), streamed over the memory-mapped ids in chunks with one ``np.bincount`` per
-   chunk (sequence-offset expert ids): about 0.2 s per 50 M ids, 19x faster than ``np.add.at``.
+   chunk over sequence-offset expert ids: a single vectorised count, where ``np.add.at`` (an
+   unbuffered scatter) is many times slower.
 2. **Entropy filter**: Shannon entropy (bits) of ``φ/k``; sequences above
    ``entropy_fraction * log2(E)`` have no expert preference and are left out of the clustering
    (they are still placed). The default fraction ``6.85 / 7`` reproduces the paper's 6.85 bits at
@@ -34,8 +38,8 @@ Pipeline (:func:`plan_placement`):
    up to 100 000 sequences we alternate a balanced placement (m/P sequences per partition,
    maximising (token, expert) pairs kept local) with a Hungarian regrouping of the experts on the
    partitions' summed counts, keeping the best grouping (node level: nodes, then each node's G
-   ranks). On synthetic clustered routing this never raised the optimised volume and cut it by up
-   to 7 % (node level, few ranks); ``refine=0`` keeps the paper's grouping.
+   ranks). The first round scores the paper's grouping, so on the sample the kept grouping keeps
+   at least as many pairs local under a balanced placement; ``refine=0`` keeps the paper's grouping.
 5. **Sample placement** per global batch (``global_batch`` sequences, a multiple of R; batch
    membership is a seeded shuffle, exactly what a shuffling loader would give, so the plan never
    changes which sequences train together):
@@ -46,10 +50,10 @@ Pipeline (:func:`plan_placement`):
      cheapest partition that still has room and each partition keeps the proposers with the
      largest regret, i.e. the most to lose by going to their next choice). ``exact=True`` solves
      each batch optimally with ``linear_sum_assignment`` on the cost matrix with each partition's
-     column repeated ``capacity`` times (O(batch³), about 20 ms per batch of 1 024). Measured on
-     1 M synthetic sequences, 64 ranks, batches of 1 024: DeepEP volume 0.9269 (greedy) vs
-     0.9254 (exact) of random, lower bound 0.9242, placement 2.9 s vs 19.4 s; so the greedy is
-     the default. (``linear_sum_assignment`` over all 1 M sequences at once is out of reach.)
+     column repeated ``capacity`` times (O(batch³) per batch). The greedy is the default: its
+     volume comes close to the exact one and to the lower bound, and being vectorised over all
+     batches it takes a fraction of the exact solver's time (figures: docs/RESULTS.md,
+     docs/BENCHMARKS.md). (``linear_sum_assignment`` over a whole split at once is out of reach.)
      At node level, sequences are placed on nodes first (node cost), then on the node's G ranks
      (DeepEP cost), both balanced. ``scope="epoch"`` applies the capacity over the whole split
      instead (each rank n/R sequences; batches then take ``global_batch / R`` from each rank's
@@ -80,6 +84,7 @@ Output of :func:`place` (atomic): ``plan.json``, ``report.json``, ``report.md``,
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -88,9 +93,16 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
+from torch.utils.data import Sampler
 
-from .artifacts import atomic_dir, atomic_write_bytes, read_json, write_json
+from .artifacts import atomic_dir, atomic_write_bytes, read_json, read_manifest, write_json
 from .errors import GrouterError
+from .store import RoutingStore
 
 PLAN_FORMAT, PLAN_VERSION = "grouter-placement-plan", 1
 ALGORITHMS = ("balanced", "greedy")
@@ -114,7 +126,8 @@ ASSIGN_CHUNK = 1 << 17
 
 
 # -- affinity and entropy ----------------------------------------------------------------------
-def _chunks(n: int, per_seq: int, target: int = CHUNK_IDS) -> Iterator[tuple[int, int]]:
+def row_chunks(n: int, per_seq: int, target: int = CHUNK_IDS) -> Iterator[tuple[int, int]]:
+    """Ranges ``[a, b)`` of ``n`` rows of ``per_seq`` values each, about ``target`` values at a time."""
     step = max(1, target // max(per_seq, 1))
     for a in range(0, n, step):
         yield a, min(n, a + step)
@@ -124,6 +137,15 @@ def _count_dtype(limit: int) -> np.dtype:
     return np.dtype(np.uint16) if limit <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
 
 
+def _bincount_rows(x: np.ndarray, m: int) -> np.ndarray:
+    """``[c, m]`` counts of each value 0..m-1 in each row of ``x`` ``[c, w]``: one ``np.bincount`` of
+    the values offset by ``row * m``."""
+    c = len(x)
+    flat = x.astype(np.intp)
+    flat += (np.arange(c, dtype=np.intp) * m)[:, None]
+    return np.bincount(flat.ravel(), minlength=c * m).reshape(c, m)
+
+
 def affinity_counts(ids: np.ndarray, n_experts: int) -> np.ndarray:
     """``[n, E]`` counts of each expert among a sequence's token-slots: ``L * φ(X)`` (rows sum to L*k).
 
@@ -131,11 +153,8 @@ def affinity_counts(ids: np.ndarray, n_experts: int) -> np.ndarray:
     """
     n, L, k = ids.shape
     out = np.empty((n, n_experts), dtype=_count_dtype(L * k))
-    for a, b in _chunks(n, L * k):
-        c = b - a
-        flat = np.asarray(ids[a:b]).reshape(c, L * k).astype(np.intp)
-        flat += (np.arange(c, dtype=np.intp) * n_experts)[:, None]
-        out[a:b] = np.bincount(flat.ravel(), minlength=c * n_experts).reshape(c, n_experts)
+    for a, b in row_chunks(n, L * k):
+        out[a:b] = _bincount_rows(np.asarray(ids[a:b]).reshape(b - a, L * k), n_experts)
     return out
 
 
@@ -149,7 +168,7 @@ def entropy_bits(counts: np.ndarray) -> np.ndarray:
     top = int(counts.max()) if counts.size else 0
     clogc = np.zeros(top + 1)
     clogc[1:] = np.arange(1, top + 1) * np.log2(np.arange(1, top + 1))
-    for a, b in _chunks(len(counts), counts.shape[1]):
+    for a, b in row_chunks(len(counts), counts.shape[1]):
         c = counts[a:b]
         S = c.sum(1, dtype=np.int64).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -163,11 +182,9 @@ def uniform_entropy_reference(seq_len: int, k: int, n_experts: int, samples: int
     The entropy filter only has an effect when its threshold is below this.
     """
     rng = np.random.default_rng(seed)
-    ids = np.argsort(rng.random((samples, seq_len, n_experts), dtype=np.float32), axis=-1)[..., :k] \
-        if samples * seq_len * n_experts <= 1 << 24 else None
-    if ids is None:  # long sequences: fewer sample sequences
-        m = max(1, (1 << 24) // (seq_len * n_experts))
-        ids = np.argsort(rng.random((m, seq_len, n_experts), dtype=np.float32), axis=-1)[..., :k]
+    draws = seq_len * n_experts  # random numbers per sequence; long sequences: fewer sample sequences
+    m = samples if samples * draws <= 1 << 24 else max(1, (1 << 24) // draws)
+    ids = np.argsort(rng.random((m, seq_len, n_experts), dtype=np.float32), axis=-1)[..., :k]
     return float(entropy_bits(affinity_counts(ids, n_experts)).mean())
 
 
@@ -183,8 +200,6 @@ def _weighted_centroids(centers: np.ndarray, weights: np.ndarray, labels: np.nda
 
 def _merge(centers: np.ndarray, n: int) -> np.ndarray:
     """Labels merging ``centers`` into ``n`` groups (Ward agglomerative; identity when equal)."""
-    from sklearn.cluster import AgglomerativeClustering
-
     if len(centers) == n:
         return np.arange(n)
     return AgglomerativeClustering(n_clusters=n, linkage="ward").fit_predict(centers)
@@ -196,8 +211,6 @@ def cluster_affinity(phi: np.ndarray, n_partitions: int, clusters: int = 100, se
     Returns ``{"centers" [K, E], "sizes" [K], "partition_of_cluster" [K], "centroids" [P, E],
     "method"}``; ``phi`` needs at least ``n_partitions`` rows.
     """
-    from sklearn.cluster import KMeans, MiniBatchKMeans
-
     n = len(phi)
     K = min(max(clusters, n_partitions), n)
     X = np.ascontiguousarray(phi, dtype=np.float32)
@@ -223,8 +236,6 @@ def group_experts(centroids: np.ndarray, experts: np.ndarray | None = None) -> n
     to place (default all E). Returns the partition of each of ``experts``, maximising
     ``Σ_e centroids[partition(e), e]``.
     """
-    from scipy.optimize import linear_sum_assignment
-
     P = len(centroids)
     experts = np.arange(centroids.shape[1]) if experts is None else np.asarray(experts)
     per = len(experts) // P
@@ -247,11 +258,8 @@ def refine_grouping(counts: np.ndarray, part: np.ndarray, n_partitions: int,
     until the grouping stops changing. Returns (grouping, partition of each of the first
     ``m - m % P`` rows, local share of pairs after each round); the best grouping seen is kept.
     """
-    from scipy.optimize import linear_sum_assignment
-
     P, Ep = n_partitions, counts.shape[1]
     X = np.asarray(counts[: len(counts) - len(counts) % P], dtype=np.float64)
-    seats = np.repeat(np.arange(P), Ep // P)
     if len(X) < P:
         return part, np.zeros(0, dtype=np.int64), []
     total = max(X.sum(), 1.0)
@@ -267,9 +275,7 @@ def refine_grouping(counts: np.ndarray, part: np.ndarray, n_partitions: int,
             best, best_share, best_rows = part, share, rows
         order = np.argsort(rows, kind="stable")  # W[p]: summed counts of partition p's sequences
         W = np.add.reduceat(X[order], np.searchsorted(rows[order], np.arange(P)), axis=0)
-        r, c = linear_sum_assignment(W[seats].T, maximize=True)
-        new = np.empty(Ep, dtype=np.int64)
-        new[r] = seats[c]
+        new = group_experts(W)
         if np.array_equal(new, part):
             break
         part = new
@@ -335,8 +341,7 @@ class Traffic:
         if model == "megatron":
             return self.seq_slots - self.slots[rows].astype(np.int32)
         if model == "deepep":
-            t = self.tokens[rows].astype(np.int32)
-            return t.sum(1, keepdims=True) - t
+            return _remote_copies(self.tokens[rows])
         if model == "node":
             return np.repeat(self.node_cost(rows), self.ranks_per_node, axis=1)
         raise GrouterError(f"unknown cost model {model!r}; use one of {', '.join(COST_MODELS)}")
@@ -345,15 +350,23 @@ class Traffic:
         """``[n, N]`` remote node copies of each sequence on each node."""
         if self.node_tokens is None:
             raise GrouterError("the node cost model needs --ranks-per-node")
-        t = self.node_tokens[rows].astype(np.int32)
-        return t.sum(1, keepdims=True) - t
+        return _remote_copies(self.node_tokens[rows])
 
-    def bound(self, model: str) -> int:
-        """``Σ_s min_r cost``: no sample placement with these experts sends less."""
+    def bound(self, model: str, rows: np.ndarray | None = None) -> int:
+        """``Σ_s min_r cost`` over sequences ``rows`` (default all): no sample placement with these
+        experts sends less."""
+        rows = np.arange(len(self.slots)) if rows is None else np.asarray(rows)
         total = 0
-        for a, b in _chunks(len(self.slots), self.ranks, 1 << 24):
-            total += int(self.cost(model, np.arange(a, b)).min(1).sum())
+        for a, b in row_chunks(len(rows), self.ranks, 1 << 24):
+            total += int(self.cost(model, rows[a:b]).min(1).sum())
         return total
+
+
+def _remote_copies(present: np.ndarray) -> np.ndarray:
+    """``[n, H]`` from ``present[s, h]`` (tokens of s with an expert on holder h): the copies s sends
+    to other holders when it sits on each holder."""
+    t = present.astype(np.int32)
+    return t.sum(1, keepdims=True) - t
 
 
 def traffic(ids: np.ndarray, rank_of_expert: np.ndarray, ranks: int, ranks_per_node: int | None = None,
@@ -374,14 +387,13 @@ def traffic(ids: np.ndarray, rank_of_expert: np.ndarray, ranks: int, ranks_per_n
     node_tokens = np.empty((n, R // G), dtype=_count_dtype(L)) if G else None
     if counts is not None:
         order = np.argsort(lut, kind="stable")  # experts grouped by rank, E/R each
-        for a, b in _chunks(n, counts.shape[1]):
+        for a, b in row_chunks(n, counts.shape[1]):
             slots[a:b] = counts[a:b][:, order].reshape(b - a, R, -1).sum(2, dtype=slots.dtype)
-    for a, b in _chunks(n, L * max(R, k)):
+    for a, b in row_chunks(n, L * max(R, k)):
         c = b - a
         rk = lut[np.asarray(ids[a:b])].reshape(c * L, k)  # rank of each token-slot
         if counts is None:
-            flat = rk.reshape(c, L * k) + (np.arange(c, dtype=np.int64) * R)[:, None]
-            slots[a:b] = np.bincount(flat.ravel(), minlength=c * R).reshape(c, R)
+            slots[a:b] = _bincount_rows(rk.reshape(c, L * k), R)
         tok = np.arange(c * L, dtype=np.int64)[:, None]
         pres = np.zeros(c * L * R, dtype=np.uint8)
         pres[tok * R + rk] = 1
@@ -406,20 +418,22 @@ def remote_volume(ids: np.ndarray, rank_of_expert: np.ndarray, sample_rank: np.n
     out = {"megatron": 0, "deepep": 0}
     if ranks_per_node:
         out["node"] = 0
-    for a, b in _chunks(n, L * k):
+    for a, b in row_chunks(n, L * k):
         placed = sample_rank[a:b] >= 0
         rk = np.sort(lut[np.asarray(ids[a:b])[placed]], axis=-1)  # [c, L, k]
         own = sample_rank[a:b][placed][:, None, None]
         out["megatron"] += int((rk != own).sum())
-        first = np.ones(rk.shape, dtype=bool)
-        first[..., 1:] = rk[..., 1:] != rk[..., :-1]  # distinct destination ranks of each token
-        out["deepep"] += int((first & (rk != own)).sum())
+        out["deepep"] += _distinct_remote(rk, own)
         if ranks_per_node:
-            nd, own_n = rk // ranks_per_node, own // ranks_per_node
-            first = np.ones(nd.shape, dtype=bool)
-            first[..., 1:] = nd[..., 1:] != nd[..., :-1]
-            out["node"] += int((first & (nd != own_n)).sum())
+            out["node"] += _distinct_remote(rk // ranks_per_node, own // ranks_per_node)
     return out
+
+
+def _distinct_remote(holders: np.ndarray, own: np.ndarray) -> int:
+    """Distinct holders other than ``own`` among each token's ``holders`` (sorted on the last axis), summed."""
+    first = np.ones(holders.shape, dtype=bool)
+    first[..., 1:] = holders[..., 1:] != holders[..., :-1]
+    return int((first & (holders != own)).sum())
 
 
 def _floor_any_placement(n_tokens: int, k: int, E: int, R: int, G: int | None) -> dict[str, int]:
@@ -452,19 +466,11 @@ def balanced_assignment(cost: np.ndarray, groups: np.ndarray, capacity: np.ndarr
     sizes = np.bincount(groups, minlength=len(capacity))
     if not np.array_equal(sizes, capacity * P):
         raise ValueError("every group needs exactly P * capacity rows")
-    out = np.full(m, -1, dtype=np.int64)
     order = np.argsort(groups, kind="stable")
-    bounds = np.r_[0, np.cumsum(sizes)]
+    bounds = np.r_[0, np.cumsum(sizes)]  # group g: rows order[bounds[g]:bounds[g + 1]]
     if exact:
-        from scipy.optimize import linear_sum_assignment
-
-        for g in range(len(capacity)):
-            rows = order[bounds[g]:bounds[g + 1]]
-            if len(rows) == 0:
-                continue
-            _, cols = linear_sum_assignment(np.repeat(cost[rows], capacity[g], axis=1))
-            out[rows] = cols // capacity[g]
-        return out
+        return _exact_per_group(cost, order, bounds, capacity)
+    out = np.full(m, -1, dtype=np.int64)
     g0 = 0
     while g0 < len(capacity):  # whole groups, about ASSIGN_CHUNK rows at a time
         g1 = int(np.searchsorted(bounds, bounds[g0] + ASSIGN_CHUNK, side="right")) - 1
@@ -472,6 +478,18 @@ def balanced_assignment(cost: np.ndarray, groups: np.ndarray, capacity: np.ndarr
         rows = order[bounds[g0]:bounds[g1]]
         out[rows] = _regret_greedy(cost[rows].astype(np.float64), groups[rows] - g0, capacity[g0:g1])
         g0 = g1
+    return out
+
+
+def _exact_per_group(cost: np.ndarray, order: np.ndarray, bounds: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """:func:`balanced_assignment` with ``exact``: ``linear_sum_assignment`` per group."""
+    out = np.full(len(cost), -1, dtype=np.int64)
+    for g in range(len(capacity)):
+        rows = order[bounds[g]:bounds[g + 1]]
+        if len(rows) == 0:
+            continue
+        _, cols = linear_sum_assignment(np.repeat(cost[rows], capacity[g], axis=1))
+        out[rows] = cols // capacity[g]
     return out
 
 
@@ -544,14 +562,6 @@ class Plan:
     def optimises(self) -> str:
         return "node" if self.level == "node" else "deepep"
 
-    def sequence_ranks(self) -> np.ndarray:
-        """Data-parallel rank of each sequence (-1: dropped)."""
-        out = np.full(self.n_sequences, -1, dtype=np.int64)
-        for r, batches in enumerate(self.samples):
-            for b in batches:
-                out[b] = r
-        return out
-
     def to_json(self) -> dict:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "n_experts": self.n_experts, "k": self.k,
                 "ranks": self.ranks, "ranks_per_node": self.ranks_per_node, "level": self.level,
@@ -566,8 +576,6 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         """Write ``plan.json`` (compact: it lists every sequence) into directory ``path`` (or to file ``path``)."""
-        import json
-
         path = Path(path)
         file = path if path.suffix == ".json" else path / "plan.json"
         atomic_write_bytes(file, (json.dumps(self.to_json(), separators=(",", ":")) + "\n").encode())
@@ -575,32 +583,34 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        """Read a plan from ``plan.json`` or the directory holding it."""
+        """Read a plan from ``plan.json`` (or a file of another name) or the directory holding it,
+        with the ``report.json`` beside it when there is one."""
         path = Path(path)
         file = path / "plan.json" if path.is_dir() else path
-        d = read_json(file, "placement plan")
-        if d.get("format") != PLAN_FORMAT:
-            raise GrouterError(f"{file} is not a grouter placement plan (format {d.get('format')!r}); "
-                               "create one with `grouter place`")
-        if d.get("version") != PLAN_VERSION:
-            raise GrouterError(f"placement plan {file} has version {d.get('version')!r} but this grouter reads "
-                               f"version {PLAN_VERSION}; re-create it with `grouter place`")
+        d = read_manifest(path, "plan.json", PLAN_FORMAT, PLAN_VERSION, "placement plan", "grouter place",
+                          accept_file=True)
         try:
-            perm = np.asarray(d["permutation"], dtype=np.int64)
-            plan = cls(n_experts=int(d["n_experts"]), k=int(d["k"]), ranks=int(d["ranks"]),
-                       ranks_per_node=d["ranks_per_node"], level=d["level"], algorithm=d["algorithm"],
-                       scope=d.get("scope", "batch"), global_batch=int(d["global_batch"]), seed=int(d["seed"]),
-                       split=d["split"], n_sequences=int(d["n_sequences"]), permutation=perm,
-                       samples=[[np.asarray(b, dtype=np.int64) for b in batches] for batches in d["samples"]],
-                       dropped=np.asarray(d["dropped"], dtype=np.int64), source=d.get("source", {}))
-            if (len(perm) != plan.n_experts or not np.array_equal(np.sort(perm), np.arange(plan.n_experts))
-                    or len(plan.samples) != plan.ranks or plan.n_experts % plan.ranks):
-                raise ValueError("inconsistent")
+            plan = cls._from_json(d)
         except (KeyError, TypeError, ValueError) as e:
             raise GrouterError(f"placement plan {file} is corrupt ({e}); re-create it with `grouter place`") from None
         report = file.parent / "report.json"
         if report.is_file():
             plan.report = read_json(report, "placement report")
+        return plan
+
+    @classmethod
+    def _from_json(cls, d: dict) -> "Plan":
+        """The plan :meth:`to_json` wrote; KeyError, TypeError or ValueError when it does not hold one."""
+        perm = np.asarray(d["permutation"], dtype=np.int64)
+        plan = cls(n_experts=int(d["n_experts"]), k=int(d["k"]), ranks=int(d["ranks"]),
+                   ranks_per_node=d["ranks_per_node"], level=d["level"], algorithm=d["algorithm"],
+                   scope=d.get("scope", "batch"), global_batch=int(d["global_batch"]), seed=int(d["seed"]),
+                   split=d["split"], n_sequences=int(d["n_sequences"]), permutation=perm,
+                   samples=[[np.asarray(b, dtype=np.int64) for b in batches] for batches in d["samples"]],
+                   dropped=np.asarray(d["dropped"], dtype=np.int64), source=d.get("source", {}))
+        if (len(perm) != plan.n_experts or not np.array_equal(np.sort(perm), np.arange(plan.n_experts))
+                or len(plan.samples) != plan.ranks or plan.n_experts % plan.ranks):
+            raise ValueError("inconsistent")
         return plan
 
 
@@ -613,25 +623,14 @@ def relabel(ids, permutation):
     perm = np.asarray(permutation, dtype=np.int64)
     if not np.array_equal(np.sort(perm), np.arange(len(perm))):
         raise GrouterError("the expert permutation is not a permutation of 0..E-1; re-create the plan")
-    try:
-        import torch
-
-        if isinstance(ids, torch.Tensor):
-            lut = torch.as_tensor(perm, dtype=torch.long, device=ids.device)
-            return lut[ids.long()].to(ids.dtype)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(ids, torch.Tensor):
+        lut = torch.as_tensor(perm, dtype=torch.long, device=ids.device)
+        return lut[ids.long()].to(ids.dtype)
     ids = np.asarray(ids)
     return perm.astype(ids.dtype)[ids] if ids.dtype.kind in "iu" else perm[ids.astype(np.int64)]
 
 
-try:
-    from torch.utils.data import Sampler as _Sampler
-except ImportError:  # pragma: no cover
-    _Sampler = object
-
-
-class PlanSampler(_Sampler):
+class PlanSampler(Sampler):
     """Serves data-parallel rank ``rank`` the sequences of its group, global batch after global batch.
 
     Indices are into the split the plan was made for. With the ``balanced`` algorithm every rank
@@ -661,7 +660,97 @@ class PlanSampler(_Sampler):
         return len(self._indices)
 
 
-# -- planning ----------------------------------------------------------------------------------
+# -- planning: the pipeline --------------------------------------------------------------------
+def plan_placement(store, ranks: int, ranks_per_node: int | None = None, algorithm: str = "balanced",
+                   global_batch: int | None = None, clusters: int = 100,
+                   entropy_fraction: float = DEFAULT_ENTROPY_FRACTION, seed: int = 0,
+                   max_sequences: int | None = None, *, level: str | None = None, scope: str = "batch",
+                   exact: bool = False, refine: int | None = None, split: str = "train") -> Plan:
+    """Plan expert and sample placement for ``ranks`` EP ranks from the routing in ``store``.
+
+    ``store``: a :class:`~grouter.store.RoutingStore` (or any object with ``ids(split)``,
+    ``n_experts`` and ``k``). ``ranks_per_node`` G: nodes of G ranks; ``level`` ("rank" or "node",
+    default node when 1 < G < ranks): what the partitions are, and so what the plan optimises
+    (``deepep`` at rank level, ``node`` then ``deepep`` at node level). ``global_batch``: sequences
+    per global batch (multiple of ``ranks``; default 16 per rank). ``max_sequences``: plan only the
+    first this many sequences of the split. ``scope``: "batch" (default; batches are a seeded random
+    shuffle and the plan only decides which rank trains which sequence of each batch) or "epoch"
+    (the capacity holds over the whole split: each rank gets n/R sequences, then batches take
+    ``global_batch / R`` from every rank's queue, so batches are stratified by group rather than
+    random). ``exact``: optimal per-batch assignment (``linear_sum_assignment``) instead of the
+    vectorised greedy; batch scope only. ``refine``: rounds of :func:`refine_grouping` on up to
+    ``REFINE_SAMPLE`` sequences (default 10 for ``balanced``, 0 for ``greedy``, which is then the
+    paper's pipeline exactly).
+    """
+    timer = _Timer()
+    ids, s = _setup(store, split, max_sequences, ranks, ranks_per_node, algorithm, level, scope, global_batch,
+                    exact, seed)
+    rng = np.random.default_rng(seed)
+    counts = affinity_counts(ids, s.E)  # 1. affinity (as counts: L * φ)
+    timer.tick("affinity")
+    kept = _EntropyFilter.apply(counts, entropy_fraction, s)  # 2. entropy filter
+    timer.tick("entropy")
+    cl = _cluster(counts, kept.rows, s, clusters)  # 3. clustering
+    timer.tick("clustering")
+    refine = (10 if algorithm == "balanced" else 0) if refine is None else int(refine)
+    rank_of_expert, refinement, inner_split = _expert_placement(counts, cl, s, refine)  # 4. grouping, 4b.
+    perm = _permutation_from_ranks(rank_of_expert, s.R)
+    timer.tick("expert_grouping")
+    tr = traffic(ids, rank_of_expert, s.R, s.G, counts)  # the plan's experts
+    base = traffic(ids, np.arange(s.E) // (s.E // s.R), s.R, s.G, counts)  # the contiguous baseline
+    timer.tick("traffic")
+    batches, dropped = _batches(s.n, s.gb, s.R, rng)  # 5. sample placement
+    rank, samples = _place_samples(tr, batches, s)
+    timer.tick("sample_placement")
+    placed = _members(batches)
+    base_rank, base_samples = _random_baseline(batches, s)
+    cost_models = _cost_models(tr, base, rank, base_rank, placed, s)
+    timer.tick("report")
+    timings = timer.total()
+    report = {**_report_header(s, len(batches), placed, dropped), "cost_models": cost_models,
+              "load": {"plan": _loads(tr, samples), "random": _loads(base, base_samples)},
+              "entropy_filter": kept.report(s), "refinement": refinement,
+              "clustering": _clustering_report(cl, s, kept.rows, inner_split), "timings_s": timings}
+    return Plan(n_experts=s.E, k=s.k, ranks=s.R, ranks_per_node=s.G, level=s.level, algorithm=algorithm,
+                scope=scope, global_batch=s.gb, seed=seed, split=split, n_sequences=s.n, permutation=perm,
+                samples=samples, dropped=dropped, source=_source(store), report=report)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The checked sizes and options of one planning run."""
+
+    n: int  # sequences planned
+    L: int  # tokens per sequence
+    k: int
+    E: int  # experts
+    R: int  # ranks
+    G: int | None  # ranks per node
+    level: str
+    N: int  # partitions: R at rank level, R / G at node level
+    algorithm: str
+    scope: str
+    exact: bool
+    gb: int  # sequences per global batch
+    seed: int
+
+
+def _setup(store, split: str, max_sequences: int | None, R: int, G: int | None, algorithm: str,
+           level: str | None, scope: str, global_batch: int | None, exact: bool,
+           seed: int) -> tuple[np.ndarray, _Setup]:
+    """The ids ``[n, L, k]`` of the split's first ``max_sequences`` sequences, and the checked options."""
+    ids = store.ids(split)
+    E, k = int(store.n_experts), int(store.k)
+    if ids.ndim != 3 or ids.shape[2] != k:
+        raise GrouterError(f"routing ids of split {split!r} have shape {ids.shape}, expected [n, seq_len, {k}]")
+    n = ids.shape[0] if max_sequences is None else min(ids.shape[0], int(max_sequences))
+    level, gb = _check(n, E, R, G, algorithm, level, scope, global_batch)
+    if exact and scope == "epoch":
+        raise GrouterError("an exact assignment is only available per global batch (scope batch)")
+    N = R // G if level == "node" else R
+    return ids[:n], _Setup(n, ids.shape[1], k, E, R, G, level, N, algorithm, scope, exact, gb, seed)
+
+
 def _check(n: int, E: int, R: int, G: int | None, algorithm: str, level: str | None, scope: str,
            global_batch: int | None) -> tuple[str, int]:
     if algorithm not in ALGORITHMS:
@@ -693,6 +782,126 @@ def _check(n: int, E: int, R: int, G: int | None, algorithm: str, level: str | N
     return level, int(gb)
 
 
+class _Timer:
+    """Seconds spent in each step since the previous one (``timings``), and in all (``total``)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def tick(self, step: str) -> None:
+        now = time.perf_counter()
+        self.timings[step] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self) -> dict[str, float]:
+        self.timings["total"] = round(time.perf_counter() - self.start, 3)
+        return self.timings
+
+
+# -- planning, step 2: entropy filter ----------------------------------------------------------
+@dataclass
+class _EntropyFilter:
+    """Which sequences are clustered: those whose affinity entropy is at most the threshold."""
+
+    bits: np.ndarray  # affinity entropy of every sequence
+    fraction: float  # the threshold as a fraction of log2(E)
+    threshold: float
+    rows: np.ndarray  # the sequences clustered
+    relaxed: bool  # fewer than N under the threshold: the N most peaked instead
+
+    @classmethod
+    def apply(cls, counts: np.ndarray, fraction: float, s: _Setup) -> "_EntropyFilter":
+        H = entropy_bits(counts)
+        threshold = float(fraction * math.log2(s.E))
+        rows = np.flatnonzero(H <= threshold)
+        relaxed = len(rows) < s.N
+        if relaxed:  # too few sequences with a preference: cluster the N most peaked ones
+            rows = np.sort(np.argsort(H, kind="stable")[:s.N])
+        return cls(H, fraction, threshold, rows, relaxed)
+
+    def report(self, s: _Setup) -> dict:
+        H, threshold = self.bits, self.threshold
+        qs = np.quantile(H, [0.0, 0.1, 0.5, 0.9, 1.0]) if s.n else np.zeros(5)
+        return {"fraction": self.fraction, "threshold_bits": threshold, "max_bits": math.log2(s.E),
+                "kept": int((H <= threshold).sum()), "filtered": int((H > threshold).sum()),
+                "relaxed_to_most_peaked": bool(self.relaxed),
+                "quantiles_bits": dict(zip(["min", "p10", "median", "p90", "max"], map(float, qs))),
+                "uniform_routing_reference_bits": uniform_entropy_reference(s.L, s.k, s.E, seed=s.seed)}
+
+
+# -- planning, steps 3-4b: clustering and expert placement -------------------------------------
+def _cluster(counts: np.ndarray, rows: np.ndarray, s: _Setup, clusters: int) -> dict:
+    """:func:`cluster_affinity` of the affinities ``φ/k`` of sequences ``rows``."""
+    return cluster_affinity(counts[rows].astype(np.float32) / (s.L * s.k), s.N, clusters, s.seed)
+
+
+def _expert_placement(counts: np.ndarray, cl: dict, s: _Setup,
+                      refine: int) -> tuple[np.ndarray, dict | None, dict | None]:
+    """Rank of each logical expert, the refinement's record (None without refinement) and, at node
+    level, how many nodes split their experts over their ranks each way (None at rank level)."""
+    part = group_experts(cl["centroids"])  # partition of each logical expert
+    refinement = sample = sample_part = None
+    if refine:  # fit the grouping to a balanced placement of a sample of the sequences
+        part, sample, sample_part, refinement = _refine(counts, part, s, refine)
+    if s.level != "node":
+        return part, refinement, None
+    rank_of_expert, inner_split, inner_shares = _split_nodes(cl, part, s, refine, sample, sample_part)
+    if inner_shares:
+        refinement["inner_local_share_mean"] = float(np.mean(inner_shares))
+    return rank_of_expert, refinement, inner_split
+
+
+def _refine(counts: np.ndarray, part: np.ndarray, s: _Setup,
+            refine: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """:func:`refine_grouping` on a seeded sample of at most ``REFINE_SAMPLE`` sequences.
+
+    Returns (the grouping, the sample's counts, the partition of the sample's placed rows, the record).
+    """
+    rng = np.random.default_rng([s.seed, 1])
+    rows = np.sort(rng.choice(s.n, REFINE_SAMPLE, replace=False)) if s.n > REFINE_SAMPLE else np.arange(s.n)
+    sample = counts[rows]
+    part, sample_part, trace = refine_grouping(sample, part, s.N, refine)
+    return part, sample, sample_part, {"iterations": len(trace), "sample": int(len(rows)), "local_share": trace}
+
+
+def _split_nodes(cl: dict, part: np.ndarray, s: _Setup, refine: int, sample: np.ndarray | None,
+                 sample_part: np.ndarray | None) -> tuple[np.ndarray, dict, list[float]]:
+    """Node level: each node's experts over its G ranks, refined on the node's sample sequences.
+
+    Returns (rank of each logical expert, how many nodes split each way, each refined node's final
+    local share).
+    """
+    G = s.G
+    rank_of_expert = np.empty(s.E, dtype=np.int64)
+    how, shares = [], []
+    for node in range(s.N):
+        experts = np.flatnonzero(part == node)
+        inner, method = _initial_node_split(cl, node, experts, G, s.E // s.R, refine)
+        if refine:  # the node's sample sequences over its G ranks
+            mine = sample[: len(sample_part)][sample_part == node][:, experts]
+            if len(mine) >= G:
+                inner, _, trace = refine_grouping(mine, inner, G, refine)
+                method = "refined"
+                shares.append(trace[-1])
+        how.append(method)
+        rank_of_expert[experts] = node * G + inner
+    return rank_of_expert, {m: how.count(m) for m in ("hungarian", "contiguous", "refined")}, shares
+
+
+def _initial_node_split(cl: dict, node: int, experts: np.ndarray, G: int, per_rank: int,
+                        refine: int) -> tuple[np.ndarray, str]:
+    """Rank within the node of each of its ``experts``: Hungarian on the node's k-means centroids
+    merged to G, or contiguous by id when it has fewer than G clusters or refinement follows."""
+    members = np.flatnonzero(cl["partition_of_cluster"] == node)
+    if refine or len(members) < G:
+        return np.arange(len(experts)) // per_rank, "contiguous"
+    centers = cl["centers"][members]
+    sub = _merge(centers, G)
+    return group_experts(_weighted_centroids(centers, cl["sizes"][members], sub, G), experts), "hungarian"
+
+
+# -- planning, step 5: sample placement --------------------------------------------------------
 def _batches(n: int, gb: int, R: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
     """Seeded shuffle cut into global batches; the last one shrunk to a multiple of R (< R dropped)."""
     order = rng.permutation(n)
@@ -704,54 +913,63 @@ def _batches(n: int, gb: int, R: int, rng: np.random.Generator) -> tuple[list[np
     return batches, np.sort(order[full * gb + last:])
 
 
+def _members(batches: list[np.ndarray]) -> np.ndarray:
+    """The sequences of all batches, in batch order."""
+    return np.concatenate(batches) if batches else np.zeros(0, np.int64)
+
+
+def _place_samples(tr: Traffic, batches: list[np.ndarray], s: _Setup) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """Rank of each sequence (-1: dropped) and ``samples[r][b]``, balanced per batch or over the epoch."""
+    rank = np.full(s.n, -1, dtype=np.int64)
+    placed = _members(batches)
+    balanced = s.algorithm != "greedy"
+    if s.scope == "batch":
+        groups = np.repeat(np.arange(len(batches)), [len(b) for b in batches])
+        cap = np.array([len(b) // s.R for b in batches], dtype=np.int64)  # sequences per rank per batch
+        rank[placed] = _place(tr, placed, groups, cap if balanced else None, s.level, s.exact)
+        return rank, _by_rank(batches, rank, s.R)
+    m = len(placed)
+    rank[placed] = _place(tr, placed, np.zeros(m, np.int64), np.array([m // s.R]) if balanced else None,
+                          s.level, False)
+    return rank, _deal_queues(placed, rank, s)
+
+
+def _deal_queues(placed: np.ndarray, rank: np.ndarray, s: _Setup) -> list[list[np.ndarray]]:
+    """Epoch scope: each rank's queue in shuffled order, dealt ``global_batch / R`` per batch (ranks
+    with shorter queues get empty batches at the end)."""
+    per = s.gb // s.R
+    pos = np.empty(s.n, dtype=np.int64)
+    pos[placed] = np.arange(len(placed))
+    samples = []
+    for r in range(s.R):
+        q = placed[rank[placed] == r]
+        q = q[np.argsort(pos[q], kind="stable")]
+        samples.append([q[i:i + per] for i in range(0, len(q), per)])
+    nb = max(len(queue) for queue in samples)
+    return [queue + [np.zeros(0, np.int64)] * (nb - len(queue)) for queue in samples]
+
+
 def _place(tr: Traffic, seqs: np.ndarray, groups: np.ndarray, capacity: np.ndarray | None, level: str,
            exact: bool) -> np.ndarray:
     """Rank of each of ``seqs``; ``capacity[g]``: sequences per rank of group g (None: no limit, Algorithm 1).
 
     Node level: balanced over nodes by the node cost, then over the node's ranks by the DeepEP cost.
     """
-    R, G = tr.ranks, tr.ranks_per_node
     if level == "rank":
-        cost = tr.cost("deepep", seqs)
-        if capacity is None:
-            return cost.argmin(1)
-        return balanced_assignment(cost, groups, capacity, exact)
-    N = R // G
-    node_cost = tr.node_cost(seqs)
-    if capacity is None:
-        node = node_cost.argmin(1)
-    else:
-        node = balanced_assignment(node_cost, groups, capacity * G, exact)
-    rank_cost = tr.cost("deepep", seqs)
-    inner = rank_cost.reshape(len(seqs), N, G)[np.arange(len(seqs)), node]  # [m, G] the node's ranks
-    if capacity is None:
-        return node * G + inner.argmin(1)
+        return _assign(tr.cost("deepep", seqs), groups, capacity, exact)
+    G = tr.ranks_per_node
+    N = tr.ranks // G
+    node = _assign(tr.node_cost(seqs), groups, None if capacity is None else capacity * G, exact)
+    inner = tr.cost("deepep", seqs).reshape(len(seqs), N, G)[np.arange(len(seqs)), node]  # [m, G] its ranks
     sub = groups * N + node  # each (group, node) splits evenly over the node's G ranks
-    return node * G + balanced_assignment(inner, sub, np.repeat(capacity, N), exact)
+    return node * G + _assign(inner, sub, None if capacity is None else np.repeat(capacity, N), exact)
 
 
-def _loads(tr: Traffic, samples: list[list[np.ndarray]]) -> dict:
-    """Expert load (token-slots at each rank's experts) and data-parallel sequences per rank, per global batch."""
-    R, B = len(samples), len(samples[0])
-    seqs = np.array([[len(samples[r][b]) for r in range(R)] for b in range(B)], dtype=np.float64).reshape(B, R)
-    members = [np.concatenate([samples[r][b] for r in range(R)]) for b in range(B)]
-    sizes = np.array([len(m) for m in members])
-    slots = np.zeros((B, R))
-    nonempty = sizes > 0
-    if nonempty.any():
-        flat = np.concatenate(members)
-        starts = np.r_[0, np.cumsum(sizes)[:-1]][nonempty]
-        slots[nonempty] = np.add.reduceat(tr.slots[flat], starts, axis=0, dtype=np.int64)
-    ratio = lambda x: x.max(-1) / np.maximum(x.mean(-1), 1e-12)  # noqa: E731
-    per_batch_slots, per_batch_seqs = ratio(slots), ratio(seqs)
-    return {"expert_load_max_over_mean": {"overall": float(ratio(slots.sum(0))),
-                                          "per_batch_mean": float(per_batch_slots.mean()),
-                                          "per_batch_worst": float(per_batch_slots.max())},
-            "sequences_max_over_mean": {"overall": float(ratio(seqs.sum(0))),
-                                        "per_batch_mean": float(per_batch_seqs.mean()),
-                                        "per_batch_worst": float(per_batch_seqs.max())},
-            "expert_slots_per_rank": slots.sum(0).astype(np.int64).tolist(),
-            "sequences_per_rank": seqs.sum(0).astype(np.int64).tolist()}
+def _assign(cost: np.ndarray, groups: np.ndarray, capacity: np.ndarray | None, exact: bool) -> np.ndarray:
+    """Each row's cheapest column (``capacity`` None) or :func:`balanced_assignment`."""
+    if capacity is None:
+        return cost.argmin(1)
+    return balanced_assignment(cost, groups, capacity, exact)
 
 
 def _by_rank(batches: list[np.ndarray], rank: np.ndarray, R: int) -> list[list[np.ndarray]]:
@@ -766,182 +984,81 @@ def _by_rank(batches: list[np.ndarray], rank: np.ndarray, R: int) -> list[list[n
     return out
 
 
-def plan_placement(store, ranks: int, ranks_per_node: int | None = None, algorithm: str = "balanced",
-                   global_batch: int | None = None, clusters: int = 100,
-                   entropy_fraction: float = DEFAULT_ENTROPY_FRACTION, seed: int = 0,
-                   max_sequences: int | None = None, *, level: str | None = None, scope: str = "batch",
-                   exact: bool = False, refine: int | None = None, split: str = "train") -> Plan:
-    """Plan expert and sample placement for ``ranks`` EP ranks from the routing in ``store``.
-
-    ``store``: a :class:`~grouter.dispatch.RoutingStore` (or any object with ``ids(split)``,
-    ``n_experts`` and ``k``). ``ranks_per_node`` G: nodes of G ranks; ``level`` ("rank" or "node",
-    default node when 1 < G < ranks): what the partitions are, and so what the plan optimises
-    (``deepep`` at rank level, ``node`` then ``deepep`` at node level). ``global_batch``: sequences
-    per global batch (multiple of ``ranks``; default 16 per rank). ``max_sequences``: plan only the
-    first this many sequences of the split. ``scope``: "batch" (default; batches are a seeded random
-    shuffle and the plan only decides which rank trains which sequence of each batch) or "epoch"
-    (the capacity holds over the whole split: each rank gets n/R sequences, then batches take
-    ``global_batch / R`` from every rank's queue, so batches are stratified by group rather than
-    random). ``exact``: optimal per-batch assignment (``linear_sum_assignment``) instead of the
-    vectorised greedy; batch scope only. ``refine``: rounds of :func:`refine_grouping` on up to
-    100 000 sequences (default 10 for ``balanced``, 0 for ``greedy``, which is then the paper's
-    pipeline exactly).
-    """
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def tick(name: str, t0: float) -> float:
-        t1 = time.perf_counter()
-        timings[name] = round(t1 - t0, 3)
-        return t1
-
-    ids = store.ids(split)
-    E, k = int(store.n_experts), int(store.k)
-    if ids.ndim != 3 or ids.shape[2] != k:
-        raise GrouterError(f"routing ids of split {split!r} have shape {ids.shape}, expected [n, seq_len, {k}]")
-    n = ids.shape[0] if max_sequences is None else min(ids.shape[0], int(max_sequences))
-    ids = ids[:n]
-    R, G = ranks, ranks_per_node
-    level, gb = _check(n, E, R, G, algorithm, level, scope, global_batch)
-    if exact and scope == "epoch":
-        raise GrouterError("an exact assignment is only available per global batch (scope batch)")
-    N = R // G if level == "node" else R
-    L = ids.shape[1]
-    rng = np.random.default_rng(seed)
-    t = time.perf_counter()
-
-    # 1-2. affinity and entropy filter
-    counts = affinity_counts(ids, E)
-    t = tick("affinity", t)
-    H = entropy_bits(counts)
-    threshold = float(entropy_fraction * math.log2(E))
-    keep = np.flatnonzero(H <= threshold)
-    relaxed = len(keep) < N
-    if relaxed:  # too few sequences with a preference: cluster the N most peaked ones
-        keep = np.sort(np.argsort(H, kind="stable")[:N])
-    t = tick("entropy", t)
-
-    # 3-4. clustering and expert grouping
-    phi = counts[keep].astype(np.float32) / (L * k)
-    cl = cluster_affinity(phi, N, clusters, seed)
-    del phi
-    t = tick("clustering", t)
-    part = group_experts(cl["centroids"])  # partition of each logical expert
-    refine = (10 if algorithm == "balanced" else 0) if refine is None else int(refine)
-    refinement = None
-    if refine:  # fit the grouping to a balanced placement of a sample of the sequences
-        sub_rng = np.random.default_rng([seed, 1])
-        rows = np.sort(sub_rng.choice(n, REFINE_SAMPLE, replace=False)) if n > REFINE_SAMPLE else np.arange(n)
-        sample = counts[rows]
-        part, sample_part, trace = refine_grouping(sample, part, N, refine)
-        refinement = {"iterations": len(trace), "sample": int(len(rows)), "local_share": trace}
-    inner_split = None
-    if level == "node":
-        rank_of_expert = np.empty(E, dtype=np.int64)
-        split_how, inner_gain = [], []
-        for node in range(N):
-            members = np.flatnonzero(cl["partition_of_cluster"] == node) if not refine else np.zeros(0, int)
-            experts = np.flatnonzero(part == node)
-            if len(members) >= G:
-                sub = _merge(cl["centers"][members], G)
-                cent = _weighted_centroids(cl["centers"][members], cl["sizes"][members], sub, G)
-                inner = group_experts(cent, experts)
-                split_how.append("hungarian")
-            else:
-                inner = np.arange(len(experts)) // (E // R)
-                split_how.append("contiguous")
-            if refine:  # the node's sample sequences over its G ranks
-                mine = sample[: len(sample_part)][sample_part == node][:, experts]
-                if len(mine) >= G:
-                    inner, _, tr_inner = refine_grouping(mine, inner, G, refine)
-                    split_how[-1] = "refined"
-                    inner_gain.append(tr_inner[-1])
-            rank_of_expert[experts] = node * G + inner
-        inner_split = {how: split_how.count(how) for how in ("hungarian", "contiguous", "refined")}
-        if refinement is not None and inner_gain:
-            refinement["inner_local_share_mean"] = float(np.mean(inner_gain))
-    else:
-        rank_of_expert = part
-    perm = _permutation_from_ranks(rank_of_expert, R)
-    t = tick("expert_grouping", t)
-
-    # traffic of the plan's expert placement and of the contiguous baseline
-    tr = traffic(ids, rank_of_expert, R, G, counts)
-    base = traffic(ids, np.arange(E) // (E // R), R, G, counts)
-    t = tick("traffic", t)
-
-    # 5. sample placement
-    batches, dropped = _batches(n, gb, R, rng)
-    rank = np.full(n, -1, dtype=np.int64)
-    placed = np.concatenate(batches) if batches else np.zeros(0, np.int64)
-    if scope == "batch":
-        groups = np.repeat(np.arange(len(batches)), [len(b) for b in batches])
-        cap = np.array([len(b) // R for b in batches], dtype=np.int64)  # sequences per rank per batch
-        rank[placed] = _place(tr, placed, groups, None if algorithm == "greedy" else cap, level, exact)
-        samples = _by_rank(batches, rank, R)
-    else:
-        m = len(placed)
-        rank[placed] = _place(tr, placed, np.zeros(m, np.int64),
-                              None if algorithm == "greedy" else np.array([m // R]), level, False)
-        # each rank's queue in shuffled order, dealt global_batch / R per batch
-        pos = np.empty(n, dtype=np.int64)
-        pos[placed] = np.arange(m)
-        samples = []
-        for r in range(R):
-            q = placed[rank[placed] == r]
-            q = q[np.argsort(pos[q], kind="stable")]
-            samples.append([q[i:i + gb // R] for i in range(0, len(q), gb // R)])
-        nb = max(len(s) for s in samples)
-        samples = [s + [np.zeros(0, np.int64)] * (nb - len(s)) for s in samples]
-    t = tick("sample_placement", t)
-
-    # random baseline: same batches, members dealt to ranks at random (the batch is a random shuffle)
-    base_rank = np.full(n, -1, dtype=np.int64)
+def _random_baseline(batches: list[np.ndarray], s: _Setup) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """The same batches dealt to ranks in their (random) order: rank of each sequence and ``samples[r][b]``."""
+    rank = np.full(s.n, -1, dtype=np.int64)
     for b in batches:
-        base_rank[b] = np.arange(len(b)) // (len(b) // R)
-    base_samples = _by_rank(batches, base_rank, R)
+        rank[b] = np.arange(len(b)) // (len(b) // s.R)
+    return rank, _by_rank(batches, rank, s.R)
 
-    seqs = placed
-    models = tr.models()
-    floor = _floor_any_placement(len(seqs) * L, k, E, R, G)
-    cost_models = {}
-    for mname in models:
-        plan_v = int(tr.at(mname, rank[seqs], seqs).sum())
-        rand_v = int(base.at(mname, base_rank[seqs], seqs).sum())
-        mixed_v = int(tr.at(mname, base_rank[seqs], seqs).sum())
-        bound = 0
-        for a, b in _chunks(len(seqs), R, 1 << 24):
-            bound += int(tr.cost(mname, seqs[a:b]).min(1).sum())
-        cost_models[mname] = {
-            "description": COST_MODELS[mname], "random": rand_v, "plan_experts_random_samples": mixed_v,
-            "plan": plan_v, "lower_bound": bound, "floor_any_placement": floor[mname],
+
+# -- planning: the report ----------------------------------------------------------------------
+def _cost_models(tr: Traffic, base: Traffic, rank: np.ndarray, base_rank: np.ndarray, seqs: np.ndarray,
+                 s: _Setup) -> dict:
+    """Remote copies of the placed ``seqs`` under each cost model: plan, random baseline, the plan's
+    experts with the baseline's samples, the lower bound and the floor of any placement."""
+    tokens = len(seqs) * s.L
+    floor = _floor_any_placement(tokens, s.k, s.E, s.R, s.G)
+    out = {}
+    for m in tr.models():
+        plan_v = int(tr.at(m, rank[seqs], seqs).sum())
+        rand_v = int(base.at(m, base_rank[seqs], seqs).sum())
+        mixed_v = int(tr.at(m, base_rank[seqs], seqs).sum())
+        bound = tr.bound(m, seqs)
+        out[m] = {
+            "description": COST_MODELS[m], "random": rand_v, "plan_experts_random_samples": mixed_v,
+            "plan": plan_v, "lower_bound": bound, "floor_any_placement": floor[m],
             "plan_over_random": plan_v / rand_v if rand_v else None,
             "bound_over_random": bound / rand_v if rand_v else None,
-            "per_token": {"random": rand_v / max(len(seqs) * L, 1), "plan": plan_v / max(len(seqs) * L, 1),
-                          "lower_bound": bound / max(len(seqs) * L, 1)}}
-    t = tick("report", t)
-    timings["total"] = round(time.perf_counter() - t_start, 3)
+            "per_token": {"random": rand_v / max(tokens, 1), "plan": plan_v / max(tokens, 1),
+                          "lower_bound": bound / max(tokens, 1)}}
+    return out
 
-    qs = np.quantile(H, [0.0, 0.1, 0.5, 0.9, 1.0]) if n else np.zeros(5)
-    report = {
-        "n_experts": E, "k": k, "ranks": R, "ranks_per_node": G, "nodes": R // G if G else None, "level": level,
-        "partitions": N, "algorithm": algorithm, "scope": scope, "exact": bool(exact), "optimises": "node"
-        if level == "node" else "deepep", "global_batch": gb, "n_batches": len(batches), "seq_len": L,
-        "sequences": n, "sequences_placed": int(len(seqs)), "sequences_dropped": int(len(dropped)),
-        "tokens_placed": int(len(seqs) * L), "cost_models": cost_models,
-        "load": {"plan": _loads(tr, samples), "random": _loads(base, base_samples)},
-        "entropy_filter": {"fraction": entropy_fraction, "threshold_bits": threshold, "max_bits": math.log2(E),
-                           "kept": int((H <= threshold).sum()), "filtered": int((H > threshold).sum()),
-                           "relaxed_to_most_peaked": bool(relaxed),
-                           "quantiles_bits": dict(zip(["min", "p10", "median", "p90", "max"], map(float, qs))),
-                           "uniform_routing_reference_bits": uniform_entropy_reference(L, k, E, seed=seed)},
-        "refinement": refinement,
-        "clustering": {"method": cl["method"], "clusters": int(len(cl["centers"])), "partitions": N,
-                       "sequences_clustered": int(len(keep)), "node_inner_split": inner_split,
-                       "partition_sizes": np.bincount(cl["partition_of_cluster"], weights=cl["sizes"],
-                                                      minlength=N).astype(np.int64).tolist()},
-        "timings_s": timings,
-    }
+
+def _loads(tr: Traffic, samples: list[list[np.ndarray]]) -> dict:
+    """Expert load (token-slots at each rank's experts) and data-parallel sequences per rank, per global batch."""
+    R, B = len(samples), len(samples[0])
+    seqs = np.array([[len(samples[r][b]) for r in range(R)] for b in range(B)], dtype=np.float64).reshape(B, R)
+    members = [np.concatenate([samples[r][b] for r in range(R)]) for b in range(B)]
+    sizes = np.array([len(m) for m in members])
+    slots = np.zeros((B, R))
+    nonempty = sizes > 0
+    if nonempty.any():
+        flat = np.concatenate(members)
+        starts = np.r_[0, np.cumsum(sizes)[:-1]][nonempty]
+        slots[nonempty] = np.add.reduceat(tr.slots[flat], starts, axis=0, dtype=np.int64)
+    return {"expert_load_max_over_mean": _imbalance(slots), "sequences_max_over_mean": _imbalance(seqs),
+            "expert_slots_per_rank": slots.sum(0).astype(np.int64).tolist(),
+            "sequences_per_rank": seqs.sum(0).astype(np.int64).tolist()}
+
+
+def _imbalance(load: np.ndarray) -> dict[str, float]:
+    """Max / mean over ranks of ``load`` ``[batches, R]``: summed over batches, and per batch (mean, worst)."""
+    ratio = lambda x: x.max(-1) / np.maximum(x.mean(-1), 1e-12)  # noqa: E731
+    per_batch = ratio(load)
+    return {"overall": float(ratio(load.sum(0))), "per_batch_mean": float(per_batch.mean()),
+            "per_batch_worst": float(per_batch.max())}
+
+
+def _report_header(s: _Setup, n_batches: int, placed: np.ndarray, dropped: np.ndarray) -> dict:
+    """The report's sizes and options."""
+    return {"n_experts": s.E, "k": s.k, "ranks": s.R, "ranks_per_node": s.G,
+            "nodes": s.R // s.G if s.G else None, "level": s.level, "partitions": s.N,
+            "algorithm": s.algorithm, "scope": s.scope, "exact": bool(s.exact),
+            "optimises": "node" if s.level == "node" else "deepep", "global_batch": s.gb,
+            "n_batches": n_batches, "seq_len": s.L, "sequences": s.n, "sequences_placed": int(len(placed)),
+            "sequences_dropped": int(len(dropped)), "tokens_placed": int(len(placed) * s.L)}
+
+
+def _clustering_report(cl: dict, s: _Setup, clustered: np.ndarray, inner_split: dict | None) -> dict:
+    return {"method": cl["method"], "clusters": int(len(cl["centers"])), "partitions": s.N,
+            "sequences_clustered": int(len(clustered)), "node_inner_split": inner_split,
+            "partition_sizes": np.bincount(cl["partition_of_cluster"], weights=cl["sizes"],
+                                           minlength=s.N).astype(np.int64).tolist()}
+
+
+def _source(store) -> dict:
+    """Where the routing came from: the store's path and its dataset and Grouter fingerprints."""
     source = {}
     if hasattr(store, "path"):
         source["routing"] = str(Path(store.path).resolve())
@@ -949,67 +1066,76 @@ def plan_placement(store, ranks: int, ranks_per_node: int | None = None, algorit
     for key in ("dataset_fingerprint", "grouter_fingerprint"):
         if key in manifest:
             source[key] = manifest[key]
-    return Plan(n_experts=E, k=k, ranks=R, ranks_per_node=G, level=level, algorithm=algorithm, scope=scope,
-                global_batch=gb, seed=seed, split=split, n_sequences=n, permutation=perm, samples=samples,
-                dropped=dropped, source=source, report=report)
+    return source
 
 
 # -- artifacts ---------------------------------------------------------------------------------
 def report_markdown(report: dict) -> str:
-    r = report
+    """``report.md``: the plan's options, the remote volumes, the loads and how the steps went."""
+    lines = _md_summary(report) + _md_volumes(report) + _md_loads(report) + _md_steps(report)
+    return "\n".join(lines) + "\n"
+
+
+def _md_summary(r: dict) -> list[str]:
     G = r["ranks_per_node"]
-    lines = [f"# EP placement plan: {r['n_experts']} experts (top-{r['k']}) on {r['ranks']} ranks"
-             + (f", {r['nodes']} nodes of {G}" if G else ""), "",
-             f"- level: **{r['level']}** ({r['partitions']} partitions); algorithm: **{r['algorithm']}** "
-             f"(scope {r['scope']}{', exact per batch' if r['exact'] else ''}); "
-             f"the plan optimises the **{r['optimises']}** cost model"
-             + (" (then deepep inside each node)" if r["level"] == "node" else ""),
-             f"- {r['sequences_placed']} of {r['sequences']} sequences placed ({r['sequences_dropped']} dropped so "
-             f"every rank gets the same count), {r['n_batches']} global batches of {r['global_batch']}",
-             "- random baseline: the same global batches dealt to ranks at random, expert e on rank e // (E/R)",
-             "- lower bound: every sequence on its own cheapest rank with the plan's experts (no capacity); "
-             "floor: what no expert or sample placement avoids", "",
-             "| cost model | random | plan experts, random samples | plan | lower bound | floor | plan / random "
+    return [f"# EP placement plan: {r['n_experts']} experts (top-{r['k']}) on {r['ranks']} ranks"
+            + (f", {r['nodes']} nodes of {G}" if G else ""), "",
+            f"- level: **{r['level']}** ({r['partitions']} partitions); algorithm: **{r['algorithm']}** "
+            f"(scope {r['scope']}{', exact per batch' if r['exact'] else ''}); "
+            f"the plan optimises the **{r['optimises']}** cost model"
+            + (" (then deepep inside each node)" if r["level"] == "node" else ""),
+            f"- {r['sequences_placed']} of {r['sequences']} sequences placed ({r['sequences_dropped']} dropped so "
+            f"every rank gets the same count), {r['n_batches']} global batches of {r['global_batch']}",
+            "- random baseline: the same global batches dealt to ranks at random, expert e on rank e // (E/R)",
+            "- lower bound: every sequence on its own cheapest rank with the plan's experts (no capacity); "
+            "floor: what no expert or sample placement avoids", ""]
+
+
+def _md_volumes(r: dict) -> list[str]:
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = ["| cost model | random | plan experts, random samples | plan | lower bound | floor | plan / random "
              "| bound / random |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in r["cost_models"].items():
-        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
         lines.append(f"| {name} | {c['random']:,} | {c['plan_experts_random_samples']:,} | {c['plan']:,} | "
                      f"{c['lower_bound']:,} | {c['floor_any_placement']:,} | {fmt(c['plan_over_random'])} | "
                      f"{fmt(c['bound_over_random'])} |")
-    lines += ["", "Units: remote token copies over all placed tokens. " + "; ".join(
-        f"{k}: {v['description']}" for k, v in r["cost_models"].items()) + ".", "",
-        "| load (max / mean over ranks) | plan overall | plan per batch (mean, worst) | random overall | "
-        "random per batch (mean, worst) |", "|---|---:|---:|---:|---:|"]
+    return lines + ["", "Units: remote token copies over all placed tokens. " + "; ".join(
+        f"{k}: {v['description']}" for k, v in r["cost_models"].items()) + "."]
+
+
+def _md_loads(r: dict) -> list[str]:
+    lines = ["", "| load (max / mean over ranks) | plan overall | plan per batch (mean, worst) | random overall | "
+             "random per batch (mean, worst) |", "|---|---:|---:|---:|---:|"]
     for key, label in (("expert_load_max_over_mean", "token-slots at each rank's experts"),
                        ("sequences_max_over_mean", "sequences per data-parallel rank")):
         p, q = r["load"]["plan"][key], r["load"]["random"][key]
         lines.append(f"| {label} | {p['overall']:.3f} | {p['per_batch_mean']:.3f}, {p['per_batch_worst']:.3f} | "
                      f"{q['overall']:.3f} | {q['per_batch_mean']:.3f}, {q['per_batch_worst']:.3f} |")
-    ef, cl = r["entropy_filter"], r["clustering"]
-    lines += ["", f"Entropy filter: threshold {ef['threshold_bits']:.3f} bits = {ef['fraction']:.5f} x log2(E) "
-              f"({ef['max_bits']:.0f} bits); kept {ef['kept']}, filtered {ef['filtered']}"
-              + (" (too few kept: clustered the most peaked instead)" if ef["relaxed_to_most_peaked"] else "")
-              + f"; entropy median {ef['quantiles_bits']['median']:.3f} bits (uniformly random routing of this "
-              f"length: {ef['uniform_routing_reference_bits']:.3f} bits).",
-              f"Clustering: {cl['method']} to {cl['clusters']} clusters of {cl['sequences_clustered']} sequences, "
-              f"agglomerative to {cl['partitions']} partitions (sizes {cl['partition_sizes']})"
-              + (f"; node-internal split: {cl['node_inner_split']}" if cl["node_inner_split"] else "") + ".",
-              ("Refinement: none (the paper's grouping)." if not r["refinement"] else
-               f"Refinement of the grouping to a balanced placement of {r['refinement']['sample']} sequences: "
-               f"{r['refinement']['iterations']} rounds, local share of (token, expert) pairs "
-               f"{r['refinement']['local_share'][0]:.4f} -> {max(r['refinement']['local_share']):.4f}."),
-              "", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items()) + "."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _md_steps(r: dict) -> list[str]:
+    ef, cl, rf = r["entropy_filter"], r["clustering"], r["refinement"]
+    return ["", f"Entropy filter: threshold {ef['threshold_bits']:.3f} bits = {ef['fraction']:.5f} x log2(E) "
+            f"({ef['max_bits']:.0f} bits); kept {ef['kept']}, filtered {ef['filtered']}"
+            + (" (too few kept: clustered the most peaked instead)" if ef["relaxed_to_most_peaked"] else "")
+            + f"; entropy median {ef['quantiles_bits']['median']:.3f} bits (uniformly random routing of this "
+            f"length: {ef['uniform_routing_reference_bits']:.3f} bits).",
+            f"Clustering: {cl['method']} to {cl['clusters']} clusters of {cl['sequences_clustered']} sequences, "
+            f"agglomerative to {cl['partitions']} partitions (sizes {cl['partition_sizes']})"
+            + (f"; node-internal split: {cl['node_inner_split']}" if cl["node_inner_split"] else "") + ".",
+            ("Refinement: none (the paper's grouping)." if not rf else
+             f"Refinement of the grouping to a balanced placement of {rf['sample']} sequences: "
+             f"{rf['iterations']} rounds, local share of (token, expert) pairs "
+             f"{rf['local_share'][0]:.4f} -> {max(rf['local_share']):.4f}."),
+            "", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items()) + "."]
 
 
 def plot_report(report: dict, path: Path) -> None:
     """Remote volume per cost model (random / plan / bound) and per-rank loads."""
-    from matplotlib.ticker import MaxNLocator
-
-    from .report import plt
-
     cm = report["cost_models"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     ax = axes[0]
     names = list(cm)
     bars = [("random", "random"), ("plan_experts_random_samples", "plan experts only"), ("plan", "plan"),
@@ -1036,7 +1162,6 @@ def plot_report(report: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def place(routing_dir: str | Path, out: str | Path, ranks: int, ranks_per_node: int | None = None,
@@ -1049,8 +1174,6 @@ def place(routing_dir: str | Path, out: str | Path, ranks: int, ranks_per_node: 
     Returns a summary: paths, level, algorithm, the optimised cost model, each model's plan / random
     ratio, load imbalance and seconds. ``verify``: check the store's checksums (reads it once more).
     """
-    from .dispatch import RoutingStore
-
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
@@ -1073,35 +1196,3 @@ def place(routing_dir: str | Path, out: str | Path, ranks: int, ranks_per_node: 
             "expert_load_max_over_mean": r["load"]["plan"]["expert_load_max_over_mean"]["per_batch_worst"],
             "sequences_max_over_mean": r["load"]["plan"]["sequences_max_over_mean"]["per_batch_worst"],
             "seconds": round(time.perf_counter() - t0, 3)}
-
-
-# -- synthetic routing (tests, benchmarks) -----------------------------------------------------
-def synthetic_routing(n_sequences: int, seq_len: int, n_experts: int, k: int, clusters: int, seed: int = 0,
-                      noise: float = 0.3, decay: float = 0.5, skew: float = 0.0,
-                      out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Clustered top-k routing ``[n, seq_len, k]`` and each sequence's cluster, for tests and benchmarks.
-
-    Cluster c ranks the experts by a random permutation; slot j of a token picks the i-th preferred
-    expert among the ranks congruent to j mod k, i geometric (``decay``) or, with probability
-    ``noise``, uniform, so a token's k experts are distinct. ``skew``: cluster c has weight
-    ``exp(-skew * c)``. ``out``: an array (e.g. a memmap) to fill.
-    """
-    if n_experts % k:
-        raise ValueError("synthetic routing needs k to divide the number of experts")
-    rng = np.random.default_rng(seed)
-    perms = np.stack([rng.permutation(n_experts) for _ in range(clusters)]).ravel()
-    w = np.exp(-skew * np.arange(clusters))
-    cluster = rng.choice(clusters, size=n_sequences, p=w / w.sum())
-    dtype = np.uint8 if n_experts <= 256 else np.uint16
-    ids = np.empty((n_sequences, seq_len, k), dtype=dtype) if out is None else out
-    per = n_experts // k
-    log_q = math.log1p(-decay)
-    for a, b in _chunks(n_sequences, seq_len * k):
-        c = b - a
-        u = 1 - rng.random((c, seq_len, k), dtype=np.float32)  # (0, 1]
-        i = np.minimum(np.floor(np.log(u) / log_q), per - 1).astype(np.int64)
-        flip = rng.random((c, seq_len, k), dtype=np.float32) < noise
-        i[flip] = rng.integers(0, per, size=int(flip.sum()))
-        pos = i * k + np.arange(k)
-        ids[a:b] = perms[(cluster[a:b].astype(np.int64) * n_experts)[:, None, None] + pos]
-    return ids, cluster

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from .artifacts import atomic_dir, header, write_json
+from .errors import GrouterError
+from .loop import read_metrics, read_run
+from .metrics import grad_norm_cv, topk_set_agreement
 
-from .artifacts import atomic_dir, read_json, write_json  # noqa: E402
-from .errors import GrouterError  # noqa: E402
-from .metrics import grad_norm_cv, topk_set_agreement  # noqa: E402
+
+REPORT_FORMAT, REPORT_VERSION = "grouter-report", 1
+
+
+def figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1, **kw):
+    """A figure and its axes, drawn off-screen: matplotlib's object API, so importing grouter never
+    changes the backend of a notebook or application (no pyplot state)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **kw)
 
 
 def plot_affinity(affinity: np.ndarray, groups: list[list[int]], path: Path, title: str) -> None:
     """Co-activation heatmap with experts reordered by group and each group boxed."""
     order = [e for g in groups for e in g]
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = figure((6.5, 5.5))
     im = ax.imshow(affinity[np.ix_(order, order)], cmap="viridis")
     start = 0
     for g in groups:
@@ -33,12 +40,11 @@ def plot_affinity(affinity: np.ndarray, groups: list[list[int]], path: Path, tit
     fig.colorbar(im, ax=ax, label="P(i and j both in top-k)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_loads(loads: dict[str, np.ndarray], path: Path, title: str) -> None:
     """Share of token-slots per expert for several routings (e.g. before/after tuning)."""
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = figure((8, 3.8))
     width = 0.8 / len(loads)
     for i, (label, load) in enumerate(loads.items()):
         share = np.asarray(load, dtype=float) / max(np.sum(load), 1)
@@ -50,7 +56,6 @@ def plot_loads(loads: dict[str, np.ndarray], path: Path, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # -- comparing training runs (grouter report) --------------------------------------------------
@@ -68,10 +73,10 @@ class RunRecord:
     @classmethod
     def load(cls, path: str | Path) -> "RunRecord":
         path = Path(path)
-        run = read_json(path / "run.json", "run record")
+        run = read_run(path)
         if run.get("status") != "complete":
             raise GrouterError(f"{path} is not a finished run (status {run.get('status')!r}); finish it first")
-        records = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        records = read_metrics(path / "metrics.jsonl")
         ident = run["identity"]
         router = ident["model"]["router"]
         if router == "external":
@@ -138,7 +143,6 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: boo
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path.name
 
 
@@ -147,60 +151,68 @@ def _line_style(i: int) -> dict:
     return {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}
 
 
-def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    style = {r.name: _line_style(i) for i, r in enumerate(runs)}
+def _plot_val_loss(runs: list[RunRecord], style: dict, out: Path) -> list[str]:
+    fig, ax = figure((7, 4.5))
     for r in runs:
         ax.plot([e["tokens"] for e in r.evals], [e["val_loss"] for e in r.evals], marker="o", ms=3, label=r.name,
                 **style[r.name])
-    written.append(_save(fig, ax, out / "val_loss.png", "training tokens", "validation loss",
-                         "validation loss vs tokens"))
+    return [_save(fig, ax, out / "val_loss.png", "training tokens", "validation loss", "validation loss vs tokens")]
 
+
+def _plot_val_loss_by_domain(runs: list[RunRecord], style: dict, out: Path) -> list[str]:
     domains = sorted({d for r in runs for e in r.evals for d in e.get("val_loss_by_domain", {})})
-    if len(domains) > 1:
-        fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 4.2), squeeze=False)
-        for ax, domain in zip(axes[0], domains):
-            for r in runs:
-                curve = val_curve(r.evals, domain)
-                ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", ms=2, label=r.name, **style[r.name])
-            ax.set_title(f"validation: {domain}")
-            ax.set_xlabel("training tokens")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("validation loss")
-        axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "val_loss_by_domain.png", dpi=110)
-        plt.close(fig)
-        written.append("val_loss_by_domain.png")
+    if len(domains) < 2:
+        return []
+    fig, axes = figure((4.5 * len(domains), 4.2), 1, len(domains), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        for r in runs:
+            curve = val_curve(r.evals, domain)
+            ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", ms=2, label=r.name, **style[r.name])
+        ax.set_title(f"validation: {domain}")
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation loss")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss_by_domain.png", dpi=110)
+    return ["val_loss_by_domain.png"]
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+
+def _plot_balance_and_stability(runs: list[RunRecord], style: dict, out: Path) -> list[str]:
+    fig, ax = figure((6, 4.5))
     for r in runs:
         ax.scatter(r.summary["max_vio_global"], r.summary["final_val_loss"], s=40, color=style[r.name]["color"])
         ax.annotate(r.name, (r.summary["max_vio_global"], r.summary["final_val_loss"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
-    written.append(_save(fig, ax, out / "maxvio_vs_loss.png", "MaxVioGlobal (lower = more balanced)",
-                         "final validation loss", "load balance vs quality", legend=False))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    written = [_save(fig, ax, out / "maxvio_vs_loss.png", "MaxVioGlobal (lower = more balanced)",
+                     "final validation loss", "load balance vs quality", legend=False)]
+    fig, ax = figure((7, 4.5))
     for r in runs:
         g = [t["grad_norm"] for t in r.train]
         window = min(50, max(2, len(g) // 4))
         ax.plot(np.arange(window, len(g) + 1), grad_norm_cv(g, window), label=r.name, **style[r.name])
     written.append(_save(fig, ax, out / "grad_norm_cv.png", "step", "grad-norm CV (sliding window)",
                          "gradient-norm stability"))
-
-    consistency = {r.name: r.probe_consistency() for r in runs}
-    if any(consistency.values()):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, points in consistency.items():
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name, **style[name])
-        ax.set_ylim(0, 1.05)
-        written.append(_save(fig, ax, out / "routing_consistency.png", "step",
-                             "top-k set agreement with previous evaluation",
-                             "routing consistency between successive checkpoints"))
     return written
+
+
+def _plot_consistency(runs: list[RunRecord], style: dict, out: Path) -> list[str]:
+    consistency = {r.name: r.probe_consistency() for r in runs}
+    if not any(consistency.values()):
+        return []
+    fig, ax = figure((7, 4.5))
+    for name, points in consistency.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name, **style[name])
+    ax.set_ylim(0, 1.05)
+    return [_save(fig, ax, out / "routing_consistency.png", "step", "top-k set agreement with previous evaluation",
+                  "routing consistency between successive checkpoints")]
+
+
+def _plot_runs(runs: list[RunRecord], out: Path) -> list[str]:
+    style = {r.name: _line_style(i) for i, r in enumerate(runs)}
+    return [name for plot in (_plot_val_loss, _plot_val_loss_by_domain, _plot_balance_and_stability, _plot_consistency)
+            for name in plot(runs, style, out)]
 
 
 def _fmt(x, digits=3) -> str:
@@ -263,7 +275,7 @@ def report(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False)
         plots = _plot_runs(runs, tmp)
         (tmp / "report.md").write_text("# grouter report\n\n" + table + "\n" +
                                        "".join(f"![{p}]({p})\n" for p in plots))
-        write_json(tmp / "report.json", {"runs": {r.name: {"router": r.router, "path": str(r.path), **r.summary}
+        write_json(tmp / "report.json", {**header(REPORT_FORMAT, REPORT_VERSION), "runs": {r.name: {"router": r.router, "path": str(r.path), **r.summary}
                                                   for r in runs}, "speedup": speed, "speedup_by_domain": by_domain,
                                                   "plots": plots})
     return {"report": str(out), "table": table, "speedup": speed, "speedup_by_domain": by_domain}

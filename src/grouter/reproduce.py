@@ -1,4 +1,4 @@
-"""``grouter reproduce``: the paper's comparison (SPEC §3) at a size this machine can run.
+"""``grouter reproduce``: the paper's comparison (docs/method.md#baselines) at a size this machine can run.
 
 The source MoE and its Grouter see every domain of the corpus but one (``held_out_domain``); the
 targets train on all domains. Validation on the held-out domain therefore measures routing on
@@ -19,11 +19,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .artifacts import read_json, write_json
+from .artifacts import header, read_json, read_manifest, write_json
 from .data import PackedDataset, subset_domains
 from .demo import DemoConfig, Stages
 from .errors import GrouterError
 from .report import report
+
+
+REPRODUCE_FORMAT, REPRODUCE_VERSION = "grouter-reproduce", 1
 
 
 @dataclass
@@ -41,10 +44,9 @@ class ReproduceConfig(DemoConfig):
     data: str | None = None  # a prepared dataset (`grouter data prepare/tokenize`) instead of the embedded corpus
 
 
-# Documented sizes. "cpu" is sized for about an hour on a 2-core CPU machine (measured in
-# docs/RESULTS.md); "gpu" scales models and tokens up for one GPU (not measured here: no GPU was
-# available; 16M tokens per target run, about 2.7 epochs of the embedded corpus, so pass a bigger
-# corpus with --data there); "smoke" checks that every stage runs, in under a minute.
+# Documented sizes. "cpu" is sized for a CPU machine (its time is in docs/RESULTS.md); "gpu"
+# scales models and tokens up for one GPU (16M tokens per target run, about 2.7 epochs of the
+# embedded corpus, so pass a bigger corpus with --data there); "smoke" checks that every stage runs.
 SCALES: dict[str, ReproduceConfig] = {
     "smoke": ReproduceConfig(max_bytes_per_domain=300_000, vocab_size=2048, seq_len=64,
                              source=dict(d_model=64, n_layers=2, n_heads=2, d_expert=32, n_experts=16, top_k=2),
@@ -102,9 +104,11 @@ def summarize(stages: Stages, cfg: ReproduceConfig, data: PackedDataset, seen: l
               grouter: Path, folds: dict[str, Path], result: dict) -> dict:
     """Everything reproduce.md states, in one JSON-able dict (also reproduce.json)."""
     done = stages.out / "reproduce.json"
-    previous = read_json(done, "reproduce summary") if done.exists() else {}
+    previous = read_manifest(stages.out, done.name, REPRODUCE_FORMAT, REPRODUCE_VERSION, "reproduction",
+                             "grouter reproduce") if done.exists() else {}
     tokens = cfg.target_steps * cfg.batch_size * data.seq_len
     return {
+        **header(REPRODUCE_FORMAT, REPRODUCE_VERSION),
         "config": asdict(cfg),
         "domains": {"source_saw": seen, "held_out": cfg.held_out_domain},
         "target_tokens_per_run": tokens,
@@ -151,7 +155,7 @@ def reproduce_markdown(summary: dict, table: str) -> str:
     if "grouter-bidirectional" in by_domain.get("all", {}).get("runs", {}):
         text += ["## Ablation: causal vs bidirectional Grouter", "",
                  "The bidirectional Grouter routes each token with the tokens after it, so its routing carries "
-                 "information about the labels (SPEC §1.2); any extra gain it shows is leakage, not routing quality.",
+                 "information about the labels (docs/method.md#the-grouter-network); any extra gain it shows is leakage, not routing quality.",
                  "", "| Grouter | distill top-k recall | loss gap vs best baseline (all) | (held-out) |",
                  "|---|---|---|---|"]
         for kind, name in (("causal", "grouter"), ("bidirectional", "grouter-bidirectional")):

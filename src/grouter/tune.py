@@ -1,4 +1,4 @@
-"""Expert tuning: re-balance a (folded) Grouter on the target data (SPEC §1.5).
+"""Expert tuning: re-balance a (folded) Grouter on the target data (docs/method.md#expert-tuning).
 
 The source's routing distribution is not the target corpus's, so a folded Grouter is unbalanced
 there. Everything but the final linear layer stays frozen; the head is trained with the
@@ -20,12 +20,13 @@ import torch
 from tqdm import tqdm
 
 from .artifacts import atomic_dir, write_json
-from .data import DataSplit, PackedDataset
+from .data import DataSplit, PackedDataset, batches_of
+from .device import resolve_device
 from .errors import GrouterError
 from .metrics import max_vio, topk_recall, topk_set_agreement
 from .network import Grouter
+from .report import plot_loads
 from .routers import expert_counts, load_balancing_loss
-from .train import resolve_device
 
 METHODS = ("gradient", "bias")
 
@@ -67,8 +68,8 @@ def routing_report(grouter: Grouter, split: DataSplit, idx: np.ndarray, batch_si
     E = grouter.cfg.n_experts
     total = np.zeros(E, dtype=np.int64)
     batch_vio, all_ids = [], []
-    for lo in range(0, len(idx), batch_size):
-        ids = grouter.route(split.batch(idx[lo:lo + batch_size])["input_ids"].to(device)).ids
+    for chunk in batches_of(idx, batch_size):
+        ids = grouter.route(split.batch(chunk)["input_ids"].to(device)).ids
         loads = expert_counts(ids, E).cpu().numpy()
         total += loads
         batch_vio.append(float(max_vio(loads)))
@@ -116,8 +117,6 @@ def tune_grouter(grouter: Grouter, split: DataSplit, cfg: TuneConfig, device, pr
 def tune(grouter_dir: str | Path, data: PackedDataset, out: str | Path, cfg: TuneConfig = TuneConfig(),
          overwrite: bool = False, progress: bool = True) -> dict:
     """Tune the Grouter in ``grouter_dir`` on ``data``; writes the tuned Grouter and a before/after report."""
-    from .report import plot_loads
-
     cfg.validate()
     device = resolve_device(cfg.device)
     grouter = Grouter.from_pretrained(grouter_dir).to(device)

@@ -88,7 +88,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
+from transformers import default_data_collator
+from transformers.utils.output_capturing import install_output_capuring_hook
 
 from ..errors import GrouterError
 from ..routers import Routing
@@ -121,8 +124,6 @@ _ARCHS = {
 
 def _arch_classes(model_type: str) -> tuple[_Arch, type, type, type]:
     arch = _ARCHS[model_type]
-    import transformers
-
     try:
         mod = importlib.import_module(f"transformers.models.{arch.module}.modeling_{arch.module}")
         return arch, getattr(mod, arch.base), getattr(mod, arch.block), getattr(mod, arch.router)
@@ -460,7 +461,39 @@ def use_grouter_routing(model: nn.Module, grouter=None, k: int | None = None, *,
         raise GrouterError("this model already uses Grouter routing; use its handle (get_grouter_routing(model)), "
                            "or call handle.remove() first")
     arch, base_cls, block_cls, router_cls = _arch_classes(model_type)
+    blocks, base, n_experts = _moe_blocks(model, model_type, arch, base_cls, block_cls, router_cls)
+    k = _check_grouter_and_k(grouter, k, config, n_experts)
+    handle = GrouterRouting(model, model_type, base, n_experts, k, grouter)
+    if grouter is not None:
+        _attach_grouter(handle, grouter, model)
+    gate_cls = _gate_class(router_cls)
+    for name, block in blocks:
+        old = block.gate
+        kept = old.weight.detach() if keep_gate_weights else None
+        gate = gate_cls(handle, int(old.hidden_dim), arch.weights_fp32, kept)
+        block.gate = gate
+        jitter = None
+        if hasattr(block, "jitter_noise"):
+            jitter, block.jitter_noise = block.jitter_noise, 0.0
+        handle._blocks.append(_Patched(name, block, gate, jitter))
+        _install_late_recording_hook(gate, base)
+    _disable_aux_loss(model, handle, k)
+    handle._hook = base.register_forward_pre_hook(handle._pre_hook, with_kwargs=True)
+    config.grouter_routing = {
+        "note": "experts trained with Grouter routing; the native gate weights are stale: run with "
+                "grouter.integrations.hf.use_grouter_routing",
+        "mode": handle.mode,
+        "k": k,
+        "gate_weights": "original (frozen, unused)" if keep_gate_weights else "removed",
+        **({"grouter_fingerprint": grouter.fingerprint()} if grouter is not None and hasattr(grouter, "fingerprint") else {}),
+    }
+    model.__dict__[_HANDLE_ATTR] = handle
+    return handle
 
+
+def _moe_blocks(model: nn.Module, model_type: str, arch: _Arch, base_cls: type, block_cls: type,
+                router_cls: type) -> tuple[list[tuple[str, nn.Module]], nn.Module, int]:
+    """The model's MoE blocks (all with the architecture's own gate), its decoder stack and E."""
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, block_cls)]
     if not blocks:
         raise GrouterError(f"this {model_type} model has no MoE layer to route (no {arch.block}); check num_experts "
@@ -475,12 +508,14 @@ def use_grouter_routing(model: nn.Module, grouter=None, k: int | None = None, *,
     if len(counts) != 1:
         raise GrouterError(f"the model's MoE layers have different numbers of experts ({sorted(counts)}); one routing "
                            "cannot drive them all")
-    n_experts = counts.pop()
     bases = [m for m in model.modules() if isinstance(m, base_cls)]
     if len(bases) != 1:
         raise GrouterError(f"expected one {arch.base} decoder stack in the model, found {len(bases)}")
-    base = bases[0]
+    return blocks, bases[0], counts.pop()
 
+
+def _check_grouter_and_k(grouter, k: int | None, config, n_experts: int) -> int:
+    """The k to route with: given, else the Grouter's top-k (online), else the model's."""
     if grouter is not None:
         gcfg = getattr(grouter, "cfg", None)
         if gcfg is None or not hasattr(grouter, "route"):
@@ -498,60 +533,36 @@ def use_grouter_routing(model: nn.Module, grouter=None, k: int | None = None, *,
         k = int(config.num_experts_per_tok)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= n_experts:
         raise GrouterError(f"k must be an integer between 1 and the number of experts ({n_experts}), got {k!r}")
-    k = int(k)
+    return int(k)
 
-    handle = GrouterRouting(model, model_type, base, n_experts, k, grouter)
-    if grouter is not None:
-        grouter.requires_grad_(False)
-        grouter.eval()
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
-        if device.type != "meta":
-            grouter.to(device)
-            handle._grouter_device = device
 
-    gate_cls = _gate_class(router_cls)
-    for name, block in blocks:
-        old = block.gate
-        kept = old.weight.detach() if keep_gate_weights else None
-        gate = gate_cls(handle, int(old.hidden_dim), arch.weights_fp32, kept)
-        block.gate = gate
-        jitter = None
-        if hasattr(block, "jitter_noise"):
-            jitter, block.jitter_noise = block.jitter_noise, 0.0
-        handle._blocks.append(_Patched(name, block, gate, jitter))
-        _install_late_recording_hook(gate, base)
+def _attach_grouter(handle: "GrouterRouting", grouter, model: nn.Module) -> None:
+    """Online mode: the frozen Grouter, on the model's device (unless the model is on meta)."""
+    grouter.requires_grad_(False)
+    grouter.eval()
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    if device.type != "meta":
+        grouter.to(device)
+        handle._grouter_device = device
 
-    # Aux loss: nothing to balance (fixed routing, no trainable router): keep loss = LM loss.
+
+def _disable_aux_loss(model: nn.Module, handle: "GrouterRouting", k: int) -> None:
+    """Fixed routing has nothing to balance (no trainable router): the loss is the LM loss alone.
+    The saved attributes are restored by ``handle.remove()``."""
     for m in model.modules():
         for attr, value in (("router_aux_loss_coef", 0.0), ("num_experts_per_tok", k)):
             if hasattr(m, attr) and not isinstance(getattr(m, attr), nn.Module):
                 handle._saved_attrs.append((m, attr, getattr(m, attr)))
                 setattr(m, attr, value)
 
-    handle._hook = base.register_forward_pre_hook(handle._pre_hook, with_kwargs=True)
-    config.grouter_routing = {
-        "note": "experts trained with Grouter routing; the native gate weights are stale: run with "
-                "grouter.integrations.hf.use_grouter_routing",
-        "mode": handle.mode,
-        "k": k,
-        "gate_weights": "original (frozen, unused)" if keep_gate_weights else "removed",
-        **({"grouter_fingerprint": grouter.fingerprint()} if grouter is not None and hasattr(grouter, "fingerprint") else {}),
-    }
-    model.__dict__[_HANDLE_ATTR] = handle
-    return handle
-
 
 def _install_late_recording_hook(gate: nn.Module, base: nn.Module) -> None:
     """If transformers already installed its output-recording hooks (they are installed once, on
     first use), hook the new gate too so ``output_router_logits`` still reports every layer."""
     if not getattr(base, "_output_capturing_hooks_installed", False):
-        return
-    try:
-        from transformers.utils.output_capturing import install_output_capuring_hook
-    except ImportError:  # pragma: no cover - other transformers releases
         return
     install_output_capuring_hook(gate, "router_logits", 0)
 
@@ -621,9 +632,7 @@ class RoutingCollator:
         self.collate_fn = collate_fn
 
     def __call__(self, features: list) -> dict:
-        collate = self.collate_fn
-        if collate is None:
-            from transformers import default_data_collator as collate
+        collate = self.collate_fn or default_data_collator
         if not features or not all(isinstance(f, dict) for f in features):
             raise GrouterError("routing_collator expects a non-empty list of dict examples")
         if self.store is None:  # online mode: plain collation

@@ -1,0 +1,266 @@
+"""The routing store: k expert ids and k gate weights for every input token of a packed dataset.
+
+Position ``t`` of sequence ``i`` of a split is the routing of ``split.batch([i])["input_ids"][0, t]``
+(both splits, the dataset's order and boundaries: exactly what training reads). Layout of a store
+directory:
+
+- ``manifest.json``: the artifact header (format, version), the dataset and Grouter fingerprints
+  (and paths), k, E, seq_len, the dtypes, whether the Grouter is causal, and per split the number
+  of sequences and the SHA-256 of both files;
+- ``{split}.ids``: raw ``[n_sequences, seq_len, k]`` expert ids, ``uint8`` when E <= 256 else
+  ``uint16``;
+- ``{split}.weights``: raw ``[n_sequences, seq_len, k]`` 16-bit gate weights: the bit pattern of
+  bfloat16 (default) or float16.
+
+So a token costs ``3k`` bytes when E <= 256 (``4k`` otherwise). :class:`StoreWriter` is the one
+writer (pre-dispatch, synthetic stores of tests and benchmarks); :class:`RoutingStore` reads a
+store back memory-mapped and refuses one that is truncated, tampered with, or bound to another
+dataset or Grouter. See docs/method.md#pre-dispatch-and-the-routing-store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import atomic_dir, read_manifest, sha256_file, write_json
+from .data import PackedDataset
+from .errors import GrouterError
+from .routers import Routing
+
+ROUTING_FORMAT, ROUTING_VERSION = "grouter-routing", 1
+WEIGHTS_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def ids_dtype_for(n_experts: int) -> np.dtype:
+    """uint8 expert ids when E <= 256, else uint16."""
+    if n_experts <= 256:
+        return np.dtype(np.uint8)
+    if n_experts <= 65536:
+        return np.dtype(np.uint16)
+    raise GrouterError(f"{n_experts} experts do not fit a uint16 expert id; use at most 65536 experts")
+
+
+def bytes_per_token(k: int, n_experts: int) -> int:
+    """Storage per token: k ids plus k 16-bit weights."""
+    return k * (ids_dtype_for(n_experts).itemsize + 2)
+
+
+def weight_bits(weights: torch.Tensor, weights_dtype: str) -> np.ndarray:
+    """Gate weights as the uint16 bit patterns the store holds."""
+    return weights.to(WEIGHTS_DTYPES[weights_dtype]).view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+@dataclass
+class StoreWriter:
+    """Writes the files of a routing store in ``work``, in any order of splits and sequence ranges.
+
+    :meth:`allocate` sizes a split's two files; :meth:`maps` opens a read-write window on sequences
+    ``[lo, hi)`` (several processes can fill disjoint windows of the same files); :meth:`finish`
+    checksums the files and writes the manifest. :func:`write_store` does all three for routing held
+    in memory.
+    """
+
+    work: Path
+    seq_len: int
+    k: int
+    n_experts: int
+    weights_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise GrouterError(f"unknown weights dtype {self.weights_dtype!r}; use bfloat16 or float16")
+        if not 1 <= self.k <= self.n_experts:
+            raise GrouterError(f"k = {self.k} is not possible with {self.n_experts} experts; use 1 <= k <= E")
+        self.work = Path(self.work)
+        self.ids_dtype = ids_dtype_for(self.n_experts)
+        self.sizes: dict[str, int] = {}
+
+    def _files(self, split: str) -> dict[Path, np.dtype]:
+        return {self.work / f"{split}.ids": self.ids_dtype, self.work / f"{split}.weights": np.dtype(np.uint16)}
+
+    def allocate(self, split: str, n_sequences: int) -> bool:
+        """Size the split's files for ``n_sequences``; True when they already had that size (resume)."""
+        self.sizes[split] = n_sequences
+        kept = True
+        for path, dtype in self._files(split).items():
+            size = n_sequences * self.seq_len * self.k * dtype.itemsize
+            kept = kept and path.is_file() and path.stat().st_size == size
+            with open(path, "r+b" if path.exists() else "wb") as f:
+                f.truncate(size)
+        return kept
+
+    def maps(self, split: str, lo: int, hi: int) -> tuple[np.memmap, np.memmap] | None:
+        """Read-write ``(ids, weight bits)`` maps of sequences ``[lo, hi)``; None for an empty range."""
+        if hi <= lo:
+            return None
+        shape = (hi - lo, self.seq_len, self.k)
+        return tuple(np.memmap(path, dtype=dtype, mode="r+", offset=lo * self.seq_len * self.k * dtype.itemsize,
+                               shape=shape) for path, dtype in self._files(split).items())
+
+    def put(self, maps: tuple[np.memmap, np.memmap], at: int, routing: Routing) -> None:
+        """Write ``routing`` (ids and weights ``[B, seq_len, k]``) at row ``at`` of the window ``maps``."""
+        ids, bits = maps
+        b = routing.ids.shape[0]
+        ids[at:at + b] = routing.ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
+        bits[at:at + b] = weight_bits(routing.weights, self.weights_dtype)
+
+    def finish(self, data: PackedDataset | None, grouter_fingerprint: str, grouter_path: str,
+               causal: bool = True) -> dict:
+        """Checksum the files and write ``manifest.json``; ``data`` None marks a synthetic store."""
+        splits = {name: {"n_sequences": n, "ids_sha256": sha256_file(self.work / f"{name}.ids"),
+                         "weights_sha256": sha256_file(self.work / f"{name}.weights")}
+                  for name, n in self.sizes.items()}
+        manifest = {"format": ROUTING_FORMAT, "version": ROUTING_VERSION,
+                    "dataset_fingerprint": data.fingerprint if data is not None else "synthetic",
+                    "dataset_path": str(Path(data.path).resolve()) if data is not None else "synthetic",
+                    "grouter_fingerprint": grouter_fingerprint, "grouter_path": grouter_path,
+                    "k": self.k, "n_experts": self.n_experts, "seq_len": self.seq_len,
+                    "ids_dtype": self.ids_dtype.name, "weights_dtype": self.weights_dtype, "causal": bool(causal),
+                    "splits": splits}
+        write_json(self.work / "manifest.json", manifest)
+        return manifest
+
+
+def write_store(out: str | Path, routing: dict[str, Routing], n_experts: int, data: PackedDataset | None = None,
+                grouter_fingerprint: str = "synthetic", grouter_path: str = "synthetic",
+                weights_dtype: str = "bfloat16", causal: bool = True, overwrite: bool = False) -> Path:
+    """Write a routing store holding ``routing[split]`` (ids and weights ``[n, seq_len, k]``), atomically."""
+    first = next(iter(routing.values()))
+    _, seq_len, k = first.ids.shape
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = StoreWriter(tmp, seq_len, k, n_experts, weights_dtype)
+        for split, r in routing.items():
+            writer.allocate(split, r.ids.shape[0])
+            if (maps := writer.maps(split, 0, r.ids.shape[0])) is not None:
+                writer.put(maps, 0, r)
+                for m in maps:
+                    m.flush()
+            del maps
+        writer.finish(data, grouter_fingerprint, grouter_path, causal)
+    return Path(out)
+
+
+@dataclass
+class RoutingStore:
+    """A routing store opened read-only (memory-mapped) and validated against its manifest."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, data: PackedDataset | None = None, grouter_fingerprint: str | None = None,
+             verify: bool = True) -> "RoutingStore":
+        """Open ``path``; with ``data`` / ``grouter_fingerprint``, refuse a store made for others.
+
+        ``verify`` also checks the files' SHA-256 against the manifest (reads them once).
+        """
+        path = Path(path)
+        m = read_manifest(path, "manifest.json", ROUTING_FORMAT, ROUTING_VERSION, "routing store", "grouter dispatch")
+        store = cls(path, m)
+        store._check_manifest()
+        store._check_binding(data, grouter_fingerprint)
+        store._check_files(verify)
+        return store
+
+    @property
+    def _redo(self) -> str:
+        return f"re-create it with `grouter dispatch --out {self.path} --overwrite`"
+
+    def _check_manifest(self) -> None:
+        m = self.manifest
+        try:
+            int(m["k"]), int(m["seq_len"])
+            if np.dtype(m["ids_dtype"]) != ids_dtype_for(int(m["n_experts"])) or m["weights_dtype"] not in WEIGHTS_DTYPES:
+                raise ValueError("dtypes")
+            for info in m["splits"].values():
+                int(info["n_sequences"])
+            m["dataset_fingerprint"], m["grouter_fingerprint"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise GrouterError(f"routing store {self.path} is corrupt: manifest.json lacks or mangles {e}; "
+                               f"{self._redo}") from None
+
+    def _check_binding(self, data: PackedDataset | None, grouter_fingerprint: str | None) -> None:
+        m = self.manifest
+        if data is not None and data.fingerprint != m["dataset_fingerprint"]:
+            raise GrouterError(f"routing store {self.path} was made for another dataset (fingerprint "
+                               f"{m['dataset_fingerprint'][:12]}, this one {data.fingerprint[:12]}); "
+                               "run `grouter dispatch` on this dataset")
+        if grouter_fingerprint is not None and grouter_fingerprint != m["grouter_fingerprint"]:
+            raise GrouterError(f"routing store {self.path} was made with another Grouter (fingerprint "
+                               f"{m['grouter_fingerprint'][:12]}, expected {grouter_fingerprint[:12]}); "
+                               "run `grouter dispatch` with this Grouter")
+
+    def _check_files(self, verify: bool) -> None:
+        for name in self.manifest["splits"]:
+            for suffix, dtype, key in (("ids", self.ids_dtype, "ids_sha256"), ("weights", np.dtype(np.uint16),
+                                                                             "weights_sha256")):
+                file = self.path / f"{name}.{suffix}"
+                expected = self.n_sequences(name) * self.seq_len * self.k * dtype.itemsize
+                size = file.stat().st_size if file.is_file() else None
+                if size != expected:
+                    raise GrouterError(f"routing store file {file} is missing or truncated ({size} bytes, expected "
+                                       f"{expected}); {self._redo}")
+                if verify and sha256_file(file) != self.manifest["splits"][name].get(key):
+                    raise GrouterError(f"routing store file {file} does not match its checksum: it was modified "
+                                       f"or corrupted; {self._redo}")
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.manifest["n_experts"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def ids_dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["ids_dtype"])
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.manifest.get("causal", True))
+
+    def n_sequences(self, split: str) -> int:
+        if split not in self.manifest["splits"]:
+            raise GrouterError(f"routing store {self.path} has no split {split!r}; "
+                               f"it has {', '.join(self.manifest['splits'])}")
+        return int(self.manifest["splits"][split]["n_sequences"])
+
+    def _map(self, split: str, suffix: str, dtype: np.dtype) -> np.ndarray:
+        shape = (self.n_sequences(split), self.seq_len, self.k)
+        if shape[0] == 0:  # an empty file cannot be mapped
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(self.path / f"{split}.{suffix}", dtype=dtype, mode="r", shape=shape)
+
+    def ids(self, split: str) -> np.ndarray:
+        """Expert ids ``[n_sequences, seq_len, k]`` (uint8 or uint16), memory-mapped read-only."""
+        return self._map(split, "ids", self.ids_dtype)
+
+    def raw_weights(self, split: str) -> np.ndarray:
+        """Gate weights as stored: the 16-bit patterns ``[n_sequences, seq_len, k]`` (uint16)."""
+        return self._map(split, "weights", np.dtype(np.uint16))
+
+    def weights(self, split: str, idx: np.ndarray | None = None) -> torch.Tensor:
+        """Gate weights as float32, of sequences ``idx`` (all when None)."""
+        raw = self.raw_weights(split)
+        raw = raw[np.asarray(idx, dtype=np.int64)] if idx is not None else np.asarray(raw)
+        bits = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16))
+        return bits.view(WEIGHTS_DTYPES[self.manifest["weights_dtype"]]).float()
+
+    def routing(self, split: str, idx: np.ndarray) -> Routing:
+        """The stored routing of sequences ``idx``: ids long ``[B, L, k]``, weights float32 ``[B, L, k]``."""
+        idx = np.asarray(idx, dtype=np.int64)
+        ids = torch.from_numpy(np.asarray(self.ids(split)[idx]).astype(np.int64))
+        return Routing(ids, self.weights(split, idx))
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={i['n_sequences']}" for s, i in self.manifest["splits"].items())
+        return f"RoutingStore({str(self.path)!r}, k={self.k}, n_experts={self.n_experts}, {sizes})"
