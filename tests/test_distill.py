@@ -31,7 +31,13 @@ def test_kl_loss_is_zero_for_identical_and_positive_otherwise():
     t = torch.randn(2, 5, 8)
     assert kl_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
     assert kl_loss(t, t + 1.0).item() == pytest.approx(0.0, abs=1e-5), "softmax is shift invariant"
-    assert kl_loss(t, 2 * t).item() > 0.01, "T=1 penalises wrong magnitudes"
+    def kl(p_logits, q_logits):  # mean over tokens of sum_e p (log p - log q)
+        p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1).mean().item()
+
+    assert kl(t, 2 * t) > 0.05  # the case below is not a trivial one
+    assert kl_loss(t, 2 * t).item() == pytest.approx(kl(t, 2 * t), rel=1e-5), "T=1 penalises wrong magnitudes"
+    assert kl_loss(t, 2 * t, temperature=2.0).item() == pytest.approx(4 * kl(t / 2, t), rel=1e-5)
 
 
 @pytest.mark.parametrize("n_experts, top_k", [(8, 2), (64, 4), (128, 8)])

@@ -89,7 +89,12 @@ def test_fold_command_writes_a_loadable_grouter_and_plot(tmp_path, tiny_data):
     assert folded.cfg.n_experts == 6 and summary["group_sizes"] == [3, 3, 3, 3, 2, 2]
     assert (tmp_path / "f" / "affinity.png").stat().st_size > 1000
     report = json.loads((tmp_path / "f" / "fold_report.json").read_text())
-    assert report["strategy"] == "affinity" and 0 < report["within_group_affinity"] <= 1
+    assert report["strategy"] == "affinity" and report["groups"] == folded.cfg.provenance["fold"]["groups"]
+    # the share of co-activation mass inside the groups, from the saved affinity matrix
+    affinity = np.load(tmp_path / "f" / "affinity.npy")
+    inside = sum(affinity[np.ix_(g, g)].sum() for g in report["groups"]) / affinity.sum()
+    assert report["within_group_affinity"] == pytest.approx(inside) == summary["within_group_affinity"]
+    assert report["tokens_measured"] == 50 * tiny_data.seq_len
 
 
 @pytest.mark.parametrize("experts, message", [(16, "between 1 and 15"), (0, "between 1 and 15"), (2, "top-k 2")])

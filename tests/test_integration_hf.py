@@ -197,7 +197,7 @@ def test_adamw_loop_trains_experts_never_gates(model_type):
                 assert b.experts.down_proj.grad is not None and b.experts.down_proj.grad.abs().sum() > 0
                 assert b.gate.weight.grad is None and not b.gate.weight.requires_grad
                 if model_type == "qwen2_moe":
-                    assert b.shared_expert_gate.weight.grad is not None
+                    assert b.shared_expert_gate.weight.grad.abs().sum() > 0  # it trains: a non-zero gradient
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses

@@ -60,8 +60,18 @@ def test_report_compares_runs(tiny_data, tmp_path):
             "grad_norm_cv.png", "routing_consistency.png"} <= files
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["runs"]["grouter"]["router"] == "grouter" and data["runs"]["aux"]["router"] == "aux"
-    assert data["speedup"]["best_baseline"] == "aux"
-    assert "grouter" in data["speedup"]["runs"]
+    # the speedup: tokens the baseline took to reach its final val loss over the tokens the Grouter run took
+    curve = lambda run: [(e["tokens"], e["val_loss"]) for e in RunRecord.load(tmp_path / run).evals]  # noqa: E731
+    assert [t for t, _ in curve("aux")] == [t for t, _ in curve("grouter")] == [5 * 8 * 32 * i for i in (1, 2, 3, 4)]
+    target = curve("aux")[-1][1]
+    reached = tokens_to_reach(curve("grouter"), target)
+    speed = data["speedup"]
+    assert speed["best_baseline"] == "aux" and speed["target_val_loss"] == target
+    assert speed["baseline_tokens"] == tokens_to_reach(curve("aux"), target)
+    assert speed["runs"]["grouter"]["tokens_to_target"] == reached
+    assert speed["runs"]["grouter"]["speedup"] == (None if reached is None else
+                                                   pytest.approx(speed["baseline_tokens"] / reached))
+    assert speed["runs"]["grouter"]["final_val_loss_gap"] == pytest.approx(curve("grouter")[-1][1] - target)
     assert "| aux | aux |" in result["table"]
     assert set(data["speedup_by_domain"]) == {"all", *tiny_data.domains}
     # external routing is fixed: successive probes agree completely

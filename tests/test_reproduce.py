@@ -64,16 +64,6 @@ def test_every_scale_builds_valid_models(scale):
     assert cfg.source["top_k"] < cfg.target_experts < cfg.source["n_experts"]
 
 
-def test_reproduce_on_a_users_dataset(tiny_data, tmp_path):
-    """--data: the held-out domain is one of the user's; the embedded corpus is not prepared."""
-    summary = run_reproduce(tmp_path / "r", replace(tiny(), data=str(tiny_data.path), held_out_domain="prose",
-                                                    baselines=("aux",), fold_ablation=(), causal_ablation=False))
-    assert summary["domains"] == {"source_saw": ["code"], "held_out": "prose"}
-    assert not (tmp_path / "r" / "data").exists()
-    assert set(json.loads((tmp_path / "r" / "report" / "report.json").read_text())["runs"]) == {
-        "grouter", "grouter-raw", "aux"}
-
-
 def test_cli_reproduce_has_scales(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])

@@ -37,7 +37,9 @@ def test_load_balancing_loss_is_one_at_perfect_balance_and_larger_when_skewed():
     skewed_logits = torch.zeros(n, e)
     skewed_logits[:, 0] = 5.0
     skewed_ids = torch.zeros(n, 1, dtype=torch.long)
-    assert load_balancing_loss(skewed_logits, skewed_ids, e).item() > 4.0
+    # every slot on expert 0 (f_0 = 1), which has softmax probability e^5 / (e^5 + 7): E * f_0 * P_0
+    p0 = np.exp(5.0) / (np.exp(5.0) + e - 1)
+    assert load_balancing_loss(skewed_logits, skewed_ids, e).item() == pytest.approx(e * p0)
 
 
 def test_z_loss_grows_with_logit_scale():
