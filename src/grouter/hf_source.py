@@ -1,27 +1,48 @@
-"""Raw router logits of one MoE layer of a Hugging Face model, loading only the prefix that feeds it.
+"""Routing scores of one MoE layer of a Hugging Face model, loading only the prefix that feeds it.
 
 grouter distils a small router from the gate of ONE MoE layer ``L`` of a source model. The gate's
-logits depend on nothing after the gate, so :class:`HFRouterPrefix` reads from the safetensors
+scores depend on nothing after the gate, so :class:`HFRouterPrefix` reads from the safetensors
 shards only
 
 * the token embedding,
 * every tensor of the decoder layers ``0 .. L-1`` (experts included: they feed layer ``L``),
-* from layer ``L``: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and the gate,
+* from layer ``L``: everything but its MoE block (attention or its linear/state-space mixer, the
+  norms), and of the MoE block only the gate and its selection bias,
 
-and never layer ``L``'s experts (or shared expert) nor any later layer, so peak memory scales with
-that prefix and not with the model. Layers ``< L`` are built and loaded by transformers itself
-(``from_pretrained`` of the base model with ``num_hidden_layers = L`` and a state dict holding
-exactly the prefix tensors), so the checkpoint-to-module weight conversions of the installed
-transformers (fused experts in v5, Mixtral's ``block_sparse_moe`` rename) apply unchanged. Layer
-``L`` is an instance of the model's own decoder-layer class, built on the meta device so its
-experts never take memory, whose MLP is replaced by a probe; it is appended to the base model, so
-the model's own forward supplies rotary embeddings and the causal (or sliding-window) masks. The
-probe receives the gate's input ``H`` and stops the forward; the logits are ``H @ W^T (+ b)`` in
-float32 with the gate weight ``W`` read from disk. The ``router_logits`` outputs of transformers
-are never used (some releases return probabilities under that name).
+and never layer ``L``'s experts (or shared experts) nor any later layer, so peak memory scales with
+that prefix and not with the model. The prefix is built and loaded by transformers itself
+(``from_pretrained`` of the base model with ``num_hidden_layers = L + 1`` and a state dict holding
+exactly the prefix tensors), so the checkpoint-to-module conversions of the installed transformers
+(fused experts, renamed modules) apply unchanged. In that model layer ``L``'s MoE block is
+replaced, while it is still on the meta device, by a probe that keeps only the gate (and the
+selection bias); the model's own forward supplies rotary embeddings, masks and hybrid layers, and
+the probe receives the gate's input ``H`` and stops the forward. The scores are computed from
+``H`` in float32 with the gate's tensors read from disk. The ``router_logits`` outputs of
+transformers are never used (some releases return probabilities under that name).
 
-Supported ``model_type``: ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``mixtral``; all of them route by
-the softmax of these raw logits. See docs/method.md#capture.
+**What is recorded** (:data:`ARCHITECTURES` says it per ``model_type``): the scores whose top-k,
+with the model's ``k``, are the experts the model's own forward chooses:
+
+* softmax routers: the raw logits ``H @ W^T (+ b)``, ``b`` the gate's own bias (GPT-OSS); softmax
+  is monotonic, so top-k before or after it is the same (``score_function = "softmax"``);
+* softmax routers that add a selection bias to the probabilities (Ernie-4.5):
+  ``softmax(H @ W^T) + c`` (``"softmax"``, ``includes_bias``);
+* sigmoid routers: ``sigmoid(H @ W^T)`` (Llama-4), plus the selection bias ``c``
+  (``e_score_correction_bias``, DeepSeek-V3 style) where the model has one (``"sigmoid"``,
+  ``includes_bias``).
+
+``describe()`` (the ``source`` entry of ``targets.json``) spells the formula out (``scores``).
+**Group-limited selection** (DeepSeek-V2/V3 ``n_group``/``topk_group``): the model first keeps the
+``topk_group`` best of ``n_group`` expert groups, then takes the top-k inside them. The recorded
+scores are those the groups and the top-k are computed from, but their plain top-k may differ from
+the model's choice when the group limit drops an expert; such sources are recorded with
+``selection = "group_limited_topk"`` and the group parameters, and :func:`group_limited_topk`
+applied to the recorded scores reproduces the model's choice. Otherwise ``selection = "topk"``.
+A gate bias on disk that the installed transformers' gate does not have (so the model ignores it)
+is refused rather than guessed at. Multimodal checkpoints (Llama-4, Qwen3-VL-MoE, Qwen3.5-MoE,
+GLM-4.5V, Aria) are read through their language model only. MoE architectures whose router is not a
+linear gate on the MoE block's input, or whose choice is not a top-k of such scores, are refused
+(:data:`REFUSED_MODEL_TYPES` says why). See docs/method.md#capture.
 """
 
 from __future__ import annotations
@@ -32,10 +53,9 @@ import hashlib
 import json
 import operator
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -48,16 +68,138 @@ from .errors import GrouterError
 from .model import MODEL_FORMAT
 from .network import GROUTER_FORMAT
 
-SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
-
-# Attribute of a decoder layer holding its MoE block (v5 uses ``mlp`` everywhere; Mixtral in v4
-# used ``block_sparse_moe``) and the names the gate's tensors may have on disk under that layer.
-_MOE_ATTRS = ("mlp", "block_sparse_moe")
-_GATE_INPUT_MODULES = ("input_layernorm", "self_attn", "post_attention_layernorm")
-_SUPPORTED_TEXT = ", ".join(SUPPORTED_MODEL_TYPES)
-
 # grouter's own checkpoints hold a config.json too; they are never Hugging Face models
 GROUTER_FORMATS = (MODEL_FORMAT, GROUTER_FORMAT)
+
+
+# --------------------------------------------------------------------------------------------
+# the architectures
+# --------------------------------------------------------------------------------------------
+
+# Which decoder layers are MoE, read from the config exactly as the modeling code decides it.
+_MOE_LAYER_RULES: dict[str, Callable[[object, int], bool]] = {
+    "every": lambda cfg, i: True,
+    "qwen": lambda cfg, i: i not in (cfg.mlp_only_layers or []) and (i + 1) % (cfg.decoder_sparse_step or 1) == 0,
+    "mlp_layer_types": lambda cfg, i: cfg.mlp_layer_types[i] == "sparse",
+    "first_k_dense_replace": lambda cfg, i: i >= cfg.first_k_dense_replace,
+    "num_dense_layers": lambda cfg, i: i >= cfg.num_dense_layers,
+    "moe_layers": lambda cfg, i: i in cfg.moe_layers,
+    "ernie": lambda cfg, i: (i + 1) % cfg.moe_layer_interval == 0 and cfg.moe_layer_start_index <= i <= cfg.moe_layer_end_index,
+    "layers_block_type": lambda cfg, i: cfg.layers_block_type[i] == "moe",
+    "layers_num_experts": lambda cfg, i: cfg.layers_num_experts[i] > 1,
+}
+
+
+@dataclass(frozen=True)
+class MoEArch:
+    """Where one transformers architecture keeps its MoE blocks and gates, and what it routes by."""
+
+    moe_layers: str  # the rule in _MOE_LAYER_RULES saying which decoder layers are MoE
+    block: str = "mlp"  # attribute of a decoder layer holding its MoE block
+    gate: str = "gate"  # module path, in the block, of the gate: its weight [E, H] (and bias [E], if it has one)
+    score: str = "softmax"  # what the router applies to the logits before its top-k: "softmax" or "sigmoid"
+    score_field: str | None = None  # or: the config field naming that function
+    correction_bias: str | None = None  # tensor path, in the block, of the selection bias added to the scores
+    # Group-limited selection, active when n_group > 1 and topk_group < n_group: the model keeps the
+    # topk_group best groups, ranked by the sum of their two best scores ("sum_top2", DeepSeek-V3)
+    # or by their best score ("max", DeepSeek-V2 with topk_method = "group_limited_greedy"); the
+    # experts of the other groups score group_fill (-inf; AXK2: 0) in its top-k.
+    groups: str | None = None
+    group_fill: float = float("-inf")
+    layers: str = "layers"  # attribute of the base model holding the decoder layers
+    embedding: str = "embed_tokens"  # attribute of the base model holding the token embedding
+    after_layers: tuple[str, ...] = ("norm",)  # base-model modules that run only after the layers: never loaded
+    experts_field: str | None = None  # (dotted) config field of the expert count; None: _EXPERT_COUNT_FIELDS
+    top_k_field: str = "num_experts_per_tok"  # (dotted) config field of the experts per token
+    # A multimodal checkpoint: the prefix of its language model's tensors. The language model
+    # (its config's text_config) is the source; text-only input never reaches the vision tower.
+    text_model: str | None = None
+
+
+_V3 = dict(score="sigmoid", correction_bias="gate.e_score_correction_bias", groups="sum_top2")
+
+ARCHITECTURES: dict[str, MoEArch] = {
+    "afmoe": MoEArch("num_dense_layers", gate="router.gate", score="sigmoid", correction_bias="expert_bias"),
+    "aria": MoEArch("every", gate="router", top_k_field="moe_topk", text_model="language_model.model."),
+    "axk1": MoEArch("mlp_layer_types", **_V3),
+    "axk2": MoEArch("mlp_layer_types", group_fill=0.0, **_V3),
+    "bailing_hybrid": MoEArch("mlp_layer_types", **_V3),
+    "beam": MoEArch("mlp_layer_types", **_V3),
+    "cohere2_moe": MoEArch("mlp_layer_types", score_field="expert_selection_fn"),
+    "deepseek_v2": MoEArch("first_k_dense_replace", groups="max"),
+    "deepseek_v3": MoEArch("first_k_dense_replace", **_V3),
+    "deepseek_v32": MoEArch("mlp_layer_types", **_V3),
+    "dbrx": MoEArch("every", layers="blocks", block="ffn", gate="router.layer", embedding="wte", after_layers=("norm_f",),
+                    experts_field="ffn_config.moe_num_experts", top_k_field="ffn_config.moe_top_k"),
+    "dots1": MoEArch("first_k_dense_replace", **_V3),
+    "ernie4_5_moe": MoEArch("ernie", correction_bias="gate.moe_statics.e_score_correction_bias"),
+    "exaone_moe": MoEArch("mlp_layer_types", **_V3),
+    "flex_olmo": MoEArch("every"),
+    "flint": MoEArch("qwen", score="sigmoid"),
+    "glm4_moe": MoEArch("first_k_dense_replace", **_V3),
+    "glm4_moe_lite": MoEArch("mlp_layer_types", **_V3),
+    "glm4v_moe": MoEArch("first_k_dense_replace", text_model="model.language_model.", **_V3),
+    "glm_moe_dsa": MoEArch("mlp_layer_types", **_V3),
+    "gpt_oss": MoEArch("every", gate="router"),
+    "granitemoe": MoEArch("every", block="block_sparse_moe", gate="router"),
+    "granitemoe_swa": MoEArch("every", block="block_sparse_moe", gate="router"),
+    "granitemoehybrid": MoEArch("every", block="block_sparse_moe", gate="router"),
+    "granitemoeshared": MoEArch("every", block="block_sparse_moe", gate="router"),
+    "hunyuan_v1_moe": MoEArch("every", gate="gate.wg"),
+    "hy_v3": MoEArch("mlp_layer_types", score="sigmoid", correction_bias="e_score_correction_bias"),
+    "hy_v4": MoEArch("mlp_layer_types", after_layers=("hc_head", "norm"), **_V3),
+    "jamba": MoEArch("layers_num_experts", block="feed_forward", gate="router", after_layers=("final_layernorm",)),
+    "jetmoe": MoEArch("every", gate="router.layer"),  # (its attention experts have routers of their own)
+    "kimi_linear": MoEArch("mlp_layer_types", **_V3),
+    "lara_mini": MoEArch("every"),
+    "lfm2_moe": MoEArch("num_dense_layers", block="feed_forward", score="sigmoid", correction_bias="expert_bias",
+                        after_layers=("embedding_norm",)),
+    "llama4": MoEArch("moe_layers", block="feed_forward", gate="router", score="sigmoid", text_model="language_model.model."),
+    "llama4_text": MoEArch("moe_layers", block="feed_forward", gate="router", score="sigmoid"),
+    "mellum": MoEArch("mlp_layer_types"),
+    "mimo_v2_flash": MoEArch("mlp_layer_types", **_V3),
+    "minimax": MoEArch("every"),
+    "minimax_m2": MoEArch("every", score="sigmoid", correction_bias="e_score_correction_bias"),
+    "mixtral": MoEArch("every"),
+    "nemotron_h": MoEArch("layers_block_type", block="mixer", embedding="embeddings", after_layers=("norm_f",), **_V3),
+    "olmoe": MoEArch("every"),
+    "phimoe": MoEArch("every", gate="router"),  # sparsemixer: its two experts are the top-2 logits
+    "qwen2_moe": MoEArch("qwen"),
+    "qwen3_5_moe": MoEArch("every", text_model="model.language_model."),
+    "qwen3_5_moe_text": MoEArch("every"),
+    "qwen3_moe": MoEArch("qwen"),
+    "qwen3_next": MoEArch("qwen"),
+    "qwen3_vl_moe": MoEArch("qwen", text_model="model.language_model."),
+    "solar_open": MoEArch("every", **_V3),
+}
+
+_MULTIMODAL = "a multimodal checkpoint whose language model capture does not read yet (not verified)"
+# MoE architectures of the installed transformers that capture refuses, and why.
+REFUSED_MODEL_TYPES: dict[str, str] = {
+    **{t: _MULTIMODAL for t in (
+        "deepseek_ocr2", "dots3_note", "ernie4_5_vl_moe", "glm5_next", "hy_v4_vl",
+        "inkling_mm_model", "inkling2", "inkling2_loop", "minimax_m3_vl", "mistral_large4", "muse_spark",
+        "qwen3_omni_moe", "qwen4_exp", "step3p7", "unlimited_ocr")},
+    "deepseek_v4": "its first layers route by a token-id hash table, not by a gate",
+    "diffusion_gemma": "its router normalises and rescales its input before the projection: not a linear gate",
+    "gemma4": "its router normalises and rescales its input before the projection: not a linear gate",
+    "gemma4_text": "its router normalises and rescales its input before the projection: not a linear gate",
+    "doge": "its experts are retrieved by product keys, not chosen by a gate",
+    "zaya": "its router is an MLP, not a linear gate",
+    "inkling_text": "its gate also scores always-on shared experts that share the routed experts' normalisation",
+    "longcat_flash": "it has zero-computation experts and its MoE block is fed between two attention sub-layers",
+    "laguna": "its router soft-caps the logits (tanh) before the sigmoid",
+    "kolibri1": "it selects by raw logits plus a bias but weights by sigmoid scores",
+    "nllb-moe": "an encoder-decoder model; capture reads decoder-only language models",
+    "switch_transformers": "an encoder-decoder model; capture reads decoder-only language models",
+    "openai_privacy_filter": "a token classifier, not a causal language model",
+    "mistral4": "its group-limited selection ranks groups by summed softmax probabilities, which raw logits do not keep",
+    "inkling2_text": "not verified: no tiny model of it builds for the tests",
+    "inkling2_loop_text": "not verified: no tiny model of it builds for the tests",
+}
+
+SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
+_SUPPORTED_TEXT = ", ".join(SUPPORTED_MODEL_TYPES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +232,9 @@ class HFMoEInfo:
     vocab_size: int
     hidden_size: int
     gate_has_bias: bool
+    score_function: str = "softmax"
+    selection: str = "topk"
+    groups: tuple[int, int] | None = None  # (n_group, topk_group) of a group-limited selection
 
 
 def _read_raw_config(path: Path) -> dict:
@@ -101,11 +246,10 @@ def _read_raw_config(path: Path) -> dict:
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise GrouterError(f"{path / 'config.json'} has no \"model_type\"; point at a Hugging Face model directory ({_SUPPORTED_TEXT})")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise GrouterError(
-            f"unsupported model_type {model_type!r} in {path / 'config.json'} (no MoE layer grouter can read); "
-            f"supported MoE model types: {_SUPPORTED_TEXT}"
-        )
+    if model_type not in ARCHITECTURES:
+        why = REFUSED_MODEL_TYPES.get(model_type, "no MoE layer grouter can read")
+        raise GrouterError(f"unsupported model_type {model_type!r} in {path / 'config.json'} ({why}); "
+                           f"supported MoE model types: {_SUPPORTED_TEXT}")
     return raw
 
 
@@ -138,42 +282,69 @@ def _load_config(path: Path):
         raise GrouterError(f"invalid Hugging Face config {path / 'config.json'} ({_brief(e)}); fix or re-export config.json") from None
 
 
-def _n_experts(cfg) -> int:
-    for name in ("num_experts", "num_local_experts"):
-        value = getattr(cfg, name, None)
+_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _n_experts(cfg, arch: MoEArch) -> int:
+    for name in (arch.experts_field,) if arch.experts_field else _EXPERT_COUNT_FIELDS:
+        value = operator.attrgetter(name)(cfg) if hasattr(cfg, name.split(".")[0]) else None
         if value is not None:
             return int(value)
     return 0
 
 
-def _moe_layers(cfg) -> list[int]:
-    n_layers = int(cfg.num_hidden_layers)
-    n_experts = _n_experts(cfg)
-    if n_experts <= 0:
+def _moe_layers(cfg, arch: MoEArch) -> list[int]:
+    if _n_experts(cfg, arch) <= 0:
         return []
-    if cfg.model_type in ("qwen2_moe", "qwen3_moe"):
-        mlp_only = set(getattr(cfg, "mlp_only_layers", None) or [])
-        step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
-        return [i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0]
-    return list(range(n_layers))  # olmoe, mixtral: every layer is sparse
+    is_moe = _MOE_LAYER_RULES[arch.moe_layers]
+    try:
+        return [i for i in range(int(cfg.num_hidden_layers)) if is_moe(cfg, i)]
+    except (AttributeError, TypeError, IndexError, KeyError) as e:
+        raise GrouterError(f"the {cfg.model_type} config does not say which layers are MoE ({arch.moe_layers} rule: "
+                           f"{_brief(e)}); fix or re-export config.json") from None
 
 
-def _info_from_config(cfg, path: Path) -> HFMoEInfo:
-    moe_layers = _moe_layers(cfg)
+def _score_function(cfg, arch: MoEArch) -> str:
+    score = getattr(cfg, arch.score_field) if arch.score_field else arch.score
+    if score not in ("softmax", "sigmoid"):
+        raise GrouterError(f"{cfg.model_type} routes by {score!r} scores ({arch.score_field}); grouter reads softmax or sigmoid routers")
+    return score
+
+
+def _groups(cfg, arch: MoEArch) -> tuple[int, int] | None:
+    """``(n_group, topk_group)`` when the router limits its choice to the best groups, else None."""
+    if arch.groups is None or (arch.groups == "max" and getattr(cfg, "topk_method", None) != "group_limited_greedy"):
+        return None
+    n_group, topk_group = int(getattr(cfg, "n_group", None) or 1), int(getattr(cfg, "topk_group", None) or 1)
+    return (n_group, topk_group) if n_group > 1 and topk_group < n_group else None
+
+
+def _text_config(full_cfg):
+    """The config of the language model: ``full_cfg`` itself, or a multimodal model's ``text_config``."""
+    return full_cfg.get_text_config() if ARCHITECTURES[full_cfg.model_type].text_model else full_cfg
+
+
+def _info_from_config(full_cfg, path: Path) -> HFMoEInfo:
+    arch, cfg = ARCHITECTURES[full_cfg.model_type], _text_config(full_cfg)
+    moe_layers = _moe_layers(cfg, arch)
     if not moe_layers:
         raise GrouterError(
-            f"{path} ({cfg.model_type}) has no MoE layer (num_experts={_n_experts(cfg)}, "
+            f"{path} ({full_cfg.model_type}) has no MoE layer (num_experts={_n_experts(cfg, arch)}, "
             f"{cfg.num_hidden_layers} layers); use a model with experts ({_SUPPORTED_TEXT})"
         )
+    groups = _groups(cfg, arch)
     return HFMoEInfo(
-        model_type=cfg.model_type,
+        model_type=full_cfg.model_type,
         n_layers=int(cfg.num_hidden_layers),
         moe_layers=moe_layers,
-        n_experts=_n_experts(cfg),
-        top_k=int(cfg.num_experts_per_tok),
+        n_experts=_n_experts(cfg, arch),
+        top_k=int(operator.attrgetter(arch.top_k_field)(cfg)),
         vocab_size=int(cfg.vocab_size),
         hidden_size=int(cfg.hidden_size),
-        gate_has_bias=False,  # none of the supported architectures has a gate bias; set from the shards on load
+        gate_has_bias=False,  # set from the shards on load
+        score_function=_score_function(cfg, arch),
+        selection="topk" if groups is None else "group_limited_topk",
+        groups=groups,
     )
 
 
@@ -181,6 +352,19 @@ def inspect_hf_moe(path) -> HFMoEInfo:
     """Describe the MoE structure of a Hugging Face model directory from its ``config.json`` alone."""
     path = Path(path)
     return _info_from_config(_load_config(path), path)
+
+
+def group_limited_topk(scores: torch.Tensor, k: int, n_group: int, topk_group: int, group_score: str,
+                       group_fill: float = float("-inf")) -> torch.Tensor:
+    """The experts ``[..., k]`` a group-limited router (DeepSeek-V2/V3) picks from ``scores`` ``[..., E]``:
+    the ``topk_group`` best of ``n_group`` equal groups, ranked by the sum of their two best scores
+    (``"sum_top2"``) or their best score (``"max"``), then the top-k of the scores with those of the
+    other groups' experts replaced by ``group_fill``. The arguments are in ``describe()``."""
+    grouped = scores.reshape(*scores.shape[:-1], n_group, -1)
+    rank = grouped.topk(2, dim=-1).values.sum(-1) if group_score == "sum_top2" else grouped.max(-1).values
+    keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, rank.topk(topk_group, dim=-1).indices, True)
+    masked = grouped.masked_fill(~keep[..., None], group_fill).reshape(scores.shape)
+    return masked.topk(k, dim=-1).indices
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +393,7 @@ class _Shards:
                 "re-save the model with save_pretrained(..., safe_serialization=True)"
             )
         self._handles: dict[str, object] = {}
-        self.read: list[str] = []
+        self.read: dict[str, None] = {}  # names read, in order (a set with order)
 
     @staticmethod
     def _keys_of(file: Path) -> list[str]:
@@ -241,19 +425,20 @@ class _Shards:
                 f"{what} {name!r} could not be read from {self.path / self.file_of[name]} ({str(e).splitlines()[0]}); "
                 "the checkpoint is incomplete or corrupt"
             ) from None
-        self.read.append(name)
+        self.read[name] = None
         return tensor
 
     def close(self) -> None:
         self._handles.clear()
 
 
-def _checkpoint_prefix(names, path: Path) -> str:
-    """The prefix before ``embed_tokens.weight`` (``model.`` for *ForCausalLM checkpoints)."""
-    hits = sorted((n for n in names if n == "embed_tokens.weight" or n.endswith(".embed_tokens.weight")), key=len)
+def _checkpoint_prefix(names, layers: str, path: Path) -> str:
+    """The prefix before ``<layers>.<i>.`` in the checkpoint's names (``model.`` for *ForCausalLM checkpoints)."""
+    hits = {m.group(1) for name in names if (m := re.match(rf"(.*?){re.escape(layers)}\.\d+\.", name))}
     if not hits:
-        raise GrouterError(f"required tensor 'model.embed_tokens.weight' is missing from the safetensors weights in {path}; the checkpoint is incomplete")
-    return hits[0][: -len("embed_tokens.weight")]
+        raise GrouterError(f"no decoder layer ('model.{layers}.0.*') in the safetensors weights in {path}; "
+                           "the checkpoint is incomplete")
+    return min(hits, key=len)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,54 +454,100 @@ class _GateInput(Exception):
         self.hidden = hidden
 
 
+class _NoGate(Exception):
+    """Raised while building the prefix when layer L's block has no gate where the table says."""
+
+
 class _GateProbe(nn.Module):
-    """Stands in for layer L's MoE block: receives exactly what the gate would, then stops."""
+    """Stands in for layer L's MoE block: keeps only its gate and selection bias, under their own
+    names (so the checkpoint's names for them still apply), receives exactly what the gate would,
+    then stops the forward."""
+
+    def __init__(self, block: nn.Module, arch: MoEArch):
+        super().__init__()
+        for path in filter(None, (arch.gate, arch.correction_bias)):
+            name = path.split(".")[0]
+            value = getattr(block, name, None)
+            if isinstance(value, nn.Module):
+                self.add_module(name, value)
+            elif isinstance(value, nn.Parameter):
+                self.register_parameter(name, value)
+            elif isinstance(value, torch.Tensor):
+                self.register_buffer(name, value)
+            # None: this configuration has no such tensor (e.g. no selection bias)
 
     def forward(self, hidden_states, *args, **kwargs):
         raise _GateInput(hidden_states)
 
 
-def _decoder_layer_class(base) -> type:
-    """The decoder-layer class of ``base``: that of its first layer, or (L = 0) the one its model
-    class declares unsplittable."""
-    if len(base.layers) > 0:
-        return type(base.layers[0])
-    module = sys.modules[type(base).__module__]
-    for name in getattr(base, "_no_split_modules", None) or []:
-        cls = getattr(module, name, None)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            return cls
-    raise RuntimeError(f"cannot find the decoder layer class of {type(base).__name__}")
+def _probed_model_class(model_cls: type, arch: MoEArch, L: int) -> type:
+    """``model_cls`` whose layer ``L`` gets its MoE block replaced by a probe as soon as it is built
+    (inside ``from_pretrained`` that is on the meta device, so the experts never take memory)."""
+
+    def __init__(self, config, *args, **kwargs):
+        model_cls.__init__(self, config, *args, **kwargs)
+        layer = getattr(self, arch.layers)[L]
+        block = getattr(layer, arch.block, None)
+        if block is None or _tensor_at(block, f"{arch.gate}.weight") is None:
+            raise _NoGate(type(layer).__name__)
+        setattr(layer, arch.block, _GateProbe(block, arch))
+
+    namespace = {"__init__": __init__, "__module__": model_cls.__module__, "__qualname__": model_cls.__qualname__}
+    return type(model_cls.__name__, (model_cls,), namespace)  # same name: transformers keys weight conversions by it
 
 
-def _set_n_layers(cfg, n: int, layer_types) -> None:
-    """Give ``cfg`` ``n`` layers, keeping its per-layer attention types (``layer_types``: the full
-    model's, or None) in step."""
+def _tensor_at(module: nn.Module, path: str) -> torch.Tensor | None:
+    """The parameter or buffer at dotted ``path`` under ``module``, or None."""
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _set_n_layers(cfg, n: int, full_cfg) -> None:
+    """Give ``cfg`` ``n`` layers, keeping its per-layer lists (attention and MLP types) in step."""
     cfg.num_hidden_layers = n
-    if layer_types is not None:
-        cfg.layer_types = list(layer_types[:n])
+    for field in ("layer_types", "mlp_layer_types"):
+        types = getattr(full_cfg, field, None)
+        if isinstance(types, (list, tuple)) and not isinstance(getattr(type(cfg), field, None), property):
+            setattr(cfg, field, list(types[:n]))  # (a property is derived from num_hidden_layers already)
+
+
+def _checkpoint_targets(model: nn.Module, keys) -> dict[str, str]:
+    """The parameter of ``model`` each checkpoint key loads into, by transformers' own renaming."""
+    from transformers.conversion_mapping import get_model_conversion_mapping  # transformers takes seconds to import: only on load
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    expected, base = model.state_dict(), model.base_model_prefix + "."
+    targets = {key: rename_source_key(key, renamings, converters, model.base_model_prefix, expected)[0] for key in keys}
+    # transformers strips the base model's prefix only from names it loads; strip it from the rest too
+    return {key: t if t in expected else t.removeprefix(base) for key, t in targets.items()}
 
 
 class HFRouterPrefix:
-    """Prefix of a HF MoE model up to the gate of one layer; computes that gate's raw logits.
+    """Prefix of a HF MoE model up to the gate of one layer; computes the scores that gate routes by.
 
-    Follows :class:`grouter.capture.RouterPrefix`. ``includes_bias`` is True when the checkpoint
-    stores a gate bias, which is then added to the logits.
+    Follows :class:`grouter.capture.RouterPrefix`: ``score_function`` is ``"softmax"`` (raw logits,
+    or softmax probabilities plus a selection bias) or ``"sigmoid"``; ``includes_bias`` is True
+    when a gate bias or a selection bias is part of the scores (see the module docstring).
     """
-
-    # Every supported architecture routes by the top-k of softmax(raw gate logits) (transformers'
-    # *TopKRouter), so the raw logits are the scores it selects by.
-    score_function = "softmax"
 
     def __init__(self, path, layer: int | None = None, device="cpu", dtype=torch.float32):
         self.path = Path(path)
         self.device = torch.device(device)
         self.dtype = dtype
         full_cfg = _load_config(self.path)
+        self.arch = ARCHITECTURES[full_cfg.model_type]
         self.info = _info_from_config(full_cfg, self.path)
         self.layer = _resolve_layer(layer, self.info, self.path)
         self.n_experts = self.info.n_experts
         self.top_k = self.info.top_k
+        self.score_function = self.info.score_function
 
         shards = _Shards(self.path)
         try:
@@ -324,130 +555,134 @@ class HFRouterPrefix:
         finally:
             shards.close()
         self.loaded_tensor_names: list[str] = list(shards.read)
-        self.vocab_size = int(self._base.embed_tokens.weight.shape[0])
-        self.includes_bias = self._gate_b is not None
+        self.vocab_size = int(getattr(self._base, self.arch.embedding).weight.shape[0])
+        self.includes_bias = self._gate_b is not None or self._selection_b is not None
 
     # -- construction -------------------------------------------------------------------------
 
     def _build(self, full_cfg, shards: _Shards) -> None:
-        """Layers 0..L-1 loaded by transformers, layer L appended up to its gate, the gate read aside."""
-        prefix = _checkpoint_prefix(shards.file_of, self.path)
-        base = self._load_base(full_cfg, self._prefix_state_dict(shards, prefix))
-        block = self._gate_layer(full_cfg, base, shards, prefix)
-        self._load_gate(shards, prefix)
-        # The model's own forward now runs layers 0..L (rotary embeddings, causal or sliding-window
-        # masks included) and stops at the probe.
-        base.layers.append(block)
-        _set_n_layers(base.config, self.layer + 1, getattr(full_cfg, "layer_types", None))
+        """Layers 0..L loaded by transformers with layer L's MoE block replaced by the probe; the
+        gate's own tensors read aside from disk."""
+        from transformers import MODEL_MAPPING  # transformers takes seconds to import: only on load
+
+        text_cfg = _text_config(full_cfg)
+        cfg = copy.deepcopy(text_cfg)
+        _set_n_layers(cfg, self.layer + 1, text_cfg)
+        model_cls = _probed_model_class(MODEL_MAPPING[type(text_cfg)], self.arch, self.layer)
+        text = self.arch.text_model
+        prefix = text or _checkpoint_prefix(shards.file_of, self.arch.layers, self.path)
+        # each tensor's name as the language model sees it (a multimodal checkpoint's: without its prefix)
+        key = {name: name[len(text):] if text else name for name in shards.file_of if not text or name.startswith(text)}
+        layer_re = re.compile(re.escape(prefix + self.arch.layers) + r"\.(\d+)\.")
+        layer_of = {name: int(m.group(1)) for name in key if (m := layer_re.match(name))}
+        targets = self._targets(model_cls, cfg, {n: k for n, k in key.items() if layer_of.get(n, self.layer) == self.layer})
+        names = self._prefix_names(layer_of, targets, prefix)
+        base = self._load(model_cls, cfg, {key[name]: shards.get(name) for name in names}, prefix)
+        self._load_gate(shards, {target: name for name, target in targets.items()})
+        _check_finite(base, [t for t in (self._gate_w, self._gate_b, self._selection_b) if t is not None], self.path)
         base.to(self.device)
         base.eval()
         base.requires_grad_(False)
         self._base = base
 
-    def _prefix_state_dict(self, shards: _Shards, prefix: str) -> dict[str, torch.Tensor]:
-        """The embedding and every tensor of layers < L, exactly as named on disk.
+    def _targets(self, model_cls: type, cfg, keys: dict[str, str]) -> dict[str, str]:
+        """The prefix-model parameter each checkpoint tensor (``keys``: name on disk -> name as the
+        language model sees it) loads into, by name on disk; those of other layers than L are not
+        asked for."""
+        try:
+            with torch.device("meta"), _quiet_transformers():
+                meta = model_cls(cfg)
+        except _NoGate as e:
+            raise GrouterError(f"layer {self.layer} of {self.path} has no MoE gate in {e}; "
+                               f"MoE layers are {_fmt_layers(self.info.moe_layers)}") from None
+        self._expected = set(meta.state_dict())
+        targets = _checkpoint_targets(meta, keys.values())
+        return {name: targets[k] for name, k in keys.items()}
+
+    def _prefix_names(self, layer_of: dict[str, int], targets: dict[str, str], prefix: str) -> list[str]:
+        """The embedding, every tensor of layers < L, and of layer L those the prefix model has (not
+        the experts), exactly as named on disk.
 
         safetensors returns CPU tensors that map the shard files (no copy), and transformers
         converts them (fusing experts, casting to ``dtype``) into the model, so the prefix's
         parameters are materialised once, in the model.
         """
-        L = self.layer
-        layer_re = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
-        layer_of = {name: int(m.group(1)) for name in shards.file_of if (m := layer_re.match(name))}
-        absent = sorted(set(range(L)) - set(layer_of.values()))
+        L, layers = self.layer, self.arch.layers
+        absent = sorted(set(range(L + 1)) - set(layer_of.values()))
         if absent:
             raise GrouterError(
-                f"required tensors of layer {absent[0]} ('{prefix}layers.{absent[0]}.*') are missing from the "
+                f"required tensors of layer {absent[0]} ('{prefix}{layers}.{absent[0]}.*') are missing from the "
                 f"safetensors weights in {self.path}; the checkpoint is incomplete"
             )
-        wanted = [prefix + "embed_tokens.weight"] + [name for name, i in layer_of.items() if i < L]
-        _check_experts_complete(wanted, self.n_experts, self.path)
-        return {name: shards.get(name) for name in wanted}
+        embedding = [name for name, target in targets.items() if target == f"{self.arch.embedding}.weight"]
+        if not embedding:
+            raise GrouterError(f"required tensor '{prefix}{self.arch.embedding}.weight' is missing from the safetensors weights "
+                               f"in {self.path}; the checkpoint is incomplete")
+        earlier = [name for name, i in layer_of.items() if i < L]
+        _check_experts_complete(earlier, self.n_experts, self.path)
+        at_layer = [name for name, target in targets.items() if name in layer_of and target in self._expected]
+        return embedding[:1] + earlier + sorted(at_layer)
 
-    def _load_base(self, full_cfg, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-        """The base model with layers 0..L-1, built, loaded and converted by transformers itself, so
-        its checkpoint-to-module conversions (fused experts, renames) apply unchanged."""
-        from transformers import MODEL_MAPPING  # transformers takes seconds to import: only on load
-
-        L = self.layer
-        cfg = copy.deepcopy(full_cfg)
-        _set_n_layers(cfg, L, getattr(full_cfg, "layer_types", None))
-        attn = full_cfg._attn_implementation
+    def _load(self, model_cls: type, cfg, state_dict: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+        """The prefix model, built, loaded and converted by transformers itself."""
+        attn = cfg._attn_implementation
         kwargs = {} if attn is None else {"attn_implementation": attn}
         try:
             with _quiet_transformers():
-                base, loading = MODEL_MAPPING[type(full_cfg)].from_pretrained(
+                base, loading = model_cls.from_pretrained(
                     None, config=cfg, state_dict=state_dict, dtype=self.dtype,
                     output_loading_info=True, ignore_mismatched_sizes=True, **kwargs,
                 )
         except (RuntimeError, ValueError) as e:  # transformers reports conversion/config failures this way
             raise GrouterError(
-                f"could not load layers < {L} of {self.path} ({_brief(e)}); the checkpoint is incomplete or does not match config.json"
+                f"could not load layers <= {self.layer} of {self.path} ({_brief(e)}); the checkpoint is incomplete or does not match config.json"
             ) from None
-        _check_loading(loading, L, self.path)
+        _check_loading(loading, prefix, self.arch.after_layers, self.path)
         return base
 
-    def _gate_layer(self, full_cfg, base, shards: _Shards, prefix: str) -> nn.Module:
-        """Layer L: the model's own decoder layer, built on meta so its experts never take memory,
-        with its MoE block replaced by the probe; only the modules feeding the gate are loaded."""
-        L = self.layer
-        layer_cls = _decoder_layer_class(base)
-        if full_cfg._attn_implementation is None:
-            full_cfg._attn_implementation = base.config._attn_implementation
-        with torch.device("meta"):
-            block = layer_cls(full_cfg, L)
-        moe_attr = next((a for a in _MOE_ATTRS if hasattr(getattr(block, a, None), "gate")), None)
-        if moe_attr is None:
-            raise GrouterError(f"layer {L} of {self.path} has no MoE gate in {layer_cls.__name__}; MoE layers are {_fmt_layers(self.info.moe_layers)}")
-        setattr(block, moe_attr, _GateProbe())
-        block.to_empty(device="cpu")
-        block.to(self.dtype)
-        missing_mods = [m for m in _GATE_INPUT_MODULES if not isinstance(getattr(block, m, None), nn.Module)]
-        if missing_mods:
-            raise RuntimeError(f"{layer_cls.__name__} lacks {missing_mods}")
-        expected = block.state_dict()
-        not_stored = [n for n, _ in block.named_buffers() if n not in expected]
-        if not_stored:  # to_empty() left them uninitialised; no supported architecture has any
-            raise RuntimeError(f"{layer_cls.__name__} has buffers that checkpoints do not store: {not_stored}")
-        layer_sd = {}
-        for param_name, ref in expected.items():
-            disk_name = f"{prefix}layers.{L}.{param_name}"
-            layer_sd[param_name] = _check_shape(disk_name, shards.get(disk_name), tuple(ref.shape), self.path)
-        block.load_state_dict(layer_sd, strict=True)
-        return block
-
-    def _load_gate(self, shards: _Shards, prefix: str) -> None:
-        """The gate's weight (and bias, if the checkpoint has one), kept in float32 on the device,
-        and the hash of the weight's bytes as stored."""
-        w_name, b_name = self._gate_names(shards, prefix, self.layer)
-        w = shards.get(w_name, "gate weight")
+    def _load_gate(self, shards: _Shards, disk_of: dict[str, str]) -> None:
+        """The gate's weight, its bias and the selection bias (those the model has), read from disk
+        in float32, and the hash of the weight's bytes as stored."""
+        block = f"{self.arch.layers}.{self.layer}.{self.arch.block}"
+        gate = f"{block}.{self.arch.gate}"
+        self._gate_weight_name = disk_of.get(f"{gate}.weight")
+        if self._gate_weight_name is None:
+            raise GrouterError(f"gate weight of layer {self.layer} ('{gate}.weight') is missing from the safetensors weights "
+                               f"in {self.path}; the checkpoint is incomplete")
+        w = shards.get(self._gate_weight_name, "gate weight")
         self._gate_sha256 = hashlib.sha256(_raw_bytes(w)).hexdigest()
-        _check_shape(w_name, w, (self.n_experts, self.info.hidden_size), self.path)
-        self._gate_weight_name = w_name
+        _check_shape(self._gate_weight_name, w, (self.n_experts, self.info.hidden_size), self.path)
         self._gate_w = w.to(device=self.device, dtype=torch.float32)
-        self._gate_b = None
-        if b_name is not None:
-            b = _check_shape(b_name, shards.get(b_name, "gate bias"), (self.n_experts,), self.path)
-            self._gate_b = b.to(device=self.device, dtype=torch.float32)
+        self._bias_names: dict[str, str] = {}  # for describe()
+        self._gate_b = self._gate_vector(shards, disk_of, f"{gate}.bias", "gate bias")
+        bias = self.arch.correction_bias
+        self._selection_b = None if bias is None else self._gate_vector(shards, disk_of, f"{block}.{bias}", "selection bias")
         self.info.gate_has_bias = self._gate_b is not None
 
-    @staticmethod
-    def _gate_names(shards: _Shards, prefix: str, L: int) -> tuple[str, str | None]:
-        for attr in _MOE_ATTRS:
-            w = f"{prefix}layers.{L}.{attr}.gate.weight"
-            if w in shards.file_of:
-                b = f"{prefix}layers.{L}.{attr}.gate.bias"
-                return w, (b if b in shards.file_of else None)
-        raise GrouterError(
-            f"gate weight of layer {L} ('{prefix}layers.{L}.mlp.gate.weight' or '.block_sparse_moe.gate.weight') "
-            f"is missing from the safetensors weights in {shards.path}; the checkpoint is incomplete"
-        )
+    def _gate_vector(self, shards: _Shards, disk_of: dict[str, str], target: str, what: str) -> torch.Tensor | None:
+        """The ``[E]`` tensor that loads into ``target``, in float32 on the device, or None when the
+        model has no such tensor. One on disk that the model would not use is refused."""
+        name = disk_of.get(target)
+        if target not in self._expected:
+            if name is not None:
+                raise GrouterError(
+                    f"{what} {name!r} is in the checkpoint but the {self.info.model_type} gate of the installed transformers "
+                    "has none, so the model does not route by it; the checkpoint does not match its model_type"
+                )
+            return None
+        if name is None:  # (transformers reports missing parameters, not always missing buffers)
+            raise GrouterError(f"{what} of layer {self.layer} ('{target}') is missing from the safetensors weights in "
+                               f"{self.path}; the checkpoint is incomplete")
+        t = shards.get(name, what)
+        _check_shape(name, t.reshape(-1), (self.n_experts,), self.path)
+        self._bias_names[what.replace(" ", "_") + "_name"] = name
+        return t.reshape(-1).to(device=self.device, dtype=torch.float32)
 
     # -- use -----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def router_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Raw gate logits ``[B, T, E]`` (float32) of layer ``self.layer`` for ``input_ids`` ``[B, T]``."""
+        """The scores ``[B, T, E]`` (float32) layer ``self.layer`` routes ``input_ids`` ``[B, T]`` by."""
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids[None]
@@ -469,14 +704,31 @@ class HFRouterPrefix:
         else:  # pragma: no cover - the probe always fires
             raise RuntimeError("the gate probe of layer L was not reached")
         h = hidden.reshape(-1, hidden.shape[-1]).to(torch.float32)
+        return self._scores(h).reshape(ids.shape[0], ids.shape[1], self.n_experts)
+
+    def _scores(self, h: torch.Tensor) -> torch.Tensor:
+        """What the router runs its top-k on, from the gate input ``h`` ``[N, H]``."""
         logits = h @ self._gate_w.T
         if self._gate_b is not None:
             logits = logits + self._gate_b
-        return logits.reshape(ids.shape[0], ids.shape[1], self.n_experts)
+        if self.score_function == "sigmoid":
+            scores = logits.sigmoid()
+        elif self._selection_b is not None:  # a selection bias on softmax probabilities (Ernie-4.5)
+            scores = logits.softmax(dim=-1)
+        else:  # softmax is monotonic: the raw logits select the same experts
+            return logits
+        return scores if self._selection_b is None else scores + self._selection_b
+
+    def _formula(self) -> str:
+        logits = "H @ W^T" + (" + b" if self._gate_b is not None else "")
+        if self.score_function == "softmax" and self._selection_b is None:
+            return logits
+        scores = f"{self.score_function}({logits})"
+        return scores + (" + e_score_correction_bias" if self._selection_b is not None else "")
 
     def describe(self) -> dict:
-        """JSON-able provenance of the captured gate."""
-        return {
+        """JSON-able provenance of the captured gate, and what exactly its scores are."""
+        desc = {
             "path": str(self.path.resolve()),
             "model_type": self.info.model_type,
             "layer": self.layer,
@@ -487,9 +739,16 @@ class HFRouterPrefix:
             "moe_layers": list(self.info.moe_layers),
             "score_function": self.score_function,
             "includes_bias": self.includes_bias,
+            "scores": self._formula(),
+            "selection": self.info.selection,
             "gate_weight_name": self._gate_weight_name,
             "gate_weight_sha256": self._gate_sha256,
+            **self._bias_names,
         }
+        if self.info.groups is not None:
+            desc["n_group"], desc["topk_group"] = self.info.groups
+            desc["group_score"], desc["group_fill"] = self.arch.groups, str(self.arch.group_fill)
+        return desc
 
     def check_tokenizer(self, data: PackedDataset) -> None:
         """Refuse a dataset tokenized with another vocabulary than the source's ``tokenizer.json``.
@@ -527,20 +786,21 @@ def _resolve_layer(layer, info: HFMoEInfo, path: Path) -> int:
     return layer
 
 
-def _check_loading(loading: dict, L: int, path: Path) -> None:
-    """transformers' loading report of layers < L: every parameter but the final norm (not part of
-    the prefix) must have been loaded, at its configured shape."""
-    missing = sorted(k for k in loading.get("missing_keys", ()) if k != "norm.weight")
+def _check_loading(loading: dict, prefix: str, after_layers: tuple[str, ...], path: Path) -> None:
+    """transformers' loading report of the prefix model: every parameter but those of the modules
+    that run after the layers (the final norm: not part of the prefix) must have been loaded, at
+    its configured shape. Parameters are named as in the checkpoint (``prefix`` + module name)."""
+    missing = sorted(prefix + k for k in loading.get("missing_keys", ()) if k.split(".")[0] not in after_layers)
     if missing:
         raise GrouterError(
-            f"required tensor(s) for layers < {L} missing from the safetensors weights in {path} "
+            f"required tensor(s) missing from the safetensors weights in {path} "
             f"(model parameters {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); the checkpoint is incomplete"
         )
     mismatched = sorted(loading.get("mismatched_keys", ()), key=str)
     if mismatched:
         key, *shapes = mismatched[0]
         got = f": {tuple(shapes[0])} in the checkpoint, {tuple(shapes[1])} from config.json" if len(shapes) == 2 else ""
-        raise GrouterError(f"shape mismatch for {key} in {path}{got}; the config does not match the checkpoint")
+        raise GrouterError(f"shape mismatch for {prefix}{key} in {path}{got}; the config does not match the checkpoint")
 
 
 def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], path: Path) -> torch.Tensor:
@@ -567,6 +827,14 @@ def _check_experts_complete(names: list[str], n_experts: int, path: Path) -> Non
                 f"required tensor {pattern.format(absent[0])!r} is missing from the safetensors weights in {path} "
                 f"({len(absent)} of {n_experts} experts absent); the checkpoint is incomplete"
             )
+
+
+def _check_finite(base: nn.Module, gate: list[torch.Tensor], path: Path) -> None:
+    """A third-party checkpoint carries no checksum grouter can verify: its shapes are checked by
+    the load against config.json, and every tensor read must at least be finite."""
+    for name, t in [*base.state_dict().items(), *(("gate", g) for g in gate)]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise GrouterError(f"{path} holds NaN or inf in {name!r}: the checkpoint is corrupt; re-download it")
 
 
 def _fmt_layers(layers: list[int]) -> str:
