@@ -12,8 +12,8 @@ import torch
 
 from grouter import store as routing_store
 from grouter.errors import GrouterError
-from grouter.place import (Plan, PlanSampler, affinity_counts, balanced_assignment, entropy_bits, place,
-                           plan_placement, relabel, remote_volume, traffic)
+from grouter.place import (Plan, PlanSampler, affinity_counts, balanced_assignment, balanced_bound, entropy_bits,
+                           group_experts, place, plan_placement, refine_grouping, relabel, remote_volume, traffic)
 from grouter.testing import synthetic_routing
 from grouter.routers import Routing
 from grouter.store import RoutingStore
@@ -113,6 +113,60 @@ def test_balanced_assignment_respects_capacity_and_is_near_optimal():
     assert free <= x_cost <= g_cost <= x_cost + 0.05 * abs(x_cost)
 
 
+def test_group_experts_load_cap():
+    rng = np.random.default_rng(4)
+    P, n = 4, 16
+    weight = rng.random((P, n)) ** 3
+    load = rng.gamma(4.0, 1.0, n)
+    free = group_experts(weight)
+    cap = 1.05 * load.sum() / P
+    capped = group_experts(weight, load=load, cap=cap)  # scipy.optimize.milp
+    for part in (free, capped):
+        assert np.all(np.bincount(part, minlength=P) == n // P)
+    assert np.bincount(capped, load, P).max() <= cap  # the per-rank budget, exactly
+    gain = lambda part: weight[part, np.arange(n)].sum()  # noqa: E731
+    assert gain(capped) <= gain(free)
+    least = group_experts(np.zeros((P, n)), load=load, cap=0.5 * load.sum() / P)  # infeasible: the least max
+    tight = group_experts(weight, load=load, cap=0.9 * load.sum() / P)  # infeasible: grouped under the least max
+    for part in (least, tight):
+        assert np.all(np.bincount(part, minlength=P) == n // P)
+    assert np.bincount(tight, load, P).max() <= np.bincount(least, load, P).max() * (1 + 1e-6)
+    assert np.bincount(least, load, P).max() < np.bincount(free, load, P).max()
+
+
+def test_refine_grouping_never_increases_cost_nor_breaks_balance():
+    ids, _ = synthetic_routing(640, L, E, K, clusters=4, seed=5, noise=0.1, decay=0.6)
+    groups, capacity = np.repeat(np.arange(10), 64), np.full(10, 64 // R)
+    load = affinity_counts(ids, E).sum(0).astype(float)
+    cap = 1.15 * load.sum() / R
+    rng = np.random.default_rng(5)
+    start = group_experts(rng.random((R, E)), load=load, cap=cap)  # a poor grouping within the cap
+    part, rows, trace = refine_grouping(ids, start, R, groups, capacity, 10, n_experts=E, load=load, cap=cap)
+    assert len(trace) > 2 and trace == sorted(trace, reverse=True) and trace[-1] < 0.9 * trace[0]
+    assert np.all(np.bincount(groups * R + rows, minlength=10 * R) == 64 // R)  # every batch, every rank: 16
+    assert np.all(np.bincount(part, minlength=R) == E // R) and np.bincount(part, load, R).max() <= cap
+    assert trace[-1] == traffic(ids, part, R).at("deepep", rows).sum()  # the cost it reports is the DeepEP cost
+    over = rng.permutation(np.arange(E) // (E // R))  # above the cap: the first step brings it under
+    assert np.bincount(over, load, R).max() > cap
+    part, _, trace = refine_grouping(ids, over, R, groups, capacity, 10, n_experts=E, load=load, cap=cap)
+    assert np.bincount(part, load, R).max() <= cap and trace[1:] == sorted(trace[1:], reverse=True)
+
+
+def test_balanced_bound():
+    rng = np.random.default_rng(6)
+    cost = rng.integers(0, 60, (1200, 4)).astype(float)
+    one, cap = np.zeros(1200, np.int64), np.array([300])
+    exact = cost[np.arange(1200), balanced_assignment(cost, one, cap, exact=True)].sum()
+    bound, method = balanced_bound(cost, one, cap)  # one group of 1200: the Lagrangian dual
+    assert "Lagrangian" in method and cost.min(1).sum() <= bound <= exact <= 1.001 * bound
+    greedy = cost[np.arange(1200), balanced_assignment(cost, one, cap)].sum()
+    assert exact <= greedy <= 1.005 * exact  # the greedy with prices
+    groups = np.repeat(np.arange(10), 120)  # small groups: exact per group
+    small, method = balanced_bound(cost, groups, np.full(10, 30))
+    assert "exact" in method and small == cost[np.arange(1200), balanced_assignment(cost, groups, np.full(10, 30),
+                                                                                        exact=True)].sum()
+
+
 # -- plans on synthetic clustered routing --------------------------------------------------------
 def test_balanced_plan_beats_random_and_realises(clustered, tmp_path):
     store_dir, ids = clustered
@@ -125,9 +179,11 @@ def test_balanced_plan_beats_random_and_realises(clustered, tmp_path):
     assert rep["load"]["plan"]["sequences_max_over_mean"]["per_batch_worst"] == 1.0
     cm = rep["cost_models"]
     assert set(cm) == {"megatron", "deepep"}
-    assert cm["deepep"]["plan_over_random"] < 0.6, cm["deepep"]
+    assert cm["deepep"]["plan_over_random"] < 0.7, cm["deepep"]  # 0.52 without the load cap: see below
     for c in cm.values():
         assert c["floor_any_placement"] <= c["lower_bound"] <= c["plan"] < c["random"]
+    bound = rep["balanced_bound"]  # exact per batch: the greedy is within 1 % of the best balanced placement
+    assert bound["capacity_free_bound"] <= bound["balanced_bound"] <= bound["plan"] <= 1.01 * bound["balanced_bound"]
     # expert permutation: a permutation, E/R experts per rank
     perm = plan.permutation
     assert np.array_equal(np.sort(perm), np.arange(E))
@@ -144,6 +200,15 @@ def test_balanced_plan_beats_random_and_realises(clustered, tmp_path):
         seq_rank[got] = r
     realised = remote_volume(physical, np.arange(E) // (E // R), seq_rank)
     assert realised == {m: c["plan"] for m, c in cm.items()}
+
+
+def test_load_cap_trades_volume_for_compute_balance(clustered):
+    store = RoutingStore.open(clustered[0], verify=False)
+    capped = plan_placement(store, R, global_batch=GB, clusters=20).report  # load tolerance 0.05 by default
+    free = plan_placement(store, R, global_batch=GB, clusters=20, load_tolerance=None).report
+    load = lambda r, who="plan": r["load"][who]["expert_load_max_over_mean"]["overall"]  # noqa: E731
+    assert load(capped) < 1.15 < load(capped, "random") < load(free)  # this routing's experts are unequally popular
+    assert free["cost_models"]["deepep"]["plan"] < capped["cost_models"]["deepep"]["plan"]  # the price
 
 
 def test_greedy_unbalanced_on_skewed_data_and_attains_bound(skewed):
@@ -175,13 +240,13 @@ def test_node_level_plan(clustered):
     assert set(cm) == {"megatron", "deepep", "node"}
     for c in cm.values():
         assert c["floor_any_placement"] <= c["lower_bound"] <= c["plan"] <= c["random"]
-    assert cm["node"]["plan_over_random"] < 0.6
+    assert cm["node"]["plan_over_random"] < 0.7
     assert rep["clustering"]["node_inner_split"]["refined"] == 2
-    trace = rep["refinement"]["local_share"]
-    assert max(trace) >= trace[0]
+    trace, inner = rep["refinement"]["cost_per_token"], rep["refinement"]["inner_cost_per_token"]
+    assert trace == sorted(trace, reverse=True) and inner[1] <= inner[0]
     paper = plan_placement(store, R, ranks_per_node=2, global_batch=GB, clusters=20, refine=0).report
     assert paper["refinement"] is None
-    assert cm["node"]["plan"] <= paper["cost_models"]["node"]["plan"]  # refining to the balance helps here
+    assert cm["node"]["plan"] <= paper["cost_models"]["node"]["plan"]
     rank_level = plan_placement(store, R, ranks_per_node=2, level="rank", global_batch=GB, clusters=20)
     assert rank_level.report["optimises"] == "deepep" and "node" in rank_level.report["cost_models"]
 
@@ -193,7 +258,11 @@ def test_epoch_scope_and_max_sequences(clustered):
     assert plan.n_sequences == 1001
     check_plan(plan, 1001, GB // R)
     assert len(plan.dropped) == 1001 % R
-    assert plan.report["cost_models"]["deepep"]["plan_over_random"] < 0.6
+    assert plan.report["cost_models"]["deepep"]["plan_over_random"] < 0.7
+    load = plan.report["load"]  # batches dealt by load: each batch's expert load near the mean
+    assert load["plan"]["expert_load_max_over_mean"]["per_batch_worst"] <= 1.2
+    assert load["plan"]["expert_load_max_over_mean"]["per_batch_worst"] < load["random"]["expert_load_max_over_mean"][
+        "per_batch_worst"]
     again = plan_placement(store, R, global_batch=GB, clusters=20, scope="epoch", max_sequences=1001)
     assert np.array_equal(again.permutation, plan.permutation)  # deterministic for a seed
     assert all(np.array_equal(a, b) for ra, rb in zip(again.samples, plan.samples) for a, b in zip(ra, rb))
@@ -218,7 +287,7 @@ def test_place_writes_plan_and_reports(clustered, tmp_path):
     for name in ("plan.json", "report.json", "report.md", "report.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert summary["plan"] == str(out / "plan.json") and summary["level"] == "node"
-    assert summary["plan_over_random"]["node"] < 0.6 and summary["sequences_max_over_mean"] == 1.0
+    assert summary["plan_over_random"]["node"] < 0.7 and summary["sequences_max_over_mean"] == 1.0
     md = (out / "report.md").read_text()
     assert "| deepep |" in md and "| node |" in md and "lower bound" in md
     d = json.loads((out / "plan.json").read_text())

@@ -1,0 +1,336 @@
+"""Predicted EP step time of grouter's placement plans on GPU clusters: the figures of docs/steptime.md.
+
+Three parts, one per run (each a few minutes at most on 2 cores):
+
+``--part calibrate``: DeepEP's published normal-kernel bandwidths (H800 with a CX7 400 Gb/s NIC per
+GPU; github.com/deepseek-ai/DeepEP docs/legacy.md) against the step-time model of
+``grouter.hardware`` on DeepEP's own benchmark routing (its tests/legacy/test_internode.py: 4,096
+tokens per rank, hidden 7,168, 256 experts, top-8 within the top min(nodes, 4) nodes, FP8 dispatch):
+the physical per-GPU link bandwidths that reproduce the published figures, and what the built-in
+profiles predict for them.
+
+``--part plans``: plans for a demo-like routing (the demo's routing store with ``--demo-routing``,
+else synthetic: 9,028 sequences x 128 tokens, 16 experts top-4, strongly clustered, like the
+demo's) and for a larger synthetic routing (128 experts top-8), batch and epoch scope, one per
+layout of the built-in profiles (8 GPUs per node: 1, 2, 4 nodes; a layout needs ranks dividing
+the experts), each with ``global_batch`` = ``--tokens-per-rank`` tokens per rank per step. Reported:
+DeepEP volume vs random, vs the capacity-free and the balanced-LP bound, compute load (overall and
+per global batch), copies received per rank, and per built-in profile the predicted step time,
+all-to-all time and speedup, plan vs random (grouter.hardware.predict).
+
+``--part gloo``: ``grouter ep`` on 4 gloo processes of this machine, plan vs random, both
+exchanges: the measured bytes per rank, phase and step equal the model's
+(grouter.hardware.ep_phase_bytes) exactly; the measured all-to-all seconds are printed as a sanity
+check of the ranking only (4 processes on 2 shared cores).
+
+    OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part calibrate
+    OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --routing demo --json demo.json
+    OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --routing large --json large.json
+    OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part gloo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# DeepEP V1 normal kernels, H800 + CX7 (docs/legacy.md): EP size -> (dispatch, combine) GB/s, "bottleneck" link.
+DEEPEP_PUBLISHED = {8: (153, 158, "NVLink"), 16: (43, 43, "RDMA"), 32: (58, 57, "RDMA"), 64: (51, 50, "RDMA")}
+DEEPEP_TOKENS, DEEPEP_HIDDEN, DEEPEP_EXPERTS, DEEPEP_TOPK, FP8_BYTES = 4096, 7168, 256, 8, 1 + 4 / 128
+# Synthetic routings: (sequences, tokens, experts, k, clusters, noise, decay).
+ROUTINGS = {"demo": (9028, 128, 16, 4, 8, 0.05, 0.9), "large": (65536, 64, 128, 8, 32, 0.2, 0.7)}
+
+
+# -- calibration against DeepEP's published bandwidths --------------------------------------------------
+def deepep_routing(ranks: int, seed: int = 0):
+    """StepTraffic of DeepEP's benchmark routing: every rank's 4,096 tokens, |N(0,1)| + 1 scores, top-8
+    experts within the top min(nodes, 4) nodes (by their best score)."""
+    from grouter.hardware import StepTraffic
+
+    rng = np.random.default_rng(seed)
+    G = 8
+    nodes = max(1, ranks // G)
+    per_rank, per_node = DEEPEP_EXPERTS // ranks, DEEPEP_EXPERTS // nodes
+    A = np.zeros((ranks, ranks), dtype=np.int64)
+    Nn = np.zeros((ranks, nodes), dtype=np.int64)
+    for r in range(ranks):
+        scores = np.abs(rng.standard_normal((DEEPEP_TOKENS, DEEPEP_EXPERTS))) + 1
+        groups = scores.reshape(DEEPEP_TOKENS, nodes, per_node).max(-1)
+        keep = np.argsort(-groups, axis=1)[:, :min(nodes, 4)]
+        masked = np.full_like(scores, -np.inf).reshape(DEEPEP_TOKENS, nodes, per_node)
+        rows = np.arange(DEEPEP_TOKENS)[:, None]
+        masked[rows, keep] = scores.reshape(DEEPEP_TOKENS, nodes, per_node)[rows, keep]
+        top = np.argsort(-masked.reshape(DEEPEP_TOKENS, -1), axis=1)[:, :DEEPEP_TOPK]
+        A[r] = _present(top // per_rank, ranks).sum(0)
+        Nn[r] = _present(top // per_node, nodes).sum(0)
+    return StepTraffic(tokens=A[None], slots=A[None], node_tokens=Nn[None] if nodes > 1 else None,
+                       seq_tokens=np.full((1, ranks), DEEPEP_TOKENS))
+
+
+def _present(holder: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((len(holder), n), dtype=np.int64)
+    out[np.arange(len(holder))[:, None], holder] = 1
+    return out
+
+
+def calibrate() -> dict:
+    """Per EP size: DeepEP's logical copies (its test's definition), the model's physical copies per link,
+    the physical bandwidth the published figure implies, and the built-in H800 profile's prediction."""
+    from grouter.hardware import H800_NVLINK, PROFILES, link_copies
+
+    rows = []
+    for ep, (dispatch, combine, link) in DEEPEP_PUBLISHED.items():
+        st = deepep_routing(ep)
+        nvl, rdma = (x[0] for x in link_copies(st, min(8, ep), "deepep"))
+        if ep == 8:  # DeepEP counts the rows rank 0 receives, its own included
+            logical = int(st.tokens[0, :, 0].sum())
+        else:  # DeepEP counts rank 0's (token, node) pairs, its own node included
+            logical = int(st.node_tokens[0, 0].sum())
+        published_s = logical * DEEPEP_HIDDEN * FP8_BYTES / (dispatch * 1e9)  # the kernel time DeepEP measured
+        profile = PROFILES[f"h800x{ep}"] if f"h800x{ep}" in PROFILES else PROFILES["h800x32"]
+        model_s = max(nvl.max() / profile.nvlink_bandwidth, rdma.max() / profile.rdma_bandwidth) * \
+            DEEPEP_HIDDEN * FP8_BYTES
+        rows.append({"ep": ep, "published_dispatch_GBps": dispatch, "published_combine_GBps": combine,
+                     "bottleneck": link, "logical_copies_rank0": logical, "nvlink_copies_max": int(nvl.max()),
+                     "rdma_copies_max": int(rdma.max()),
+                     "implied_nvlink_GBps": nvl.max() * DEEPEP_HIDDEN * FP8_BYTES / published_s / 1e9,
+                     "implied_rdma_GBps": rdma.max() * DEEPEP_HIDDEN * FP8_BYTES / published_s / 1e9,
+                     "model_logical_GBps": logical * DEEPEP_HIDDEN * FP8_BYTES / model_s / 1e9,
+                     "model_over_published": published_s / model_s})
+    print("| EP | published dispatch (GB/s, logical) | bottleneck | DeepEP's logical copies (rank 0) | model: max "
+          "NVLink / RDMA copies per rank | implied NVLink / RDMA (GB/s, physical) | model with the h800 profile "
+          "(GB/s, logical) |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['ep']} | {r['published_dispatch_GBps']} | {r['bottleneck']} | {r['logical_copies_rank0']:,} | "
+              f"{r['nvlink_copies_max']:,} / {r['rdma_copies_max']:,} | {r['implied_nvlink_GBps']:.0f} / "
+              f"{r['implied_rdma_GBps']:.0f} | {r['model_logical_GBps']:.0f} |")
+    print(f"\n(profile: NVLink {H800_NVLINK / 1e9:.0f} GB/s, RDMA {PROFILES['h800x16'].rdma_bandwidth / 1e9:.0f} GB/s "
+          "per GPU and direction, latency left out here)")
+    return {"rows": rows}
+
+
+# -- plans and predicted step times ----------------------------------------------------------------------
+class _Store:
+    """The minimal store plan_placement reads: ids of the train split, experts and k."""
+
+    def __init__(self, ids: np.ndarray, n_experts: int, k: int, path: str):
+        self._ids, self.n_experts, self.k, self.path = ids, n_experts, k, path
+
+    def ids(self, split: str) -> np.ndarray:
+        return self._ids
+
+
+def open_routing(name: str, demo_routing: str | None, sequences: int | None):
+    """The demo's store when given and present, else the synthetic routing ``name``; and a label."""
+    from grouter.store import RoutingStore
+    from grouter.testing import synthetic_routing
+
+    if name == "demo" and demo_routing and Path(demo_routing, "manifest.json").is_file():
+        store = RoutingStore.open(demo_routing)
+        return store, f"demo routing store {demo_routing}"
+    n, L, E, k, clusters, noise, decay = ROUTINGS[name]
+    n = sequences or n
+    ids, _ = synthetic_routing(n, L, E, k, clusters, seed=0, noise=noise, decay=decay)
+    label = (f"synthetic ({n:,} sequences x {L} tokens, {E} experts top-{k}, {clusters} clusters, noise {noise}, "
+             f"decay {decay})")
+    return _Store(ids, E, k, label), label
+
+
+def plan_rows(store, layouts, tokens_per_rank: int, scopes) -> list[dict]:
+    """One row per (layout, scope): the plan's figures and its predicted step times on each fitting profile."""
+    from grouter.hardware import PROFILES, predict
+    from grouter.place import plan_placement
+
+    seq_len = store.ids("train").shape[1]
+    rows = []
+    for R in layouts:
+        G = 8 if R > 8 else None
+        for scope in scopes:
+            t, cpu = time.perf_counter(), time.process_time()
+            plan = plan_placement(store, R, G, global_batch=max(1, tokens_per_rank // seq_len) * R, scope=scope,
+                                  lp_bound=True)
+            rep = plan.report
+            row = {"ranks": R, "nodes": max(1, R // 8), "scope": scope, "global_batch": rep["global_batch"],
+                   "plan_seconds": round(time.perf_counter() - t, 1), "plan_cpu_seconds": round(time.process_time() - cpu, 1),
+                   "deepep_over_random": rep["cost_models"]["deepep"]["plan_over_random"],
+                   "node_over_random": rep["cost_models"].get("node", {}).get("plan_over_random"),
+                   "bound": rep["balanced_bound"], "refinement": rep["refinement"],
+                   "load": {w: {k: rep["load"][w][k] for k in (
+                       "expert_load_max_over_mean", "received_tokens_max_over_mean")} for w in ("plan", "random")},
+                   "profiles": {}}
+            for name, profile in PROFILES.items():
+                if (profile.nodes or 1) * profile.ranks_per_node == R:
+                    p = predict(plan.step_traffic["plan"], plan.step_traffic["random"], profile)
+                    row["profiles"][name] = p["dispatchers"]
+            rows.append(row)
+            print(f"  {R} ranks, scope {scope}: {row['plan_seconds']} s ({row['plan_cpu_seconds']} s CPU)", file=sys.stderr)
+    return rows
+
+
+def print_plans(rows: list[dict], label: str) -> None:
+    f = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
+    print(f"\n{label}\n")
+    print("| ranks | scope | DeepEP plan / random | plan / capacity-free bound | plan / balanced-LP bound | "
+          "rank load max/mean (overall) | compute load per batch: plan mean, worst (random) | copies received per "
+          "batch, worst: plan (random) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        b, lp, lr = r["bound"], r["load"]["plan"], r["load"]["random"]
+        c, cr = lp["expert_load_max_over_mean"], lr["expert_load_max_over_mean"]
+        print(f"| {r['ranks']} | {r['scope']} | {f(r['deepep_over_random'])} | "
+              f"{f(b['plan_over_capacity_free_bound'], 4)} | {f(b['plan_over_balanced_bound'], 4)} | "
+              f"{f(c['overall'])} | {f(c['per_batch_mean'])}, {f(c['per_batch_worst'])} ({f(cr['per_batch_mean'])}, "
+              f"{f(cr['per_batch_worst'])}) | {f(lp['received_tokens_max_over_mean']['per_batch_worst'])} "
+              f"({f(lr['received_tokens_max_over_mean']['per_batch_worst'])}) |")
+    print("\n| profile | scope | dispatcher | step plan / random (ms) | speedup | overlapped speedup | "
+          "all-to-all plan / random (ms) | all-to-all speedup |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        for name, ds in r["profiles"].items():
+            for d, v in ds.items():
+                a, b = v["plan_ms"], v["random_ms"]
+                print(f"| {name} | {r['scope']} | {d} | {a['step']:.2f} / {b['step']:.2f} | {v['speedup']:.3f} | "
+                      f"{v['speedup_overlapped']:.3f} | {a['all_to_all']:.2f} / {b['all_to_all']:.2f} | "
+                      f"{v['all_to_all_speedup']:.3f} |")
+
+
+# -- gloo: real bytes, and the ranking of the measured all-to-all time ------------------------------------
+def gloo(work: Path, ranks: int, steps: int) -> dict:
+    """grouter ep on ``ranks`` gloo processes: bytes == the model's; measured all-to-all seconds, plan vs random."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ep_bytes import small_dataset
+
+    from grouter.device import spawn
+    from grouter.ep import rank_batches, train_many
+    from grouter.hardware import ep_phase_bytes
+    from grouter.loop import TrainConfig
+    from grouter.model import MoEConfig
+    from grouter.place import plan_placement, step_traffic, traffic
+    from grouter.store import RoutingStore
+    from grouter.testing import synthetic_store
+
+    E, K, d, layers = 16, 2, 64, 2
+    data = small_dataset(work / "data", 64)
+    synthetic_store(data, work / "store", E, K, 8, seed=0, noise=0.1, decay=0.7)
+    store = RoutingStore.open(work / "store", data=data)
+    plan = plan_placement(store, ranks, global_batch=8 * ranks, clusters=32, seed=0)
+    plan.save(work / "plan.json")
+    cfg = MoEConfig(vocab_size=data.vocab_size, d_model=d, n_layers=layers, n_heads=4, d_expert=d, n_experts=E,
+                    top_k=K, max_seq_len=data.seq_len, router="external", seed=0)
+    runs = [dict(data=data.path, routing=work / "store", out=work / f"{p}-{x}", plan=work / "plan.json", placement=p,
+                 exchange=x, model_cfg=cfg, overwrite=True,
+                 train_cfg=TrainConfig(steps=steps, lr=3e-3, warmup_steps=2, seed=0, device="cpu"))
+            for p in ("plan", "random") for x in ("dedup", "slot")]
+    spawn(ranks, train_many, (runs,))
+    ids, out, copies = np.asarray(store.ids("train")), {}, {}
+    for run in runs:
+        rank_of_expert = plan.rank_of_expert if run["placement"] == "plan" else np.arange(E) // (E // ranks)
+        batches = rank_batches(plan, run["placement"], ranks, seed=0)
+        st = step_traffic(traffic(ids, rank_of_expert, ranks), [[b[r] for b in batches] for r in range(ranks)],
+                          data.seq_len)
+        predicted = ep_phase_bytes(st, run["exchange"], d * 4, layers, K, E)
+        copies[f"{run['placement']}-{run['exchange']}"] = (st.tokens if run["exchange"] == "dedup" else st.slots)
+        recs = [json.loads(x) for x in (run["out"] / "metrics.jsonl").read_text().splitlines()]
+        exact = all(rec["bytes_per_rank"][ph] == predicted[ph][(rec["step"] - 1) % len(batches)].tolist()
+                    for rec in recs for ph in predicted)
+        out[f"{run['placement']}-{run['exchange']}"] = {
+            "bytes_equal_model": exact, "a2a_seconds_median": float(np.median([max(r["a2a_seconds_per_rank"])
+                                                                              for r in recs[1:]])),
+            "step_seconds_median": float(np.median([r["step_seconds"] for r in recs[1:]])),
+            "bytes_per_step_max_rank": float(np.mean([max(r["bytes_per_rank"]["total"]) for r in recs]))}
+    print("| run | bytes == model | all-to-all bytes / step (max rank) | all-to-all s (median, max rank) | step s |")
+    print("|---|---|---:|---:|---:|")
+    for k, v in out.items():
+        print(f"| {k} | {v['bytes_equal_model']} | {v['bytes_per_step_max_rank']:,.0f} | {v['a2a_seconds_median']:.4f} "
+              f"| {v['step_seconds_median']:.3f} |")
+    return {"runs": out, "all_to_all_only": time_all_to_all(work, ranks, copies)}
+
+
+def time_all_to_all(work: Path, ranks: int, copies: dict, hidden: int = 1024, reps: int = 5) -> dict:
+    """The all-to-alls alone: every batch's copies (rows of ``hidden`` float32, self-sends left out), plan
+    and random interleaved, ``reps`` times, on ``ranks`` gloo processes; the slowest rank's seconds next to
+    the model's flat-link prediction, sum over batches of max over ranks of max(sent, received)."""
+    from grouter.device import spawn
+
+    matrices = {k: [np.where(np.eye(ranks, dtype=bool), 0, m) for m in v] for k, v in copies.items()}
+    spawn(ranks, _time_worker, (matrices, hidden, reps, str(work / "a2a.json")))
+    measured = json.loads((work / "a2a.json").read_text())
+    out = {}
+    for k, ms in matrices.items():
+        model = sum(int(max(m.sum(1).max(), m.sum(0).max())) for m in ms)
+        out[k] = {"seconds": measured[k], "model_copies": model}
+    print("\n| all-to-all alone | measured s (slowest rank) | model: slowest rank's copies | plan / random measured "
+          "| plan / random model |\n|---|---:|---:|---:|---:|")
+    for k, v in out.items():
+        base = out[k.replace("plan", "random")]
+        print(f"| {k} | {v['seconds']:.4f} | {v['model_copies']:,} | {v['seconds'] / base['seconds']:.3f} | "
+              f"{v['model_copies'] / base['model_copies']:.3f} |")
+    return out
+
+
+def _time_worker(rank: int, world: int, matrices: dict, hidden: int, reps: int, path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    total = dict.fromkeys(matrices, 0.0)
+    batches = len(next(iter(matrices.values())))
+    for _ in range(reps):
+        for b in range(batches):
+            for k, ms in matrices.items():
+                send, recv = ms[b][rank].tolist(), ms[b][:, rank].tolist()
+                x, y = torch.ones(sum(send), hidden), torch.empty(sum(recv), hidden)
+                dist.barrier()
+                t = time.perf_counter()
+                dist.all_to_all_single(y, x, recv, send)
+                total[k] += time.perf_counter() - t
+    slowest = [None] * world
+    dist.all_gather_object(slowest, total)
+    if rank == 0:
+        Path(path).write_text(json.dumps({k: max(s[k] for s in slowest) for k in total}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["calibrate", "plans", "gloo"], required=True)
+    ap.add_argument("--routing", choices=sorted(ROUTINGS), default="demo")
+    ap.add_argument("--demo-routing", default="/work/main/demo/routing", help="the demo's routing store, if made")
+    ap.add_argument("--sequences", type=int, default=None, help="synthetic routing: sequences (default per routing)")
+    ap.add_argument("--layouts", type=int, nargs="+", default=None, help="ranks (default: 8 16 [32])")
+    ap.add_argument("--scopes", nargs="+", default=["batch", "epoch"])
+    ap.add_argument("--tokens-per-rank", type=int, default=4096, help="tokens per rank per step (sets global_batch)")
+    ap.add_argument("--ranks", type=int, default=4, help="gloo: processes")
+    ap.add_argument("--steps", type=int, default=6, help="gloo: steps per run")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    t, cpu = time.perf_counter(), time.process_time()
+    if args.part == "calibrate":
+        result = calibrate()
+    elif args.part == "plans":
+        store, label = open_routing(args.routing, args.demo_routing, args.sequences)
+        layouts = args.layouts or [R for R in (8, 16, 32) if store.n_experts % R == 0]
+        result = {"routing": label, "rows": plan_rows(store, layouts, args.tokens_per_rank, args.scopes)}
+        print_plans(result["rows"], label)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="steptime_gloo_"))
+        try:
+            result = gloo(work, args.ranks, args.steps)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    print(f"\n({wall:.0f} s wall, {cpu:.0f} s CPU of this process; a shared 2-core machine)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, "wall_seconds": wall, "cpu_seconds": cpu}, indent=2,
+                                              default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
