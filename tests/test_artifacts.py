@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from grouter.artifacts import read_manifest
+from grouter.artifacts import read_json, read_manifest, write_json
 from grouter.errors import GrouterError
 
 
@@ -20,5 +20,20 @@ def test_read_manifest_refuses_what_is_not_this_artifact(tmp_path):
         (tmp_path / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
         with pytest.raises(GrouterError, match=message):
             read_manifest(tmp_path, *args)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "grouter-thing", "version": 2, "k": 4}))
-    assert read_manifest(tmp_path, *args)["k"] == 4
+    write_json(tmp_path / "manifest.json", {"format": "grouter-thing", "version": 2, "k": 4})
+    assert read_manifest(tmp_path, *args) == {"format": "grouter-thing", "version": 2, "k": 4}
+
+
+def test_json_carries_a_checksum_of_its_content(tmp_path):
+    path = tmp_path / "manifest.json"
+    args = ("manifest.json", "grouter-thing", 2, "thing store", "grouter make-thing")
+    write_json(path, {"format": "grouter-thing", "version": 2, "k": 4, "nested": {"n": [1, 2]}})
+    assert read_json(path, "thing")["nested"] == {"n": [1, 2]}
+    path.write_text(path.read_text().replace('"k": 4', '"k": 5'))  # one digit: still valid JSON
+    for read in (lambda: read_json(path, "thing"), lambda: read_manifest(tmp_path, *args)):
+        with pytest.raises(GrouterError, match="does not match its checksum"):
+            read()
+    path.write_text(json.dumps({"format": "grouter-thing", "version": 2, "k": 4}))  # checksum removed
+    assert read_json(path, "thing")["k"] == 4  # third-party JSON may have none ...
+    with pytest.raises(GrouterError, match="has no checksum"):
+        read_manifest(tmp_path, *args)  # ... a grouter artifact must

@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from grouter.artifacts import read_json, write_json
+from grouter.integrity import file_checksum, file_sha256
 import grouter.capture as capture_mod
 from grouter.capture import BuiltinRouterPrefix, Targets, capture
 from grouter.errors import GrouterError
@@ -76,6 +78,10 @@ def test_prefix_only_loading_ignores_later_layers(tmp_path, tiny_data):
                  else v)
              for k, v in state.items() if not k.startswith("blocks.2.attn")}  # garbage and absent
     save_file(state, weights)
+    with pytest.raises(GrouterError, match="source weights .* does not match its checksum"):
+        BuiltinRouterPrefix(tmp_path / "src", layer=1)
+    config = read_json(tmp_path / "src" / "config.json", "config")  # a checkpoint made that way on purpose
+    write_json(tmp_path / "src" / "config.json", {**config, "weights_sha256": file_sha256(weights)})
     after = BuiltinRouterPrefix(tmp_path / "src", layer=1).router_logits(ids)
     assert torch.equal(before, after)
 
@@ -140,16 +146,23 @@ def test_nan_in_targets_is_refused(tmp_path, tiny_data):
     arr = np.memmap(tmp_path / "t" / "train.logits", dtype=np.float16, mode="r+")
     arr[1000] = np.inf
     arr.flush()
-    with pytest.raises(GrouterError, match="NaN or inf"):
+    del arr
+    with pytest.raises(GrouterError, match="train.logits is corrupt: bytes .* do not match their checksum"):
+        Targets.open(tmp_path / "t")
+    # with checksums that match (scores written that way by a faulty source): the finiteness check
+    manifest = read_json(tmp_path / "t" / "targets.json", "targets")
+    manifest["splits"]["train"]["logits"] = file_checksum(tmp_path / "t" / "train.logits")
+    write_json(tmp_path / "t" / "targets.json", manifest)
+    with pytest.raises(GrouterError, match="NaN or inf near sequence 0"):
         Targets.open(tmp_path / "t")
 
 
 def test_truncated_targets_and_other_dataset(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data)
     capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
-    manifest = json.loads((tmp_path / "t" / "targets.json").read_text())
+    manifest = read_json(tmp_path / "t" / "targets.json", "targets")
     manifest["dataset_fingerprint"] = "f" * 64
-    (tmp_path / "t" / "targets.json").write_text(json.dumps(manifest))
+    write_json(tmp_path / "t" / "targets.json", manifest)
     with pytest.raises(GrouterError, match="another dataset"):
         Targets.open(tmp_path / "t")
     capture(tmp_path / "src", tiny_data, tmp_path / "t2", progress=False)

@@ -39,12 +39,26 @@ def test_console_script_is_installed():
 
 
 def test_train_json_output_and_resume(capsys, tiny_data, tmp_path):
-    code, out, _ = run(capsys, "train", "--data", str(tiny_data.path), "--out", str(tmp_path / "r"),
-                       "--router", "auxfree", "--json", *SMALL_TRAIN)
+    import numpy as np
+
+    from grouter.loop import read_metrics
+
+    argv = ["train", "--data", str(tiny_data.path), "--out", str(tmp_path / "r"), "--router", "auxfree", "--json",
+            *SMALL_TRAIN]
+    code, out, _ = run(capsys, *argv)
     assert code == 0
     result = json.loads(out.strip().splitlines()[-1])
     assert result["steps"] == 6 and result["out"] == str(tmp_path / "r")
-    assert result["final_val_loss"] > 0
+    evals = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [3, 6] and result["final_val_loss"] == evals[-1]["val_loss"]
+    by_domain = evals[-1]["val_loss_by_domain"]  # 4 sequences of each domain: the overall loss is their mean
+    assert set(by_domain) == {"code", "prose"}
+    assert result["final_val_loss"] == pytest.approx(np.mean(list(by_domain.values())))
+    # rerunning the finished run trains nothing and prints the same results
+    size = (tmp_path / "r" / "metrics.jsonl").stat().st_size
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1]) == result
+    assert (tmp_path / "r" / "metrics.jsonl").stat().st_size == size
 
 
 def test_source_train_writes_a_loadable_model(capsys, tiny_data, tmp_path):
@@ -83,17 +97,17 @@ def test_k_larger_than_experts(capsys, tiny_data, tmp_path):
 
 
 def test_unknown_router(capsys, tiny_data, tmp_path):
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", "--data", str(tiny_data.path), "--out", str(tmp_path / "o"), "--router", "magic"])
-    assert exit_.value.code == 2
-    assert_one_line_error(2, capsys.readouterr().err, "invalid choice: 'magic'")
+    code, _, err = run(capsys, "train", "--data", str(tiny_data.path), "--out", str(tmp_path / "o"), "--router", "magic")
+    assert code == 2
+    assert_one_line_error(code, err, "invalid choice: 'magic'")
 
 
 def test_corrupt_checkpoint(capsys, tiny_data, tmp_path):
     args = ["train", "--data", str(tiny_data.path), "--out", str(tmp_path / "r"), "--router", "aux", *SMALL_TRAIN]
     from grouter.data import PackedDataset
     from grouter.model import MODEL_PRESETS, MoEConfig
-    from grouter.train import TrainConfig, train
+    from grouter.loop import TrainConfig
+    from grouter.train import train
 
     cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, **MODEL_PRESETS["tiny"])
     train(PackedDataset.open(tiny_data.path), tmp_path / "r", cfg,

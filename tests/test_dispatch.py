@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ import torch
 
 from conftest import stdlib_documents
 from grouter.data import SPLITS, PackConfig, PackedDataset, pack_documents, train_tokenizer
-from grouter.dispatch import ROUTING_FORMAT, ROUTING_VERSION, RoutingStore, dispatch
+from grouter.dispatch import dispatch
+from grouter.store import ROUTING_FORMAT, ROUTING_VERSION, RoutingStore
 from grouter.errors import GrouterError
 from grouter.network import Grouter, GrouterConfig
 
@@ -45,7 +45,9 @@ def store_dir(tiny_data, grouter_dir, tmp_path_factory):
     summary = dispatch(grouter_dir, tiny_data, out, batch_size=BATCH, progress=False)
     assert summary["routing"] == str(out) and summary["k"] == 4 and summary["n_experts"] == 16
     assert summary["tokens"] == sum(len(tiny_data.split(s)) for s in SPLITS) * tiny_data.seq_len
-    assert summary["tokens_per_second"] > 0 and not summary["resumed"]
+    # an uninterrupted run routes every token itself: the rate is all tokens over its wall time
+    assert summary["tokens_per_second"] == pytest.approx(summary["tokens"] / summary["seconds"], rel=1e-2)
+    assert not summary["resumed"] and summary["world_size"] == 1
     return out
 
 
@@ -137,56 +139,59 @@ def test_uint16_ids_above_256_experts_and_float16_weights(tiny_data, tmp_path):
 
 # -- resumable and atomic -----------------------------------------------------------------------
 
-SLOW_FORWARD = """
-import time
-import grouter.network
-_forward = grouter.network.Grouter.forward
-def slow_forward(self, input_ids):  # same results, later: leaves time to kill the run mid-way
-    time.sleep(0.02)
-    return _forward(self, input_ids)
-grouter.network.Grouter.forward = slow_forward
+# A kill at a known point: this wrapper runs a command line (``grouter.cli``) with
+# ``ResumableDir.set_done`` patched so that the process SIGKILLs itself right after its N-th
+# checkpoint, i.e. the N-th time progress was recorded for every rank (after the data it covers was
+# flushed). Only the process holding the ResumableDir (rank 0) records progress, so only it dies;
+# torchrun then tears down the other ranks. Usage: KILL_AFTER N CHECKPOINT_EVERY COMMAND...
+KILL_AFTER = """
+import os, signal, sys
+import grouter.artifacts, grouter.dispatch
+from grouter.cli import main
+
+kill_after, grouter.dispatch.CHECKPOINT_EVERY = int(sys.argv[1]), int(sys.argv[2])
+last_rank = f"rank{int(os.environ.get('WORLD_SIZE', '1')) - 1}"
+set_done, checkpoints = grouter.artifacts.ResumableDir.set_done, []
+
+def set_done_then_die(self, key, value):
+    set_done(self, key, value)
+    if value > 0 and key.endswith("/" + last_rank):  # every rank's progress of this step is recorded
+        checkpoints.append(key)
+        if len(checkpoints) == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+grouter.artifacts.ResumableDir.set_done = set_done_then_die
+sys.exit(main(sys.argv[3:]))
 """
-
-KILLED_RUN = SLOW_FORWARD + """
-import sys
-import grouter.dispatch as D
-from grouter.data import PackedDataset
-D.CHECKPOINT_EVERY = 1  # record progress after every batch so the kill lands mid-run
-D.dispatch(sys.argv[1], PackedDataset.open(sys.argv[2]), sys.argv[3], batch_size=int(sys.argv[4]), progress=False)
-"""
+KILLS_AT = 3  # checkpoints before the kill, one per batch: the kill lands 3 batches into the train split
 
 
-def test_kill_and_resume_is_byte_identical(tiny_data, grouter_dir, store_dir, tmp_path):
-    batch, reference = BATCH, store_dir
-    out = tmp_path / "resumed"
-    progress_file = tmp_path / ".resumed.partial" / "progress.json"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(grouter_dir), str(tiny_data.path), str(out),
-                             str(batch)], env=subprocess_env(), stderr=subprocess.PIPE)
-    done = 0
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                done = json.loads(progress_file.read_text())["done"].get("train/rank0", 0)
-            except (OSError, ValueError, KeyError):
-                done = 0
-            if done >= 4 * batch:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, f"dispatch ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert 0 < done < len(tiny_data.split("train"))
-    assert not out.exists() and progress_file.exists()  # killed: no store, a partial one to resume
+def dispatch_args(grouter_dir, data, out) -> list[str]:
+    return ["dispatch", "--grouter", str(grouter_dir), "--data", str(data.path), "--out", str(out),
+            "--batch-size", str(BATCH), "--device", "cpu", "--json"]
 
-    summary = dispatch(grouter_dir, tiny_data, out, batch_size=batch, progress=False)
-    assert summary["resumed"]
-    assert not progress_file.parent.exists()
-    assert read_bytes(out) == read_bytes(reference)
-    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
+
+def test_kill_and_resume_is_byte_identical(tiny_data, grouter_dir, store_dir, tmp_path, capsys):
+    from grouter.cli import main
+
+    out, partial = tmp_path / "resumed", tmp_path / ".resumed.partial"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER, str(KILLS_AT), "1",
+                             *dispatch_args(grouter_dir, tiny_data, out)],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    progress = json.loads((partial / "progress.json").read_text())["done"]
+    assert progress == {"train/rank0": KILLS_AT * BATCH}  # killed right after its third checkpoint
+    assert not out.exists()  # no store, a partial one to resume
+
+    assert main(dispatch_args(grouter_dir, tiny_data, out)) == 0  # the same command, uninterrupted
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["resumed"] is True and summary["routing"] == str(out)
+    # it routed only what the killed run had not: the rest of train, and val
+    rest = (sum(len(tiny_data.split(s)) for s in SPLITS) - KILLS_AT * BATCH) * tiny_data.seq_len
+    assert summary["tokens_per_second"] == pytest.approx(rest / summary["seconds"], rel=1e-2)
+    assert not partial.exists()
+    assert read_bytes(out) == read_bytes(store_dir)
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((store_dir / "manifest.json").read_text())
     RoutingStore.open(out, data=tiny_data)
 
 
@@ -220,9 +225,14 @@ def test_tampered_ids_refused(tiny_data, store_copy):
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     f.write_bytes(bytes(raw))
-    with pytest.raises(GrouterError, match="checksum"):
-        RoutingStore.open(store_copy, data=tiny_data)
-    RoutingStore.open(store_copy, data=tiny_data, verify=False)  # sizes still fine: opening unverified works
+    store = RoutingStore.open(store_copy, data=tiny_data)  # sizes are fine: the bytes are checked when read
+    n = store.n_sequences("train")
+    store.routing("val", np.arange(4))  # another file: fine
+    with pytest.raises(GrouterError, match="train.ids is corrupt: bytes 0..[0-9]* do not match their checksum"):
+        store.routing("train", np.arange(4))  # a small store is one chunk: any read of it finds the flip
+    with pytest.raises(GrouterError, match="do not match their checksum"):
+        RoutingStore.open(store_copy).verify()
+    RoutingStore.open(store_copy, verify=False).routing("train", np.arange(n // 2 - 2, n // 2 + 2))  # unchecked
 
 
 def test_truncated_weights_refused(tiny_data, store_copy):
@@ -275,83 +285,37 @@ def test_bad_arguments_refused(tiny_data, grouter_dir, store_dir, tmp_path):
 
 # -- sharded over processes ---------------------------------------------------------------------
 
-SHARDED_RUN = SLOW_FORWARD + """
-import sys
-import grouter.dispatch as D
-from grouter.data import PackedDataset
-D.CHECKPOINT_EVERY = int(sys.argv[5])
-summary = D.dispatch(sys.argv[1], PackedDataset.open(sys.argv[2]), sys.argv[3], batch_size=int(sys.argv[4]),
-                     device="cpu", progress=False)
-assert summary["world_size"] == 2, summary
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (torchrun starts its workers in sessions of their own)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
 def test_sharded_dispatch_killed_and_resumed_is_byte_identical(tiny_data, grouter_dir, store_dir, tmp_path):
-    """torchrun with 2 gloo ranks, killed (agent and workers) mid-run and relaunched: the store is
-    byte-identical to a single-process one."""
-    batch, reference = BATCH, store_dir
-    script = tmp_path / "run_dispatch.py"
-    script.write_text(SHARDED_RUN)
-    out = tmp_path / "sharded"
-    progress_file = tmp_path / ".sharded.partial" / "progress.json"
+    """torchrun with 2 gloo ranks, rank 0 killed right after its third checkpoint (torchrun ends the
+    other rank) and relaunched: the store is byte-identical to a single-process one."""
+    script = tmp_path / "kill_after.py"
+    script.write_text(KILL_AFTER)
+    out, partial = tmp_path / "sharded", tmp_path / ".sharded.partial"
     env = subprocess_env()
     env.pop("WORLD_SIZE", None)
 
-    def launch(checkpoint_every: int) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", str(free_port()), str(script), str(grouter_dir), str(tiny_data.path), str(out),
-             str(batch), str(checkpoint_every)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def torchrun(*argv) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *argv],
+                              env=env, capture_output=True, text=True, timeout=180)
 
-    proc = launch(1)
-    done = {}
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                done = json.loads(progress_file.read_text())["done"]
-            except (OSError, ValueError, KeyError):
-                done = {}
-            if done.get("train/rank1", 0) >= 2 * batch:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, f"dispatch ended before it could be killed: {proc.stderr.read()[-3000:]}"
-        workers = children(proc.pid)
-        assert len(workers) == 2
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert 0 < done["train/rank0"] < len(tiny_data.split("train")) // 2
+    killed = torchrun(str(script), str(KILLS_AT), "1", *dispatch_args(grouter_dir, tiny_data, out))
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    progress = json.loads((partial / "progress.json").read_text())["done"]
+    assert progress == {"train/rank0": KILLS_AT * BATCH, "train/rank1": KILLS_AT * BATCH}
     assert not out.exists()
 
-    proc = launch(64)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "resuming dispatch" in stderr
-    assert read_bytes(out) == read_bytes(reference)
-    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
-    assert not progress_file.parent.exists()
+    relaunch = torchrun("-m", "grouter.cli", *dispatch_args(grouter_dir, tiny_data, out))
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert "resuming dispatch" in relaunch.stderr
+    results = [json.loads(ln) for ln in relaunch.stdout.splitlines() if ln.startswith("{")]
+    assert results and all(r["resumed"] is True and r["world_size"] == 2 for r in results), relaunch.stdout
+    assert read_bytes(out) == read_bytes(store_dir)
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((store_dir / "manifest.json").read_text())
+    assert not partial.exists()

@@ -2,9 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from grouter.artifacts import read_json, write_json
+from grouter.integrity import file_sha256
 from grouter.errors import GrouterError
 from grouter.model import Experts, MoEConfig, MoELM
-from grouter.routers import ROUTER_KINDS, Routing, topk_gating
+from grouter.routers import ROUTER_KINDS, Routing, load_balancing_loss, topk_gating, z_loss
 
 TINY = dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, d_expert=16, n_experts=8, top_k=2, max_seq_len=16)
 
@@ -23,15 +25,28 @@ def random_routing(b, l, k=2, e=8, seed=0) -> Routing:
 def test_every_router_runs_forward_and_backward(router):
     model = tiny_model(router=router)
     x = torch.randint(0, 100, (3, 16))
+    router_inputs = []
+    for block in model.blocks:
+        block.moe.router.register_forward_hook(lambda mod, args, _: router_inputs.append(args[0].detach()))
     out = model(x, labels=x)
     assert out.logits.shape == (3, 16, 100)
     assert torch.isfinite(out.loss)
     assert out.expert_counts.shape == (2, 8)
     assert out.expert_counts.sum(1).tolist() == [3 * 16 * 2] * 2
+    # the auxiliary loss, recomputed from each layer's router input: only aux and zloss have one
+    expected = 0.0
+    for block, h in zip(model.blocks, router_inputs):
+        if router in ("aux", "zloss"):
+            logits = h.float() @ block.moe.router.gate.weight.detach().float().T
+            ids = logits.topk(2, dim=-1).indices
+            expected += model.cfg.aux_loss_coef * load_balancing_loss(logits, ids, 8).item()
+            if router == "zloss":
+                expected += model.cfg.z_loss_coef * z_loss(logits).item()
+    assert len(router_inputs) == 2 and out.aux_loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    assert out.loss.item() == pytest.approx(out.lm_loss.item() + out.aux_loss.item(), rel=1e-6)
     out.loss.backward()
     assert model.blocks[0].moe.experts.w_in.grad.abs().sum() > 0
     if router in ("aux", "zloss"):
-        assert out.aux_loss > 0
         assert model.blocks[0].moe.router.gate.weight.grad.abs().sum() > 0
 
 
@@ -112,7 +127,7 @@ def test_truncated_or_missing_checkpoint_is_a_clear_error(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(GrouterError, match="corrupt or truncated"):
+    with pytest.raises(GrouterError, match="does not match its checksum"):
         MoELM.from_pretrained(tmp_path)
     weights.unlink()
     with pytest.raises(GrouterError, match="missing"):
@@ -127,6 +142,10 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     other = tmp_path / "other"
     tiny_model(n_experts=4).save_pretrained(other)
     (tmp_path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(GrouterError, match="does not match its checksum"):
+        MoELM.from_pretrained(tmp_path)
+    config = read_json(tmp_path / "config.json", "config")  # even with a matching checksum: the shapes
+    write_json(tmp_path / "config.json", {**config, "weights_sha256": file_sha256(tmp_path / "model.safetensors")})
     with pytest.raises(GrouterError, match="do not match its config"):
         MoELM.from_pretrained(tmp_path)
 

@@ -2,25 +2,40 @@
 
 Every command's output directory is built in a hidden sibling and renamed into place only when
 complete, so a killed command never leaves a half-written artifact that a later command would
-accept. JSON metadata is read through one function that turns a missing or corrupt file into a
-clear :class:`GrouterError`.
+accept. JSON metadata is written with a checksum of its own content and read through one
+function that turns a missing, corrupt or altered file into a clear :class:`GrouterError`; every
+artifact's JSON starts with the same header (format, version), checked by :func:`read_manifest`.
+An output directory is locked while a command writes it (:func:`output_lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import GrouterError
+from .integrity import file_sha256, verify_file
+
+
+def refuse_existing(out: str | Path, overwrite: bool) -> None:
+    """Every command checks its --out first, before any slow work: an existing one is kept unless
+    ``overwrite`` (then replaced only once the new one is complete)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        kind = "a directory" if out.is_dir() else "a file"
+        raise GrouterError(f"{out} already exists ({kind}); choose another --out, or pass --overwrite to replace it")
 
 
 @contextlib.contextmanager
@@ -32,8 +47,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     is complete.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise GrouterError(f"{out} already exists; choose another --out or remove it first")
+    refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     scratch.chmod(0o755)  # mkdtemp makes it private; the artifact should read like any directory
@@ -43,6 +57,28 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     move_into_place(scratch, out)
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` while a command writes it; a second writer is refused with
+    the first one's process id and command. The lock (``fcntl.flock`` on ``.OUT.lock`` beside
+    ``out``) dies with its process, so a killed command never leaves ``out`` locked."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise GrouterError(f"{out} is being written by {holder}; wait for it to finish, or choose another "
+                               "--out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} (`{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))}`)")
+        f.flush()
+        yield
 
 
 def move_into_place(src: Path, out: Path) -> None:
@@ -67,13 +103,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+JSON_CHECKSUM = "json_sha256"
 
 
-def read_json(path: str | Path, what: str) -> dict:
-    """Read a JSON object; ``what`` names the artifact in the error (e.g. "dataset metadata")."""
-    path = Path(path)
+def _content_sha256(obj: dict) -> str:
+    body = {k: v for k, v in obj.items() if k != JSON_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def encode_json(obj: dict, compact: bool = False) -> bytes:
+    """``obj`` as JSON with the checksum of its content (``json_sha256``), which :func:`read_json` checks."""
+    obj = {**obj, JSON_CHECKSUM: _content_sha256(obj)}
+    if compact:
+        return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    atomic_write_bytes(path, encode_json(obj))
+
+
+def _load_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise GrouterError(f"{what} not found: {path} is missing")
     try:
@@ -83,6 +133,25 @@ def read_json(path: str | Path, what: str) -> dict:
     if not isinstance(obj, dict):
         raise GrouterError(f"{what} is corrupt: {path} does not hold a JSON object")
     return obj
+
+
+def _checked(obj: dict, path: Path, what: str, required: bool) -> dict:
+    """``obj`` without its checksum, after verifying it (``required``: it must have one)."""
+    if JSON_CHECKSUM not in obj and not required:
+        return obj
+    if obj.get(JSON_CHECKSUM) != _content_sha256(obj):
+        state = "does not match its checksum" if JSON_CHECKSUM in obj else "has no checksum"
+        raise GrouterError(f"{what} is corrupt: {path} {state} (it was modified or damaged); re-create it with the "
+                           "command that wrote it")
+    return {k: v for k, v in obj.items() if k != JSON_CHECKSUM}
+
+
+def read_json(path: str | Path, what: str, checked: bool = False) -> dict:
+    """Read a JSON object; ``what`` names the artifact in the error (e.g. "dataset metadata").
+    Its content checksum is verified when it has one; ``checked``: it must have one (every JSON
+    grouter writes does)."""
+    path = Path(path)
+    return _checked(_load_json(path, what), path, what, checked)
 
 
 def header(fmt: str, version: int) -> dict:
@@ -102,36 +171,23 @@ def read_manifest(path: Path, file: str, fmt: str, version: int, what: str, crea
     manifest file itself (any name), for artifacts that are a single file."""
     path = Path(path)
     if accept_file and path.is_file():
-        file = path.name
-        manifest = read_json(path, f"{what} manifest")
+        file, source = path.name, path
     else:
         if not path.is_dir():
             raise GrouterError(f"{what} {path} not found; create it with `{create}`")
         if not (path / file).is_file():
             raise GrouterError(f"{path} is not a {_named(what)} (no {file}); create it with `{create}`")
-        manifest = read_json(path / file, f"{what} manifest")
+        source = path / file
+    manifest = _load_json(source, f"{what} manifest")
     if manifest.get("format") != fmt:
         raise GrouterError(f"{path} is not a {_named(what)} ({file} format is {manifest.get('format')!r})")
     if manifest.get("version") != version:
         raise GrouterError(f"{what} {path} has format version {manifest.get('version')!r} but this grouter reads "
                            f"version {version}; re-create it with `{create}`")
-    return manifest
+    return _checked(manifest, source, f"{what} manifest", required=True)
 
 
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    """Content hash of a file, streamed so large token files never sit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def save_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"]) -> None:
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     """Save tensors atomically (tmp file + rename); shared storage is copied, as safetensors requires."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -139,15 +195,38 @@ def save_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"]) -> No
     os.replace(tmp, path)
 
 
-def load_safetensors(path: str | Path, what: str) -> dict[str, "torch.Tensor"]:
-    """Load a safetensors file, turning a missing, truncated or corrupt file into a GrouterError."""
+def load_safetensors(path: str | Path, what: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file: a missing, truncated, altered (``sha256`` given: the recorded
+    checksum) or non-finite one is a GrouterError, never weights to train on."""
     path = Path(path)
     if not path.is_file():
         raise GrouterError(f"{what} not found: {path} is missing")
+    if sha256 is not None:
+        verify_file(path, sha256, what, "re-create it")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise GrouterError(f"{what} in {path} is corrupt or truncated ({str(e).splitlines()[0]}); re-create it") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise GrouterError(f"{what} in {path} holds NaN or inf in {name!r}: it is corrupt or comes from a diverged "
+                               "run; re-create it, or resume from an earlier checkpoint")
+    return tensors
+
+
+def save_weights(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """A model directory: ``model.safetensors`` and ``config.json`` (``config``, which starts with
+    the artifact header, plus the weights' checksum)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors(directory / "model.safetensors", tensors)
+    write_json(directory / "config.json", {**config, "weights_sha256": file_sha256(directory / "model.safetensors")})
+
+
+def load_weights(directory: Path, fmt: str, version: int, what: str, create: str) -> tuple[dict, dict]:
+    """``(config.json, tensors)`` of a model directory written by :func:`save_weights`, verified."""
+    meta = read_manifest(directory, "config.json", fmt, version, what, create)
+    return meta, load_safetensors(directory / "model.safetensors", f"{what} weights", meta.get("weights_sha256", ""))
 
 
 class ResumableDir:
@@ -161,8 +240,7 @@ class ResumableDir:
 
     def __init__(self, out: str | Path, identity: dict, overwrite: bool = False):
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise GrouterError(f"{self.out} already exists; choose another --out, or pass --overwrite")
+        refuse_existing(self.out, overwrite)
         self.identity = identity
         self.work = self.out.parent / f".{self.out.name}.partial"
         state = None

@@ -17,7 +17,7 @@ gate is loaded and run (docs/method.md#capture).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -26,15 +26,17 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .artifacts import ResumableDir, read_json, read_manifest, sha256_file, write_json
+from .artifacts import ResumableDir, read_manifest, refuse_existing, write_json
 from .data import SPLITS, PackedDataset, batches_of
 from .device import resolve_device
 from .errors import GrouterError
 from .hf_source import HFRouterPrefix, is_hf_model_dir
+from .integrity import CheckedFile, file_checksum, file_sha256, verify_file
+from .loop import finished_checkpoint
 from .model import MoEConfig, MoELM, read_config
 from .routers import AuxFreeRouter, RandomRouter
 
-TARGETS_FORMAT, TARGETS_VERSION = "grouter-targets", 1
+TARGETS_FORMAT, TARGETS_VERSION = "grouter-targets", 2  # 2: per-chunk checksums, verified on read
 
 
 class RouterPrefix(Protocol):
@@ -42,7 +44,9 @@ class RouterPrefix(Protocol):
 
     ``router_logits(input_ids [B, L])`` returns float32 ``[B, L, E]``: the scores whose top-k are
     the source's routing (raw gate logits for softmax routers; sigmoid scores plus the selection
-    bias for aux-loss-free routers). ``score_function`` and ``includes_bias`` say which.
+    bias for aux-loss-free routers). ``score_function`` and ``includes_bias`` say which;
+    ``describe()`` gives the exact formula (``scores``) and how experts are selected from them
+    (``selection``: ``topk``, or ``group_limited_topk`` for DeepSeek-V3-style routers).
     """
 
     layer: int
@@ -68,11 +72,11 @@ class BuiltinRouterPrefix:
     """
 
     def __init__(self, path: str | Path, layer: int | None = None, device: torch.device | str = "cpu"):
-        path = Path(path)
-        if (path / "checkpoint" / "config.json").exists():
-            path = path / "checkpoint"  # a training run directory
+        path = finished_checkpoint(Path(path), "grouter source train")
         self.path = path
         meta = read_config(path)
+        verify_file(path / "model.safetensors", meta.get("weights_sha256"), "source weights",
+                    "re-create the source with `grouter source train`")
         cfg = MoEConfig.from_dict(meta["config"])
         self.layer = 0 if layer is None else layer
         if not 0 <= self.layer < cfg.n_layers:
@@ -126,8 +130,9 @@ class BuiltinRouterPrefix:
 
     def describe(self) -> dict:
         return {"kind": "builtin", "path": str(self.path), "layer": self.layer, "n_experts": self.n_experts,
-                "top_k": self.top_k, "weights_sha256": sha256_file(self.path / "model.safetensors"),
-                "score_function": self.score_function, "includes_bias": self.includes_bias}
+                "top_k": self.top_k, "weights_sha256": file_sha256(self.path / "model.safetensors"),
+                "score_function": self.score_function, "includes_bias": self.includes_bias,
+                "scores": "sigmoid(H @ W^T) + b" if self.includes_bias else "H @ W^T", "selection": "topk"}
 
     def check_tokenizer(self, data: PackedDataset) -> None:
         src = self.data_info.get("tokenizer_sha256")
@@ -181,12 +186,13 @@ def _capture_split(prefix: RouterPrefix, split, job: ResumableDir, batch_size: i
     bar.close()
     targets.flush()
     del targets
-    return {"n_sequences": n, "sha256": sha256_file(path)}
+    return {"n_sequences": n, "logits": file_checksum(path)}
 
 
 def capture(source: str | Path, data: PackedDataset, out: str | Path, layer: int | None = None,
             batch_size: int = 16, device: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
     """Write the targets directory ``out``; resumable (rerun the same command) and atomic."""
+    refuse_existing(out, overwrite)  # before the source loads: that can take minutes
     prefix = open_source(source, layer, resolve_device(device))
     check_vocab_against_source(prefix, data)
     source_info = prefix.describe()
@@ -199,6 +205,7 @@ def capture(source: str | Path, data: PackedDataset, out: str | Path, layer: int
                 "dataset_path": str(data.path.resolve()), "seq_len": data.seq_len, "n_experts": prefix.n_experts,
                 "top_k": prefix.top_k, "vocab_size": data.vocab_size, "dtype": "float16", "layer": prefix.layer,
                 "score_function": prefix.score_function, "includes_bias": prefix.includes_bias,
+                "scores": source_info["scores"], "selection": source_info["selection"],
                 "source": source_info, "splits": splits}
     write_json(job.work / "targets.json", manifest)
     job.finish()
@@ -208,27 +215,29 @@ def capture(source: str | Path, data: PackedDataset, out: str | Path, layer: int
 
 @dataclass
 class Targets:
-    """Captured teacher logits, memory-mapped and validated against their dataset."""
+    """Captured teacher scores, memory-mapped, validated against their dataset, and checked against
+    their per-chunk checksums as they are read."""
 
     path: Path
     manifest: dict
     data: PackedDataset
+    files: dict = field(default_factory=dict, repr=False)  # split -> CheckedFile
 
     @classmethod
     def open(cls, path: str | Path, data: PackedDataset | None = None, verify: bool = True) -> "Targets":
+        """``verify``: also read every score once now, refusing NaN or inf (distillation reads them all)."""
         path = Path(path)
         m = read_manifest(path, "targets.json", TARGETS_FORMAT, TARGETS_VERSION, "targets directory", "grouter capture")
         data = data or PackedDataset.open(m["dataset_path"])
         if data.fingerprint != m["dataset_fingerprint"]:
             raise GrouterError(f"targets in {path} were captured for another dataset (fingerprint "
                                f"{m['dataset_fingerprint'][:12]}, this one {data.fingerprint[:12]}); capture again")
-        targets = cls(path, m, data)
-        for name, info in m["splits"].items():
-            file = path / f"{name}.logits"
-            expected = info["n_sequences"] * m["seq_len"] * m["n_experts"] * 2
-            if not file.is_file() or file.stat().st_size != expected:
-                raise GrouterError(f"targets file {file} is missing or truncated; capture again")
-            if verify:
+        redo = f"capture again with `grouter capture --out {path} --overwrite`"
+        files = {name: CheckedFile(path / f"{name}.logits", info.get("logits"), "targets file", redo)
+                 for name, info in m["splits"].items()}
+        targets = cls(path, m, data, files)
+        if verify:
+            for name in files:
                 targets.check_finite(name)
         return targets
 
@@ -240,13 +249,19 @@ class Targets:
     def top_k(self) -> int:
         return self.manifest["top_k"]
 
+    @property
+    def row_bytes(self) -> int:
+        return self.manifest["seq_len"] * self.n_experts * 2
+
     def array(self, split: str) -> np.memmap:
+        """The raw float16 scores (unverified: read them through :meth:`logits` or after :meth:`check_finite`)."""
         n = self.manifest["splits"][split]["n_sequences"]
         return np.memmap(self.path / f"{split}.logits", dtype=np.float16, mode="r",
                          shape=(n, self.manifest["seq_len"], self.n_experts))
 
     def check_finite(self, split: str, chunk: int = 256) -> None:
-        """Refuse NaN/inf in teacher logits up front rather than training on garbage."""
+        """Verify every chunk, and refuse NaN/inf in teacher scores up front rather than training on garbage."""
+        self.files[split].check_all()
         arr = self.array(split)
         for lo in range(0, len(arr), chunk):
             if not np.isfinite(arr[lo:lo + chunk]).all():
@@ -254,5 +269,7 @@ class Targets:
                                    "capture again from a sound source")
 
     def logits(self, split: str, idx: np.ndarray) -> torch.Tensor:
-        """Teacher logits for sequences ``idx``: float32 ``[B, seq_len, E]``."""
+        """Teacher scores for sequences ``idx``: float32 ``[B, seq_len, E]``."""
+        idx = np.asarray(idx, dtype=np.int64)
+        self.files[split].check_rows(idx * self.row_bytes, self.row_bytes)
         return torch.from_numpy(self.array(split)[idx].astype(np.float32))

@@ -9,15 +9,21 @@ only lists them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import math
 import os
 import sys
 import traceback
 import warnings
-from dataclasses import fields
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from .capture import Targets, capture
+from .artifacts import output_lock, read_json, write_json
 from .data import DEFAULT_MAX_BYTES_PER_DOMAIN, PackedDataset, prepare_default, subset_domains, tokenize_corpus
 from .demo import run_demo
 from .device import ProcessGroup, exit_now
@@ -26,26 +32,32 @@ from .distill import DistillConfig, distill
 from .ep import EXCHANGES, PLACEMENTS, default_model_config, train_ep
 from .errors import GrouterError
 from .fold import STRATEGIES, fold
+from .integrity import file_sha256, fingerprint_of
 from .loop import TrainConfig
 from .model import MODEL_PRESETS, MoEConfig
 from .network import LEAK_WARNING, GrouterConfig
-from .place import ALGORITHMS, LEVELS, SCOPES, place
+from .hardware import PROFILES, load_profile
+from .place import ALGORITHMS, DEFAULT_LOAD_TOLERANCE, LEVELS, SCOPES, place
 from .report import report
 from .reproduce import SCALES, run_reproduce, scaled
 from .routers import ROUTER_KINDS
 from .store import WEIGHTS_DTYPES, RoutingStore
 from .train import external_routing, train
 from .tune import METHODS, TuneConfig, tune
+from .verify import verify
 
 BASELINE_ROUTERS = [r for r in ROUTER_KINDS if r != "external"]
 
 
+class UsageError(Exception):
+    """A mistake on the command line itself (unknown option, bad value)."""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one ``error:`` line like every other bad input."""
+    """argparse, but a usage mistake is reported like every other bad input (see :func:`main`)."""
 
     def error(self, message: str):
-        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _command(sub, name: str, help: str, func, **kw) -> argparse.ArgumentParser:
@@ -56,9 +68,13 @@ def _command(sub, name: str, help: str, func, **kw) -> argparse.ArgumentParser:
     return p
 
 
-def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last stdout line")
-    p.add_argument("--debug", action="store_true", help="show a traceback on error")
+def _common(p: argparse.ArgumentParser, top: bool = False) -> argparse.ArgumentParser:
+    """``--json`` and ``--debug``, accepted before the command and after it (a subcommand's default
+    must not undo ``grouter --json CMD``)."""
+    default = False if top else argparse.SUPPRESS
+    p.add_argument("--json", action="store_true", default=default,
+                   help="print the results (or the error) as one JSON object on the last stdout line")
+    p.add_argument("--debug", action="store_true", default=default, help="show a traceback on error")
     return p
 
 
@@ -72,14 +88,29 @@ def _device(p: argparse.ArgumentParser, default: str = "auto") -> None:
     p.add_argument("--device", default=default, help="auto (CUDA when available), cpu, cuda or cuda:N")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(kind, low: float, low_ok: bool, high: float | None = None):
+    """An argparse type: a finite number of ``kind`` in the range, or one ``error:`` line saying which."""
+    bound = f"{'at least' if low_ok else 'greater than'} {low:g}" + (f" and below {high:g}" if high is not None else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_ok) or (
+                high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in "invalid ... value"
+    return parse
+
+
+_positive_int = _number(int, 1, True)
+_count = _number(int, 0, True)  # seeds, warm-up steps, layer indices
+_positive = _number(float, 0, False)  # learning rates, temperatures, sizes
+_fraction = _number(float, 0, True, 1)
 
 
 def _data(args) -> PackedDataset:
@@ -118,7 +149,7 @@ def add_data(sub) -> None:
     _output(p)
     p.add_argument("--vocab-size", type=_positive_int, default=8192)
     p.add_argument("--seq-len", type=_positive_int, default=256)
-    p.add_argument("--max-mb-per-domain", type=float, default=DEFAULT_MAX_BYTES_PER_DOMAIN / 1e6,
+    p.add_argument("--max-mb-per-domain", type=_positive, default=DEFAULT_MAX_BYTES_PER_DOMAIN / 1e6,
                    help="cap on raw text per domain, MB (default %(default)s)")
 
     p = _command(data_sub, "tokenize", "tokenize a user corpus (txt, jsonl, parquet) with a HF tokenizer",
@@ -129,7 +160,7 @@ def add_data(sub) -> None:
     p.add_argument("--seq-len", type=_positive_int, default=256)
     p.add_argument("--domain", help="domain label for all inputs (default: each file's name)")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--val-fraction", type=_fraction, default=0.05)
 
     p = _command(data_sub, "subset", "the same dataset restricted to some domains (e.g. to hold one out)",
                  cmd_data_subset)
@@ -148,18 +179,20 @@ TRAIN_FLAGS = {  # flag -> TrainConfig field
     "--eval-every": "eval_every", "--eval-sequences": "eval_sequences",
     "--checkpoint-every": "checkpoint_every", "--seed": "seed", "--device": "device",
 }
+TRAIN_FLAG_TYPES = {"lr": _positive, "warmup_steps": _count, "seed": _count, "device": str}  # others: positive ints
 
 
 def _training_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="small", help="model size (default %(default)s)")
     for flag, field in MODEL_FLAGS.items():
-        g.add_argument(flag, dest=field, type=int, default=None, help=f"override the preset's {field}")
+        kind = _count if field == "n_shared_experts" else _positive_int
+        g.add_argument(flag, dest=field, type=kind, default=None, help=f"override the preset's {field}")
     t = p.add_argument_group("training")
-    kinds = {f.name: {"int": int, "float": float, "str": str}[f.type] for f in fields(TrainConfig)}
     for flag, field in TRAIN_FLAGS.items():
         default = default_steps if field == "steps" else getattr(TrainConfig(), field)
-        t.add_argument(flag, dest=field, type=kinds[field], default=default, help=f"(default {default})")
+        t.add_argument(flag, dest=field, type=TRAIN_FLAG_TYPES.get(field, _positive_int), default=default,
+                       help=f"(default {default})")
 
 
 def _configs(args, data: PackedDataset, router: str) -> tuple[MoEConfig, TrainConfig]:
@@ -227,7 +260,7 @@ def add_capture(sub) -> None:
                    help="a `grouter source train` output or a Hugging Face MoE directory (Qwen2/3-MoE, OLMoE, Mixtral)")
     p.add_argument("--data", required=True, type=Path)
     _output(p)
-    p.add_argument("--layer", type=int, default=None, help="MoE layer to capture (default: the first MoE layer)")
+    p.add_argument("--layer", type=_count, default=None, help="MoE layer to capture (default: the first MoE layer)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     _device(p)
 
@@ -262,11 +295,11 @@ def add_distill(sub) -> None:
                    help="bidirectional attention, as the authors' code: routes see later tokens (a leak)")
     p.add_argument("--steps", type=_positive_int, default=d.steps)
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--temperature", type=float, default=d.temperature, help="KL temperature (default 1: no temperature)")
+    p.add_argument("--lr", type=_positive, default=d.lr)
+    p.add_argument("--temperature", type=_positive, default=d.temperature, help="KL temperature (default 1: no temperature)")
     p.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
     p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=_count, default=d.seed)
     _device(p)
 
 
@@ -278,13 +311,13 @@ def cmd_fold(args) -> dict:
 def add_fold(sub) -> None:
     p = _command(sub, "fold", "fold a Grouter to fewer experts by co-activation affinity", cmd_fold)
     p.add_argument("--grouter", required=True, type=Path)
-    p.add_argument("--experts", required=True, type=int, help="target expert count (fewer than the Grouter's)")
+    p.add_argument("--experts", required=True, type=_positive_int, help="target expert count (fewer than the Grouter's)")
     p.add_argument("--data", required=True, type=Path, help="data to measure co-activation on")
     _output(p)
     p.add_argument("--strategy", choices=STRATEGIES, default="affinity")
     p.add_argument("--top-k", type=_positive_int, default=None, help="the target's top-k (default: the Grouter's)")
     p.add_argument("--max-sequences", type=_positive_int, default=2000, help="sequences to measure affinity on")
-    p.add_argument("--seed", type=int, default=0, help="for the random strategy")
+    p.add_argument("--seed", type=_count, default=0, help="for the random strategy")
     _device(p)
 
 
@@ -304,19 +337,21 @@ def add_tune(sub) -> None:
     p.add_argument("--tokens", type=_positive_int, default=t.tokens, help="target tokens to tune on (default %(default)s)")
     p.add_argument("--method", choices=METHODS, default=t.method,
                    help="gradient: train the head with the load-balancing loss; bias: selection bias by the sign rule")
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--bias-gamma", type=float, default=t.bias_gamma)
+    p.add_argument("--lr", type=_positive, default=t.lr)
+    p.add_argument("--bias-gamma", type=_positive, default=t.bias_gamma)
     p.add_argument("--batch-size", type=_positive_int, default=t.batch_size)
     p.add_argument("--domain", default=None, help="tune and evaluate on one domain of the data only")
     p.add_argument("--eval-sequences", type=_positive_int, default=t.eval_sequences)
-    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--seed", type=_count, default=t.seed)
     _device(p)
 
 
 # -- dispatch, place, ep ---------------------------------------------------------------------------
-def cmd_dispatch(args) -> dict:
-    return dispatch(args.grouter, _data(args), args.out, k=args.k, batch_size=args.batch_size, device=args.device,
-                    weights_dtype=args.weights_dtype, overwrite=args.overwrite)
+def cmd_dispatch(args) -> dict | None:
+    """Every rank of a launch runs this; only rank 0 reports."""
+    result = dispatch(args.grouter, _data(args), args.out, k=args.k, batch_size=args.batch_size, device=args.device,
+                      weights_dtype=args.weights_dtype, overwrite=args.overwrite)
+    return result if _rank_zero() else None
 
 
 def add_dispatch(sub) -> None:
@@ -334,9 +369,11 @@ def add_dispatch(sub) -> None:
 
 
 def cmd_place(args) -> dict:
+    hardware = None if args.hardware is None else load_profile(args.hardware)  # refuse a bad profile first
     return place(args.routing, args.out, args.ranks, ranks_per_node=args.ranks_per_node, algorithm=args.algorithm,
                  global_batch=args.global_batch, seed=args.seed, overwrite=args.overwrite, level=args.level,
-                 scope=args.scope, exact=args.exact)
+                 scope=args.scope, exact=args.exact, hardware=hardware, lp_bound=args.lp_bound or None,
+                 load_tolerance=None if args.no_load_cap else args.load_tolerance)
 
 
 def add_place(sub) -> None:
@@ -353,6 +390,12 @@ def add_place(sub) -> None:
     p.add_argument("--global-batch", type=_positive_int, default=None, help="sequences per global batch (default 16×R)")
     p.add_argument("--scope", choices=SCOPES, default="batch", help="where the equal-share constraint holds")
     p.add_argument("--exact", action="store_true", help="optimal per-batch assignment (slower) instead of the greedy")
+    p.add_argument("--load-tolerance", type=_number(float, 0, True), default=DEFAULT_LOAD_TOLERANCE,
+                   help="every rank's experts take at most 1 + this times the mean token-slots (default %(default)s)")
+    p.add_argument("--no-load-cap", action="store_true", help="group experts without the load cap (the paper's way)")
+    p.add_argument("--lp-bound", action="store_true", help="compute the balanced-LP bound even when it is costly")
+    p.add_argument("--hardware", default=None, metavar="PROFILE",
+                   help=f"predict step times on a cluster: {', '.join(PROFILES)} or a JSON file (docs/steptime.md)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -390,13 +433,25 @@ def add_ep(sub) -> None:
                        ("--d-expert", "d_expert")):
         p.add_argument(flag, type=_positive_int, dest=name, help=f"override the preset's {name}")
     defaults = TrainConfig()
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    p.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--lr", type=_positive, default=defaults.lr)
+    p.add_argument("--warmup-steps", type=_count, default=defaults.warmup_steps)
+    p.add_argument("--grad-clip", type=_positive, default=defaults.grad_clip)
+    p.add_argument("--seed", type=_count, default=defaults.seed)
     p.add_argument("--global-batch", type=_positive_int, help="sequences per step without a plan (random placement)")
     _device(p)
     p.add_argument("--save-model", action="store_true", help="write the gathered model to OUT/model")
+
+
+# -- verify ---------------------------------------------------------------------------------------
+def cmd_verify(args) -> dict:
+    return verify(args.artifact)
+
+
+def add_verify(sub) -> None:
+    p = _command(sub, "verify", "check every byte of an artifact against its checksums", cmd_verify,
+                 description="Readers check what they read as they read it; this checks everything now.")
+    p.add_argument("artifact", type=Path, metavar="DIR",
+                   help="a dataset, targets, routing store, Grouter, model, run or placement-plan directory")
 
 
 # -- report, demo, reproduce -----------------------------------------------------------------------
@@ -436,35 +491,126 @@ def add_reporting(sub) -> None:
 
 
 COMMANDS = (add_data, add_training, add_capture, add_distill, add_fold, add_tune, add_dispatch, add_place, add_ep,
-            add_reporting)
+            add_verify, add_reporting)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _common(Parser(prog="grouter", description=__doc__.splitlines()[0]))
+    parser = _common(Parser(prog="grouter", description=__doc__.splitlines()[0]), top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for add in COMMANDS:
         add(sub)
     return parser
 
 
+def _inputs(args) -> list[Path]:
+    """Every path the command reads (any Path option other than --out)."""
+    found = []
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        found += [v for v in values if isinstance(v, Path) and name != "out"]
+    return found
+
+
+DONE_RECORD = ".grouter-command.json"  # in --out: the command that made it, its inputs' state, its result
+_NOT_IDENTITY = {"json", "debug", "overwrite", "func", "hard_exit", "device"}  # how it ran, not what it made
+
+
+def _state_of(path: Path) -> str:
+    """What an input is now: its JSON manifests' content for an artifact directory (they carry the
+    checksums of everything else), size and modification time for a plain file (a corpus)."""
+    if path.is_dir():
+        return fingerprint_of({p.name: file_sha256(p) for p in sorted(path.glob("*.json"))})
+    stat = path.stat() if path.exists() else None
+    return f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "missing"
+
+
+def _identity(args) -> dict:
+    options = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+               for k, v in vars(args).items() if k not in _NOT_IDENTITY}
+    return {"options": options, "inputs": {str(p): _state_of(p) for p in _inputs(args)}}
+
+
+def _already_done(args) -> dict | None:
+    """The result of this very command (same options, inputs unchanged) if --out holds it finished."""
+    record = getattr(args, "out", None) and args.out / DONE_RECORD
+    if not record or getattr(args, "overwrite", False) or not record.is_file():
+        return None
+    done = read_json(record, "command record")
+    return done.get("result") if done.get("identity") == _identity(args) else None
+
+
+@contextlib.contextmanager
+def _writing(args) -> Iterator[None]:
+    """Guard the command's --out: never one of its own inputs (``--overwrite`` would delete it), and
+    locked against a second writer. Only rank 0 of a launch locks: the other ranks share its --out."""
+    out = getattr(args, "out", None)
+    if out is None:
+        yield
+        return
+    target = out.resolve()
+    for path in _inputs(args):
+        if target == path.resolve() or target in path.resolve().parents:
+            raise GrouterError(f"--out {out} is also an input of this command ({path}); --overwrite would delete it: "
+                               "choose another --out")
+    if not _rank_zero():
+        yield
+        return
+    with output_lock(out):
+        yield
+
+
+def _rank_zero() -> bool:
+    """Rank 0 of a torchrun launch (or a plain process): the one that owns --out."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _failure(args, message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message}))
+    return code
+
+
+def _system_failure(e: BaseException) -> str:
+    """A failure the user's machine or paths cause (permissions, a file in the way, a full disk,
+    memory), stated with its fix."""
+    where = getattr(e, "filename", None)
+    if isinstance(e, PermissionError):
+        return f"permission denied on {where}: choose paths you can read and an --out you can write"
+    if isinstance(e, (NotADirectoryError, FileExistsError)):
+        return f"{where}: a file is in the way of a directory grouter needs; choose another --out"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on the device of {where or '--out'}: free space or choose --out on another disk"
+    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        return "out of memory: choose a smaller model (--preset, --d-model, --layers, --experts) or --batch-size"
+    return f"{type(e).__name__} on {where or 'a file'}: {getattr(e, 'strerror', None) or e} (rerun with --debug for details)"
+
+
 def run_command(args) -> int:
     """Run the parsed command; print its result; the exit status."""
     try:
-        result = args.func(args)
+        if (result := _already_done(args)) is not None:
+            print(f"{args.out} already holds the result of this command; nothing to do (--overwrite redoes it)",
+                  file=sys.stderr)
+        else:
+            with _writing(args):
+                result = args.func(args)
+            if result is not None and getattr(args, "out", None) is not None and args.out.is_dir() and _rank_zero():
+                write_json(args.out / DONE_RECORD, {"identity": _identity(args), "result": result})
     except GrouterError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _failure(args, str(e), 2)
     except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return _failure(args, "interrupted; rerun the same command to resume", 130)
+    except (OSError, MemoryError, torch.OutOfMemoryError) as e:  # the machine's limits, not grouter's: say which and what to do
+        if args.debug:
+            traceback.print_exc()
+        return _failure(args, _system_failure(e), 2)
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             traceback.print_exc()
-        else:
-            print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", file=sys.stderr)
-        return 1
+        return _failure(args, f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", 1)
     if result is None:
         return 0
     if args.json:
@@ -477,7 +623,11 @@ def run_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return _failure(argparse.Namespace(json="--json" in argv), str(e), 2)
     code = run_command(args)
     if getattr(args, "hard_exit", False) and "WORLD_SIZE" in os.environ:
         # A rank of a launch that ran gloo collectives leaves without interpreter teardown: gloo's

@@ -3,9 +3,11 @@
 A dataset directory holds, per split, one flat token stream plus an index of fixed-length
 sequences into it, so training reads batches straight from a memmap and never re-tokenizes.
 
-Format version 1 (``DIR`` is the dataset directory):
+Format version 2 (``DIR`` is the dataset directory):
 
-* ``meta.json``: sizes, domains, tokenizer hash, what went in, and a content fingerprint.
+* ``meta.json``: sizes, domains, tokenizer hash, what went in, a content fingerprint, and the
+  checksums of the files (``files``: per-chunk for the token streams, verified as they are read;
+  whole-file for the indexes and the tokenizer, verified when they are loaded).
 * ``tokenizer.json``: the Hugging Face ``tokenizers`` tokenizer that produced the ids.
 * ``{split}.tokens``: the raw token stream (``uint16`` when the vocabulary fits, else ``uint32``).
 * ``{split}.index.npy``: int64 ``[n_sequences, 2]`` = (start offset into the stream, domain id).
@@ -37,11 +39,12 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .artifacts import atomic_dir, read_json, read_manifest, sha256_file, sha256_json, write_json
+from .artifacts import atomic_dir, read_json, read_manifest, refuse_existing, write_json
 from .errors import GrouterError
+from .integrity import CheckedFile, file_checksum, file_sha256, fingerprint_of, verify_file
 
 DATASET_FORMAT = "grouter-dataset"
-DATASET_VERSION = 1
+DATASET_VERSION = 2  # 2: per-chunk checksums of the token streams, checksums of every file
 SPLITS = ("train", "val")
 EOS_TOKEN = "<|endoftext|>"
 # Tried in order when a tokenizer's own config does not name its end-of-text token.
@@ -225,9 +228,20 @@ def _read_txt(path: Path, domain: str, text_field: str) -> Iterator[Document]:
     yield Document(domain, str(path), text)
 
 
+def _utf8_lines(f, path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a text file opened as UTF-8; a non-UTF-8 byte is a one-line error."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line
+    except UnicodeDecodeError as e:
+        raise GrouterError(f"{path}:{lineno + 1}: not UTF-8 text (byte {e.start} of the chunk read); convert the file "
+                           "to UTF-8") from None
+
+
 def _read_jsonl(path: Path, domain: str, text_field: str) -> Iterator[Document]:
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in _utf8_lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -394,11 +408,8 @@ def pack_documents(
             raise GrouterError("no text to pack: every document is empty; check the input files and --text-field")
         raw = np.memmap(raw_path, dtype=dtype, mode="r")
         plans = [_plan_split(stream, d, name, config) for d, name in enumerate(stream.domains)]
-        splits_meta, hashes = {}, {}
-        for split in SPLITS:
-            splits_meta[split] = _write_split(raw, [plan[split] for plan in plans], stream.domains, L, scratch, split)
-            for suffix in (".tokens", ".index.npy"):
-                hashes[split + suffix] = sha256_file(scratch / (split + suffix))
+        splits_meta = {split: _write_split(raw, [plan[split] for plan in plans], stream.domains, L, scratch, split)
+                       for split in SPLITS}
         del raw
         raw_path.unlink()
         if splits_meta["train"]["n_sequences"] == 0:
@@ -407,6 +418,7 @@ def pack_documents(
                 f"{L + 1} tokens; use a smaller --seq-len or more text"
             )
         tokenizer.save(str(scratch / "tokenizer.json"))
+        files = _file_checksums(scratch)
         write_json(scratch / "meta.json", {
             "format": DATASET_FORMAT,
             "version": DATASET_VERSION,
@@ -418,9 +430,11 @@ def pack_documents(
             "splits": splits_meta,
             "val_fraction": config.val_fraction,
             "seed": config.seed,
-            "tokenizer_sha256": sha256_file(scratch / "tokenizer.json"),
+            "tokenizer_sha256": files["tokenizer.json"],
             "sources": sources or {},
-            "fingerprint": sha256_json({"files": hashes, "seq_len": L, "vocab_size": vocab_size}),
+            "files": files,
+            "fingerprint": fingerprint_of({"files": {k: _sha(v) for k, v in files.items() if k != "tokenizer.json"},
+                                           "seq_len": L, "vocab_size": vocab_size}),
         })
     return PackedDataset.open(out)
 
@@ -432,6 +446,7 @@ def subset_domains(data: "PackedDataset", domains: list[str], out: str | Path, o
     is filtered, so a subset costs no re-tokenizing. Its use: train a source MoE on part of a
     corpus so that the remaining domain is one the source and its Grouter never saw.
     """
+    refuse_existing(out, overwrite)
     domains = list(domains)
     unknown = [d for d in domains if d not in data.domains]
     if not domains or unknown or len(set(domains)) != len(domains):
@@ -454,8 +469,9 @@ def subset_domains(data: "PackedDataset", domains: list[str], out: str | Path, o
             meta["splits"][split].update(n_sequences=len(kept),
                                          sequences_per_domain=dict(zip(domains, counts.tolist())))
         shutil.copyfile(data.path / "tokenizer.json", tmp / "tokenizer.json")
-        meta.update(domains=domains, subset_of={"fingerprint": data.fingerprint, "path": str(data.path)},
-                    fingerprint=sha256_json({"subset_of": data.fingerprint, "domains": domains}))
+        files = {**meta["files"], **{f"{split}.index.npy": file_sha256(tmp / f"{split}.index.npy") for split in SPLITS}}
+        meta.update(domains=domains, subset_of={"fingerprint": data.fingerprint, "path": str(data.path)}, files=files,
+                    fingerprint=fingerprint_of({"subset_of": data.fingerprint, "domains": domains}))
         write_json(tmp / "meta.json", meta)
     return PackedDataset.open(out)
 
@@ -555,6 +571,17 @@ def _plan_split(stream: _RawStream, domain: int, name: str, config: PackConfig) 
     return {"train": train[train[:, 1] > train[:, 0]], "val": val[val[:, 1] > val[:, 0]]}
 
 
+def _file_checksums(directory: Path) -> dict:
+    """What meta.json records of each file: per-chunk checksums for the token streams (read in
+    parts), a SHA-256 for the small files (read whole)."""
+    return {**{f"{s}.tokens": file_checksum(directory / f"{s}.tokens") for s in SPLITS},
+            **{name: file_sha256(directory / name) for name in [f"{s}.index.npy" for s in SPLITS] + ["tokenizer.json"]}}
+
+
+def _sha(entry) -> str:
+    return entry["sha256"] if isinstance(entry, dict) else entry
+
+
 def _write_split(raw: np.ndarray, ranges: list[np.ndarray], domains: list[str], L: int, out: Path, split: str) -> dict:
     """Write ``{split}.tokens`` and ``{split}.index.npy``; return the split's entry for meta.json."""
     offset, index_parts, per_domain = 0, [], {}
@@ -595,12 +622,6 @@ def _copy_ranges(raw: np.ndarray, ranges: np.ndarray, limit: int, f) -> None:
 # Entry points
 
 
-def _refuse_existing(out: str | Path, overwrite: bool) -> None:
-    """Fail before the slow part rather than after it (atomic_dir checks again at the end)."""
-    if Path(out).exists() and not overwrite:
-        raise GrouterError(f"{out} already exists; choose another --out or remove it first")
-
-
 def _package_version(corpus_dir: Path, package: str) -> str:
     try:
         return json.loads((corpus_dir / package / "package.json").read_text())["version"]
@@ -620,7 +641,7 @@ def prepare_default(
     overwrite: bool = False,
 ) -> "PackedDataset":
     """Build the default 3-domain dataset: train a tokenizer on a sample, then pack everything."""
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     config = PackConfig(seq_len=seq_len, val_fraction=val_fraction, seed=seed)
     corpus_dir = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
     sample = TOKENIZER_SAMPLE_BYTES_PER_DOMAIN
@@ -653,7 +674,7 @@ def tokenize_corpus(
     overwrite: bool = False,
 ) -> "PackedDataset":
     """Pack a user corpus with an existing tokenizer (e.g. the one of the model to be trained)."""
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     if not inputs:
         raise GrouterError("no input files given; pass one or more .txt, .jsonl or .parquet files")
     config = PackConfig(seq_len=seq_len, val_fraction=val_fraction, seed=seed)
@@ -693,6 +714,7 @@ class DataSplit:
     seq_len: int
     domains: list[str]
     vocab_size: int
+    checked: CheckedFile | None = field(default=None, repr=False)  # verifies the token bytes as they are read
     _epoch_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -708,6 +730,9 @@ class DataSplit:
     def sequences(self, idx) -> np.ndarray:
         """int64 ``[len(idx), seq_len + 1]``: one gather from the memmap."""
         starts = self.index[np.asarray(idx, dtype=np.int64), 0]
+        if self.checked is not None:
+            item = self.tokens.dtype.itemsize
+            self.checked.check_rows(starts * item, (self.seq_len + 1) * item)
         return self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
 
     def batch(self, idx) -> dict[str, torch.Tensor]:
@@ -756,7 +781,10 @@ class DataSplit:
         for run in np.split(starts, breaks):
             begin, end = int(run[0]), int(run[-1]) + self.seq_len
             for chunk in range(begin, end, _COPY_CHUNK):
-                found = np.bincount(self.tokens[chunk:min(chunk + _COPY_CHUNK, end)], minlength=self.vocab_size)
+                stop = min(chunk + _COPY_CHUNK, end)
+                if self.checked is not None:
+                    self.checked.check(chunk * self.tokens.dtype.itemsize, stop * self.tokens.dtype.itemsize)
+                found = np.bincount(self.tokens[chunk:stop], minlength=self.vocab_size)
                 if len(found) > self.vocab_size:
                     raise GrouterError(f"the {self.name} split holds token ids >= vocab_size {self.vocab_size}; "
                                        "the dataset is corrupt, re-create it")
@@ -780,7 +808,7 @@ class PackedDataset:
                              f"grouter data prepare --out {path}")
         redo = f"re-create it with `grouter data prepare --out {path} --overwrite`"
         try:
-            missing = [k for k in ("vocab_size", "seq_len", "eos_id", "domains", "fingerprint") if k not in meta]
+            missing = [k for k in ("vocab_size", "seq_len", "eos_id", "domains", "fingerprint", "files") if k not in meta]
             if missing:
                 raise KeyError(missing[0])
             itemsize = np.dtype(meta["token_dtype"]).itemsize
@@ -799,6 +827,7 @@ class PackedDataset:
                                    f"[{n_sequences}, 2] array; {redo}")
         if splits["train"][0] == 0:
             raise GrouterError(f"dataset {path} has no training sequences; {redo} from more text")
+        verify_file(path / "tokenizer.json", meta.get("tokenizer_sha256"), "dataset tokenizer", redo)
         return cls(path, meta)
 
     @property
@@ -830,18 +859,24 @@ class PackedDataset:
             raise GrouterError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         if name not in self._splits:
             n_tokens = int(self.meta["splits"][name]["n_tokens"])
+            redo = f"re-create it with `grouter data prepare --out {self.path} --overwrite`"
+            files = self.meta["files"]
+            checked = None
+            if n_tokens:
+                checked = CheckedFile(self.path / f"{name}.tokens", files.get(f"{name}.tokens"), "dataset tokens", redo)
             tokens = (np.memmap(self.path / f"{name}.tokens", dtype=self.token_dtype, mode="r") if n_tokens
                       else np.zeros(0, dtype=self.token_dtype))  # an empty file cannot be mapped
+            verify_file(self.path / f"{name}.index.npy", files.get(f"{name}.index.npy"), "dataset index", redo)
             index = np.load(self.path / f"{name}.index.npy")
             if len(index) and (index[:, 0].min() < 0 or index[:, 0].max() + self.seq_len + 1 > n_tokens
                                or index[:, 1].min() < 0 or index[:, 1].max() >= len(self.domains)):
                 raise GrouterError(f"dataset {self.path} is corrupt: {name}.index.npy points outside the data; "
                                    f"re-create it with `grouter data prepare --out {self.path} --overwrite`")
-            self._splits[name] = DataSplit(name, tokens, index, self.seq_len, self.domains, self.vocab_size)
+            self._splits[name] = DataSplit(name, tokens, index, self.seq_len, self.domains, self.vocab_size, checked)
         return self._splits[name]
 
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.path / "tokenizer.json")
+        return load_tokenizer(self.path / "tokenizer.json")  # its checksum was verified by open()
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={self.meta['splits'][s]['n_sequences']}" for s in SPLITS)

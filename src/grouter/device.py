@@ -36,6 +36,28 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for a new job on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits(n_parameters: int, activation_bytes: int, device: torch.device, what: str) -> None:
+    """Refuse, with the estimate, a training job that cannot fit on ``device``: float32 weights,
+    gradients and AdamW's two moments take 16 bytes per parameter, plus the activations."""
+    need, have = 16 * n_parameters + activation_bytes, available_bytes(device)
+    if have is not None and need > have:
+        raise GrouterError(f"{what} needs about {need / 2**30:.1f} GiB ({n_parameters / 1e6:.0f}M parameters x 16 "
+                           f"bytes for weights, gradients and AdamW state, plus activations) but {device} has "
+                           f"{have / 2**30:.1f} GiB free; choose a smaller model or batch")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

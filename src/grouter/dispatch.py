@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import ResumableDir, read_json
+from .artifacts import ResumableDir, read_json, refuse_existing
 from .data import SPLITS, DataSplit, PackedDataset
 from .device import ProcessGroup
 from .errors import GrouterError
@@ -61,8 +61,7 @@ def _check_arguments(out: Path, batch_size, weights_dtype: str, overwrite: bool)
         raise GrouterError(f"unknown weights dtype {weights_dtype!r}; use bfloat16 or float16")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise GrouterError(f"batch size must be a positive integer, got {batch_size!r}")
-    if out.exists() and not overwrite:
-        raise GrouterError(f"{out} already exists; choose another --out, or pass --overwrite")
+    refuse_existing(out, overwrite)
 
 
 def _load_grouter(path: str | Path, data: PackedDataset, k: int | None) -> tuple[Grouter, str, int]:

@@ -8,6 +8,7 @@ Loss ``KL(softmax(teacher / T) || softmax(student / T)) * T^2`` averaged over to
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class DistillConfig(TrainConfig):
     temperature: float = 1.0
 
     def validate(self) -> "DistillConfig":
-        if self.temperature <= 0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise GrouterError(f"--temperature must be positive, got {self.temperature}")
         super().validate()
         return self
@@ -90,7 +91,7 @@ def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: Distill
                        "temperature": cfg.temperature}
     gcfg.validate()
     identity = {"grouter": asdict(gcfg), "distill": {**asdict(cfg), "device": None},
-                "targets": targets.manifest["splits"]["train"]["sha256"]}
+                "targets": targets.manifest["splits"]["train"]["logits"]["sha256"]}
     run = Run(Path(out), identity, overwrite)
     if (done := run.completed_summary()) is not None:
         return done

@@ -524,9 +524,11 @@ def _check_inputs(data: PackedDataset, store: RoutingStore, plan: Plan | None, m
     if plan is not None:
         if (plan.n_experts, plan.k) != (E, k):
             raise GrouterError(f"the plan is for {plan.n_experts} experts top-{plan.k}, the store has {E} top-{k}")
-        fp = plan.source.get("dataset_fingerprint")
-        if fp is not None and fp != store.manifest["dataset_fingerprint"]:
-            raise GrouterError("the plan was made from routing of another dataset")
+        for key in ("dataset_fingerprint", "grouter_fingerprint"):
+            if plan.source.get(key) != store.manifest[key]:
+                raise GrouterError(f"the plan was made from another routing store ({key.split('_')[0]} "
+                                   f"{str(plan.source.get(key))[:12]}, this store's {store.manifest[key][:12]}); "
+                                   f"make a plan for this store with `grouter place --routing {store.path}`")
     return split
 
 

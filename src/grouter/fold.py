@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import atomic_dir, write_json
+from .artifacts import atomic_dir, refuse_existing, write_json
 from .data import DataSplit, PackedDataset, batches_of
 from .device import resolve_device
 from .errors import GrouterError
@@ -139,6 +139,7 @@ def fold(grouter_dir: str | Path, data: PackedDataset, out: str | Path, n_expert
          top_k: int | None = None, max_sequences: int | None = 2000, seed: int = 0, batch_size: int = 32,
          device: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
     """Fold the Grouter in ``grouter_dir`` to ``n_experts``; writes the folded Grouter + report + heatmap."""
+    refuse_existing(out, overwrite)
     if strategy not in STRATEGIES:
         raise GrouterError(f"unknown folding strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     dev = resolve_device(device)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .artifacts import atomic_dir, header, load_safetensors, read_json, read_manifest, save_safetensors, write_json
 from .errors import GrouterError
+from .integrity import file_sha256
 
 RUN_FORMAT, RUN_VERSION = "grouter-run", 1
 
@@ -53,8 +54,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_sequences"):
             if getattr(self, name) < 1:
                 raise GrouterError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise GrouterError(f"--lr must be positive, got {self.lr}")
+        for name in ("lr", "grad_clip", "min_lr_ratio", "weight_decay", "beta1", "beta2"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 or (value == 0 and name in ("min_lr_ratio", "weight_decay")))):
+                raise GrouterError(f"--{name.replace('_', '-')} must be a finite positive number, got {value}")
+        if self.warmup_steps < 0:
+            raise GrouterError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
         return self
 
 
@@ -101,6 +106,22 @@ def read_metrics(path: str | Path) -> list[dict]:
 def read_run(path: str | Path) -> dict:
     """The ``run.json`` of a run directory (identity, status, summary), header checked."""
     return read_manifest(Path(path), "run.json", RUN_FORMAT, RUN_VERSION, "training run", "grouter train")
+
+
+def finished_checkpoint(path: Path, command: str) -> Path:
+    """The model directory to load for ``path``: ``path`` itself, or, for a run directory, its final
+    checkpoint, which only a finished run has. An unfinished run is refused (saying how to resume it,
+    or to pass ``RUN/checkpoint`` to use its last checkpoint on purpose)."""
+    if (path / "config.json").exists() or not (path / "run.json").exists():
+        return path
+    run = read_run(path)
+    if run.get("status") != "complete":
+        state = path / "checkpoint" / "trainer_state.json"
+        step = read_json(state, "trainer state").get("step") if state.exists() else 0
+        raise GrouterError(f"{path} is a run that did not finish (checkpoint at step {step}); rerun the same "
+                           f"`{command}` command to resume it, or pass {path / 'checkpoint'} to use that "
+                           "checkpoint on purpose")
+    return path / "checkpoint"
 
 
 class Run:
@@ -165,19 +186,24 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
     def save_checkpoint(self, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, extra: dict) -> None:
+        """Weights (with their checksum), optimizer state and trainer state, replaced atomically."""
         with atomic_dir(self.checkpoint_dir, overwrite=True) as tmp:
             model.save_pretrained(tmp, extra=extra)
             tensors, meta = optimizer_tensors(opt)
             save_safetensors(tmp / "optimizer.safetensors", tensors)
             write_json(tmp / "optimizer.json", meta)
-            write_json(tmp / "trainer_state.json", state)
+            write_json(tmp / "trainer_state.json", {**state, "optimizer_sha256": file_sha256(tmp / "optimizer.safetensors")})
 
     def load_checkpoint(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-        state = load_safetensors(self.checkpoint_dir / "model.safetensors", "checkpoint weights")
+        """Load the checkpoint into ``model`` and ``opt``; every file is checked against its checksum."""
+        ckpt = self.checkpoint_dir
+        config = read_json(ckpt / "config.json", "checkpoint config")
+        trainer = read_json(ckpt / "trainer_state.json", "trainer state")
+        state = load_safetensors(ckpt / "model.safetensors", "checkpoint weights", config.get("weights_sha256", ""))
+        optimizer = load_safetensors(ckpt / "optimizer.safetensors", "optimizer state", trainer.get("optimizer_sha256", ""))
         try:
             model.load_state_dict(state)
-            load_optimizer(opt, load_safetensors(self.checkpoint_dir / "optimizer.safetensors", "optimizer state"),
-                           read_json(self.checkpoint_dir / "optimizer.json", "optimizer state"))
+            load_optimizer(opt, optimizer, read_json(ckpt / "optimizer.json", "optimizer state"))
         except (RuntimeError, KeyError, ValueError) as e:
             raise GrouterError(f"checkpoint in {self.checkpoint_dir} does not match this run ({str(e).splitlines()[0]}); "
                                "it is corrupt: remove it, or use --overwrite to start over") from None

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import header, load_safetensors, read_manifest, save_safetensors, write_json
+from .artifacts import header, load_weights, read_manifest, save_weights
 from .errors import GrouterError
 from .routers import ROUTER_KINDS, AuxFreeRouter, HashRouter, Routing, build_router, expert_counts
 
 
-MODEL_FORMAT, MODEL_VERSION = "grouter-moe-lm", 1
+MODEL_FORMAT, MODEL_VERSION = "grouter-moe-lm", 2  # 2: the weights' checksum in config.json
 
 
 @dataclass
@@ -53,6 +53,14 @@ class MoEConfig:
             if getattr(self, name) < 1:
                 raise GrouterError(f"model config {name} must be positive, got {getattr(self, name)}")
         return self
+
+    def num_parameters(self) -> int:
+        """Parameters of :class:`MoELM` with this config, without building it (a size check must not
+        allocate the model it checks)."""
+        d, f, E = self.d_model, self.d_expert, self.n_experts
+        router = E * d if self.router in ("aux", "zloss", "none", "auxfree", "hash") else 0  # random: a buffer
+        layer = 4 * d * d + 2 * d + router + E * 3 * d * f + self.n_shared_experts * 3 * d * f
+        return 2 * self.vocab_size * d + self.n_layers * layer + d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
@@ -296,18 +304,14 @@ class MoELM(nn.Module):
 
     # -- persistence: safetensors weights + JSON config, nothing pickled --------------------
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors(directory / "model.safetensors", self.state_dict())
-        write_json(directory / "config.json", {**header(MODEL_FORMAT, MODEL_VERSION), "config": asdict(self.cfg),
-                                               **(extra or {})})
+        save_weights(directory, self.state_dict(), {**header(MODEL_FORMAT, MODEL_VERSION), "config": asdict(self.cfg),
+                                                    **(extra or {})})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> "MoELM":
         directory = Path(directory)
-        meta = read_config(directory)
+        meta, state = load_weights(directory, MODEL_FORMAT, MODEL_VERSION, "MoE checkpoint", "grouter source train")
         model = cls(MoEConfig.from_dict({**meta["config"], **overrides}))
-        state = load_safetensors(directory / "model.safetensors", "model weights")
         try:
             model.load_state_dict(state)
         except RuntimeError as e:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import header, load_safetensors, read_manifest, save_safetensors, write_json
+from .artifacts import header, load_weights, save_weights
 from .errors import GrouterError
+from .loop import finished_checkpoint
 from .model import Attention, RMSNorm, SwiGLU, register_rope
 from .routers import Routing, topk_gating
 
@@ -28,7 +29,7 @@ LEAK_WARNING = ("this Grouter is bidirectional: the route of token t depends on 
                 "the future into a causal language model; use it only to measure that leak")
 
 
-GROUTER_FORMAT, GROUTER_VERSION = "grouter-router", 1
+GROUTER_FORMAT, GROUTER_VERSION = "grouter-router", 2  # 2: the weights' checksum in config.json
 
 
 @dataclass
@@ -157,25 +158,25 @@ class Grouter(nn.Module):
         return h.hexdigest()
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors(directory / "model.safetensors", self.state_dict())
-        write_json(directory / "config.json", {**header(GROUTER_FORMAT, GROUTER_VERSION), "config": asdict(self.cfg),
-                                               "fingerprint": self.fingerprint(), **(extra or {})})
+        save_weights(directory, self.state_dict(), {**header(GROUTER_FORMAT, GROUTER_VERSION),
+                                                    "config": asdict(self.cfg), "fingerprint": self.fingerprint(),
+                                                    **(extra or {})})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Grouter":
-        directory = Path(directory)
-        if (directory / "checkpoint" / "config.json").exists() and not (directory / "config.json").exists():
-            directory = directory / "checkpoint"  # a distillation run directory
-        meta = read_manifest(directory, "config.json", GROUTER_FORMAT, GROUTER_VERSION, "Grouter",
-                             "grouter distill, fold or tune")
+        """A Grouter directory (fold, tune), or a finished distillation run (its final checkpoint)."""
+        directory = finished_checkpoint(Path(directory), "grouter distill")
+        meta, state = load_weights(directory, GROUTER_FORMAT, GROUTER_VERSION, "Grouter",
+                                   "grouter distill, fold or tune")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning is repeated by whoever uses it
             model = cls(GrouterConfig.from_dict(meta["config"]))
         try:
-            model.load_state_dict(load_safetensors(directory / "model.safetensors", "Grouter weights"))
+            model.load_state_dict(state)
         except RuntimeError as e:
             raise GrouterError(f"Grouter weights in {directory} do not match its config "
                                f"({str(e).strip().splitlines()[-1].strip()}); the file is corrupt") from None
+        if model.fingerprint() != meta.get("fingerprint"):
+            raise GrouterError(f"Grouter in {directory} does not match its recorded fingerprint: its weights or config "
+                               "were altered; re-create it with grouter distill, fold or tune")
         return model.eval()

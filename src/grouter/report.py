@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .artifacts import atomic_dir, header, write_json
+from .artifacts import atomic_dir, header, refuse_existing, write_json
 from .errors import GrouterError
 from .loop import read_metrics, read_run
 from .metrics import grad_norm_cv, topk_set_agreement
@@ -264,6 +264,7 @@ def speedup_by_domain_table(by_domain: dict[str, dict]) -> str:
 
 def report(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
     """Markdown + JSON tables and PNG plots comparing finished runs."""
+    refuse_existing(out, overwrite)
     if not run_dirs:
         raise GrouterError("no run directories given; pass the --out directories of `grouter train` runs")
     runs = [RunRecord.load(d) for d in run_dirs]

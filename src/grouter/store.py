@@ -6,7 +6,8 @@ directory:
 
 - ``manifest.json``: the artifact header (format, version), the dataset and Grouter fingerprints
   (and paths), k, E, seq_len, the dtypes, whether the Grouter is causal, and per split the number
-  of sequences and the SHA-256 of both files;
+  of sequences and the checksums of both files (per chunk: a reader verifies the chunks it reads,
+  the first time it reads them);
 - ``{split}.ids``: raw ``[n_sequences, seq_len, k]`` expert ids, ``uint8`` when E <= 256 else
   ``uint16``;
 - ``{split}.weights``: raw ``[n_sequences, seq_len, k]`` 16-bit gate weights: the bit pattern of
@@ -20,18 +21,19 @@ dataset or Grouter. See docs/method.md#pre-dispatch-and-the-routing-store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .artifacts import atomic_dir, read_manifest, sha256_file, write_json
+from .artifacts import atomic_dir, read_manifest, write_json
 from .data import PackedDataset
 from .errors import GrouterError
+from .integrity import CheckedFile, file_checksum
 from .routers import Routing
 
-ROUTING_FORMAT, ROUTING_VERSION = "grouter-routing", 1
+ROUTING_FORMAT, ROUTING_VERSION = "grouter-routing", 2  # 2: per-chunk checksums, verified on read
 WEIGHTS_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -105,14 +107,16 @@ class StoreWriter:
         """Write ``routing`` (ids and weights ``[B, seq_len, k]``) at row ``at`` of the window ``maps``."""
         ids, bits = maps
         b = routing.ids.shape[0]
+        if routing.ids.numel() and not 0 <= int(routing.ids.min()) <= int(routing.ids.max()) < self.n_experts:
+            raise GrouterError(f"routing holds expert ids outside 0..{self.n_experts - 1}; it cannot be stored")
         ids[at:at + b] = routing.ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
         bits[at:at + b] = weight_bits(routing.weights, self.weights_dtype)
 
     def finish(self, data: PackedDataset | None, grouter_fingerprint: str, grouter_path: str,
                causal: bool = True) -> dict:
         """Checksum the files and write ``manifest.json``; ``data`` None marks a synthetic store."""
-        splits = {name: {"n_sequences": n, "ids_sha256": sha256_file(self.work / f"{name}.ids"),
-                         "weights_sha256": sha256_file(self.work / f"{name}.weights")}
+        splits = {name: {"n_sequences": n, "ids": file_checksum(self.work / f"{name}.ids"),
+                         "weights": file_checksum(self.work / f"{name}.weights")}
                   for name, n in self.sizes.items()}
         manifest = {"format": ROUTING_FORMAT, "version": ROUTING_VERSION,
                     "dataset_fingerprint": data.fingerprint if data is not None else "synthetic",
@@ -150,20 +154,26 @@ class RoutingStore:
 
     path: Path
     manifest: dict
+    _files: dict = field(default_factory=dict, repr=False)  # (split, "ids" | "weights") -> CheckedFile
+    _verify: bool = True
 
     @classmethod
     def open(cls, path: str | Path, data: PackedDataset | None = None, grouter_fingerprint: str | None = None,
              verify: bool = True) -> "RoutingStore":
         """Open ``path``; with ``data`` / ``grouter_fingerprint``, refuse a store made for others.
 
-        ``verify`` also checks the files' SHA-256 against the manifest (reads them once).
+        The files' sizes are checked at once; with ``verify`` (the default) their bytes are checked
+        against the manifest's per-chunk checksums as they are read, each chunk the first time.
         """
         path = Path(path)
         m = read_manifest(path, "manifest.json", ROUTING_FORMAT, ROUTING_VERSION, "routing store", "grouter dispatch")
         store = cls(path, m)
         store._check_manifest()
         store._check_binding(data, grouter_fingerprint)
-        store._check_files(verify)
+        store._files = {(name, kind): CheckedFile(path / f"{name}.{kind}", info.get(kind), "routing store file",
+                                                 store._redo)
+                        for name, info in m["splits"].items() for kind in ("ids", "weights")}
+        store._verify = verify
         return store
 
     @property
@@ -194,19 +204,21 @@ class RoutingStore:
                                f"{m['grouter_fingerprint'][:12]}, expected {grouter_fingerprint[:12]}); "
                                "run `grouter dispatch` with this Grouter")
 
-    def _check_files(self, verify: bool) -> None:
-        for name in self.manifest["splits"]:
-            for suffix, dtype, key in (("ids", self.ids_dtype, "ids_sha256"), ("weights", np.dtype(np.uint16),
-                                                                             "weights_sha256")):
-                file = self.path / f"{name}.{suffix}"
-                expected = self.n_sequences(name) * self.seq_len * self.k * dtype.itemsize
-                size = file.stat().st_size if file.is_file() else None
-                if size != expected:
-                    raise GrouterError(f"routing store file {file} is missing or truncated ({size} bytes, expected "
-                                       f"{expected}); {self._redo}")
-                if verify and sha256_file(file) != self.manifest["splits"][name].get(key):
-                    raise GrouterError(f"routing store file {file} does not match its checksum: it was modified "
-                                       f"or corrupted; {self._redo}")
+    def verify(self) -> None:
+        """Check every byte of the store against its checksums now (``grouter verify``)."""
+        for checked in self._files.values():
+            checked.check_all()
+
+    def _checked(self, split: str, kind: str, idx: np.ndarray | None, itemsize: int) -> None:
+        """Verify the rows about to be read (all of them when ``idx`` is None)."""
+        if not self._verify:
+            return
+        checked = self._files[split, kind]
+        if idx is None:
+            checked.check_all()
+        else:
+            row = self.seq_len * self.k * itemsize
+            checked.check_rows(np.asarray(idx, dtype=np.int64) * row, row)
 
     @property
     def k(self) -> int:
@@ -241,25 +253,35 @@ class RoutingStore:
         return np.memmap(self.path / f"{split}.{suffix}", dtype=dtype, mode="r", shape=shape)
 
     def ids(self, split: str) -> np.ndarray:
-        """Expert ids ``[n_sequences, seq_len, k]`` (uint8 or uint16), memory-mapped read-only."""
+        """Expert ids ``[n_sequences, seq_len, k]`` (uint8 or uint16), memory-mapped read-only, all of
+        them verified first (the caller is about to read them all)."""
+        self._checked(split, "ids", None, self.ids_dtype.itemsize)
         return self._map(split, "ids", self.ids_dtype)
 
     def raw_weights(self, split: str) -> np.ndarray:
-        """Gate weights as stored: the 16-bit patterns ``[n_sequences, seq_len, k]`` (uint16)."""
+        """Gate weights as stored: the 16-bit patterns ``[n_sequences, seq_len, k]`` (uint16), verified."""
+        self._checked(split, "weights", None, 2)
         return self._map(split, "weights", np.dtype(np.uint16))
 
     def weights(self, split: str, idx: np.ndarray | None = None) -> torch.Tensor:
         """Gate weights as float32, of sequences ``idx`` (all when None)."""
-        raw = self.raw_weights(split)
-        raw = raw[np.asarray(idx, dtype=np.int64)] if idx is not None else np.asarray(raw)
+        if idx is None:
+            raw = np.asarray(self.raw_weights(split))
+        else:
+            self._checked(split, "weights", idx, 2)
+            raw = self._map(split, "weights", np.dtype(np.uint16))[np.asarray(idx, dtype=np.int64)]
         bits = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16))
         return bits.view(WEIGHTS_DTYPES[self.manifest["weights_dtype"]]).float()
 
     def routing(self, split: str, idx: np.ndarray) -> Routing:
         """The stored routing of sequences ``idx``: ids long ``[B, L, k]``, weights float32 ``[B, L, k]``."""
         idx = np.asarray(idx, dtype=np.int64)
-        ids = torch.from_numpy(np.asarray(self.ids(split)[idx]).astype(np.int64))
-        return Routing(ids, self.weights(split, idx))
+        self._checked(split, "ids", idx, self.ids_dtype.itemsize)
+        ids = np.asarray(self._map(split, "ids", self.ids_dtype)[idx])
+        if ids.size and int(ids.max()) >= self.n_experts:
+            raise GrouterError(f"routing store {self.path} holds expert id {int(ids.max())} for {self.n_experts} "
+                               f"experts in {split} sequences {idx.min()}..{idx.max()}; {self._redo}")
+        return Routing(torch.from_numpy(ids.astype(np.int64)), self.weights(split, idx))
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={i['n_sequences']}" for s, i in self.manifest["splits"].items())

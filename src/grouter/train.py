@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataSplit, PackedDataset, batches_of
-from .device import resolve_device
+from .device import check_fits, resolve_device
 from .errors import GrouterError
 from .loop import Run, Step, TrainConfig, build_optimizer, fit, prefetch, read_metrics
 from .metrics import grad_norm_cv, max_vio
@@ -116,6 +116,12 @@ def check_inputs(data: PackedDataset, model_cfg: MoEConfig, cfg: TrainConfig,
         raise GrouterError("external routing needs a routing source (--routing), and only it does")
     if cfg.batch_size > len(data.split("train")):
         raise GrouterError(f"batch size {cfg.batch_size} exceeds the {len(data.split('train'))} training sequences")
+    if len(data.split("val")) == 0:
+        raise GrouterError(f"dataset {data.path} has no validation sequences to evaluate on; pack it with a larger "
+                           "--val-fraction or more text")
+    # logits dominate the activations: [batch, seq, vocab] float32, kept for the backward, about 3 times
+    logits = 3 * 4 * cfg.batch_size * data.seq_len * model_cfg.vocab_size
+    check_fits(model_cfg.num_parameters(), logits, resolve_device(cfg.device), "this model")
 
 
 def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: TrainConfig,
@@ -129,8 +135,8 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
     """
     out = Path(out)
     check_inputs(data, model_cfg, cfg, routing_source)
-    where = {k: v for k, v in asdict(cfg).items() if k != "device"}  # where it runs is not what it is
-    identity = {"model": asdict(model_cfg), "train": where, "data_fingerprint": data.fingerprint,
+    schedule = {k: v for k, v in asdict(cfg).items() if k != "device"}  # where it runs is not what it is
+    identity = {"model": asdict(model_cfg), "train": schedule, "data_fingerprint": data.fingerprint,
                 "routing": routing_identity}
     run = Run(out, identity, overwrite)
     if (done := run.completed_summary()) is not None:
@@ -139,11 +145,7 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
 
     device = resolve_device(cfg.device)
     train_split, val_split = data.split("train"), data.split("val")
-    torch.manual_seed(cfg.seed)
-    model = MoELM(model_cfg)
-    if model_cfg.router == "hash":
-        model.set_token_counts(train_split.token_counts())
-    model.to(device).train()
+    model = new_model(model_cfg, train_split, cfg.seed).to(device).train()
     opt = build_optimizer(model, cfg)
     start = run.resume(model, opt, resume_state)
     totals = RunTotals.restore(resume_state, model_cfg)
@@ -181,13 +183,22 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
                    desc=f"train {out.name}", progress=progress, stop_after=stop_after)
     if not finished:
         return {"out": str(out), "stopped_at": stop_after}
-    elapsed, timed = time.perf_counter() - t0, (cfg.steps - start) * tokens_per_step
-    summary = summarize(run.metrics_path, totals.loads, totals.grad_norms)
-    summary.update({"out": str(out), "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-                    "tokens_per_second": timed / elapsed if timed else None,
-                    "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active_only=True)})
+    timed = (cfg.steps - start) * tokens_per_step
+    summary = {**summarize(run.metrics_path, totals.loads, totals.grad_norms), "out": str(out), "steps": cfg.steps,
+               "tokens": cfg.steps * tokens_per_step,
+               "tokens_per_second": timed / (time.perf_counter() - t0) if timed else None,
+               "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active_only=True)}
     run.finish(summary)
     return summary
+
+
+def new_model(model_cfg: MoEConfig, train_split: DataSplit, seed: int) -> MoELM:
+    """The initial model of a run (a pure function of the config and seed)."""
+    torch.manual_seed(seed)
+    model = MoELM(model_cfg)
+    if model_cfg.router == "hash":  # the balanced table needs the training data's token frequencies
+        model.set_token_counts(train_split.token_counts())
+    return model
 
 
 def checkpoint_extra(data: PackedDataset) -> dict:

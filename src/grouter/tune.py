@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import atomic_dir, write_json
+from .artifacts import atomic_dir, refuse_existing, write_json
 from .data import DataSplit, PackedDataset, batches_of
 from .device import resolve_device
 from .errors import GrouterError
@@ -46,8 +46,11 @@ class TuneConfig:
     def validate(self) -> "TuneConfig":
         if self.method not in METHODS:
             raise GrouterError(f"unknown tuning method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.tokens < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise GrouterError("--tokens, --batch-size and --lr must be positive")
+        if self.tokens < 1 or self.batch_size < 1 or self.eval_sequences < 1:
+            raise GrouterError("--tokens, --batch-size and --eval-sequences must be positive")
+        for name in ("lr", "bias_gamma"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise GrouterError(f"--{name.replace('_', '-')} must be a finite positive number, got {getattr(self, name)}")
         return self
 
 
@@ -117,6 +120,7 @@ def tune_grouter(grouter: Grouter, split: DataSplit, cfg: TuneConfig, device, pr
 def tune(grouter_dir: str | Path, data: PackedDataset, out: str | Path, cfg: TuneConfig = TuneConfig(),
          overwrite: bool = False, progress: bool = True) -> dict:
     """Tune the Grouter in ``grouter_dir`` on ``data``; writes the tuned Grouter and a before/after report."""
+    refuse_existing(out, overwrite)
     cfg.validate()
     device = resolve_device(cfg.device)
     grouter = Grouter.from_pretrained(grouter_dir).to(device)

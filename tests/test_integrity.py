@@ -1,0 +1,355 @@
+"""Integrity end to end, through the command line: corruption that keeps a file's size is found
+before use, unfinished runs are refused downstream, outputs are locked, inputs never deleted,
+nonsense settings refused at parse time, and every failure is one ``error:`` line (JSON with --json).
+
+One module-scoped pipeline on the tiny dataset (source → capture → distill → fold → dispatch →
+place, tiny sizes); every test works on copies of its artifacts.
+"""
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from grouter.artifacts import output_lock, read_json
+from grouter.cli import main
+from grouter.data import PackConfig, PackedDataset, pack_documents
+from grouter.integrity import CheckedFile, file_checksum
+from grouter.loop import TrainConfig, read_run
+from grouter.model import MoEConfig, MoELM
+from grouter.routers import Routing
+from grouter.train import train
+
+from conftest import stdlib_documents
+from test_cli import SMALL_TRAIN, assert_one_line_error
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+CORRUPT = r"corrupt|checksum|altered|modified"
+TINY_GROUTER = ["--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--steps", "6", "--batch-size", "4",
+                "--eval-every", "3", "--checkpoint-every", "3"]
+
+
+def run(_capsys, *argv) -> tuple[int, str, str]:
+    """``grouter ARGV`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok(capsys, *argv) -> dict:
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_data, tmp_path_factory):
+    """The artifacts of every stage, made through the CLI once."""
+    root = tmp_path_factory.mktemp("integrity")
+    d = str(tiny_data.path)
+    capsys = None
+    ok(capsys, "source", "train", "--data", d, "--out", str(root / "source"), *SMALL_TRAIN)
+    ok(capsys, "capture", "--source", str(root / "source"), "--data", d, "--out", str(root / "targets"))
+    ok(capsys, "distill", "--targets", str(root / "targets"), "--out", str(root / "grouter"), *TINY_GROUTER)
+    ok(capsys, "fold", "--grouter", str(root / "grouter"), "--experts", "4", "--top-k", "2", "--data", d,
+       "--out", str(root / "folded"), "--max-sequences", "64")
+    ok(capsys, "dispatch", "--grouter", str(root / "folded"), "--data", d, "--out", str(root / "routing"))
+    ok(capsys, "place", "--routing", str(root / "routing"), "--ranks", "2", "--out", str(root / "plan"))
+    return root
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def flip_byte(path: Path, seed: int) -> int:
+    """Flip one bit of one byte at a seeded random offset; the file keeps its size."""
+    data = bytearray(path.read_bytes())
+    at = int(np.random.default_rng(seed).integers(len(data)))
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+    return at
+
+
+def test_checked_file_finds_a_flip_only_in_the_chunks_it_reads(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(np.random.default_rng(0).bytes(10_000))
+    checksum = file_checksum(path, chunk_bytes=1024)
+    flip_byte(path, 0)  # offset 8506 with this seed: chunk 8
+    checked = CheckedFile(path, checksum, "blob", "re-create it")
+    checked.check(0, 8 * 1024)  # chunks 0..7: untouched
+    assert checked.verified_fraction == 0.8
+    with pytest.raises(Exception, match="bytes 8192..9215 do not match"):
+        checked.check_rows(np.array([100, 8500]), 10)
+    with pytest.raises(Exception, match="truncated"):
+        path.write_bytes(path.read_bytes()[:-1])
+        CheckedFile(path, checksum, "blob", "re-create it")
+
+
+CASES = {  # artifact file to flip -> the command that consumes it
+    "dataset tokens": ("data", "train.tokens", "train"),
+    "dataset index": ("data", "train.index.npy", "train"),
+    "dataset tokenizer": ("data", "tokenizer.json", "capture"),
+    "dataset manifest": ("data", "meta.json", "train"),
+    "targets": ("targets", "train.logits", "distill"),
+    "targets manifest": ("targets", "targets.json", "distill"),
+    "Grouter weights": ("folded", "model.safetensors", "dispatch"),
+    "Grouter config": ("folded", "config.json", "dispatch"),
+    "distill run checkpoint": ("grouter", "checkpoint/model.safetensors", "fold"),
+    "source checkpoint": ("source", "checkpoint/model.safetensors", "capture"),
+    "routing store ids": ("routing", "train.ids", "train --routing"),
+    "routing store weights": ("routing", "train.weights", "train --routing"),
+    "placement plan": ("plan", "plan.json", "ep"),
+}
+
+
+def consume(capsys, command: str, art: dict[str, Path], out: Path):
+    d = str(art["data"])
+    argv = {
+        "train": ["train", "--data", d, "--router", "aux", *SMALL_TRAIN],
+        "capture": ["capture", "--source", str(art["source"]), "--data", d],
+        "distill": ["distill", "--targets", str(art["targets"]), *TINY_GROUTER],
+        "dispatch": ["dispatch", "--grouter", str(art["folded"]), "--data", d],
+        "fold": ["fold", "--grouter", str(art["grouter"]), "--experts", "4", "--top-k", "2", "--data", d,
+                 "--max-sequences", "16"],
+        "train --routing": ["train", "--data", d, "--routing", str(art["routing"]), *SMALL_TRAIN],
+        "ep": ["ep", "--data", d, "--routing", str(art["routing"]), "--plan", str(art["plan"]), "--steps", "1",
+               "--device", "cpu"],
+    }[command]
+    return run(capsys, *argv, "--out", str(out))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_flipped_byte_is_refused_by_its_consumer(capsys, pipeline, tiny_data, tmp_path, case):
+    kind, file, command = CASES[case]
+    art = {name: pipeline / name for name in ("source", "targets", "grouter", "folded", "routing", "plan")}
+    art["data"] = tiny_data.path
+    art[kind] = copy(art[kind], tmp_path / kind)  # a copy has the same content: it is bound like the original
+    flip_byte(art[kind] / file, seed=zlib.crc32(case.encode()))
+    code, _, err = consume(capsys, command, art, tmp_path / "out")
+    assert_one_line_error(code, err, "")
+    assert re.search(CORRUPT, err.lower()), err
+    out = tmp_path / "out"  # nothing a later stage would accept: no output, or a run that never finished
+    assert not out.exists() or (read_run(out)["status"] == "running" and not (out / "checkpoint").exists())
+
+
+def test_verify_checks_every_artifact_and_finds_a_flip(capsys, pipeline, tmp_path):
+    for name, kind in (("source", "training run"), ("targets", "targets"), ("grouter", "training run"),
+                       ("folded", "model"), ("routing", "routing store"), ("plan", "placement plan")):
+        result = ok(capsys, "verify", str(pipeline / name))
+        assert result["kind"] == kind and result["bytes_checked"] > 0
+    store = copy(pipeline / "routing", tmp_path / "routing")
+    flip_byte(store / "val.weights", seed=1)
+    code, _, err = run(capsys, "verify", str(store))
+    assert_one_line_error(code, err, "val.weights is corrupt: bytes")
+
+
+def test_a_plan_from_another_routing_store_is_refused(capsys, pipeline, tiny_data, tmp_path):
+    ok(capsys, "dispatch", "--grouter", str(pipeline / "folded"), "--data", str(tiny_data.path), "--k", "1",
+       "--out", str(tmp_path / "routing-k1"))
+    ok(capsys, "place", "--routing", str(tmp_path / "routing-k1"), "--ranks", "2", "--out", str(tmp_path / "plan-k1"))
+    code, _, err = run(capsys, "ep", "--data", str(tiny_data.path), "--routing", str(pipeline / "routing"),
+                       "--plan", str(tmp_path / "plan-k1"), "--steps", "1", "--device", "cpu",
+                       "--out", str(tmp_path / "ep"))
+    assert_one_line_error(code, err, "top-1")  # k differs: refused before anything runs
+    # same k, other Grouter: the fingerprints differ
+    torch.manual_seed(1)
+    other = MoELM  # noqa: F841 (keeps the import used when the next lines are read alone)
+    from grouter.network import Grouter
+
+    g = Grouter.from_pretrained(pipeline / "folded")
+    with torch.no_grad():
+        g.head.weight.mul_(-1)
+    g.save_pretrained(tmp_path / "other-grouter")
+    ok(capsys, "dispatch", "--grouter", str(tmp_path / "other-grouter"), "--data", str(tiny_data.path),
+       "--out", str(tmp_path / "routing-other"))
+    code, _, err = run(capsys, "ep", "--data", str(tiny_data.path), "--routing", str(tmp_path / "routing-other"),
+                       "--plan", str(pipeline / "plan"), "--steps", "1", "--device", "cpu",
+                       "--out", str(tmp_path / "ep2"))
+    assert_one_line_error(code, err, "another routing store")
+
+
+def small_model(data) -> MoEConfig:
+    return MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_layers=1, n_heads=2,
+                     d_expert=16, n_experts=4, top_k=1, router="external")
+
+
+def test_a_diverging_run_keeps_its_last_good_checkpoint(tiny_data, tmp_path):
+    """Routing weights turn NaN at step 5: the run stops there, and the step-4 checkpoint is the one
+    an uninterrupted 4-step run writes."""
+    calls = {"train": 0}
+
+    def routing(split, idx):
+        shape = (len(idx), tiny_data.seq_len, 1)
+        weights = torch.ones(shape)
+        if split == "train":
+            calls["train"] += 1
+            if calls["train"] > 5:
+                weights = torch.full(shape, float("nan"))
+        return Routing(torch.zeros(shape, dtype=torch.long), weights)
+
+    cfg = TrainConfig(steps=8, batch_size=4, eval_every=2, checkpoint_every=2, eval_sequences=4, device="cpu")
+    with pytest.raises(Exception, match="became nan at step 5.*step 4.* is kept"):
+        train(tiny_data, tmp_path / "r", small_model(tiny_data), cfg, routing_source=routing, progress=False)
+    calls["train"] = -10**9  # never NaN
+    train(tiny_data, tmp_path / "ref", small_model(tiny_data), cfg, routing_source=routing, stop_after=4,
+          progress=False)
+    kept = read_json(tmp_path / "r" / "checkpoint" / "trainer_state.json", "state")
+    assert kept["step"] == 4
+    a = MoELM.from_pretrained(tmp_path / "r" / "checkpoint").state_dict()
+    b = MoELM.from_pretrained(tmp_path / "ref" / "checkpoint").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overwrite_never_deletes_an_input(capsys, tiny_data, tmp_path):
+    data = copy(tiny_data.path, tmp_path / "data")
+    before = sorted(p.name for p in data.iterdir())
+    code, _, err = run(capsys, "data", "subset", "--data", str(data), "--domains", "code", "--out", str(data),
+                       "--overwrite")
+    assert_one_line_error(code, err, "is also an input")
+    code, _, err = run(capsys, "train", "--data", str(data / "sub" / ".."), "--router", "aux", "--out",
+                       str(tmp_path), "--overwrite", *SMALL_TRAIN)
+    assert_one_line_error(code, err, "is also an input")
+    assert sorted(p.name for p in data.iterdir()) == before
+    PackedDataset.open(data).split("train").checked.check_all()
+
+
+def test_a_second_writer_is_refused(capsys, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from grouter.artifacts import output_lock\n"
+        "with output_lock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(60)"), SRC, str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run(capsys, "train", "--data", str(tiny_data.path), "--router", "aux", "--out", str(out),
+                           *SMALL_TRAIN)
+        assert_one_line_error(code, err, f"is being written by process {holder.pid}")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(out):  # the holder died: its lock died with it
+        pass
+
+
+def test_unfinished_runs_are_refused_downstream_until_resumed(capsys, pipeline, tiny_data, tmp_path):
+    d = str(tiny_data.path)
+    cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=2,
+                    n_heads=2, d_expert=16, n_experts=8, top_k=2)
+    tcfg = TrainConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, eval_sequences=4, device="cpu")
+    train(tiny_data, tmp_path / "source", cfg, tcfg, stop_after=3, progress=False)  # as if killed after step 3
+    code, _, err = run(capsys, "capture", "--source", str(tmp_path / "source"), "--data", d, "--out",
+                       str(tmp_path / "t"))
+    assert_one_line_error(code, err, "did not finish (checkpoint at step 3); rerun the same `grouter source train`")
+    ok(capsys, "capture", "--source", str(tmp_path / "source" / "checkpoint"), "--data", d,  # on purpose
+       "--out", str(tmp_path / "t-partial"))
+    train(tiny_data, tmp_path / "source", cfg, tcfg, progress=False)  # the resume completes it
+    ok(capsys, "capture", "--source", str(tmp_path / "source"), "--data", d, "--out", str(tmp_path / "t"))
+
+    from grouter.capture import Targets
+    from grouter.distill import DistillConfig, distill
+    from grouter.network import GrouterConfig
+
+    targets = Targets.open(pipeline / "targets")
+    gcfg = GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
+                         d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=tiny_data.seq_len)
+    dcfg = DistillConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, device="cpu")
+    distill(targets, tmp_path / "g", gcfg, dcfg, stop_after=3, progress=False)
+    for argv in (["fold", "--experts", "4", "--top-k", "2", "--data", d, "--max-sequences", "16"],
+                 ["dispatch", "--data", d], ["train", "--data", d, *SMALL_TRAIN]):
+        code, _, err = run(capsys, *argv, "--grouter", str(tmp_path / "g"), "--out", str(tmp_path / "x"))
+        assert_one_line_error(code, err, "rerun the same `grouter distill` command to resume it")
+    distill(targets, tmp_path / "g", gcfg, dcfg, progress=False)
+    ok(capsys, "dispatch", "--grouter", str(tmp_path / "g"), "--data", d, "--out", str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--lr", "inf"], "--lr: expected a number greater than 0, got inf"),
+    (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--lr", "nan"], "--lr: expected a number greater than 0"),
+    (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--method", "bias", "--bias-gamma", "nan"], "--bias-gamma"),
+    (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--bias-gamma", "-0.1"], "--bias-gamma"),
+    (["train", "--data", "d", "--router", "aux", "--out", "o", "--warmup-steps", "-1"], "--warmup-steps: expected a number at least 0"),
+    (["train", "--data", "d", "--router", "aux", "--out", "o", "--lr", "0"], "--lr"),
+    (["data", "prepare", "--out", "o", "--max-mb-per-domain", "nan"], "--max-mb-per-domain"),
+    (["data", "tokenize", "--input", "x", "--tokenizer", "t", "--out", "o", "--val-fraction", "1"], "--val-fraction"),
+    (["distill", "--targets", "t", "--out", "o", "--temperature", "-1"], "--temperature"),
+    (["capture", "--source", "s", "--data", "d", "--out", "o", "--layer", "-1"], "--layer"),
+])
+def test_nonsense_settings_are_refused_at_parse_time(capsys, argv, needle):
+    code, out, err = run(capsys, *argv, "--json")
+    assert_one_line_error(code, err, needle)
+    assert json.loads(out.strip().splitlines()[-1]) == {"error": err.strip()[len("error: "):]}
+
+
+def test_json_failures_and_flags_before_the_command(capsys, tmp_path):
+    for argv in (["--json", "train", "--data", str(tmp_path / "nope"), "--router", "aux", "--out", str(tmp_path / "o")],
+                 ["train", "--data", str(tmp_path / "nope"), "--router", "aux", "--out", str(tmp_path / "o"), "--json"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and json.loads(out.strip().splitlines()[-1])["error"].startswith("dataset")
+    code, _, err = run(capsys, "--debug", "train", "--data", str(tmp_path / "nope"), "--router", "aux",
+                       "--out", str(tmp_path / "o"))
+    assert code == 2 and "Traceback" in err
+
+
+def test_a_dataset_without_validation_is_refused_before_training(capsys, tiny_data, tmp_path):
+    data = pack_documents(stdlib_documents()[:8], tiny_data.tokenizer(), tmp_path / "noval",
+                          PackConfig(seq_len=32, val_fraction=0.0))
+    code, _, err = run(capsys, "train", "--data", str(data.path), "--router", "aux", "--out", str(tmp_path / "r"),
+                       *SMALL_TRAIN)
+    assert_one_line_error(code, err, "no validation sequences")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_model_that_cannot_fit_is_refused_with_an_estimate(capsys, tiny_data, tmp_path):
+    code, _, err = run(capsys, "train", "--data", str(tiny_data.path), "--router", "aux", "--out", str(tmp_path / "r"),
+                       "--d-model", "8192", "--d-expert", "65536", "--experts", "256", "--steps", "1")
+    assert_one_line_error(code, err, "GiB free; choose a smaller model")
+    assert MoEConfig(d_model=64, n_experts=4, d_expert=32, n_heads=4).num_parameters() == \
+        MoELM(MoEConfig(d_model=64, n_experts=4, d_expert=32, n_heads=4)).num_parameters()
+
+
+def test_rerunning_a_finished_command_is_a_no_op_and_other_options_are_refused(capsys, pipeline, tiny_data, tmp_path):
+    argv = ["fold", "--grouter", str(pipeline / "grouter"), "--experts", "4", "--top-k", "2", "--data",
+            str(tiny_data.path), "--max-sequences", "16", "--out", str(tmp_path / "f")]
+    first = ok(capsys, *argv)
+    stamp = (tmp_path / "f" / "model.safetensors").stat().st_mtime_ns
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0 and "nothing to do" in err and json.loads(out.strip().splitlines()[-1]) == first
+    assert (tmp_path / "f" / "model.safetensors").stat().st_mtime_ns == stamp
+    code, _, err = run(capsys, *argv, "--seed", "3")
+    assert_one_line_error(code, err, "already exists")
+
+
+def test_output_in_the_way_and_non_utf8_input_get_their_own_messages(capsys, tiny_data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "train", "--data", str(tiny_data.path), "--router", "aux",
+                       "--out", str(tmp_path / "file" / "run"), *SMALL_TRAIN)
+    assert_one_line_error(code, err, "a file is in the way")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    code, _, err = run(capsys, "data", "tokenize", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer",
+                       str(tiny_data.path / "tokenizer.json"), "--out", str(tmp_path / "d"))
+    assert_one_line_error(code, err, "not UTF-8")
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """An interrupt while the commands load (seconds of imports) is reported, not a traceback."""
+    code = ("import sys, importlib.abc\n"
+            "class Stop(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'grouter.cli': raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Stop()); sys.path.insert(0, sys.argv[1])\n"
+            "from grouter.__main__ import main; sys.exit(main())")
+    proc = subprocess.run([sys.executable, "-c", code, SRC], capture_output=True, text=True)
+    assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted"
