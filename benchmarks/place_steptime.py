@@ -9,9 +9,9 @@ tokens per rank, hidden 7,168, 256 experts, top-8 within the top min(nodes, 4) n
 the physical per-GPU link bandwidths that reproduce the published figures, and what the built-in
 profiles predict for them.
 
-``--part plans``: plans for a demo-like routing (the demo's routing store with ``--demo-routing``,
-else synthetic: 9,028 sequences x 128 tokens, 16 experts top-4, strongly clustered, like the
-demo's) and for a larger synthetic routing (128 experts top-8), batch and epoch scope, one per
+``--part plans``: plans for a real routing store (``--store``, e.g. the demo's), or for a
+demo-like synthetic routing (9,028 sequences x 128 tokens, 16 experts top-4, strongly clustered)
+or a larger synthetic routing (128 experts top-8), batch and epoch scope, one per
 layout of the built-in profiles (8 GPUs per node: 1, 2, 4 nodes; a layout needs ranks dividing
 the experts), each with ``global_batch`` = ``--tokens-per-rank`` tokens per rank per step. Reported:
 DeepEP volume vs random, vs the capacity-free and the balanced-LP bound, compute load (overall and
@@ -24,7 +24,8 @@ exchanges: the measured bytes per rank, phase and step equal the model's
 check of the ranking only (4 processes on 2 shared cores).
 
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part calibrate
-    OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --routing demo --json demo.json
+    OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --store demo/routing --json demo.json
+    OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --routing demo-like --json demo-like.json
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --routing large --json large.json
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part gloo
 """
@@ -45,7 +46,7 @@ import numpy as np
 DEEPEP_PUBLISHED = {8: (153, 158, "NVLink"), 16: (43, 43, "RDMA"), 32: (58, 57, "RDMA"), 64: (51, 50, "RDMA")}
 DEEPEP_TOKENS, DEEPEP_HIDDEN, DEEPEP_EXPERTS, DEEPEP_TOPK, FP8_BYTES = 4096, 7168, 256, 8, 1 + 4 / 128
 # Synthetic routings: (sequences, tokens, experts, k, clusters, noise, decay).
-ROUTINGS = {"demo": (9028, 128, 16, 4, 8, 0.05, 0.9), "large": (65536, 64, 128, 8, 32, 0.2, 0.7)}
+ROUTINGS = {"demo-like": (9028, 128, 16, 4, 8, 0.05, 0.9), "large": (65536, 64, 128, 8, 32, 0.2, 0.7)}
 
 
 # -- calibration against DeepEP's published bandwidths --------------------------------------------------
@@ -128,14 +129,13 @@ class _Store:
         return self._ids
 
 
-def open_routing(name: str, demo_routing: str | None, sequences: int | None):
-    """The demo's store when given and present, else the synthetic routing ``name``; and a label."""
+def open_routing(name: str, store_dir: str | None, sequences: int | None):
+    """A real routing store (``store_dir``), else the synthetic routing ``name``; and a label."""
     from grouter.store import RoutingStore
     from grouter.testing import synthetic_routing
 
-    if name == "demo" and demo_routing and Path(demo_routing, "manifest.json").is_file():
-        store = RoutingStore.open(demo_routing)
-        return store, f"demo routing store {demo_routing}"
+    if store_dir:
+        return RoutingStore.open(store_dir), f"routing store {store_dir}"
     n, L, E, k, clusters, noise, decay = ROUTINGS[name]
     n = sequences or n
     ids, _ = synthetic_routing(n, L, E, k, clusters, seed=0, noise=noise, decay=decay)
@@ -300,8 +300,8 @@ def _time_worker(rank: int, world: int, matrices: dict, hidden: int, reps: int, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["calibrate", "plans", "gloo"], required=True)
-    ap.add_argument("--routing", choices=sorted(ROUTINGS), default="demo")
-    ap.add_argument("--demo-routing", default="/work/main/demo/routing", help="the demo's routing store, if made")
+    ap.add_argument("--routing", choices=sorted(ROUTINGS), default="demo-like", help="a synthetic routing")
+    ap.add_argument("--store", default=None, help="plan a real routing store instead (e.g. demo/routing)")
     ap.add_argument("--sequences", type=int, default=None, help="synthetic routing: sequences (default per routing)")
     ap.add_argument("--layouts", type=int, nargs="+", default=None, help="ranks (default: 8 16 [32])")
     ap.add_argument("--scopes", nargs="+", default=["batch", "epoch"])
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     if args.part == "calibrate":
         result = calibrate()
     elif args.part == "plans":
-        store, label = open_routing(args.routing, args.demo_routing, args.sequences)
+        store, label = open_routing(args.routing, args.store, args.sequences)
         layouts = args.layouts or [R for R in (8, 16, 32) if store.n_experts % R == 0]
         result = {"routing": label, "rows": plan_rows(store, layouts, args.tokens_per_rank, args.scopes)}
         print_plans(result["rows"], label)

@@ -144,6 +144,20 @@ def test_a_flipped_byte_is_refused_by_its_consumer(capsys, pipeline, tiny_data, 
     assert not out.exists() or (read_run(out)["status"] == "running" and not (out / "checkpoint").exists())
 
 
+@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.safetensors", "trainer_state.json", "optimizer.json"])
+def test_a_flipped_byte_in_a_training_checkpoint_is_refused_on_resume(capsys, tiny_data, tmp_path, file):
+    argv = ["train", "--data", str(tiny_data.path), "--router", "aux", "--out", str(tmp_path / "r"), *SMALL_TRAIN]
+    cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=64, n_layers=2,
+                    n_heads=4, d_expert=64, n_experts=8, top_k=2)  # the tiny preset: the command's own run
+    tcfg = TrainConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, eval_sequences=4)
+    train(tiny_data, tmp_path / "r", cfg, tcfg, stop_after=3, progress=False)  # as if killed after step 3
+    flip_byte(tmp_path / "r" / "checkpoint" / file, seed=zlib.crc32(file.encode()))
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, "")
+    assert re.search(CORRUPT, err.lower()), err
+    assert read_run(tmp_path / "r")["status"] == "running"
+
+
 def test_verify_checks_every_artifact_and_finds_a_flip(capsys, pipeline, tmp_path):
     for name, kind in (("source", "training run"), ("targets", "targets"), ("grouter", "training run"),
                        ("folded", "model"), ("routing", "routing store"), ("plan", "placement plan")):

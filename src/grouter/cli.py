@@ -602,6 +602,7 @@ def run_command(args) -> int:
             traceback.print_exc()
         return _failure(args, str(e), 2)
     except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the line a progress bar may have left open
         return _failure(args, "interrupted; rerun the same command to resume", 130)
     except (OSError, MemoryError, torch.OutOfMemoryError) as e:  # the machine's limits, not grouter's: say which and what to do
         if args.debug:

@@ -282,6 +282,17 @@ def _load_config(path: Path):
         raise GrouterError(f"invalid Hugging Face config {path / 'config.json'} ({_brief(e)}); fix or re-export config.json") from None
 
 
+def _config_dtype(cfg) -> torch.dtype | None:
+    """The dtype the checkpoint's config says its weights have (``dtype``, formerly ``torch_dtype``)."""
+    for source in (cfg, getattr(cfg, "text_config", None)):
+        value = getattr(source, "dtype", None) or getattr(source, "torch_dtype", None)
+        if isinstance(value, torch.dtype):
+            return value
+        if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+            return getattr(torch, value)
+    return None
+
+
 _EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -375,8 +386,11 @@ def group_limited_topk(scores: torch.Tensor, k: int, n_group: int, topk_group: i
 class _Shards:
     """Which file holds each tensor, and reading single tensors by name from only that file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, dtype: torch.dtype | None = None):
         self.path = path
+        # float tensors must be float32 or the checkpoint's own dtype: a header whose dtype field
+        # was altered (same size, other meaning) is caught before its bytes are read as weights
+        self.float_dtypes = {torch.float32} | ({dtype} if dtype is not None else set())
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
         if index.is_file():
@@ -425,6 +439,10 @@ class _Shards:
                 f"{what} {name!r} could not be read from {self.path / self.file_of[name]} ({str(e).splitlines()[0]}); "
                 "the checkpoint is incomplete or corrupt"
             ) from None
+        if not tensor.is_floating_point() or tensor.dtype not in self.float_dtypes:
+            raise GrouterError(f"{what} {name!r} in {self.path / self.file_of[name]} is {tensor.dtype}, not "
+                               f"{' or '.join(sorted(map(str, self.float_dtypes)))} as config.json says: the "
+                               "checkpoint is corrupt; re-download it")
         self.read[name] = None
         return tensor
 
@@ -549,7 +567,7 @@ class HFRouterPrefix:
         self.top_k = self.info.top_k
         self.score_function = self.info.score_function
 
-        shards = _Shards(self.path)
+        shards = _Shards(self.path, _config_dtype(full_cfg))
         try:
             self._build(full_cfg, shards)
         finally:

@@ -13,16 +13,17 @@ Three kinds, by size and access pattern:
   pays for what it reads, once, and a training run that reads 1 % of a store hashes 1 % of it.
   ``grouter verify DIR`` checks everything at once.
 
-Chunk digests are the first 128 bits of SHA-256: the threat is corruption, not an adversary.
-docs/method.md#integrity gives the measured cost.
+Chunk digests are CRC-32: the threat is corruption (a flipped bit, a torn or truncated write), not
+an adversary, and CRC-32 hashes at memory speed where SHA-256 would double the cost of reading a
+store (docs/RESULTS.md#integrity-checks has both measured). Whole files and manifests use SHA-256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,11 @@ import numpy as np
 from .errors import GrouterError
 
 CHUNK_BYTES = 1 << 22  # 4 MiB
-_DIGEST_CHARS = 32
+CHUNK_ALGORITHM = "crc32"
 
 
-def _digest(block: bytes) -> str:
-    return hashlib.sha256(block).hexdigest()[:_DIGEST_CHARS]
+def _digest(block) -> str:
+    return f"{zlib.crc32(block):08x}"
 
 
 def fingerprint_of(obj) -> str:
@@ -58,8 +59,8 @@ def file_checksum(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> dict:
     with open(path, "rb") as f:
         while block := f.read(chunk_bytes):
             chunks.append(_digest(block))
-    return {"bytes": Path(path).stat().st_size, "chunk_bytes": chunk_bytes, "chunks": chunks,
-            "sha256": hashlib.sha256("".join(chunks).encode()).hexdigest()}
+    return {"algorithm": CHUNK_ALGORITHM, "bytes": Path(path).stat().st_size, "chunk_bytes": chunk_bytes,
+            "chunks": chunks, "sha256": hashlib.sha256("".join(chunks).encode()).hexdigest()}
 
 
 def verify_file(path: str | Path, sha256: str | None, what: str, fix: str) -> None:
@@ -88,6 +89,9 @@ class CheckedFile:
             self.digests = list(checksum["chunks"])
         except (KeyError, TypeError, ValueError):
             raise GrouterError(f"{what} {self.path} has no valid recorded checksum; {fix}") from None
+        if checksum.get("algorithm") != CHUNK_ALGORITHM:
+            raise GrouterError(f"{what} {self.path} was checksummed with {checksum.get('algorithm')!r}, this grouter "
+                               f"checks {CHUNK_ALGORITHM}; {fix}")
         actual = self.path.stat().st_size if self.path.is_file() else None
         if actual != self.size or len(self.digests) != -(-self.size // self.chunk):
             raise GrouterError(f"{what} {self.path} is missing or truncated ({actual} bytes, expected {self.size}); "
@@ -120,12 +124,11 @@ class CheckedFile:
         todo = chunks[~self._ok[chunks]]
         if not todo.size:
             return
-        with self._lock, open(self.path, "rb") as f:
+        with self._lock:
+            data = np.memmap(self.path, dtype=np.uint8, mode="r")  # hashed in place: the page cache, no copy
             for i in todo.tolist():
-                if self._ok[i]:
-                    continue
-                if _digest(os.pread(f.fileno(), self.chunk, i * self.chunk)) != self.digests[i]:
-                    lo = i * self.chunk
+                lo = i * self.chunk
+                if not self._ok[i] and _digest(data[lo:lo + self.chunk]) != self.digests[i]:
                     raise GrouterError(f"{self.what} {self.path} is corrupt: bytes {lo}..{min(lo + self.chunk, self.size) - 1} "
                                        f"do not match their checksum; {self.fix}")
                 self._ok[i] = True
