@@ -110,7 +110,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
-from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 from torch.utils.data import Sampler
 
 from .artifacts import atomic_dir, atomic_write_bytes, encode_json, read_json, read_manifest, write_json
@@ -224,6 +223,8 @@ def _merge(centers: np.ndarray, n: int) -> np.ndarray:
     """Labels merging ``centers`` into ``n`` groups (Ward agglomerative; identity when equal)."""
     if len(centers) == n:
         return np.arange(n)
+    from sklearn.cluster import AgglomerativeClustering  # scikit-learn takes a second to import: on use
+
     return AgglomerativeClustering(n_clusters=n, linkage="ward").fit_predict(centers)
 
 
@@ -233,6 +234,8 @@ def cluster_affinity(phi: np.ndarray, n_partitions: int, clusters: int = 100, se
     Returns ``{"centers" [K, E], "sizes" [K], "partition_of_cluster" [K], "centroids" [P, E],
     "method"}``; ``phi`` needs at least ``n_partitions`` rows.
     """
+    from sklearn.cluster import KMeans, MiniBatchKMeans  # scikit-learn takes a second to import: on use
+
     n = len(phi)
     K = min(max(clusters, n_partitions), n)
     X = np.ascontiguousarray(phi, dtype=np.float32)
