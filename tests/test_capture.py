@@ -117,7 +117,7 @@ def test_layer_out_of_range(tmp_path, tiny_data):
 
 def test_source_without_moe_router(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data, router="hash")
-    with pytest.raises(GrouterError, match="not its routing"):
+    with pytest.raises(GrouterError, match="not its learned routing"):
         capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
 
 

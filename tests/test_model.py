@@ -23,7 +23,7 @@ def random_routing(b, l, k=2, e=8, seed=0) -> Routing:
 
 @pytest.mark.parametrize("router", [r for r in ROUTER_KINDS if r != "external"])
 def test_every_router_runs_forward_and_backward(router):
-    model = tiny_model(router=router)
+    model = tiny_model(router=router, stablemoe_stage1_steps=1)
     x = torch.randint(0, 100, (3, 16))
     router_inputs = []
     for block in model.blocks:
@@ -33,20 +33,26 @@ def test_every_router_runs_forward_and_backward(router):
     assert torch.isfinite(out.loss)
     assert out.expert_counts.shape == (2, 8)
     assert out.expert_counts.sum(1).tolist() == [3 * 16 * 2] * 2
-    # the auxiliary loss, recomputed from each layer's router input: only aux and zloss have one
+    # the auxiliary loss, recomputed from each layer's router input: only aux, zloss and stablemoe
+    # (in its first stage: balance + distillation) have one
     expected = 0.0
     for block, h in zip(model.blocks, router_inputs):
-        if router in ("aux", "zloss"):
+        if router in ("aux", "zloss", "stablemoe"):
             logits = h.float() @ block.moe.router.gate.weight.detach().float().T
             ids = logits.topk(2, dim=-1).indices
             expected += model.cfg.aux_loss_coef * load_balancing_loss(logits, ids, 8).item()
             if router == "zloss":
                 expected += model.cfg.z_loss_coef * z_loss(logits).item()
+            if router == "stablemoe":
+                r = block.moe.router
+                distilled = r.head(r.embed(x.reshape(-1))).detach().float()
+                expected += F.kl_div(distilled.log_softmax(-1), logits.log_softmax(-1), log_target=True,
+                                     reduction="batchmean").item()
     assert len(router_inputs) == 2 and out.aux_loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
     assert out.loss.item() == pytest.approx(out.lm_loss.item() + out.aux_loss.item(), rel=1e-6)
     out.loss.backward()
     assert model.blocks[0].moe.experts.w_in.grad.abs().sum() > 0
-    if router in ("aux", "zloss"):
+    if router in ("aux", "zloss", "stablemoe"):
         assert model.blocks[0].moe.router.gate.weight.grad.abs().sum() > 0
 
 

@@ -26,7 +26,8 @@ def test_reduced_reproduction_end_to_end(tmp_path, capsys):
     report = json.loads((out / "report" / "report.json").read_text())
     runs = report["runs"]
     assert set(runs) == {"grouter", "grouter-raw", "grouter-bidirectional", "grouter-raw-fold-random",
-                         "grouter-raw-fold-balance", "aux", "zloss", "auxfree", "hash", "random", "none"}
+                         "grouter-raw-fold-balance", "aux", "zloss", "auxfree", "hash", "random", "stablemoe",
+                         "none"}
     assert len({r["tokens"] for r in runs.values()}) == 1, "equal tokens for every run"
     assert runs["grouter-bidirectional"]["router"] == "grouter (bidirectional, leaks)"
     # the source and the Grouter never saw the held-out domain; the targets validate on it

@@ -97,3 +97,53 @@ def test_precomputed_grouping_keeps_counts_on_the_host():
     r = Routing(ids, torch.full(ids.shape, 0.5)).grouped(4).to("meta")
     assert r.ids.device.type == r.order.device.type == "meta"
     assert r.counts.device.type == "cpu" and r.counts.tolist() == [2, 2, 3, 1]
+
+
+def test_stablemoe_learns_then_freezes_its_distilled_router():
+    """Stage 1: the learned gate routes, trained by the balance loss, and the lightweight token-id
+    router learns it by distillation. From the switch step on, the lightweight router alone routes,
+    nothing of the router gets a gradient, and its weights no longer change."""
+    from grouter.model import MoEConfig, MoELM
+    from grouter.routers import StableMoERouter
+
+    cfg = MoEConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_expert=16, n_experts=8, top_k=2,
+                    max_seq_len=16, router="stablemoe", stablemoe_stage1_steps=3, stablemoe_dim=8)
+    model = MoELM(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    router = model.blocks[0].moe.router
+    assert isinstance(router, StableMoERouter) and not router.frozen
+    for step in range(6):
+        out = model(ids, labels=ids)
+        opt.zero_grad()
+        out.loss.backward()
+        grads = {n: p.grad for n, p in router.named_parameters()}
+        if step < 3:  # stage 1: the gate routes and every router part learns
+            hidden = {}
+            h = router.register_forward_pre_hook(lambda mod, args: hidden.update(x=args[0]))
+            with torch.no_grad():
+                routed = model(ids).routing_ids[0]
+            h.remove()
+            gate_ids = topk_gating(router.gate(hidden["x"]).float(), 2).ids.view(routed.shape)
+            assert torch.equal(routed, gate_ids)
+            assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), step
+            assert out.aux_loss > 0
+        else:  # stage 2: the distilled router routes, frozen
+            assert router.frozen and all(g is None for g in grads.values()), step
+            distilled = topk_gating(router.head(router.embed(ids)), 2).ids
+            with torch.no_grad():
+                assert torch.equal(model(ids).routing_ids[0], distilled)
+            assert float(out.aux_loss) == 0.0
+            before = {n: p.detach().clone() for n, p in router.named_parameters()}
+        opt.step()
+        model.after_optimizer_step()
+        if step >= 3:
+            assert all(torch.equal(before[n], p) for n, p in router.named_parameters())
+    assert int(router.steps) == 6
+
+
+def test_stablemoe_needs_its_first_stage():
+    from grouter.model import MoEConfig
+
+    with pytest.raises(GrouterError, match="stablemoe_stage1_steps"):
+        MoEConfig(router="stablemoe").validate()

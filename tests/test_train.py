@@ -57,7 +57,7 @@ def test_balancing_routers_balance_better_than_none(tiny_data, tmp_path):
     assert vio["hash"] < vio["none"] and vio["aux"] < vio["none"]
 
 
-@pytest.mark.parametrize("router", ["aux", "auxfree", "hash"])
+@pytest.mark.parametrize("router", ["aux", "auxfree", "hash", "stablemoe"])
 def test_resume_is_exact(tiny_data, tmp_path, router):
     """N steps, stop, resume for N more: bit-identical to 2N steps uninterrupted."""
     mcfg, tcfg = model_cfg(tiny_data, router=router), train_cfg(steps=20, checkpoint_every=10, eval_every=10)
@@ -159,3 +159,14 @@ def test_training_from_the_store_equals_online_grouter_routing(tiny_data, tmp_pa
     assert a["final_val_loss"] == b["final_val_loss"]
     model = MoELM.from_pretrained(tmp_path / "a" / "checkpoint")
     assert not any("router" in name for name, _ in model.named_parameters()), "no router parameters"
+
+
+def test_stablemoe_switches_at_ten_percent_and_its_routing_then_stays(tiny_data, tmp_path):
+    from grouter.report import RunRecord
+
+    train(tiny_data, tmp_path / "s", model_cfg(tiny_data, router="stablemoe"), train_cfg(eval_every=10),
+          progress=False)
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert run["identity"]["model"]["stablemoe_stage1_steps"] == 4  # 10 % of 40 steps
+    consistency = RunRecord.load(tmp_path / "s").probe_consistency()
+    assert [step for step, _ in consistency] == [20, 30, 40] and all(v == 1.0 for _, v in consistency)

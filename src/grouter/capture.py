@@ -81,8 +81,8 @@ class BuiltinRouterPrefix:
         self.layer = 0 if layer is None else layer
         if not 0 <= self.layer < cfg.n_layers:
             raise GrouterError(f"layer {self.layer} is out of range: the source has MoE layers 0..{cfg.n_layers - 1}")
-        if cfg.router in ("external", "hash"):
-            raise GrouterError(f"the source routes with {cfg.router!r}: its gate logits are not its routing; "
+        if cfg.router in ("external", "hash", "stablemoe"):
+            raise GrouterError(f"the source routes with {cfg.router!r}: its gate logits are not its learned routing; "
                                "capture from a source trained with a learned router (aux, zloss, auxfree, none)")
         self.data_info = meta.get("data", {})
         self.n_experts, self.top_k, self.vocab_size = cfg.n_experts, cfg.top_k, cfg.vocab_size

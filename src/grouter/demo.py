@@ -43,7 +43,7 @@ class DemoConfig:
     target_steps: int = 200
     batch_size: int = 16
     eval_every: int = 50  # target runs: validation points for the tokens-to-loss curves
-    baselines: tuple[str, ...] = ("aux", "auxfree")
+    baselines: tuple[str, ...] = ("aux", "auxfree", "random")  # random: the strongest at this scale
     ranks: int = 4
     seed: int = 0  # of the target runs (initialisation and data order)
 

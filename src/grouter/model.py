@@ -16,7 +16,7 @@ from torch import nn
 
 from .artifacts import header, load_weights, read_manifest, save_weights
 from .errors import GrouterError
-from .routers import ROUTER_KINDS, AuxFreeRouter, HashRouter, Routing, build_router, expert_counts
+from .routers import ROUTER_KINDS, AuxFreeRouter, HashRouter, Routing, StableMoERouter, build_router, expert_counts
 
 
 MODEL_FORMAT, MODEL_VERSION = "grouter-moe-lm", 2  # 2: the weights' checksum in config.json
@@ -39,6 +39,8 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
     auxfree_gamma: float = 1e-3
+    stablemoe_stage1_steps: int = 0  # StableMoE's learned stage (0: 10 % of the run, set by grouter.train)
+    stablemoe_dim: int = 32  # StableMoE's lightweight router: token-embedding size
     init_std: float = 0.02
     seed: int = 0
 
@@ -49,6 +51,9 @@ class MoEConfig:
             raise GrouterError(f"top-k {self.top_k} must be between 1 and the number of experts ({self.n_experts})")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise GrouterError(f"d_model {self.d_model} must split into {self.n_heads} heads of even size")
+        if self.router == "stablemoe" and not (self.stablemoe_stage1_steps >= 1 and self.stablemoe_dim >= 1):
+            raise GrouterError("StableMoE needs stablemoe_stage1_steps >= 1 (grouter train sets 10 % of the run) "
+                               "and stablemoe_dim >= 1")
         for name in ("vocab_size", "d_model", "n_layers", "d_expert", "n_experts", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise GrouterError(f"model config {name} must be positive, got {getattr(self, name)}")
@@ -59,6 +64,8 @@ class MoEConfig:
         allocate the model it checks)."""
         d, f, E = self.d_model, self.d_expert, self.n_experts
         router = E * d if self.router in ("aux", "zloss", "none", "auxfree", "hash") else 0  # random: a buffer
+        if self.router == "stablemoe":
+            router = E * d + (self.vocab_size + E) * self.stablemoe_dim
         layer = 4 * d * d + 2 * d + router + E * 3 * d * f + self.n_shared_experts * 3 * d * f
         return 2 * self.vocab_size * d + self.n_layers * layer + d
 
@@ -193,9 +200,7 @@ class SwiGLU(nn.Module):
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, layer_index: int):
         super().__init__()
-        self.router = build_router(cfg.router, cfg.d_model, cfg.n_experts, cfg.top_k, cfg.vocab_size,
-                                   cfg.aux_loss_coef, cfg.z_loss_coef, cfg.auxfree_gamma,
-                                   seed=cfg.seed * 1000 + layer_index)
+        self.router = build_router(cfg, layer_index)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_expert)
         self.shared = SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.d_expert) if cfg.n_shared_experts else None
 
@@ -284,10 +289,12 @@ class MoELM(nn.Module):
         return [blk.moe.router for blk in self.blocks if blk.moe.router is not None]
 
     def after_optimizer_step(self) -> None:
-        """Router updates that are not gradients (aux-loss-free bias sign rule)."""
+        """Router updates that are not gradients (aux-loss-free bias sign rule, StableMoE's step count)."""
         for r in self.routers():
             if isinstance(r, AuxFreeRouter):
                 r.update_bias()
+            elif isinstance(r, StableMoERouter):
+                r.after_step()
 
     def set_token_counts(self, token_counts) -> None:
         """Build the balanced hash tables from the training data's token frequencies."""

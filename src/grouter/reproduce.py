@@ -37,7 +37,7 @@ class ReproduceConfig(DemoConfig):
     distill_steps: int = 1000
     tune_tokens: int = 500_000
     target_steps: int = 1000
-    baselines: tuple[str, ...] = ("aux", "zloss", "auxfree", "hash", "random", "none")
+    baselines: tuple[str, ...] = ("aux", "zloss", "auxfree", "hash", "random", "stablemoe", "none")
     held_out_domain: str = "code"
     fold_ablation: tuple[str, ...] = ("random", "balance")
     causal_ablation: bool = True

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import GrouterError
 
-ROUTER_KINDS = ("aux", "zloss", "auxfree", "hash", "random", "none", "external")
+ROUTER_KINDS = ("aux", "zloss", "auxfree", "hash", "random", "stablemoe", "none", "external")
 
 
 @dataclass
@@ -200,17 +200,58 @@ class RandomRouter(nn.Module):
         return topk_gating(logits, self.k), logits.new_zeros(())
 
 
-def build_router(kind: str, d_model: int, n_experts: int, k: int, vocab_size: int,
-                 aux_coef: float, z_coef: float, auxfree_gamma: float, seed: int) -> nn.Module | None:
-    """The router module of one MoE layer, or None for ``external`` (routing comes with the batch)."""
+class StableMoERouter(nn.Module):
+    """StableMoE (Dai et al., 2022): stage 1 routes with a learned router trained with the balance
+    loss while distilling it into a lightweight router that reads token ids only (an embedding
+    table and a linear head); after ``stage1_steps`` optimizer steps the lightweight router is
+    frozen and routes alone (stage 2), so routing stops changing. Distillation: KL from the learned
+    router's softmax (no gradient) to the lightweight one's, added to the loss in stage 1.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, k: int, vocab_size: int, stage1_steps: int, dim: int,
+                 aux_coef: float):
+        super().__init__()
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.head = nn.Linear(dim, n_experts, bias=False)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimizer steps so far (checkpointed)
+        self.n_experts, self.k, self.stage1_steps, self.aux_coef = n_experts, k, stage1_steps, aux_coef
+
+    @property
+    def frozen(self) -> bool:
+        return int(self.steps) >= self.stage1_steps
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+        if self.frozen:
+            with torch.no_grad():
+                return topk_gating(self.head(self.embed(token_ids)), self.k), x.new_zeros((), dtype=torch.float32)
+        logits = F.linear(x.float(), self.gate.weight.float())
+        routing = topk_gating(logits, self.k)
+        distilled = self.head(self.embed(token_ids)).float()
+        distill = F.kl_div(distilled.log_softmax(-1), logits.detach().log_softmax(-1), log_target=True,
+                           reduction="batchmean")
+        return routing, self.aux_coef * load_balancing_loss(logits, routing.ids, self.n_experts) + distill
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.steps += 1
+
+
+def build_router(cfg, layer_index: int) -> nn.Module | None:
+    """The router module of layer ``layer_index`` of a model with config ``cfg`` (a
+    :class:`~grouter.model.MoEConfig`), or None for ``external`` (routing comes with the batch)."""
+    kind, d, E, k = cfg.router, cfg.d_model, cfg.n_experts, cfg.top_k
     if kind in ("aux", "zloss", "none"):
-        return LearnedRouter(d_model, n_experts, k, kind, aux_coef, z_coef)
+        return LearnedRouter(d, E, k, kind, cfg.aux_loss_coef, cfg.z_loss_coef)
     if kind == "auxfree":
-        return AuxFreeRouter(d_model, n_experts, k, auxfree_gamma)
+        return AuxFreeRouter(d, E, k, cfg.auxfree_gamma)
     if kind == "hash":
-        return HashRouter(d_model, n_experts, k, vocab_size)
+        return HashRouter(d, E, k, cfg.vocab_size)
     if kind == "random":
-        return RandomRouter(d_model, n_experts, k, seed)
+        return RandomRouter(d, E, k, cfg.seed * 1000 + layer_index)
+    if kind == "stablemoe":
+        return StableMoERouter(d, E, k, cfg.vocab_size, cfg.stablemoe_stage1_steps, cfg.stablemoe_dim,
+                               cfg.aux_loss_coef)
     if kind == "external":
         return None
     raise GrouterError(f"unknown router {kind!r}; choose one of {', '.join(ROUTER_KINDS)}")

@@ -7,8 +7,9 @@ loads per step, validation per domain and routing probes for the consistency met
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -134,6 +135,8 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
     step (after checkpointing), which is how the resume test simulates an interruption.
     """
     out = Path(out)
+    if model_cfg.router == "stablemoe" and model_cfg.stablemoe_stage1_steps == 0:  # the paper's 10 % of the run
+        model_cfg = replace(model_cfg, stablemoe_stage1_steps=max(1, math.ceil(0.1 * cfg.steps)))
     check_inputs(data, model_cfg, cfg, routing_source)
     schedule = {k: v for k, v in asdict(cfg).items() if k != "device"}  # where it runs is not what it is
     identity = {"model": asdict(model_cfg), "train": schedule, "data_fingerprint": data.fingerprint,
