@@ -548,7 +548,7 @@ def _writing(args) -> Iterator[None]:
         yield
         return
     target = out.resolve()
-    for path in _inputs(args):
+    for path in _inputs(args) if hasattr(args, "overwrite") else ():  # demo and reproduce never delete
         if target == path.resolve() or target in path.resolve().parents:
             raise GrouterError(f"--out {out} is also an input of this command ({path}); --overwrite would delete it: "
                                "choose another --out")
