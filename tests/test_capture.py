@@ -47,6 +47,52 @@ def test_captured_logits_equal_full_forward(tmp_path, tiny_data, layer):
     assert targets.manifest["source"]["layer"] == layer
 
 
+@pytest.mark.parametrize("layers", [[0, 2], "all"])
+def test_several_layers_equal_each_layers_own_logits(tmp_path, tiny_data, layers):
+    """Per-layer heads: the scores of every captured layer, [n, L, H, E], are that layer's gate logits."""
+    model = make_source(tmp_path, tiny_data).eval()
+    result = capture(tmp_path / "src", tiny_data, tmp_path / "t", layers=layers, progress=False)
+    chosen = [0, 1, 2] if layers == "all" else layers
+    targets = Targets.open(tmp_path / "t")
+    m = targets.manifest
+    assert (m["version"], m["layers"], m["source_layers"], "layer" in m) == (3, chosen, 3, False)
+    assert result["layers"] == chosen and targets.layers == chosen and targets.heads.layers == tuple(chosen)
+    idx = np.arange(5)
+    ids = tiny_data.split("train").batch(idx)["input_ids"]
+    got = targets.logits("train", idx)
+    assert got.shape == (5, tiny_data.seq_len, len(chosen), 8)
+    for h, layer in enumerate(chosen):
+        expected = full_forward_router_logits(model, ids, layer).view(5, tiny_data.seq_len, 8)
+        torch.testing.assert_close(got[:, :, h], expected.half().float(), rtol=0, atol=1e-3)
+    assert [g["layer"] for g in m["source"]["gates"]] == chosen and m["source"]["n_layers"] == 3
+    assert targets.array("val").shape == (len(tiny_data.split("val")), tiny_data.seq_len, len(chosen), 8)
+
+
+def test_one_layer_targets_keep_their_layout(tmp_path, tiny_data):
+    """One layer (also as a one-element list) is written as before per-layer heads: version 2, ``layer``."""
+    make_source(tmp_path, tiny_data)
+    capture(tmp_path / "src", tiny_data, tmp_path / "t", layers=[1], progress=False)
+    capture(tmp_path / "src", tiny_data, tmp_path / "t1", layer=1, progress=False)
+    m = read_json(tmp_path / "t" / "targets.json", "targets")
+    assert (m["version"], m["layer"], "layers" in m, m["source"]["layer"]) == (2, 1, False, 1)
+    assert m == read_json(tmp_path / "t1" / "targets.json", "targets")
+    targets = Targets.open(tmp_path / "t")
+    assert (targets.layers, targets.heads, targets.logits("val", [0]).shape) == ([1], None, (1, 32, 8))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(layers=[0, 0]), "distinct MoE layers"),
+    (dict(layers=[0, 3]), "layer 3 is out of range"),
+    (dict(layers="most"), "list of layer indices or 'all'"),
+    (dict(layer=0, layers=[1, 2]), "not both"),
+])
+def test_bad_layer_lists(tmp_path, tiny_data, kw, message):
+    make_source(tmp_path, tiny_data)
+    with pytest.raises(GrouterError, match=message):
+        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False, **kw)
+    assert not (tmp_path / "t").exists()
+
+
 def test_auxfree_source_records_the_scores_it_selects_by(tmp_path, tiny_data):
     """An aux-loss-free router selects by sigmoid(logits) + its selection bias: that is what is recorded."""
     model = make_source(tmp_path, tiny_data, router="auxfree").eval()

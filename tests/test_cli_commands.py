@@ -318,7 +318,8 @@ def test_capture_refuses_a_layer_the_source_lacks(capsys, tiny_data, pipe, tmp_p
     code, _, err = run(capsys, "capture", "--source", str(pipe["source"][0]), "--data", str(tiny_data.path),
                        "--out", str(out), "--layer", "5", "--device", "cpu")
     assert code == 2
-    assert_one_line_error(code, err, f"layer 5 is out of range: the source has MoE layers 0..{TINY['n_layers'] - 1}")
+    assert_one_line_error(code, err, f"layer 5 is out of range: the source has {TINY['n_layers']} layers "
+                                     f"(0..{TINY['n_layers'] - 1}); MoE layers are 0, 1")
     assert_nothing_written(out)
 
 

@@ -137,6 +137,26 @@ def test_captured_logits_equal_full_forward(source):
         assert (prefix.n_experts, prefix.top_k, prefix.vocab_size) == (8, 2, VOCAB)
 
 
+def test_several_layers_equal_each_layers_gate(source):
+    """Every MoE layer at once: [B, T, H, E], each layer's own gate logits; one prefix up to the
+    deepest layer is read, and each gate is recorded with its hash."""
+    prefix = HFRouterPrefix(source["dir"], layers="all")
+    assert prefix.layers == source["moe_layers"] and prefix.n_layers == ARCHS[source["model_type"]][0]["num_hidden_layers"]
+    out = prefix.router_logits(source["ids"])
+    assert out.dtype == torch.float32 and out.shape == (3, SEQ, len(source["moe_layers"]), 8)
+    for h, layer in enumerate(source["moe_layers"]):
+        torch.testing.assert_close(out[:, :, h], source["refs"][layer], atol=1e-5, rtol=0)
+    # twice: the hooks of the earlier layers leave nothing behind between calls
+    torch.testing.assert_close(prefix.router_logits(source["ids"][:1]), out[:1], atol=1e-5, rtol=0)
+    names = prefix.loaded_tensor_names
+    assert len(names) == len(set(names)) and not [n for n in names if (_layer_of(n) or 0) > source["moe_layers"][-1]]
+    desc = json.loads(json.dumps(prefix.describe()))
+    assert desc["layers"] == source["moe_layers"] and "layer" not in desc and desc["scores"] == "H @ W^T"
+    assert len({g["gate_weight_sha256"] for g in desc["gates"]}) == len(source["moe_layers"])
+    with pytest.raises(GrouterError, match="captures layers"):
+        prefix.layer  # noqa: B018
+
+
 def test_loads_only_the_prefix(source):
     on_disk = _disk_tensors(source["dir"])
     for layer in source["capture"]:

@@ -147,3 +147,46 @@ def test_stablemoe_needs_its_first_stage():
 
     with pytest.raises(GrouterError, match="stablemoe_stage1_steps"):
         MoEConfig(router="stablemoe").validate()
+
+
+def test_layer_heads_nearest_relative_depth_ties_to_the_shallower():
+    from grouter.routers import layer_heads
+
+    # heads from source layers 1, 2, 3 of 4; a 4-layer target: depths .125 .375 .625 .875
+    assert layer_heads([1, 2, 3], 4, 4) == [0, 0, 1, 2]  # .375 is exactly head 0's depth
+    assert layer_heads([0, 1, 2, 3], 4, 8) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert layer_heads([0, 3], 4, 2) == [0, 1]
+    assert layer_heads([0, 2], 4, 1) == [1]  # depth .5 is .375 from head 0 (.125) and .125 from head 1 (.625)
+    assert layer_heads([0, 2], 4, 1) == [min(range(2), key=lambda h: abs(0.5 - ([0, 2][h] + 0.5) / 4))]
+    assert layer_heads([1, 3], 4, 2) == [0, 1]
+    assert layer_heads([0, 1], 2, 1) == [0]  # an exact tie (.25 each way): the shallower head
+    with pytest.raises(GrouterError, match="at least one layer"):
+        layer_heads([0, 1], 2, 0)
+
+
+def test_heads_validate_and_map():
+    from grouter.routers import Heads
+
+    assert Heads.of([3], 4) is None and Heads.of([], 4) is None
+    heads = Heads.of([1, 3], 4)
+    assert (heads.layers, len(heads), heads.for_target(4)) == ((1, 3), 2, (0, 0, 0, 1))  # .625: a tie
+    for bad in ([3, 1], [1, 1], [1, 4]):
+        with pytest.raises(GrouterError, match="distinct source layers in increasing order"):
+            Heads(tuple(bad), 4)
+
+
+def test_per_layer_routing_groups_per_head_and_gives_each_layer_its_head():
+    from grouter.routers import Heads
+
+    heads = Heads((0, 5), 6)
+    ids = torch.randint(0, 8, (2, 5, 2, 3))
+    r = Routing(ids, torch.rand(2, 5, 2, 3), heads=heads).grouped(8)
+    assert r.order.shape == (2, 30) and r.counts.shape == (2, 8)
+    for layer, h in enumerate([0, 0, 1]):  # a 3-layer target: depths 1/6, 1/2, 5/6 -> heads 0, 0 (tie), 1
+        one = r.for_layer(layer, 3)
+        assert one.heads is None and torch.equal(one.ids, ids[:, :, h]) and torch.equal(one.weights, r.weights[:, :, h])
+        plain = Routing(ids[:, :, h], r.weights[:, :, h]).grouped(8)
+        assert torch.equal(one.order, plain.order) and torch.equal(one.counts, plain.counts)
+    assert r.to("cpu").heads == heads
+    single = Routing(ids[:, :, 0], r.weights[:, :, 0])
+    assert single.for_layer(2, 3) is single

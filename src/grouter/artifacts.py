@@ -163,12 +163,12 @@ def _named(what: str) -> str:
     return what if what.lower().startswith("grouter") else f"grouter {what}"
 
 
-def read_manifest(path: Path, file: str, fmt: str, version: int, what: str, create: str,
+def read_manifest(path: Path, file: str, fmt: str, version: int | tuple[int, ...], what: str, create: str,
                   accept_file: bool = False) -> dict:
     """The manifest of an artifact directory, after checking that the directory exists and holds
-    this format at this version. ``what`` names the artifact ("routing store"); ``create`` is the
-    command that makes one, quoted in every message. ``accept_file``: ``path`` may also be the
-    manifest file itself (any name), for artifacts that are a single file."""
+    this format at this version (or one of these versions). ``what`` names the artifact ("routing
+    store"); ``create`` is the command that makes one, quoted in every message. ``accept_file``:
+    ``path`` may also be the manifest file itself (any name), for artifacts that are a single file."""
     path = Path(path)
     if accept_file and path.is_file():
         file, source = path.name, path
@@ -181,9 +181,10 @@ def read_manifest(path: Path, file: str, fmt: str, version: int, what: str, crea
     manifest = _load_json(source, f"{what} manifest")
     if manifest.get("format") != fmt:
         raise GrouterError(f"{path} is not a {_named(what)} ({file} format is {manifest.get('format')!r})")
-    if manifest.get("version") != version:
+    versions = version if isinstance(version, tuple) else (version,)
+    if manifest.get("version") not in versions:
         raise GrouterError(f"{what} {path} has format version {manifest.get('version')!r} but this grouter reads "
-                           f"version {version}; re-create it with `{create}`")
+                           f"version {' or '.join(map(str, versions))}; re-create it with `{create}`")
     return _checked(manifest, source, f"{what} manifest", required=True)
 
 

@@ -250,17 +250,28 @@ def add_training(sub) -> None:
 
 # -- capture, distill, fold, tune ------------------------------------------------------------------
 def cmd_capture(args) -> dict:
-    return capture(args.source, _data(args), args.out, layer=args.layer, batch_size=args.batch_size,
-                   device=args.device, overwrite=args.overwrite)
+    return capture(args.source, _data(args), args.out, layer=args.layer, layers=args.layers,
+                   batch_size=args.batch_size, device=args.device, overwrite=args.overwrite)
+
+
+def _layer_list(text: str) -> list[int] | str:
+    """``--layers``: ``all``, or comma-separated layer indices."""
+    if text.strip() == "all":
+        return "all"
+    return [_count(part.strip()) for part in text.split(",")]
 
 
 def add_capture(sub) -> None:
-    p = _command(sub, "capture", "record a source MoE's router scores (one layer) for a dataset", cmd_capture)
+    p = _command(sub, "capture", "record a source MoE's router scores (one layer, or several) for a dataset",
+                 cmd_capture)
     p.add_argument("--source", required=True, type=Path,
                    help="a `grouter source train` output or a Hugging Face MoE directory (Qwen2/3-MoE, OLMoE, Mixtral)")
     p.add_argument("--data", required=True, type=Path)
     _output(p)
-    p.add_argument("--layer", type=_count, default=None, help="MoE layer to capture (default: the first MoE layer)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--layer", type=_count, default=None, help="MoE layer to capture (default: the first MoE layer)")
+    which.add_argument("--layers", type=_layer_list, default=None, metavar="L1,L2,...|all",
+                       help="several MoE layers (or all of them): distill then gives one Grouter head per layer")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     _device(p)
 

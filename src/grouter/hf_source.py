@@ -1,8 +1,8 @@
-"""Routing scores of one MoE layer of a Hugging Face model, loading only the prefix that feeds it.
+"""Routing scores of MoE layers of a Hugging Face model, loading only the prefix that feeds them.
 
-grouter distils a small router from the gate of ONE MoE layer ``L`` of a source model. The gate's
-scores depend on nothing after the gate, so :class:`HFRouterPrefix` reads from the safetensors
-shards only
+grouter distils a small router from the gate of one MoE layer ``L`` of a source model (or one head
+per layer from the gates of several layers, ``L`` the deepest). The gate's scores depend on
+nothing after the gate, so :class:`HFRouterPrefix` reads from the safetensors shards only
 
 * the token embedding,
 * every tensor of the decoder layers ``0 .. L-1`` (experts included: they feed layer ``L``),
@@ -16,8 +16,9 @@ exactly the prefix tensors), so the checkpoint-to-module conversions of the inst
 (fused experts, renamed modules) apply unchanged. In that model layer ``L``'s MoE block is
 replaced, while it is still on the meta device, by a probe that keeps only the gate (and the
 selection bias); the model's own forward supplies rotary embeddings, masks and hybrid layers, and
-the probe receives the gate's input ``H`` and stops the forward. The scores are computed from
-``H`` in float32 with the gate's tensors read from disk. The ``router_logits`` outputs of
+the probe receives the gate's input ``H`` and stops the forward; the gate inputs of earlier
+captured layers are seen by forward pre-hooks on their (whole) MoE blocks. The scores are computed
+from ``H`` in float32 with the gate's tensors read from disk. The ``router_logits`` outputs of
 transformers are never used (some releases return probabilities under that name).
 
 **What is recorded** (:data:`ARCHITECTURES` says it per ``model_type``): the scores whose top-k,
@@ -547,22 +548,41 @@ def _checkpoint_targets(model: nn.Module, keys) -> dict[str, str]:
     return {key: t if t in expected else t.removeprefix(base) for key, t in targets.items()}
 
 
+@dataclass
+class _Gate:
+    """One captured layer's gate, read from disk in float32: weight, gate bias, selection bias, and
+    the names and hash that ``describe()`` records."""
+
+    layer: int
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    selection: torch.Tensor | None
+    names: dict
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.weight, self.bias, self.selection) if t is not None]
+
+
 class HFRouterPrefix:
-    """Prefix of a HF MoE model up to the gate of one layer; computes the scores that gate routes by.
+    """Prefix of a HF MoE model up to the gate of its deepest captured layer; computes the scores
+    the gates of the captured layers route by.
 
     Follows :class:`grouter.capture.RouterPrefix`: ``score_function`` is ``"softmax"`` (raw logits,
     or softmax probabilities plus a selection bias) or ``"sigmoid"``; ``includes_bias`` is True
     when a gate bias or a selection bias is part of the scores (see the module docstring).
+    ``layer`` (one) or ``layers`` (several, or ``"all"`` MoE layers) say which gates; the layers
+    before the deepest run whole, their gate inputs seen by forward pre-hooks on their MoE blocks.
     """
 
-    def __init__(self, path, layer: int | None = None, device="cpu", dtype=torch.float32):
+    def __init__(self, path, layer: int | None = None, device="cpu", dtype=torch.float32, *, layers=None):
         self.path = Path(path)
         self.device = torch.device(device)
         self.dtype = dtype
         full_cfg = _load_config(self.path)
         self.arch = ARCHITECTURES[full_cfg.model_type]
         self.info = _info_from_config(full_cfg, self.path)
-        self.layer = _resolve_layer(layer, self.info, self.path)
+        self.layers = resolve_layers(layer, layers, self.info.moe_layers, self.info.n_layers, str(self.path))
+        self.n_layers = self.info.n_layers
         self.n_experts = self.info.n_experts
         self.top_k = self.info.top_k
         self.score_function = self.info.score_function
@@ -574,34 +594,57 @@ class HFRouterPrefix:
             shards.close()
         self.loaded_tensor_names: list[str] = list(shards.read)
         self.vocab_size = int(getattr(self._base, self.arch.embedding).weight.shape[0])
-        self.includes_bias = self._gate_b is not None or self._selection_b is not None
+        self.includes_bias = any(g.bias is not None or g.selection is not None for g in self._gates)
+
+    @property
+    def layer(self) -> int:
+        """The captured layer, when one is captured."""
+        if len(self.layers) > 1:
+            raise GrouterError(f"this prefix captures layers {_fmt_layers(self.layers)}; use .layers")
+        return self.layers[0]
 
     # -- construction -------------------------------------------------------------------------
 
     def _build(self, full_cfg, shards: _Shards) -> None:
-        """Layers 0..L loaded by transformers with layer L's MoE block replaced by the probe; the
-        gate's own tensors read aside from disk."""
+        """Layers 0..L (L the deepest captured layer) loaded by transformers with layer L's MoE block
+        replaced by the probe; the gates' own tensors read aside from disk."""
         from transformers import MODEL_MAPPING  # transformers takes seconds to import: only on load
 
         text_cfg = _text_config(full_cfg)
         cfg = copy.deepcopy(text_cfg)
-        _set_n_layers(cfg, self.layer + 1, text_cfg)
-        model_cls = _probed_model_class(MODEL_MAPPING[type(text_cfg)], self.arch, self.layer)
+        last = self.layers[-1]
+        _set_n_layers(cfg, last + 1, text_cfg)
+        model_cls = _probed_model_class(MODEL_MAPPING[type(text_cfg)], self.arch, last)
         text = self.arch.text_model
         prefix = text or _checkpoint_prefix(shards.file_of, self.arch.layers, self.path)
         # each tensor's name as the language model sees it (a multimodal checkpoint's: without its prefix)
         key = {name: name[len(text):] if text else name for name in shards.file_of if not text or name.startswith(text)}
         layer_re = re.compile(re.escape(prefix + self.arch.layers) + r"\.(\d+)\.")
         layer_of = {name: int(m.group(1)) for name in key if (m := layer_re.match(name))}
-        targets = self._targets(model_cls, cfg, {n: k for n, k in key.items() if layer_of.get(n, self.layer) == self.layer})
+        targets = self._targets(model_cls, cfg, {n: k for n, k in key.items() if layer_of.get(n, last) in self.layers})
         names = self._prefix_names(layer_of, targets, prefix)
         base = self._load(model_cls, cfg, {key[name]: shards.get(name) for name in names}, prefix)
-        self._load_gate(shards, {target: name for name, target in targets.items()})
-        _check_finite(base, [t for t in (self._gate_w, self._gate_b, self._selection_b) if t is not None], self.path)
+        disk_of = {target: name for name, target in targets.items()}
+        self._gates = [self._load_gate(shards, disk_of, layer) for layer in self.layers]
+        _check_finite(base, [t for g in self._gates for t in g.tensors()], self.path)
         base.to(self.device)
         base.eval()
         base.requires_grad_(False)
         self._base = base
+        self._scores_seen: dict[int, torch.Tensor] = {}
+        for gate in self._gates[:-1]:  # the earlier captured layers: their MoE block's input, as it runs
+            block = getattr(getattr(base, self.arch.layers)[gate.layer], self.arch.block)
+            block.register_forward_pre_hook(self._tap(gate), with_kwargs=True)
+
+    def _tap(self, gate: _Gate):
+        """A forward pre-hook recording ``gate``'s scores from its MoE block's input (what the probe
+        receives at the deepest layer: the first argument, or ``hidden_states``)."""
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._scores_seen[gate.layer] = self._scores(hidden.reshape(-1, hidden.shape[-1]).to(torch.float32), gate)
+
+        return hook
 
     def _targets(self, model_cls: type, cfg, keys: dict[str, str]) -> dict[str, str]:
         """The prefix-model parameter each checkpoint tensor (``keys``: name on disk -> name as the
@@ -611,7 +654,7 @@ class HFRouterPrefix:
             with torch.device("meta"), _quiet_transformers():
                 meta = model_cls(cfg)
         except _NoGate as e:
-            raise GrouterError(f"layer {self.layer} of {self.path} has no MoE gate in {e}; "
+            raise GrouterError(f"layer {self.layers[-1]} of {self.path} has no MoE gate in {e}; "
                                f"MoE layers are {_fmt_layers(self.info.moe_layers)}") from None
         self._expected = set(meta.state_dict())
         targets = _checkpoint_targets(meta, keys.values())
@@ -625,7 +668,7 @@ class HFRouterPrefix:
         converts them (fusing experts, casting to ``dtype``) into the model, so the prefix's
         parameters are materialised once, in the model.
         """
-        L, layers = self.layer, self.arch.layers
+        L, layers = self.layers[-1], self.arch.layers
         absent = sorted(set(range(L + 1)) - set(layer_of.values()))
         if absent:
             raise GrouterError(
@@ -638,7 +681,7 @@ class HFRouterPrefix:
                                f"in {self.path}; the checkpoint is incomplete")
         earlier = [name for name, i in layer_of.items() if i < L]
         _check_experts_complete(earlier, self.n_experts, self.path)
-        at_layer = [name for name, target in targets.items() if name in layer_of and target in self._expected]
+        at_layer = [name for name, target in targets.items() if layer_of.get(name) == L and target in self._expected]
         return embedding[:1] + earlier + sorted(at_layer)
 
     def _load(self, model_cls: type, cfg, state_dict: dict[str, torch.Tensor], prefix: str) -> nn.Module:
@@ -653,31 +696,32 @@ class HFRouterPrefix:
                 )
         except (RuntimeError, ValueError) as e:  # transformers reports conversion/config failures this way
             raise GrouterError(
-                f"could not load layers <= {self.layer} of {self.path} ({_brief(e)}); the checkpoint is incomplete or does not match config.json"
+                f"could not load layers <= {self.layers[-1]} of {self.path} ({_brief(e)}); the checkpoint is incomplete or does not match config.json"
             ) from None
         _check_loading(loading, prefix, self.arch.after_layers, self.path)
         return base
 
-    def _load_gate(self, shards: _Shards, disk_of: dict[str, str]) -> None:
-        """The gate's weight, its bias and the selection bias (those the model has), read from disk
-        in float32, and the hash of the weight's bytes as stored."""
-        block = f"{self.arch.layers}.{self.layer}.{self.arch.block}"
+    def _load_gate(self, shards: _Shards, disk_of: dict[str, str], layer: int) -> _Gate:
+        """Layer ``layer``'s gate weight, its bias and the selection bias (those the model has), read
+        from disk in float32, and the hash of the weight's bytes as stored."""
+        block = f"{self.arch.layers}.{layer}.{self.arch.block}"
         gate = f"{block}.{self.arch.gate}"
-        self._gate_weight_name = disk_of.get(f"{gate}.weight")
-        if self._gate_weight_name is None:
-            raise GrouterError(f"gate weight of layer {self.layer} ('{gate}.weight') is missing from the safetensors weights "
+        weight_name = disk_of.get(f"{gate}.weight")
+        if weight_name is None:
+            raise GrouterError(f"gate weight of layer {layer} ('{gate}.weight') is missing from the safetensors weights "
                                f"in {self.path}; the checkpoint is incomplete")
-        w = shards.get(self._gate_weight_name, "gate weight")
-        self._gate_sha256 = hashlib.sha256(_raw_bytes(w)).hexdigest()
-        _check_shape(self._gate_weight_name, w, (self.n_experts, self.info.hidden_size), self.path)
-        self._gate_w = w.to(device=self.device, dtype=torch.float32)
-        self._bias_names: dict[str, str] = {}  # for describe()
-        self._gate_b = self._gate_vector(shards, disk_of, f"{gate}.bias", "gate bias")
+        w = shards.get(weight_name, "gate weight")
+        names = {"gate_weight_name": weight_name, "gate_weight_sha256": hashlib.sha256(_raw_bytes(w)).hexdigest()}
+        _check_shape(weight_name, w, (self.n_experts, self.info.hidden_size), self.path)
+        gate_b = self._gate_vector(shards, disk_of, f"{gate}.bias", "gate bias", layer, names)
         bias = self.arch.correction_bias
-        self._selection_b = None if bias is None else self._gate_vector(shards, disk_of, f"{block}.{bias}", "selection bias")
-        self.info.gate_has_bias = self._gate_b is not None
+        selection = None if bias is None else self._gate_vector(shards, disk_of, f"{block}.{bias}", "selection bias",
+                                                                layer, names)
+        self.info.gate_has_bias = gate_b is not None
+        return _Gate(layer, w.to(device=self.device, dtype=torch.float32), gate_b, selection, names)
 
-    def _gate_vector(self, shards: _Shards, disk_of: dict[str, str], target: str, what: str) -> torch.Tensor | None:
+    def _gate_vector(self, shards: _Shards, disk_of: dict[str, str], target: str, what: str, layer: int,
+                     names: dict) -> torch.Tensor | None:
         """The ``[E]`` tensor that loads into ``target``, in float32 on the device, or None when the
         model has no such tensor. One on disk that the model would not use is refused."""
         name = disk_of.get(target)
@@ -689,25 +733,27 @@ class HFRouterPrefix:
                 )
             return None
         if name is None:  # (transformers reports missing parameters, not always missing buffers)
-            raise GrouterError(f"{what} of layer {self.layer} ('{target}') is missing from the safetensors weights in "
+            raise GrouterError(f"{what} of layer {layer} ('{target}') is missing from the safetensors weights in "
                                f"{self.path}; the checkpoint is incomplete")
         t = shards.get(name, what)
         _check_shape(name, t.reshape(-1), (self.n_experts,), self.path)
-        self._bias_names[what.replace(" ", "_") + "_name"] = name
+        names[what.replace(" ", "_") + "_name"] = name
         return t.reshape(-1).to(device=self.device, dtype=torch.float32)
 
     # -- use -----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def router_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """The scores ``[B, T, E]`` (float32) layer ``self.layer`` routes ``input_ids`` ``[B, T]`` by."""
+        """The scores (float32) the captured layers route ``input_ids`` ``[B, T]`` by: ``[B, T, E]``
+        for one layer, ``[B, T, H, E]`` for H layers (in the order of ``layers``)."""
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise GrouterError(f"input_ids must be a [batch, seq] integer tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
+        shape = (*ids.shape, *score_shape(len(self.layers), self.n_experts))
         if ids.numel() == 0:
-            return torch.zeros(*ids.shape, self.n_experts, dtype=torch.float32, device=self.device)
+            return torch.zeros(shape, dtype=torch.float32, device=self.device)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.vocab_size:
             raise GrouterError(
@@ -715,41 +761,43 @@ class HFRouterPrefix:
                 "tokenize with the source model's tokenizer"
             )
         ids = ids.to(device=self.device, dtype=torch.long)
+        self._scores_seen.clear()
         try:
             self._base(input_ids=ids, use_cache=False)
         except _GateInput as cap:
             hidden = cap.hidden
         else:  # pragma: no cover - the probe always fires
             raise RuntimeError("the gate probe of layer L was not reached")
-        h = hidden.reshape(-1, hidden.shape[-1]).to(torch.float32)
-        return self._scores(h).reshape(ids.shape[0], ids.shape[1], self.n_experts)
+        last = self._scores(hidden.reshape(-1, hidden.shape[-1]).to(torch.float32), self._gates[-1])
+        scores = [self._scores_seen.pop(g.layer) for g in self._gates[:-1]] + [last]
+        return torch.stack(scores, dim=1).reshape(shape)
 
-    def _scores(self, h: torch.Tensor) -> torch.Tensor:
-        """What the router runs its top-k on, from the gate input ``h`` ``[N, H]``."""
-        logits = h @ self._gate_w.T
-        if self._gate_b is not None:
-            logits = logits + self._gate_b
+    def _scores(self, h: torch.Tensor, gate: _Gate) -> torch.Tensor:
+        """What ``gate``'s router runs its top-k on, from the gate input ``h`` ``[N, H]``."""
+        logits = h @ gate.weight.T
+        if gate.bias is not None:
+            logits = logits + gate.bias
         if self.score_function == "sigmoid":
             scores = logits.sigmoid()
-        elif self._selection_b is not None:  # a selection bias on softmax probabilities (Ernie-4.5)
+        elif gate.selection is not None:  # a selection bias on softmax probabilities (Ernie-4.5)
             scores = logits.softmax(dim=-1)
         else:  # softmax is monotonic: the raw logits select the same experts
             return logits
-        return scores if self._selection_b is None else scores + self._selection_b
+        return scores if gate.selection is None else scores + gate.selection
 
-    def _formula(self) -> str:
-        logits = "H @ W^T" + (" + b" if self._gate_b is not None else "")
-        if self.score_function == "softmax" and self._selection_b is None:
+    def _formula(self, gate: _Gate) -> str:
+        logits = "H @ W^T" + (" + b" if gate.bias is not None else "")
+        if self.score_function == "softmax" and gate.selection is None:
             return logits
         scores = f"{self.score_function}({logits})"
-        return scores + (" + e_score_correction_bias" if self._selection_b is not None else "")
+        return scores + (" + e_score_correction_bias" if gate.selection is not None else "")
 
     def describe(self) -> dict:
-        """JSON-able provenance of the captured gate, and what exactly its scores are."""
+        """JSON-able provenance of the captured gates, and what exactly their scores are: one gate's
+        fields at the top level, or several under ``gates`` (one entry per layer)."""
         desc = {
             "path": str(self.path.resolve()),
             "model_type": self.info.model_type,
-            "layer": self.layer,
             "n_experts": self.n_experts,
             "top_k": self.top_k,
             "vocab_size": self.vocab_size,
@@ -757,11 +805,9 @@ class HFRouterPrefix:
             "moe_layers": list(self.info.moe_layers),
             "score_function": self.score_function,
             "includes_bias": self.includes_bias,
-            "scores": self._formula(),
             "selection": self.info.selection,
-            "gate_weight_name": self._gate_weight_name,
-            "gate_weight_sha256": self._gate_sha256,
-            **self._bias_names,
+            **describe_gates([{"layer": g.layer, "scores": self._formula(g), **g.names} for g in self._gates],
+                             self.n_layers),
         }
         if self.info.groups is not None:
             desc["n_group"], desc["topk_group"] = self.info.groups
@@ -783,24 +829,55 @@ class HFRouterPrefix:
             )
 
 
-def _resolve_layer(layer, info: HFMoEInfo, path: Path) -> int:
-    """The MoE layer to capture: ``layer``, checked, or the first MoE layer when None."""
-    moe = info.moe_layers
-    if layer is None:
-        return moe[0]
+def score_shape(n_layers: int, n_experts: int) -> tuple[int, ...]:
+    """The trailing shape of captured scores and of Grouter logits: ``(E,)`` for one layer (one
+    head), ``(H, E)`` for H layers (per-layer heads)."""
+    return (n_experts,) if n_layers == 1 else (n_layers, n_experts)
+
+
+def describe_gates(gates: list[dict], n_layers: int) -> dict:
+    """The captured gates in a source's ``describe()``: one gate's fields at the top level (the
+    layout of one-layer targets), several under ``gates`` with ``layers``, ``n_layers`` (the
+    source's depth) and ``scores`` (their formula when they share one)."""
+    if len(gates) == 1:
+        return dict(gates[0])
+    formulas = {g["scores"] for g in gates}
+    return {"layers": [g["layer"] for g in gates], "n_layers": n_layers, "gates": gates,
+            "scores": formulas.pop() if len(formulas) == 1 else "per layer (see gates)"}
+
+
+def resolve_layers(layer, layers, moe: list[int], n_layers: int, where: str) -> list[int]:
+    """The MoE layers to capture, in increasing order: ``layer`` (one; the first MoE layer when both
+    are None) or ``layers`` (a list, or ``"all"``: every MoE layer), each checked."""
+    if layer is not None and layers is not None:
+        raise GrouterError("pass either one layer or a list of layers, not both")
+    if layers is None:
+        return [moe[0] if layer is None else _check_layer(layer, moe, n_layers, where)]
+    if isinstance(layers, str):
+        if layers != "all":
+            raise GrouterError(f"layers must be a list of layer indices or 'all', got {layers!r}")
+        return list(moe)
+    chosen = [_check_layer(x, moe, n_layers, where) for x in layers]
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise GrouterError(f"layers must list distinct MoE layers, got {list(layers)}; MoE layers are {_fmt_layers(moe)}")
+    return sorted(chosen)
+
+
+def _check_layer(layer, moe: list[int], n_layers: int, where: str) -> int:
+    """``layer``, if it is the index of a MoE layer of ``where``."""
     try:
         if isinstance(layer, bool):
             raise TypeError
         layer = operator.index(layer)
     except TypeError:
         raise GrouterError(f"layer must be an integer layer index, got {layer!r}; MoE layers are {_fmt_layers(moe)}") from None
-    if not 0 <= layer < info.n_layers:
+    if not 0 <= layer < n_layers:
         raise GrouterError(
-            f"layer {layer} is out of range: {path} has {info.n_layers} layers (0..{info.n_layers - 1}); "
+            f"layer {layer} is out of range: {where} has {n_layers} layers (0..{n_layers - 1}); "
             f"MoE layers are {_fmt_layers(moe)}"
         )
     if layer not in moe:
-        raise GrouterError(f"layer {layer} of {path} is not a MoE layer (it has a dense MLP and no gate); MoE layers are {_fmt_layers(moe)}")
+        raise GrouterError(f"layer {layer} of {where} is not a MoE layer (it has a dense MLP and no gate); MoE layers are {_fmt_layers(moe)}")
     return layer
 
 

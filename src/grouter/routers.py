@@ -10,6 +10,7 @@ Routing is always computed in float32: top-k on bf16 logits ties and flips exper
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,51 @@ from .errors import GrouterError
 ROUTER_KINDS = ("aux", "zloss", "auxfree", "hash", "random", "stablemoe", "none", "external")
 
 
+def layer_heads(head_layers: list[int] | tuple[int, ...], source_layers: int, target_layers: int) -> list[int]:
+    """The head each of ``target_layers`` layers routes by: the one whose source layer is nearest in
+    relative depth, ``|(l + 0.5)/T - (s_h + 0.5)/S|``, ties to the shallower head
+    (docs/method.md#pre-dispatch-and-the-routing-store). Compared exactly, in integers."""
+    if target_layers < 1:
+        raise GrouterError(f"a target model needs at least one layer, got {target_layers}")
+    T, S = target_layers, source_layers
+    return [min(range(len(head_layers)), key=lambda h: (abs((2 * l + 1) * S - (2 * head_layers[h] + 1) * T), h))
+            for l in range(T)]
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layer_heads(head_layers: tuple[int, ...], source_layers: int, target_layers: int) -> tuple[int, ...]:
+    return tuple(layer_heads(head_layers, source_layers, target_layers))
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Per-layer routing: head ``h`` was distilled from layer ``layers[h]`` of a source model with
+    ``source_layers`` decoder layers. A target model maps its layers to heads by relative depth
+    (:func:`layer_heads`), so one routing serves targets of any depth."""
+
+    layers: tuple[int, ...]
+    source_layers: int
+
+    def __post_init__(self):
+        layers = tuple(int(x) for x in self.layers)
+        if len(layers) < 2 or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < self.source_layers:
+            raise GrouterError(f"per-layer heads need two or more distinct source layers in increasing order, "
+                               f"within the source's {self.source_layers} layers; got {list(self.layers)}")
+        object.__setattr__(self, "layers", layers)
+
+    @classmethod
+    def of(cls, layers, source_layers: int) -> "Heads | None":
+        """The heads of ``layers`` (None for one shared head: no or one layer)."""
+        return cls(tuple(layers), int(source_layers)) if len(layers or ()) > 1 else None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def for_target(self, n_layers: int) -> tuple[int, ...]:
+        """The head of each layer of a target with ``n_layers`` layers (computed once per depth)."""
+        return _cached_layer_heads(self.layers, self.source_layers, n_layers)
+
+
 @dataclass
 class Routing:
     """k expert ids and k gate weights per token; any leading shape (``[..., k]``).
@@ -29,12 +75,17 @@ class Routing:
     ``order`` (token-slots sorted by expert) and ``counts`` (slots per expert) are what the
     experts need to run grouped. When routing is known ahead of the step they are computed once,
     in the data loader (:meth:`grouped`), instead of once per MoE layer inside the step.
+
+    Per-layer routing (``heads`` set) has one routing per head: ids and weights ``[..., H, k]``,
+    ``order`` ``[H, slots]`` and ``counts`` ``[H, E]``; layer ``i`` of a model takes its head's
+    (:meth:`for_layer`).
     """
 
     ids: torch.Tensor
     weights: torch.Tensor
     order: torch.Tensor | None = None
     counts: torch.Tensor | None = None
+    heads: Heads | None = None
 
     def flatten(self) -> "Routing":
         k = self.ids.shape[-1]
@@ -44,12 +95,28 @@ class Routing:
         """Move to ``device``, except ``counts``: they stay on the host, where the experts read
         them to size their splits without a device-to-host sync in every layer."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Routing(move(self.ids), move(self.weights), move(self.order), self.counts)
+        return Routing(move(self.ids), move(self.weights), move(self.order), self.counts, self.heads)
 
     def grouped(self, n_experts: int) -> "Routing":
-        """A copy with the expert grouping (permutation and per-expert counts) precomputed."""
-        flat = self.ids.reshape(-1)
-        return Routing(self.ids, self.weights, flat.argsort(stable=True), expert_counts(flat, n_experts))
+        """A copy with the expert grouping (permutation and per-expert counts) precomputed, per head."""
+        if self.heads is None:
+            flat = self.ids.reshape(-1)
+            return Routing(self.ids, self.weights, flat.argsort(stable=True), expert_counts(flat, n_experts))
+        flat = self.ids.movedim(-2, 0).reshape(len(self.heads), -1)
+        counts = torch.stack([expert_counts(row, n_experts) for row in flat])
+        return Routing(self.ids, self.weights, flat.argsort(dim=1, stable=True), counts, self.heads)
+
+    def for_layer(self, layer: int, n_layers: int) -> "Routing":
+        """The routing of layer ``layer`` of a model with ``n_layers`` layers: all of it when there
+        is one head, else its head's (:meth:`Heads.for_target`)."""
+        if self.heads is None:
+            return self
+        if self.ids.shape[-2] != len(self.heads):
+            raise GrouterError(f"per-layer routing has {self.ids.shape[-2]} heads in its ids but {len(self.heads)} "
+                               "source layers; it is corrupt")
+        h = self.heads.for_target(n_layers)[layer]
+        pick = lambda t: None if t is None else t[h]  # noqa: E731
+        return Routing(self.ids[..., h, :], self.weights[..., h, :], pick(self.order), pick(self.counts))
 
 
 def topk_gating(logits: torch.Tensor, k: int, score: str = "softmax", scale: float = 1.0,
