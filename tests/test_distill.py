@@ -10,6 +10,7 @@ from grouter.errors import GrouterError
 from grouter.model import MoEConfig, MoELM
 from grouter.network import Grouter, GrouterConfig
 from grouter.loop import read_metrics
+from grouter.metrics import topk_recall
 
 
 def make_targets(tmp_path, data, n_experts, top_k=2, name="t") -> Targets:
@@ -89,3 +90,33 @@ def test_bidirectional_distillation_is_flagged(tmp_path, tiny_data):
     with pytest.warns(UserWarning, match="leaks the future"):
         summary = distill(targets, tmp_path / "g", gcfg(tiny_data, targets, causal=False), cfg, progress=False)
     assert "leaks the future" in summary["warning"]
+
+
+def test_kl_loss_of_heads_is_the_mean_of_each_heads():
+    t, s = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 8)
+    per_head = [kl_loss(t[:, :, h], s[:, :, h]).item() for h in range(3)]
+    assert kl_loss(t, s).item() == pytest.approx(sum(per_head) / 3, rel=1e-6)
+
+
+def test_per_layer_heads_learn_their_own_layers(tmp_path, tiny_data):
+    """Targets of two source layers: a Grouter with two heads, each closer to its own layer's teacher."""
+    src = MoELM(MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=2,
+                          n_heads=2, d_expert=8, n_experts=8, top_k=2, init_std=0.2))
+    src.save_pretrained(tmp_path / "src")
+    capture(tmp_path / "src", tiny_data, tmp_path / "t", layers="all", progress=False)
+    targets = Targets.open(tmp_path / "t")
+    cfg = DistillConfig(steps=80, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=40, eval_sequences=64,
+                        checkpoint_every=40)
+    summary = distill(targets, tmp_path / "g", gcfg(tiny_data, targets), cfg, progress=False)
+    grouter = Grouter.from_pretrained(tmp_path / "g")
+    assert (grouter.cfg.head_layers, grouter.cfg.source_layers, summary["head_layers"]) == ([0, 1], 2, [0, 1])
+    assert len(summary["val_kl_per_head"]) == 2
+    assert summary["val_kl"] == pytest.approx(np.mean(summary["val_kl_per_head"]))
+    assert min(summary["val_topk_recall_per_head"]) > 2 / 8 + 0.2, summary
+    idx = np.arange(64)
+    teacher = targets.logits("val", idx).topk(2, -1).indices  # [n, L, 2 layers, k]
+    with torch.no_grad():
+        student = grouter(tiny_data.split("val").batch(idx)["input_ids"]).topk(2, -1).indices
+    for h in range(2):  # each head matches its own layer better than the other one
+        own = topk_recall(teacher[:, :, h], student[:, :, h])
+        assert own > topk_recall(teacher[:, :, 1 - h], student[:, :, h]) + 0.1, (h, own)

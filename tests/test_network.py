@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import pytest
@@ -99,3 +100,42 @@ def test_bad_grouter_inputs(tmp_path):
     (tmp_path / "config.json").write_text('{"format": "grouter-moe-lm", "version": 1, "config": {}}')
     with pytest.raises(GrouterError, match="not a Grouter"):
         Grouter.from_pretrained(tmp_path)
+
+
+def test_per_layer_heads_share_the_trunk_and_route_per_head(tmp_path):
+    g = make(head_layers=[1, 3], source_layers=4)
+    x = torch.randint(0, 200, (2, 10))
+    with torch.no_grad():
+        logits, hidden = g(x), g.encode(x)
+    assert logits.shape == (2, 10, 2, 16) and g.head.weight.shape == (32, 32)
+    for h in range(2):  # head h is rows h*E..(h+1)*E of the stacked weight, on the one trunk
+        torch.testing.assert_close(logits[:, :, h], hidden @ g.head.weight[h * 16:(h + 1) * 16].T)
+    assert torch.equal(g.head_logits(x), logits)
+    r = g.route(x)
+    assert r.ids.shape == (2, 10, 2, 4) and r.heads.layers == (1, 3) and r.heads.source_layers == 4
+    assert torch.equal(r.ids, logits.topk(4, -1).indices)
+    g.selection_bias[1, 5] = 100.0  # a bias of its own per head
+    biased = g.route(x).ids
+    assert (biased[:, :, 1] == 5).any(-1).all() and torch.equal(biased[:, :, 0], r.ids[:, :, 0])
+    g.save_pretrained(tmp_path / "g")
+    loaded = Grouter.from_pretrained(tmp_path / "g")
+    assert loaded.cfg.head_layers == [1, 3] and loaded.fingerprint() == g.fingerprint()
+    assert torch.equal(loaded.route(x).ids, biased)
+    meta = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert meta["version"] == 3 and meta["config"]["head_layers"] == [1, 3]
+
+
+def test_one_head_keeps_its_config_and_fingerprint(tmp_path):
+    """A shared-head Grouter is saved as before per-layer heads existed: version 2, no head fields."""
+    g = make()
+    assert "head_layers" not in g.cfg.to_dict() and g.head_logits(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 1, 16)
+    g.save_pretrained(tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert meta["version"] == 2 and "head_layers" not in meta["config"] and "source_layers" not in meta["config"]
+    assert g.route(torch.zeros(1, 3, dtype=torch.long)).heads is None
+
+
+@pytest.mark.parametrize("layers", [[2], [3, 1], [1, 1], [1, 4]])
+def test_bad_head_layers(layers):
+    with pytest.raises(GrouterError, match="source layers"):
+        GrouterConfig(**CFG, head_layers=layers, source_layers=4).validate()

@@ -36,11 +36,11 @@ from .artifacts import ResumableDir, read_manifest, refuse_existing, write_json
 from .data import SPLITS, PackedDataset, batches_of
 from .device import resolve_device
 from .errors import GrouterError
-from .hf_source import HFRouterPrefix, describe_gates, is_hf_model_dir, resolve_layers, score_shape
+from .hf_source import HFRouterPrefix, describe_gates, is_hf_model_dir, resolve_layers
 from .integrity import CheckedFile, file_checksum, file_sha256, verify_file
 from .loop import finished_checkpoint
 from .model import MoEConfig, MoELM, read_config
-from .routers import AuxFreeRouter, Heads, RandomRouter
+from .routers import AuxFreeRouter, Heads, RandomRouter, score_shape
 
 TARGETS_FORMAT = "grouter-targets"
 TARGETS_VERSION = 3  # 2: per-chunk checksums, verified on read; 3: several layers (written only for them)

@@ -4,6 +4,10 @@ Loss ``KL(softmax(teacher / T) || softmax(student / T)) * T^2`` averaged over to
 **T = 1 by default**: the student must learn the teacher's magnitudes, not only its ranking
 (the authors' code used T = 2). Teacher logits come from a targets directory written by
 ``grouter capture``; the teacher never re-runs. Runs resume like training runs.
+
+Targets of several source layers give a Grouter with one head per layer (``head_layers``): the
+loss is the KL of every head against its layer's teacher, averaged over heads (every head sees the
+same tokens), and the evaluation reports each head and their mean.
 """
 
 from __future__ import annotations
@@ -52,26 +56,41 @@ def kl_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float = 1
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
+METRICS = ("kl", "topk_recall", "topk_set_match")
+
+
+def _head_metrics(teacher: torch.Tensor, student: torch.Tensor, k: int) -> np.ndarray:
+    """``[H, 3]``: KL, top-k recall and top-k set match of each head (logits ``[B, L, H, E]``)."""
+    out = np.empty((teacher.shape[-2], len(METRICS)))
+    for h in range(teacher.shape[-2]):
+        t, s = teacher[..., h, :], student[..., h, :]
+        t_ids, s_ids = t.topk(k, -1).indices, s.topk(k, -1).indices
+        out[h] = kl_loss(t, s).item(), topk_recall(t_ids, s_ids), topk_set_agreement(t_ids, s_ids)
+    return out
+
+
 @torch.no_grad()
 def evaluate_distill(grouter: Grouter, targets: Targets, split: str, n_sequences: int, batch_size: int,
                      device: torch.device) -> dict:
-    """KL, top-k recall and exact top-k set match against the teacher on a fixed subset."""
+    """KL, top-k recall and exact top-k set match against the teacher on a fixed subset: their mean
+    over heads, and with per-layer heads each head's (``kl_per_head``, ...)."""
     was_training = grouter.training
     grouter.eval()
     data, k = targets.data.split(split), targets.top_k
     n = min(n_sequences, len(data))
-    kl_sum, recall_sum, match_sum, tokens = 0.0, 0.0, 0.0, 0
+    sums, tokens = 0.0, 0
     for idx in batches_of(n, batch_size):
         teacher = targets.logits(split, idx).to(device)
-        student = grouter(data.batch(idx)["input_ids"].to(device))
+        student = grouter.head_logits(data.batch(idx)["input_ids"].to(device))
         count = teacher.shape[0] * teacher.shape[1]
-        t_ids, s_ids = teacher.topk(k, -1).indices, student.topk(k, -1).indices
-        kl_sum += kl_loss(teacher, student).item() * count
-        recall_sum += topk_recall(t_ids, s_ids) * count
-        match_sum += topk_set_agreement(t_ids, s_ids) * count
+        sums = sums + _head_metrics(teacher.view(student.shape), student, k) * count
         tokens += count
     grouter.train(was_training)
-    return {"kl": kl_sum / tokens, "topk_recall": recall_sum / tokens, "topk_set_match": match_sum / tokens}
+    per_head = sums / tokens
+    result = dict(zip(METRICS, per_head.mean(0).tolist()))
+    if len(per_head) > 1:
+        result.update({f"{m}_per_head": per_head[:, i].tolist() for i, m in enumerate(METRICS)})
+    return result
 
 
 def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: DistillConfig, overwrite: bool = False,
@@ -79,6 +98,9 @@ def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: Distill
     """Train (or resume) a Grouter in ``out``; returns a summary with the held-out quality."""
     cfg.validate()
     data = targets.data
+    heads = targets.heads  # one head per captured layer
+    gcfg.head_layers = list(heads.layers) if heads else []
+    gcfg.source_layers = heads.source_layers if heads else 0
     if gcfg.n_experts != targets.n_experts:
         raise GrouterError(f"Grouter has {gcfg.n_experts} experts but the targets have {targets.n_experts}")
     if gcfg.vocab_size != data.vocab_size:
@@ -90,7 +112,7 @@ def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: Distill
                        "distilled_on": data.fingerprint, "tokenizer_sha256": data.meta.get("tokenizer_sha256"),
                        "temperature": cfg.temperature}
     gcfg.validate()
-    identity = {"grouter": asdict(gcfg), "distill": {**asdict(cfg), "device": None},
+    identity = {"grouter": gcfg.to_dict(), "distill": {**asdict(cfg), "device": None},
                 "targets": targets.manifest["splits"]["train"]["logits"]["sha256"]}
     run = Run(Path(out), identity, overwrite)
     if (done := run.completed_summary()) is not None:
@@ -118,6 +140,7 @@ def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: Distill
 
     evals = [r for r in read_metrics(run.metrics_path) if r["kind"] == "eval"]
     summary = {"grouter": str(out), "steps": cfg.steps, "n_experts": gcfg.n_experts, "top_k": gcfg.top_k,
+               **({"head_layers": gcfg.head_layers} if heads else {}),
                "parameters": grouter.num_parameters(), "causal": gcfg.causal,
                **{f"val_{k}": v for k, v in evals[-1].items() if k not in ("kind", "step")}}
     if not gcfg.causal:

@@ -68,6 +68,7 @@ from .data import PackedDataset
 from .errors import GrouterError
 from .model import MODEL_FORMAT
 from .network import GROUTER_FORMAT
+from .routers import score_shape
 
 # grouter's own checkpoints hold a config.json too; they are never Hugging Face models
 GROUTER_FORMATS = (MODEL_FORMAT, GROUTER_FORMAT)
@@ -827,12 +828,6 @@ class HFRouterPrefix:
                 f"({self.path / 'tokenizer.json'}); re-tokenize the corpus with "
                 f"`grouter data tokenize --tokenizer {self.path}`"
             )
-
-
-def score_shape(n_layers: int, n_experts: int) -> tuple[int, ...]:
-    """The trailing shape of captured scores and of Grouter logits: ``(E,)`` for one layer (one
-    head), ``(H, E)`` for H layers (per-layer heads)."""
-    return (n_experts,) if n_layers == 1 else (n_layers, n_experts)
 
 
 def describe_gates(gates: list[dict], n_layers: int) -> dict:

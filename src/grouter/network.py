@@ -5,6 +5,11 @@ E experts (docs/method.md#the-grouter-network). Attention is **causal by default
 tokens <= t. The authors' code ran the encoder bidirectionally, which lets the routing of token t
 see the tokens a causal LM is asked to predict; ``causal=False`` exists only to measure that
 leak and is reported as leaking wherever it is used.
+
+Per-layer heads (``head_layers``: the source layers they were distilled from): one trunk and H
+bias-free heads, stored as one ``[H·E, d]`` weight; logits, routing and the selection bias then
+carry a head axis, ``[..., H, E]`` (``[..., E]`` with one head, as before). A one-head Grouter's
+config, weights and fingerprint are exactly those it had before per-layer heads existed.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ from .artifacts import header, load_weights, save_weights
 from .errors import GrouterError
 from .loop import finished_checkpoint
 from .model import Attention, RMSNorm, SwiGLU, register_rope
-from .routers import Routing, topk_gating
+from .routers import Heads, Routing, score_shape, topk_gating
 
 LEAK_WARNING = ("this Grouter is bidirectional: the route of token t depends on later tokens, which leaks "
                 "the future into a causal language model; use it only to measure that leak")
 
 
-GROUTER_FORMAT, GROUTER_VERSION = "grouter-router", 2  # 2: the weights' checksum in config.json
+GROUTER_FORMAT = "grouter-router"
+GROUTER_VERSION = 3  # 2: the weights' checksum in config.json; 3: per-layer heads (written only for them)
+ONE_HEAD_VERSION = 2
 
 
 @dataclass
@@ -49,6 +56,26 @@ class GrouterConfig:
     scale: float = 1.0  # multiplies the gate weights (the authors used 2.5)
     seed: int = 0
     provenance: dict = field(default_factory=dict)  # source model, layer, fold map, tuning: where it came from
+    head_layers: list[int] = field(default_factory=list)  # per-layer heads: the source layer of each (none: one head)
+    source_layers: int = 0  # the source model's decoder layers (for mapping target layers to heads by depth)
+
+    @property
+    def heads(self) -> Heads | None:
+        """Where the per-layer heads come from (None: one shared head)."""
+        return Heads.of(self.head_layers, self.source_layers)
+
+    @property
+    def n_outputs(self) -> int:
+        """Heads (1 for a shared head)."""
+        return max(1, len(self.head_layers))
+
+    def to_dict(self) -> dict:
+        """The config as saved and fingerprinted: one head leaves out the per-layer fields, so such a
+        Grouter's config and fingerprint are those it had before they existed."""
+        d = asdict(self)
+        if not self.head_layers:
+            del d["head_layers"], d["source_layers"]
+        return d
 
     def validate(self) -> "GrouterConfig":
         if not 1 <= self.top_k <= self.n_experts:
@@ -57,6 +84,8 @@ class GrouterConfig:
             raise GrouterError(f"Grouter d_model {self.d_model} must split into {self.n_heads} heads of even size")
         if self.score not in ("softmax", "sigmoid"):
             raise GrouterError(f"unknown gating score {self.score!r}; use softmax or sigmoid")
+        if self.head_layers:  # two or more distinct source layers, in order, within the source
+            Heads(tuple(self.head_layers), self.source_layers)
         return self
 
     @classmethod
@@ -81,7 +110,8 @@ class EncoderBlock(nn.Module):
 
 
 class Grouter(nn.Module):
-    """``Grouter(cfg)(input_ids)`` -> float32 logits ``[batch, seq, experts]``."""
+    """``Grouter(cfg)(input_ids)`` -> float32 logits ``[batch, seq, experts]``, or ``[batch, seq,
+    heads, experts]`` with per-layer heads (:meth:`head_logits` always has the head axis)."""
 
     def __init__(self, cfg: GrouterConfig):
         super().__init__()
@@ -91,9 +121,10 @@ class Grouter(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.score_shape = score_shape(cfg.n_outputs, cfg.n_experts)
+        self.head = nn.Linear(cfg.d_model, cfg.n_outputs * cfg.n_experts, bias=False)  # H heads, stacked
         # Selection-only bias (bias-only tuning): shifts which experts are chosen, never the weights.
-        self.register_buffer("selection_bias", torch.zeros(cfg.n_experts))
+        self.register_buffer("selection_bias", torch.zeros(self.score_shape))
         if cfg.rope:
             register_rope(self, cfg.d_model // cfg.n_heads, cfg.max_seq_len, 10000.0)
         self.reset_parameters()
@@ -123,8 +154,14 @@ class Grouter(nn.Module):
         return self.logits_from_hidden(self.encode(input_ids))
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head, in float32 (routing decisions are never made in low precision)."""
-        return F.linear(hidden.float(), self.head.weight.float())
+        """The heads, in float32 (routing decisions are never made in low precision): ``[..., E]`` or
+        ``[..., H, E]``."""
+        return F.linear(hidden.float(), self.head.weight.float()).unflatten(-1, self.score_shape)
+
+    def head_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits with the head axis, ``[batch, seq, H, E]`` (H = 1 for a shared head)."""
+        logits = self(input_ids)
+        return logits if self.cfg.heads is not None else logits.unsqueeze(-2)
 
     def check_data(self, data) -> None:
         """Refuse a dataset tokenized differently from the one this Grouter was distilled on."""
@@ -143,30 +180,34 @@ class Grouter(nn.Module):
         return self.route_logits(logits, k)
 
     def route_logits(self, logits: torch.Tensor, k: int | None = None) -> Routing:
+        """Top-k of each head's logits: ids and weights ``[..., k]``, or ``[..., H, k]`` with ``heads`` set."""
         bias = self.selection_bias if self.selection_bias.any() else None
-        return topk_gating(logits, k or self.cfg.top_k, self.cfg.score, self.cfg.scale, bias)
+        routing = topk_gating(logits, k or self.cfg.top_k, self.cfg.score, self.cfg.scale, bias)
+        routing.heads = self.cfg.heads
+        return routing
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def fingerprint(self) -> str:
         """Hash of the weights and config (incl. fold map): a routing store is bound to exactly this."""
-        h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
+        h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
         for name, t in sorted(self.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
-        save_weights(directory, self.state_dict(), {**header(GROUTER_FORMAT, GROUTER_VERSION),
-                                                    "config": asdict(self.cfg), "fingerprint": self.fingerprint(),
+        version = GROUTER_VERSION if self.cfg.heads is not None else ONE_HEAD_VERSION
+        save_weights(directory, self.state_dict(), {**header(GROUTER_FORMAT, version),
+                                                    "config": self.cfg.to_dict(), "fingerprint": self.fingerprint(),
                                                     **(extra or {})})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Grouter":
         """A Grouter directory (fold, tune), or a finished distillation run (its final checkpoint)."""
         directory = finished_checkpoint(Path(directory), "grouter distill")
-        meta, state = load_weights(directory, GROUTER_FORMAT, GROUTER_VERSION, "Grouter",
+        meta, state = load_weights(directory, GROUTER_FORMAT, (ONE_HEAD_VERSION, GROUTER_VERSION), "Grouter",
                                    "grouter distill, fold or tune")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning is repeated by whoever uses it

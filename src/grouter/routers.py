@@ -23,6 +23,12 @@ from .errors import GrouterError
 ROUTER_KINDS = ("aux", "zloss", "auxfree", "hash", "random", "stablemoe", "none", "external")
 
 
+def score_shape(heads: int, n_experts: int) -> tuple[int, ...]:
+    """The trailing shape of captured scores, Grouter logits and selection biases: ``(E,)`` for one
+    layer (one shared head), ``(H, E)`` for H layers (per-layer heads)."""
+    return (n_experts,) if heads == 1 else (heads, n_experts)
+
+
 def layer_heads(head_layers: list[int] | tuple[int, ...], source_layers: int, target_layers: int) -> list[int]:
     """The head each of ``target_layers`` layers routes by: the one whose source layer is nearest in
     relative depth, ``|(l + 0.5)/T - (s_h + 0.5)/S|``, ties to the shallower head
