@@ -111,3 +111,36 @@ def test_data_with_another_vocabulary_is_refused(tmp_path, tiny_data):
     g.save_pretrained(tmp_path / "g")
     with pytest.raises(GrouterError, match="another tokenizer"):
         fold(tmp_path / "g", tiny_data, tmp_path / "f", 4, progress=False)
+
+
+def test_per_layer_heads_fold_each_head_by_its_own_grouping(tmp_path, tiny_data):
+    """Each head: its own co-activation and grouping, and folded logits = summed source logits of that head."""
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=16, top_k=2, d_model=32, n_layers=1, n_heads=2,
+                              d_ff=64, max_seq_len=tiny_data.seq_len, head_layers=[0, 2], source_layers=3))
+    torch.nn.init.normal_(g.head.weight, std=0.5)
+    g.eval().save_pretrained(tmp_path / "g")
+    affinity, load, tokens = coactivation(g, tiny_data.split("train"), max_sequences=50)
+    assert affinity.shape == (2, 16, 16) and load.shape == (2, 16) and (load.sum(1) == tokens * 2).all()
+    for h in range(2):  # head h's matrix is what a one-head Grouter with head h's weight measures
+        one = Grouter(GrouterConfig(**{**g.cfg.to_dict(), "head_layers": [], "source_layers": 0}))
+        one.load_state_dict({**g.state_dict(), "head.weight": g.head.weight[h * 16:(h + 1) * 16],
+                             "selection_bias": torch.zeros(16)})
+        a, x, _ = coactivation(one.eval(), tiny_data.split("train"), max_sequences=50)
+        assert np.array_equal(a, affinity[h]) and np.array_equal(x, load[h])
+    summary = fold(tmp_path / "g", tiny_data, tmp_path / "f", 6, max_sequences=50, progress=False)
+    folded = Grouter.from_pretrained(tmp_path / "f")
+    report = json.loads((tmp_path / "f" / "fold_report.json").read_text())
+    groups = report["groups"]
+    assert len(groups) == 2 and groups[0] != groups[1] and folded.cfg.provenance["fold"]["groups"] == groups
+    assert groups == [make_groups("affinity", affinity[h], load[h], group_sizes(16, 6), h) for h in range(2)]
+    x = tiny_data.split("val").batch(np.arange(4))["input_ids"]
+    with torch.no_grad():
+        src, out = g(x), folded(x)
+    assert out.shape == (4, tiny_data.seq_len, 2, 6) and folded.cfg.head_layers == [0, 2]
+    for h in range(2):
+        expected = torch.stack([src[..., h, members].sum(-1) for members in groups[h]], dim=-1)
+        torch.testing.assert_close(out[..., h, :], expected, rtol=1e-5, atol=1e-5)
+    inside = report["within_group_affinity_per_head"]
+    assert summary["within_group_affinity"] == pytest.approx(np.mean(inside)) and report["head_layers"] == [0, 2]
+    assert np.load(tmp_path / "f" / "affinity.npy").shape == (2, 16, 16)
+    assert {p.name for p in (tmp_path / "f").glob("*.png")} == {"affinity_layer0.png", "affinity_layer2.png"}

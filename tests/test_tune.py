@@ -70,3 +70,30 @@ def test_tuning_on_one_domain(tmp_path, tiny_data, skewed_grouter):
 def test_bad_tuning_options(tmp_path, tiny_data, skewed_grouter):
     with pytest.raises(GrouterError, match="unknown tuning method"):
         tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(method="magic"), progress=False)
+
+
+@pytest.mark.parametrize("method", ["gradient", "bias"])
+def test_per_layer_heads_are_each_balanced(tmp_path, tiny_data, method):
+    """Two heads skewed towards different experts: each is balanced on its own; the report has each head's figures."""
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1, n_heads=2,
+                              d_ff=64, max_seq_len=tiny_data.seq_len, head_layers=[1, 3], source_layers=4))
+    with torch.no_grad():
+        torch.nn.init.normal_(g.head.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+        for rows in ([0, 1], [8 + 5, 8 + 6]):  # head 0: experts 0, 1 dominate; head 1: experts 5, 6
+            g.head.weight[rows] += 1.0 * g.head.weight[rows].sign()
+    g.save_pretrained(tmp_path / "g")
+    summary = tune(tmp_path / "g", tiny_data, tmp_path / "t",
+                   TuneConfig(tokens=100_000, method=method, eval_sequences=128, lr=1e-2, bias_gamma=5e-2),
+                   progress=False)
+    report = json.loads((tmp_path / "t" / "tune_report.json").read_text())
+    before, after = report["before"]["max_vio_global_per_head"], report["after"]["max_vio_global_per_head"]
+    assert all(a <= b / 2 for a, b in zip(after, before)), (before, after)
+    assert summary["max_vio_global_after"] == pytest.approx(np.mean(after)) and summary["head_layers"] == [1, 3]
+    x = tiny_data.split("val").batch(np.arange(128))["input_ids"]
+    with torch.no_grad():
+        ids = Grouter.from_pretrained(tmp_path / "t").route(x).ids  # [n, L, 2, k]
+    for h in range(2):
+        assert after[h] == pytest.approx(float(max_vio(expert_counts(ids[:, :, h], 8))))
+    assert np.array(report["after"]["load"]).shape == (2, 8)
+    assert {p.name for p in (tmp_path / "t").glob("*.png")} == {"loads_layer1.png", "loads_layer3.png"}
+    assert "MaxVioGlobal, head 1" in (tmp_path / "t" / "tune_report.md").read_text()

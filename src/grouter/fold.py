@@ -9,6 +9,10 @@ Source experts that fire together are merged (docs/method.md#expert-folding):
 4. mapping ``M ∈ {0,1}^{E_S×E_T}`` and folded head ``W̃ = W·M``: a target expert's logit is the
    sum of its source experts' logits, so folding costs nothing at run time.
 ``random`` and ``balance`` (pair high-load with low-load experts) are the ablation strategies.
+
+A Grouter with per-layer heads is folded head by head: each head gets its own grouping ``M_h``
+from its own co-activation (a target layer's experts are its own, so the heads need not agree),
+and ``W̃_h = W_h·M_h``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .data import DataSplit, PackedDataset, batches_of
 from .device import resolve_device
 from .errors import GrouterError
 from .network import Grouter
-from .report import plot_affinity
+from .report import per_head_paths, plot_affinity
 
 STRATEGIES = ("affinity", "random", "balance")
 
@@ -33,23 +37,27 @@ STRATEGIES = ("affinity", "random", "balance")
 @torch.no_grad()
 def coactivation(grouter: Grouter, split: DataSplit, k: int | None = None, max_sequences: int | None = None,
                  batch_size: int = 32, device: torch.device | str = "cpu", progress: bool = False):
-    """Stream the data through the Grouter; returns (P [E,E] with zero diagonal, load [E], tokens)."""
-    E = grouter.cfg.n_experts
+    """Stream the data through the Grouter; returns (P [E,E] with zero diagonal, load [E], tokens),
+    with a head axis first (``[H, E, E]``, ``[H, E]``) for per-layer heads."""
+    E, H = grouter.cfg.n_experts, grouter.cfg.n_outputs
     n = len(split) if max_sequences is None else min(max_sequences, len(split))
-    counts = torch.zeros(E, E, dtype=torch.float64, device=device)
+    counts = torch.zeros(H, E, E, dtype=torch.float64, device=device)
     tokens = 0
     for idx in tqdm(batches_of(n, batch_size), desc="co-activation", disable=not progress, mininterval=2,
                     total=-(-n // batch_size)):
         ids = grouter.route(split.batch(idx)["input_ids"].to(device), k).ids
-        hits = torch.zeros(ids.shape[:-1] + (E,), device=device).scatter_(-1, ids, 1.0).reshape(-1, E)
-        counts += (hits.T @ hits).double()
+        ids = ids.reshape(-1, H, ids.shape[-1])
+        hits = torch.zeros(ids.shape[:-1] + (E,), device=device).scatter_(-1, ids, 1.0)  # [tokens, H, E]
+        counts += torch.einsum("thi,thj->hij", hits, hits).double()
         tokens += hits.shape[0]
     if tokens == 0:
         raise GrouterError("no data to measure expert co-activation on; the split is empty")
     counts = counts.cpu().numpy()
-    load = np.diag(counts).copy()
-    np.fill_diagonal(counts, 0.0)
-    return counts / tokens, load, tokens
+    load = np.diagonal(counts, axis1=1, axis2=2).copy()
+    for c in counts:
+        np.fill_diagonal(c, 0.0)
+    affinity = counts / tokens
+    return (affinity[0], load[0], tokens) if H == 1 else (affinity, load, tokens)
 
 
 def group_sizes(n_source: int, n_target: int) -> list[int]:
@@ -100,21 +108,26 @@ def mapping_matrix(groups: list[list[int]], n_source: int) -> np.ndarray:
     return m
 
 
-def fold_grouter(grouter: Grouter, groups: list[list[int]], strategy: str, top_k: int | None = None) -> Grouter:
-    """A new Grouter whose head is ``W·M`` (target logit = sum of its source experts' logits)."""
-    n_source, n_target = grouter.cfg.n_experts, len(groups)
+def fold_grouter(grouter: Grouter, groups: list, strategy: str, top_k: int | None = None) -> Grouter:
+    """A new Grouter whose head is ``W·M`` (target logit = sum of its source experts' logits).
+
+    ``groups``: the target experts' source experts; per head (a list of such lists) for per-layer heads.
+    """
+    per_head = groups if grouter.cfg.heads is not None else [groups]
+    n_source, n_target = grouter.cfg.n_experts, len(per_head[0])
     k = top_k or grouter.cfg.top_k
     if k >= n_target:
         raise GrouterError(f"top-k {k} must be smaller than the target's {n_target} experts; pass a smaller --top-k "
                            "or fold to more experts")
-    m = torch.from_numpy(mapping_matrix(groups, n_source))
     cfg = copy.deepcopy(grouter.cfg)
     cfg.n_experts, cfg.top_k = n_target, k
     cfg.provenance = {**cfg.provenance, "fold": {"strategy": strategy, "source_experts": n_source, "groups": groups}}
     folded = Grouter(cfg)
     state = grouter.state_dict()
-    state["head.weight"] = (m.T @ grouter.head.weight.detach().float().cpu()).to(grouter.head.weight.dtype)
-    state["selection_bias"] = torch.zeros(n_target)
+    weights = grouter.head.weight.detach().float().cpu().view(len(per_head), n_source, -1)
+    state["head.weight"] = torch.cat([torch.from_numpy(mapping_matrix(g, n_source)).T @ w
+                                      for g, w in zip(per_head, weights)]).to(grouter.head.weight.dtype)
+    state["selection_bias"] = torch.zeros(folded.score_shape)
     folded.load_state_dict(state)
     return folded.eval()
 
@@ -151,16 +164,23 @@ def fold(grouter_dir: str | Path, data: PackedDataset, out: str | Path, n_expert
                            "pass a smaller --top-k or fold to more experts")
     affinity, load, tokens = coactivation(grouter, data.split("train"), max_sequences=max_sequences,
                                           batch_size=batch_size, device=dev, progress=progress)
-    groups = make_groups(strategy, affinity, load, sizes, seed)
+    layers = grouter.cfg.head_layers  # none: one shared head
+    affinities, loads = (affinity, load) if layers else (affinity[None], load[None])
+    head_groups = [make_groups(strategy, a, x, sizes, seed + h) for h, (a, x) in enumerate(zip(affinities, loads))]
+    groups = head_groups if layers else head_groups[0]
     folded = fold_grouter(grouter.cpu(), groups, strategy, top_k)
+    inside = [within_group_affinity(a, g) for a, g in zip(affinities, head_groups)]
     report = {"strategy": strategy, "source_experts": grouter.cfg.n_experts, "target_experts": n_experts,
-              "top_k": folded.cfg.top_k, "group_sizes": [len(g) for g in groups], "groups": groups,
-              "tokens_measured": tokens, "within_group_affinity": within_group_affinity(affinity, groups),
-              "seed_rule": "highest summed affinity to unassigned experts (ties: lowest id)"}
+              "top_k": folded.cfg.top_k, "group_sizes": [len(g) for g in head_groups[0]], "groups": groups,
+              "tokens_measured": tokens, "within_group_affinity": float(np.mean(inside)),
+              "seed_rule": "highest summed affinity to unassigned experts (ties: lowest id)",
+              **({"head_layers": layers, "within_group_affinity_per_head": inside} if layers else {})}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         folded.save_pretrained(tmp)
         write_json(tmp / "fold_report.json", report)
         np.save(tmp / "affinity.npy", affinity)
-        plot_affinity(affinity, groups, tmp / "affinity.png", title=f"co-activation, {strategy} folding "
-                      f"{grouter.cfg.n_experts}→{n_experts}")
+        for path, a, g, layer in zip(per_head_paths(tmp / "affinity.png", layers), affinities, head_groups,
+                                     layers or [None]):
+            head = "" if layer is None else f", head of source layer {layer}"
+            plot_affinity(a, g, path, title=f"co-activation, {strategy} folding {grouter.cfg.n_experts}→{n_experts}{head}")
     return {"grouter": str(out), **{k: v for k, v in report.items() if k != "groups"}}

@@ -25,6 +25,13 @@ def figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1, **kw):
     return fig, fig.subplots(rows, cols, **kw)
 
 
+def per_head_paths(path: Path, head_layers: list[int]) -> list[Path]:
+    """One plot per head: ``path`` itself for a shared head, else ``NAME_layer{l}.EXT`` per source layer."""
+    if len(head_layers) <= 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_layer{layer}{path.suffix}") for layer in head_layers]
+
+
 def plot_affinity(affinity: np.ndarray, groups: list[list[int]], path: Path, title: str) -> None:
     """Co-activation heatmap with experts reordered by group and each group boxed."""
     order = [e for g in groups for e in g]

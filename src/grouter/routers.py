@@ -109,7 +109,7 @@ class Routing:
             flat = self.ids.reshape(-1)
             return Routing(self.ids, self.weights, flat.argsort(stable=True), expert_counts(flat, n_experts))
         flat = self.ids.movedim(-2, 0).reshape(len(self.heads), -1)
-        counts = torch.stack([expert_counts(row, n_experts) for row in flat])
+        counts = expert_counts_per_head(self.ids, n_experts, len(self.heads))
         return Routing(self.ids, self.weights, flat.argsort(dim=1, stable=True), counts, self.heads)
 
     def for_layer(self, layer: int, n_layers: int) -> "Routing":
@@ -155,6 +155,13 @@ def topk_gating(logits: torch.Tensor, k: int, score: str = "softmax", scale: flo
 def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Token-slots routed to each expert (the load L_i of the metrics)."""
     return torch.bincount(ids.reshape(-1), minlength=n_experts)
+
+
+def expert_counts_per_head(ids: torch.Tensor, n_experts: int, n_heads: int) -> torch.Tensor:
+    """``[H, E]``: the loads of each head, from ids ``[..., H, k]`` (``[..., k]`` when H = 1)."""
+    flat = ids.reshape(-1, n_heads, ids.shape[-1]).transpose(0, 1).reshape(n_heads, -1)
+    offsets = torch.arange(n_heads, device=ids.device)[:, None] * n_experts
+    return torch.bincount((flat + offsets).reshape(-1), minlength=n_heads * n_experts).view(n_heads, n_experts)
 
 
 def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, n_experts: int) -> torch.Tensor:

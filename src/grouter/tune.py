@@ -6,6 +6,10 @@ Switch/GShard load-balancing loss alone, ``E · Σ f_i · P_i`` (1 at perfect ba
 amount of target data. ``method="bias"`` instead nudges a selection-only bias by the sign rule
 (no gradient; the head is untouched). The report measures, on held-out data, MaxVio before and
 after and how much of the routing survived (top-k set agreement with the untuned Grouter).
+
+Per-layer heads are tuned together, each head against its own balance: the loss is the mean over
+heads of each head's load-balancing loss, and the bias method keeps a bias per head. The report
+gives each head's figures (``*_per_head``) and their mean.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from .device import resolve_device
 from .errors import GrouterError
 from .metrics import max_vio, topk_recall, topk_set_agreement
 from .network import Grouter
-from .report import plot_loads
-from .routers import expert_counts, load_balancing_loss
+from .report import per_head_paths, plot_loads
+from .routers import expert_counts_per_head, load_balancing_loss
 
 METHODS = ("gradient", "bias")
 
@@ -67,18 +71,28 @@ def domain_sequences(split: DataSplit, domain: str | None) -> np.ndarray:
 
 @torch.no_grad()
 def routing_report(grouter: Grouter, split: DataSplit, idx: np.ndarray, batch_size: int, device) -> dict:
-    """Per-batch MaxVio (mean), MaxVioGlobal, expert loads and the routed ids on ``idx``."""
-    E = grouter.cfg.n_experts
-    total = np.zeros(E, dtype=np.int64)
+    """Per-batch MaxVio (mean), MaxVioGlobal, expert loads and the routed ids on ``idx``; with
+    per-layer heads the MaxVios are means over heads, each head's in ``*_per_head``, loads ``[H, E]``."""
+    E, H = grouter.cfg.n_experts, grouter.cfg.n_outputs
+    total = np.zeros((H, E), dtype=np.int64)
     batch_vio, all_ids = [], []
     for chunk in batches_of(idx, batch_size):
         ids = grouter.route(split.batch(chunk)["input_ids"].to(device)).ids
-        loads = expert_counts(ids, E).cpu().numpy()
+        loads = expert_counts_per_head(ids, E, H).cpu().numpy()
         total += loads
-        batch_vio.append(float(max_vio(loads)))
+        batch_vio.append(max_vio(loads))
         all_ids.append(ids.cpu())
-    return {"max_vio_batch_mean": float(np.mean(batch_vio)), "max_vio_global": float(max_vio(total)),
-            "load": total.tolist(), "ids": torch.cat(all_ids)}
+    per_head = {"max_vio_batch_mean": [float(np.mean([v[h] for v in batch_vio])) for h in range(H)],
+                "max_vio_global": max_vio(total).tolist()}
+    out = {key: float(np.mean(v)) for key, v in per_head.items()}
+    if H > 1:
+        out.update({f"{key}_per_head": v for key, v in per_head.items()})
+    return {**out, "load": (total if H > 1 else total[0]).tolist(), "ids": torch.cat(all_ids)}
+
+
+def _heads(t: torch.Tensor, grouter: Grouter) -> list[torch.Tensor]:
+    """``t`` (``[..., H, x]``) per head; itself for a shared head."""
+    return list(t.unbind(-2)) if grouter.cfg.heads is not None else [t]
 
 
 def freeze_all_but_head(grouter: Grouter) -> None:
@@ -103,15 +117,17 @@ def tune_grouter(grouter: Grouter, split: DataSplit, cfg: TuneConfig, device, pr
         if opt is not None:
             logits = tuned.logits_from_hidden(hidden)
             ids = tuned.route_logits(logits.detach()).ids
-            loss = load_balancing_loss(logits, ids, E)
+            loss = torch.stack([load_balancing_loss(x, i, E) for x, i in zip(_heads(logits, tuned), _heads(ids, tuned))])
+            loss = loss.mean()  # each head balanced on its own
             opt.param_groups[0]["lr"] = cfg.lr * decay
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         else:
             with torch.no_grad():
-                counts = expert_counts(tuned.route_logits(tuned.logits_from_hidden(hidden)).ids, E).float()
-                tuned.selection_bias += cfg.bias_gamma * decay * torch.sign(counts.mean() - counts)
+                ids = tuned.route_logits(tuned.logits_from_hidden(hidden)).ids
+                counts = expert_counts_per_head(ids, E, tuned.cfg.n_outputs).float().view(tuned.selection_bias.shape)
+                tuned.selection_bias += cfg.bias_gamma * decay * torch.sign(counts.mean(-1, keepdim=True) - counts)
     for p in tuned.parameters():
         p.requires_grad_(True)
     return tuned.eval()
@@ -143,14 +159,23 @@ def tune(grouter_dir: str | Path, data: PackedDataset, out: str | Path, cfg: Tun
         tuned.cpu().save_pretrained(tmp)
         write_json(tmp / "tune_report.json", report)
         (tmp / "tune_report.md").write_text(tune_markdown(report))
-        plot_loads({"before tuning": np.array(before["load"]), "after tuning": np.array(after["load"])},
-                   tmp / "loads.png", title=f"expert load on held-out data ({cfg.domain or 'all domains'})")
+        _plot_loads(before, after, tuned.cfg.head_layers, tmp / "loads.png", cfg.domain)
     return {"grouter": str(out), "max_vio_global_before": before["max_vio_global"],
             "max_vio_global_after": after["max_vio_global"],
             "max_vio_batch_mean_before": before["max_vio_batch_mean"],
             "max_vio_batch_mean_after": after["max_vio_batch_mean"],
             "topk_set_agreement_with_untuned": report["topk_set_agreement_with_untuned"],
-            "topk_overlap_with_untuned": report["topk_overlap_with_untuned"]}
+            "topk_overlap_with_untuned": report["topk_overlap_with_untuned"],
+            **({"head_layers": tuned.cfg.head_layers} if tuned.cfg.head_layers else {})}
+
+
+def _plot_loads(before: dict, after: dict, layers: list[int], path: Path, domain: str | None) -> None:
+    """``loads.png``: expert loads before and after tuning; one plot per head (``loads_layer{l}.png``)."""
+    pairs = zip(before["load"], after["load"]) if layers else [(before["load"], after["load"])]
+    for file, (b, a), layer in zip(per_head_paths(path, layers), pairs, layers or [None]):
+        head = "" if layer is None else f", head of source layer {layer}"
+        plot_loads({"before tuning": np.array(b), "after tuning": np.array(a)}, file,
+                   title=f"expert load on held-out data ({domain or 'all domains'}{head})")
 
 
 def tune_markdown(r: dict) -> str:
@@ -159,7 +184,11 @@ def tune_markdown(r: dict) -> str:
             f"Held-out sequences: {r['held_out_sequences']}\n\n"
             "| | before | after |\n|---|---|---|\n"
             f"| MaxVioGlobal | {b['max_vio_global']:.3f} | {a['max_vio_global']:.3f} |\n"
-            f"| mean per-batch MaxVio | {b['max_vio_batch_mean']:.3f} | {a['max_vio_batch_mean']:.3f} |\n\n"
+            f"| mean per-batch MaxVio | {b['max_vio_batch_mean']:.3f} | {a['max_vio_batch_mean']:.3f} |\n"
+            + "".join(f"| MaxVioGlobal, head {h} | {x:.3f} | {y:.3f} |\n"
+                      for h, (x, y) in enumerate(zip(b.get("max_vio_global_per_head", []),
+                                                     a.get("max_vio_global_per_head", []))))
+            + "\n"
             f"Routing kept from the untuned Grouter: identical top-k set for "
             f"{r['topk_set_agreement_with_untuned']:.1%} of tokens; {r['topk_overlap_with_untuned']:.1%} of the "
             "untuned top-k experts still chosen\n")
