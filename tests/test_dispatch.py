@@ -16,7 +16,7 @@ import torch
 from conftest import stdlib_documents
 from grouter.data import SPLITS, PackConfig, PackedDataset, pack_documents, train_tokenizer
 from grouter.dispatch import dispatch
-from grouter.store import ROUTING_FORMAT, ROUTING_VERSION, RoutingStore
+from grouter.store import ONE_HEAD_VERSION, ROUTING_FORMAT, ROUTING_VERSION, RoutingStore
 from grouter.errors import GrouterError
 from grouter.network import Grouter, GrouterConfig
 
@@ -70,7 +70,7 @@ def test_store_equals_online_routing(tiny_data, grouter_dir, store_dir):
     store = RoutingStore.open(store_dir, data=tiny_data, grouter_fingerprint=g.fingerprint())
     assert (store.k, store.n_experts) == (4, 16)
     m = store.manifest
-    assert (m["format"], m["version"]) == (ROUTING_FORMAT, ROUTING_VERSION)
+    assert (m["format"], m["version"], "heads" in m) == (ROUTING_FORMAT, ONE_HEAD_VERSION, False)  # as before heads
     assert m["dataset_fingerprint"] == tiny_data.fingerprint and m["seq_len"] == tiny_data.seq_len
     assert m["dataset_path"] == str(Path(tiny_data.path).resolve()) and m["causal"] is True
     assert m["ids_dtype"] == "uint8" and m["weights_dtype"] == "bfloat16"
@@ -109,6 +109,38 @@ def test_store_aligned_with_training_sequences(tiny_data, grouter_dir, store_dir
         # gate weights of each token sum to 1 (softmax over the top-k, scale 1)
         w = store.routing(name, np.arange(min(n, 50))).weights
         assert torch.allclose(w.sum(-1), torch.ones(()), atol=4 * BF16_TOL)
+
+
+def test_per_layer_routing_is_stored_per_head_aligned_with_the_sequences(tmp_path, tiny_data):
+    """A Grouter with per-layer heads: every head's routing of every input token, [n, L, H, k], in the
+    dataset's order; the manifest names the heads' source layers; H·3k bytes per token."""
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=16, top_k=4, d_model=32, n_layers=1, n_heads=2,
+                              d_ff=64, max_seq_len=tiny_data.seq_len, head_layers=[0, 2, 5], source_layers=6))
+    with torch.no_grad():
+        g.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    g.save_pretrained(tmp_path / "g")
+    summary = dispatch(tmp_path / "g", tiny_data, tmp_path / "r", batch_size=BATCH, progress=False)
+    assert summary["head_layers"] == [0, 2, 5] and summary["bytes_per_token"] == 3 * 3 * 4
+    store = RoutingStore.open(tmp_path / "r", data=tiny_data, grouter_fingerprint=g.fingerprint())
+    m = store.manifest
+    assert (m["version"], m["heads"], m["head_layers"], m["source_layers"]) == (ROUTING_VERSION, 3, [0, 2, 5], 6)
+    assert store.heads.layers == (0, 2, 5) and "head_layers=[0, 2, 5]" in repr(store)
+    L = tiny_data.seq_len
+    for name in SPLITS:
+        split = tiny_data.split(name)
+        n = len(split)
+        assert store.ids(name).shape == (n, L, 3, 4)
+        for i in sorted({0, BATCH - 1, BATCH, n - 1}):
+            online = g.route(split.batch([i])["input_ids"], 4)
+            stored = store.routing(name, np.array([i]))
+            assert stored.ids.shape == (1, L, 3, 4) and stored.heads == store.heads
+            assert torch.equal(stored.ids, online.ids)
+            assert torch.allclose(stored.weights, online.weights, rtol=BF16_TOL, atol=1e-6)
+            for h in range(3):  # heads differ, and each is its own head's routing
+                assert torch.equal(stored.ids[0, :, h], g(split.batch([i])["input_ids"])[0, :, h].topk(4).indices)
+            assert not torch.equal(stored.ids[..., 0, :], stored.ids[..., 1, :])
+    tokens = sum(len(tiny_data.split(s)) for s in SPLITS) * L
+    assert sum(p.stat().st_size for p in (tmp_path / "r").iterdir() if p.name != "manifest.json") == 3 * 3 * 4 * tokens
 
 
 def test_storage_is_3k_bytes_per_token(tiny_data, store_dir):
@@ -319,3 +351,23 @@ def test_sharded_dispatch_killed_and_resumed_is_byte_identical(tiny_data, groute
     assert read_bytes(out) == read_bytes(store_dir)
     assert json.loads((out / "manifest.json").read_text()) == json.loads((store_dir / "manifest.json").read_text())
     assert not partial.exists()
+
+
+def test_a_manifest_whose_version_and_heads_disagree_is_refused(tmp_path):
+    from grouter.artifacts import read_json, write_json
+    from grouter.routers import Heads, Routing
+    from grouter.store import write_store
+
+    ids = torch.randint(0, 8, (4, 6, 2, 2))
+    write_store(tmp_path / "s", {"train": Routing(ids, torch.rand(4, 6, 2, 2), heads=Heads((1, 3), 4))}, 8)
+    store = RoutingStore.open(tmp_path / "s")
+    assert torch.equal(store.routing("train", np.arange(4)).ids, ids) and store.row_shape == (6, 2, 2)
+    m = read_json(tmp_path / "s" / "manifest.json", "manifest")
+    write_json(tmp_path / "s" / "manifest.json", {**m, "version": ONE_HEAD_VERSION})
+    with pytest.raises(GrouterError, match="corrupt: manifest.json lacks or mangles"):
+        RoutingStore.open(tmp_path / "s")
+    write_json(tmp_path / "s" / "manifest.json", {**m, "head_layers": [3, 1]})
+    with pytest.raises(GrouterError, match="corrupt: manifest.json lacks or mangles"):
+        RoutingStore.open(tmp_path / "s")
+    with pytest.raises(GrouterError, match="does not fit a store"):
+        write_store(tmp_path / "t", {"train": Routing(ids, torch.rand(4, 6, 2, 2))}, 8)

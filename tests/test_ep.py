@@ -213,3 +213,13 @@ def test_refusals(tiny_data):
     torch.testing.assert_close(ex.w_in.data, ref[[3, 2, 1, 0]], rtol=0, atol=0)
     with pytest.raises(GrouterError, match="needs a placement plan"):
         rank_batches(None, "plan", 2)
+
+
+def test_a_store_with_per_layer_heads_is_refused(tiny_data, tmp_path):
+    from grouter.ep import _check_inputs
+    from grouter.routers import Heads
+
+    synthetic_store(tiny_data, tmp_path / "s", E, K, CLUSTERS, heads=Heads((0, 1), 2))
+    store = RoutingStore.open(tmp_path / "s", data=tiny_data)
+    with pytest.raises(GrouterError, match="per-layer heads .* one routing for every layer"):
+        _check_inputs(tiny_data, store, None, model_cfg(tiny_data))

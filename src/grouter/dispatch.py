@@ -1,8 +1,9 @@
 """Pre-dispatch: run a frozen Grouter once over the packed data and write its routing store.
 
 Every *input* token of every packed sequence that training reads (both splits, the dataset's
-order and boundaries) gets k expert ids and k gate weights; the store's layout and reader are in
-:mod:`grouter.store` (docs/method.md#pre-dispatch-and-the-routing-store).
+order and boundaries) gets k expert ids and k gate weights (per head, for a Grouter with per-layer
+heads); the store's layout and reader are in :mod:`grouter.store`
+(docs/method.md#pre-dispatch-and-the-routing-store).
 
 Writing is resumable and atomic: the work happens in ``.OUT.partial`` beside ``OUT`` with a
 ``progress.json``; rerun the same command after a kill and it continues at the last recorded
@@ -43,7 +44,7 @@ from .data import SPLITS, DataSplit, PackedDataset
 from .device import ProcessGroup
 from .errors import GrouterError
 from .network import LEAK_WARNING, Grouter
-from .store import ROUTING_FORMAT, ROUTING_VERSION, WEIGHTS_DTYPES, StoreWriter, bytes_per_token
+from .store import ROUTING_FORMAT, WEIGHTS_DTYPES, StoreWriter, bytes_per_token, head_fields
 
 # Flush the files and record progress every this many batches (per rank, at common steps).
 CHECKPOINT_EVERY = 64
@@ -153,8 +154,8 @@ def dispatch(grouter: str | Path, data: PackedDataset, out: str | Path, k: int |
     """Write the routing store ``out`` for both splits of ``data``; resumable, atomic, shardable.
 
     Returns ``{"routing", "k", "n_experts", "tokens", "bytes_per_token", "seconds",
-    "tokens_per_second", "resumed", "world_size"}`` (tokens: all tokens in the store;
-    bytes_per_token: ids + weights, manifest excluded; the rate counts the tokens routed by this
+    "tokens_per_second", "resumed", "world_size"}``, and ``head_layers`` for per-layer heads
+    (tokens: all tokens in the store; bytes_per_token: ids + weights of every head, manifest excluded; the rate counts the tokens routed by this
     invocation over all ranks, divided by its wall time including loading and checksumming).
     """
     t0 = time.perf_counter()
@@ -164,11 +165,12 @@ def dispatch(grouter: str | Path, data: PackedDataset, out: str | Path, k: int |
     E, sizes = model.cfg.n_experts, {name: len(data.split(name)) for name in SPLITS}
     with ProcessGroup(device) as group:
         model = model.float().to(group.device).eval()
-        identity = {"format": ROUTING_FORMAT, "version": ROUTING_VERSION, "dataset": data.fingerprint, "grouter": fingerprint,
+        identity = {"format": ROUTING_FORMAT, "version": head_fields(model.cfg.heads)["version"],
+                    "dataset": data.fingerprint, "grouter": fingerprint,
                     "k": k, "weights_dtype": weights_dtype, "batch_size": batch_size, "world_size": group.world,
                     "device_type": group.device.type}
         job = _Progress(out, identity, overwrite, group)
-        writer = StoreWriter(job.work, data.seq_len, k, E, weights_dtype)
+        writer = StoreWriter(job.work, data.seq_len, k, E, weights_dtype, model.cfg.heads)
         for name in SPLITS:  # rank 0 sizes the files every rank writes into
             if group.rank == 0 and not writer.allocate(name, sizes[name]):
                 job.forget(name)
@@ -185,7 +187,9 @@ def dispatch(grouter: str | Path, data: PackedDataset, out: str | Path, k: int |
         group.barrier()  # the store is in place before any rank returns
         world = group.world
     seconds = time.perf_counter() - t0
-    return {"routing": str(out), "k": k, "n_experts": E, "tokens": sum(sizes.values()) * data.seq_len,
-            "bytes_per_token": bytes_per_token(k, E), "seconds": round(seconds, 3),
+    heads = model.cfg.head_layers
+    return {"routing": str(out), "k": k, "n_experts": E, **({"head_layers": heads} if heads else {}),
+            "tokens": sum(sizes.values()) * data.seq_len,
+            "bytes_per_token": bytes_per_token(k, E, model.cfg.n_outputs), "seconds": round(seconds, 3),
             "tokens_per_second": round(routed / seconds, 1) if seconds > 0 else 0.0,
             "resumed": any(done.values()), "world_size": world}

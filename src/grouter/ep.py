@@ -514,6 +514,10 @@ def _check_inputs(data: PackedDataset, store: RoutingStore, plan: Plan | None, m
     """Refuse a model, store or plan that do not go together; returns the split to train on."""
     E, k = store.n_experts, store.k
     model_cfg.validate()
+    if store.heads is not None:
+        raise GrouterError(f"routing store {store.path} has per-layer heads (source layers {list(store.heads.layers)}); "
+                           "grouter ep, the reference engine, counts one routing for every layer: dispatch a "
+                           "one-head Grouter for it, or train with `grouter train --routing`")
     if model_cfg.router != "external" or (model_cfg.n_experts, model_cfg.top_k) != (E, k):
         raise GrouterError(f"the EP model must use router 'external' with the store's {E} experts, top-{k}")
     if model_cfg.vocab_size != data.vocab_size or model_cfg.max_seq_len < data.seq_len:

@@ -13,7 +13,12 @@ directory:
 - ``{split}.weights``: raw ``[n_sequences, seq_len, k]`` 16-bit gate weights: the bit pattern of
   bfloat16 (default) or float16.
 
-So a token costs ``3k`` bytes when E <= 256 (``4k`` otherwise). :class:`StoreWriter` is the one
+So a token costs ``3k`` bytes when E <= 256 (``4k`` otherwise). A Grouter with per-layer heads
+stores every head: ``[n_sequences, seq_len, H, k]``, ``H·3k`` bytes per token, and the manifest
+(version 3) names the heads' source layers (``head_layers``) and the source's depth
+(``source_layers``); readers map a target's layers to heads by relative depth
+(:class:`grouter.routers.Heads`), so one store serves targets of any depth. A one-head store is
+written exactly as before (version 2). :class:`StoreWriter` is the one
 writer (pre-dispatch, synthetic stores of tests and benchmarks); :class:`RoutingStore` reads a
 store back memory-mapped and refuses one that is truncated, tampered with, or bound to another
 dataset or Grouter. See docs/method.md#pre-dispatch-and-the-routing-store.
@@ -21,6 +26,7 @@ dataset or Grouter. See docs/method.md#pre-dispatch-and-the-routing-store.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +37,11 @@ from .artifacts import atomic_dir, read_manifest, write_json
 from .data import PackedDataset
 from .errors import GrouterError
 from .integrity import CheckedFile, file_checksum
-from .routers import Routing
+from .routers import Heads, Routing
 
-ROUTING_FORMAT, ROUTING_VERSION = "grouter-routing", 2  # 2: per-chunk checksums, verified on read
+ROUTING_FORMAT = "grouter-routing"
+ROUTING_VERSION = 3  # 2: per-chunk checksums, verified on read; 3: per-layer heads (written only for them)
+ONE_HEAD_VERSION = 2
 WEIGHTS_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,14 +54,27 @@ def ids_dtype_for(n_experts: int) -> np.dtype:
     raise GrouterError(f"{n_experts} experts do not fit a uint16 expert id; use at most 65536 experts")
 
 
-def bytes_per_token(k: int, n_experts: int) -> int:
-    """Storage per token: k ids plus k 16-bit weights."""
-    return k * (ids_dtype_for(n_experts).itemsize + 2)
+def bytes_per_token(k: int, n_experts: int, heads: int = 1) -> int:
+    """Storage per token: k ids plus k 16-bit weights, per head."""
+    return heads * k * (ids_dtype_for(n_experts).itemsize + 2)
+
+
+def head_fields(heads: Heads | None) -> dict:
+    """The manifest's version and per-layer head fields (none for one head: the version 2 layout)."""
+    if heads is None:
+        return {"version": ONE_HEAD_VERSION}
+    return {"version": ROUTING_VERSION, "heads": len(heads), "head_layers": list(heads.layers),
+            "source_layers": heads.source_layers}
 
 
 def weight_bits(weights: torch.Tensor, weights_dtype: str) -> np.ndarray:
     """Gate weights as the uint16 bit patterns the store holds."""
     return weights.to(WEIGHTS_DTYPES[weights_dtype]).view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def row_shape(seq_len: int, k: int, heads: Heads | None) -> tuple[int, ...]:
+    """The shape of one sequence's ids or weights in a store."""
+    return (seq_len, k) if heads is None else (seq_len, len(heads), k)
 
 
 @dataclass
@@ -71,6 +92,7 @@ class StoreWriter:
     k: int
     n_experts: int
     weights_dtype: str = "bfloat16"
+    heads: Heads | None = None  # per-layer heads: one routing per head
 
     def __post_init__(self):
         if self.weights_dtype not in WEIGHTS_DTYPES:
@@ -79,6 +101,7 @@ class StoreWriter:
             raise GrouterError(f"k = {self.k} is not possible with {self.n_experts} experts; use 1 <= k <= E")
         self.work = Path(self.work)
         self.ids_dtype = ids_dtype_for(self.n_experts)
+        self.row_shape = row_shape(self.seq_len, self.k, self.heads)
         self.sizes: dict[str, int] = {}
 
     def _files(self, split: str) -> dict[Path, np.dtype]:
@@ -89,7 +112,7 @@ class StoreWriter:
         self.sizes[split] = n_sequences
         kept = True
         for path, dtype in self._files(split).items():
-            size = n_sequences * self.seq_len * self.k * dtype.itemsize
+            size = n_sequences * math.prod(self.row_shape) * dtype.itemsize
             kept = kept and path.is_file() and path.stat().st_size == size
             with open(path, "r+b" if path.exists() else "wb") as f:
                 f.truncate(size)
@@ -99,14 +122,18 @@ class StoreWriter:
         """Read-write ``(ids, weight bits)`` maps of sequences ``[lo, hi)``; None for an empty range."""
         if hi <= lo:
             return None
-        shape = (hi - lo, self.seq_len, self.k)
-        return tuple(np.memmap(path, dtype=dtype, mode="r+", offset=lo * self.seq_len * self.k * dtype.itemsize,
-                               shape=shape) for path, dtype in self._files(split).items())
+        row = math.prod(self.row_shape)
+        return tuple(np.memmap(path, dtype=dtype, mode="r+", offset=lo * row * dtype.itemsize,
+                               shape=(hi - lo, *self.row_shape)) for path, dtype in self._files(split).items())
 
     def put(self, maps: tuple[np.memmap, np.memmap], at: int, routing: Routing) -> None:
-        """Write ``routing`` (ids and weights ``[B, seq_len, k]``) at row ``at`` of the window ``maps``."""
+        """Write ``routing`` (ids and weights ``[B, seq_len, k]``, or ``[B, seq_len, H, k]`` with
+        per-layer heads) at row ``at`` of the window ``maps``."""
         ids, bits = maps
         b = routing.ids.shape[0]
+        if tuple(routing.ids.shape[1:]) != self.row_shape or routing.heads != self.heads:
+            raise GrouterError(f"routing of shape {list(routing.ids.shape)} (heads {routing.heads}) does not fit a store "
+                               f"of rows {list(self.row_shape)} (heads {self.heads})")
         if routing.ids.numel() and not 0 <= int(routing.ids.min()) <= int(routing.ids.max()) < self.n_experts:
             raise GrouterError(f"routing holds expert ids outside 0..{self.n_experts - 1}; it cannot be stored")
         ids[at:at + b] = routing.ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
@@ -118,7 +145,7 @@ class StoreWriter:
         splits = {name: {"n_sequences": n, "ids": file_checksum(self.work / f"{name}.ids"),
                          "weights": file_checksum(self.work / f"{name}.weights")}
                   for name, n in self.sizes.items()}
-        manifest = {"format": ROUTING_FORMAT, "version": ROUTING_VERSION,
+        manifest = {"format": ROUTING_FORMAT, **head_fields(self.heads),
                     "dataset_fingerprint": data.fingerprint if data is not None else "synthetic",
                     "dataset_path": str(Path(data.path).resolve()) if data is not None else "synthetic",
                     "grouter_fingerprint": grouter_fingerprint, "grouter_path": grouter_path,
@@ -132,11 +159,12 @@ class StoreWriter:
 def write_store(out: str | Path, routing: dict[str, Routing], n_experts: int, data: PackedDataset | None = None,
                 grouter_fingerprint: str = "synthetic", grouter_path: str = "synthetic",
                 weights_dtype: str = "bfloat16", causal: bool = True, overwrite: bool = False) -> Path:
-    """Write a routing store holding ``routing[split]`` (ids and weights ``[n, seq_len, k]``), atomically."""
+    """Write a routing store holding ``routing[split]`` (ids and weights ``[n, seq_len, k]``, or
+    ``[n, seq_len, H, k]`` with ``heads`` set), atomically."""
     first = next(iter(routing.values()))
-    _, seq_len, k = first.ids.shape
+    seq_len, k = first.ids.shape[1], first.ids.shape[-1]
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = StoreWriter(tmp, seq_len, k, n_experts, weights_dtype)
+        writer = StoreWriter(tmp, seq_len, k, n_experts, weights_dtype, first.heads)
         for split, r in routing.items():
             writer.allocate(split, r.ids.shape[0])
             if (maps := writer.maps(split, 0, r.ids.shape[0])) is not None:
@@ -166,7 +194,8 @@ class RoutingStore:
         against the manifest's per-chunk checksums as they are read, each chunk the first time.
         """
         path = Path(path)
-        m = read_manifest(path, "manifest.json", ROUTING_FORMAT, ROUTING_VERSION, "routing store", "grouter dispatch")
+        m = read_manifest(path, "manifest.json", ROUTING_FORMAT, (ONE_HEAD_VERSION, ROUTING_VERSION), "routing store",
+                          "grouter dispatch")
         store = cls(path, m)
         store._check_manifest()
         store._check_binding(data, grouter_fingerprint)
@@ -189,7 +218,10 @@ class RoutingStore:
             for info in m["splits"].values():
                 int(info["n_sequences"])
             m["dataset_fingerprint"], m["grouter_fingerprint"]
-        except (KeyError, TypeError, ValueError) as e:
+            heads = self.heads
+            if m["version"] != head_fields(heads)["version"] or m.get("heads", 1) != (len(heads) if heads else 1):
+                raise ValueError("heads")
+        except (KeyError, TypeError, ValueError, GrouterError) as e:
             raise GrouterError(f"routing store {self.path} is corrupt: manifest.json lacks or mangles {e}; "
                                f"{self._redo}") from None
 
@@ -217,7 +249,7 @@ class RoutingStore:
         if idx is None:
             checked.check_all()
         else:
-            row = self.seq_len * self.k * itemsize
+            row = math.prod(self.row_shape) * itemsize
             checked.check_rows(np.asarray(idx, dtype=np.int64) * row, row)
 
     @property
@@ -240,6 +272,16 @@ class RoutingStore:
     def causal(self) -> bool:
         return bool(self.manifest.get("causal", True))
 
+    @property
+    def heads(self) -> Heads | None:
+        """Per-layer heads (None: one routing for every layer)."""
+        return Heads.of(self.manifest.get("head_layers", []), self.manifest.get("source_layers", 0))
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One sequence's ids (or weights): ``(seq_len, k)``, or ``(seq_len, H, k)`` with per-layer heads."""
+        return row_shape(self.seq_len, self.k, self.heads)
+
     def n_sequences(self, split: str) -> int:
         if split not in self.manifest["splits"]:
             raise GrouterError(f"routing store {self.path} has no split {split!r}; "
@@ -247,19 +289,20 @@ class RoutingStore:
         return int(self.manifest["splits"][split]["n_sequences"])
 
     def _map(self, split: str, suffix: str, dtype: np.dtype) -> np.ndarray:
-        shape = (self.n_sequences(split), self.seq_len, self.k)
+        shape = (self.n_sequences(split), *self.row_shape)
         if shape[0] == 0:  # an empty file cannot be mapped
             return np.zeros(shape, dtype=dtype)
         return np.memmap(self.path / f"{split}.{suffix}", dtype=dtype, mode="r", shape=shape)
 
     def ids(self, split: str) -> np.ndarray:
-        """Expert ids ``[n_sequences, seq_len, k]`` (uint8 or uint16), memory-mapped read-only, all of
-        them verified first (the caller is about to read them all)."""
+        """Expert ids ``[n_sequences, seq_len, k]`` (``[n_sequences, seq_len, H, k]`` with per-layer
+        heads; uint8 or uint16), memory-mapped read-only, all of them verified first (the caller is
+        about to read them all)."""
         self._checked(split, "ids", None, self.ids_dtype.itemsize)
         return self._map(split, "ids", self.ids_dtype)
 
     def raw_weights(self, split: str) -> np.ndarray:
-        """Gate weights as stored: the 16-bit patterns ``[n_sequences, seq_len, k]`` (uint16), verified."""
+        """Gate weights as stored: the 16-bit patterns (uint16), shaped like :meth:`ids`, verified."""
         self._checked(split, "weights", None, 2)
         return self._map(split, "weights", np.dtype(np.uint16))
 
@@ -274,15 +317,18 @@ class RoutingStore:
         return bits.view(WEIGHTS_DTYPES[self.manifest["weights_dtype"]]).float()
 
     def routing(self, split: str, idx: np.ndarray) -> Routing:
-        """The stored routing of sequences ``idx``: ids long ``[B, L, k]``, weights float32 ``[B, L, k]``."""
+        """The stored routing of sequences ``idx``: ids long ``[B, L, k]``, weights float32 ``[B, L, k]``;
+        with per-layer heads ``[B, L, H, k]`` and ``heads`` set (each layer of a model takes its
+        head's, :meth:`Routing.for_layer`)."""
         idx = np.asarray(idx, dtype=np.int64)
         self._checked(split, "ids", idx, self.ids_dtype.itemsize)
         ids = np.asarray(self._map(split, "ids", self.ids_dtype)[idx])
         if ids.size and int(ids.max()) >= self.n_experts:
             raise GrouterError(f"routing store {self.path} holds expert id {int(ids.max())} for {self.n_experts} "
                                f"experts in {split} sequences {idx.min()}..{idx.max()}; {self._redo}")
-        return Routing(torch.from_numpy(ids.astype(np.int64)), self.weights(split, idx))
+        return Routing(torch.from_numpy(ids.astype(np.int64)), self.weights(split, idx), heads=self.heads)
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={i['n_sequences']}" for s, i in self.manifest["splits"].items())
-        return f"RoutingStore({str(self.path)!r}, k={self.k}, n_experts={self.n_experts}, {sizes})"
+        heads = "" if self.heads is None else f", head_layers={list(self.heads.layers)}"
+        return f"RoutingStore({str(self.path)!r}, k={self.k}, n_experts={self.n_experts}{heads}, {sizes})"

@@ -14,7 +14,7 @@ import torch
 
 from .data import SPLITS, PackedDataset
 from .place import row_chunks
-from .routers import Routing
+from .routers import Heads, Routing
 from .store import write_store
 
 
@@ -55,17 +55,20 @@ def synthetic_weights(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def synthetic_store(data: PackedDataset | str | Path, out: str | Path, n_experts: int, k: int, clusters: int,
-                    seed: int = 0, noise: float = 0.3, decay: float = 0.5) -> Path:
+                    seed: int = 0, noise: float = 0.3, decay: float = 0.5, heads: Heads | None = None) -> Path:
     """A routing store for ``data`` (both splits) holding clustered synthetic routing.
 
     Expert ids from :func:`synthetic_routing` (``clusters`` sequence clusters, each
-    preferring its own experts), gate weights from :func:`synthetic_weights`.
+    preferring its own experts), gate weights from :func:`synthetic_weights`. ``heads``: per-layer
+    routing, head ``h`` drawn like the one-head store of seed ``seed + h``.
     """
     data = data if isinstance(data, PackedDataset) else PackedDataset.open(data)
     routing = {}
     for i, name in enumerate(SPLITS):
         n = len(data.split(name))
-        ids, _ = synthetic_routing(n, data.seq_len, n_experts, k, clusters, seed=seed + 7919 * i, noise=noise,
-                                   decay=decay)
-        routing[name] = Routing(torch.from_numpy(ids.astype(np.int64)), synthetic_weights(ids.shape, seed * 31 + i))
+        per_head = [synthetic_routing(n, data.seq_len, n_experts, k, clusters, seed=seed + h + 7919 * i, noise=noise,
+                                      decay=decay)[0] for h in range(len(heads) if heads else 1)]
+        ids = np.stack(per_head, axis=2) if heads else per_head[0]
+        routing[name] = Routing(torch.from_numpy(ids.astype(np.int64)), synthetic_weights(ids.shape, seed * 31 + i),
+                                heads=heads)
     return write_store(out, routing, n_experts, data=data, grouter_fingerprint=f"synthetic-{clusters}-{seed}")
