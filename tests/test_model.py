@@ -98,6 +98,32 @@ def test_external_routing_drives_the_experts_and_has_no_router():
         model(x)
 
 
+def test_per_layer_routing_drives_each_layer_by_its_head():
+    """Per-layer routing: layer l of 4 takes the head of source layer 0 or 3 (of 4) nearest in depth."""
+    from grouter.routers import Heads
+
+    model = tiny_model(router="external", n_layers=4).eval()
+    x = torch.randint(0, 100, (2, 16))
+    r0, r1 = random_routing(2, 16, seed=1), random_routing(2, 16, seed=2)
+    per_layer = Routing(torch.stack([r0.ids, r1.ids], 2), torch.stack([r0.weights, r1.weights], 2),
+                        heads=Heads((0, 3), 4))
+    mapping = [0, 0, 1, 1]  # target depths 1/8, 3/8, 5/8, 7/8; head depths 1/8, 7/8
+    assert list(per_layer.heads.for_target(4)) == mapping
+    with torch.no_grad():
+        out = model(x, routing=per_layer)
+        grouped = model(x, routing=per_layer.grouped(8))
+        # reference: each block called with its head's routing by hand
+        h = model.embed(x)
+        for block, head in zip(model.blocks, mapping):
+            h = block(h, model.rope_cos[:16], model.rope_sin[:16], x, (r0, r1)[head])[0]
+        reference = model.lm_head(model.norm(h))
+    for layer, head in enumerate(mapping):
+        assert torch.equal(out.routing_ids[layer], (r0, r1)[head].ids)
+        assert out.expert_counts[layer].tolist() == torch.bincount((r0, r1)[head].ids.flatten(), minlength=8).tolist()
+    assert torch.equal(out.logits, reference) and torch.equal(grouped.logits, reference)
+    assert not torch.allclose(out.logits, model(x, routing=r0).logits)
+
+
 def test_shared_expert_adds_parameters():
     assert tiny_model(n_shared_experts=1).num_parameters() > tiny_model().num_parameters()
     m = tiny_model()

@@ -161,6 +161,41 @@ def test_training_from_the_store_equals_online_grouter_routing(tiny_data, tmp_pa
     assert not any("router" in name for name, _ in model.named_parameters()), "no router parameters"
 
 
+def test_per_layer_store_routes_each_layer_by_its_head(tiny_data, tmp_path):
+    """A store with per-layer heads: layer l of the target trains on its head's routing (by relative
+    depth), the same as the Grouter online, and the run records the mapping."""
+    from grouter.dispatch import dispatch
+    from grouter.network import Grouter, GrouterConfig
+    from grouter.store import RoutingStore
+    from grouter.train import external_routing
+
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1, n_heads=2,
+                              d_ff=64, max_seq_len=tiny_data.seq_len, head_layers=[0, 2], source_layers=3))
+    torch.nn.init.normal_(g.head.weight, std=0.5)
+    g.save_pretrained(tmp_path / "g")
+    dispatch(tmp_path / "g", tiny_data, tmp_path / "store", progress=False)
+    mcfg, tcfg = model_cfg(tiny_data, router="external", n_layers=3), train_cfg(steps=6, eval_every=6, checkpoint_every=6)
+    stored, stored_id, _, _ = external_routing(tiny_data, routing_dir=tmp_path / "store")
+    online, online_id, _, _ = external_routing(tiny_data, grouter_dir=tmp_path / "g", device="cpu")
+    assert stored_id["head_layers"] == online_id["head_layers"] == [0, 2]
+
+    def online_bf16(split, idx):
+        r = online(split, idx)
+        return Routing(r.ids, r.weights.to(torch.bfloat16).float(), heads=r.heads)
+
+    a = train(tiny_data, tmp_path / "a", mcfg, tcfg, routing_source=stored, routing_identity=stored_id, progress=False)
+    train(tiny_data, tmp_path / "b", mcfg, tcfg, routing_source=online_bf16, progress=False)
+    loss = lambda run: [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"]
+    assert loss("a") == loss("b")
+    mapping = [0, 0, 1]  # depths 1/6, 1/2, 5/6 of the target; the heads' 1/6 and 5/6 (a tie goes to the shallower)
+    assert a["layer_heads"] == mapping
+    probe = np.load(tmp_path / "a" / "probes" / "step_00000006.npy")  # [layers, 8 val sequences, L, k]
+    ids = RoutingStore.open(tmp_path / "store").routing("val", np.arange(8)).ids
+    for layer, head in enumerate(mapping):
+        assert np.array_equal(probe[layer], ids[:, :, head].numpy()), layer
+    assert not np.array_equal(probe[0], probe[2])
+
+
 def test_stablemoe_switches_at_ten_percent_and_its_routing_then_stays(tiny_data, tmp_path):
     from grouter.report import RunRecord
 

@@ -2,7 +2,9 @@
 
 Qwen3-MoE-like: RMSNorm, RoPE, causal SDPA attention, MoE feed-forward with SwiGLU experts,
 optional always-on shared expert. Every MoE layer takes its routing from a pluggable router
-(see :mod:`grouter.routers`) or, with ``router="external"``, from routing supplied with the batch.
+(see :mod:`grouter.routers`) or, with ``router="external"``, from routing supplied with the batch:
+one routing for every layer, or per-layer routing (``Routing.heads``), of which layer ``i`` of ``L``
+takes the head nearest in relative depth (:meth:`grouter.routers.Routing.for_layer`).
 """
 
 from __future__ import annotations
@@ -273,8 +275,9 @@ class MoELM(nn.Module):
         x = self.embed(input_ids)
         aux_total = x.new_zeros((), dtype=torch.float32)
         counts, chosen = [], []
-        for block in self.blocks:
-            x, aux, c, ids = block(x, cos, sin, input_ids, routing)
+        for i, block in enumerate(self.blocks):
+            layer_routing = None if routing is None else routing.for_layer(i, self.cfg.n_layers)  # per-layer: its head's
+            x, aux, c, ids = block(x, cos, sin, input_ids, layer_routing)
             aux_total = aux_total + aux
             counts.append(c)
             chosen.append(ids)

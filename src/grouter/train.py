@@ -24,11 +24,12 @@ from .loop import Run, Step, TrainConfig, build_optimizer, fit, prefetch, read_m
 from .metrics import grad_norm_cv, max_vio
 from .model import MoEConfig, MoELM
 from .network import Grouter
-from .routers import Routing
+from .routers import Heads, Routing
 from .store import RoutingStore
 
 # Routing supplied with the batch for ``router="external"``: (split name, sequence indices) ->
-# Routing with ids/weights [B, L, k] aligned with the batch's input tokens.
+# Routing with ids/weights [B, L, k] aligned with the batch's input tokens ([B, L, H, k] with
+# per-layer heads: each layer of the model takes its head's).
 RoutingSource = Callable[[str, np.ndarray], Routing]
 
 
@@ -77,6 +78,11 @@ def save_routing_probe(model: MoELM, split: DataSplit, device: torch.device,
     np.save(path, ids.cpu().numpy().astype(np.uint16))
 
 
+def _heads_identity(heads: Heads | None) -> dict:
+    """Per-layer heads in a run's routing identity (nothing for one head: identities stay as they were)."""
+    return {} if heads is None else {"head_layers": list(heads.layers), "source_layers": heads.source_layers}
+
+
 def external_routing(data: PackedDataset, routing_dir: str | Path | None = None, grouter_dir: str | Path | None = None,
                      device: str = "auto") -> tuple[RoutingSource, dict, int, int]:
     """Routing for ``router="external"``: a routing store (read, no router compute) or a Grouter
@@ -85,7 +91,7 @@ def external_routing(data: PackedDataset, routing_dir: str | Path | None = None,
         store = RoutingStore.open(routing_dir, data=data)
         m = store.manifest
         identity = {"kind": "store", "grouter_fingerprint": m["grouter_fingerprint"], "k": store.k,
-                    "weights_dtype": m["weights_dtype"], "causal": m["causal"]}
+                    "weights_dtype": m["weights_dtype"], "causal": m["causal"], **_heads_identity(store.heads)}
         return store.routing, identity, store.n_experts, store.k
     dev = resolve_device(device)
     grouter = Grouter.from_pretrained(grouter_dir).to(dev)
@@ -95,8 +101,16 @@ def external_routing(data: PackedDataset, routing_dir: str | Path | None = None,
         return grouter.route(data.split(split).batch(idx)["input_ids"].to(dev))
 
     identity = {"kind": "online", "grouter_fingerprint": grouter.fingerprint(), "k": grouter.cfg.top_k,
-                "causal": grouter.cfg.causal}
+                "causal": grouter.cfg.causal, **_heads_identity(grouter.cfg.heads)}
     return online, identity, grouter.cfg.n_experts, grouter.cfg.top_k
+
+
+def _with_layer_heads(identity: dict | None, n_layers: int) -> dict | None:
+    """Per-layer routing's identity with ``layer_heads``, the head each of the model's layers routes by."""
+    if not identity or "head_layers" not in identity:
+        return identity
+    heads = Heads(tuple(identity["head_layers"]), identity["source_layers"])
+    return {**identity, "layer_heads": list(heads.for_target(n_layers))}
 
 
 def check_vocab(model_cfg: MoEConfig, data: PackedDataset) -> None:
@@ -138,6 +152,7 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
     if model_cfg.router == "stablemoe" and model_cfg.stablemoe_stage1_steps == 0:  # the paper's 10 % of the run
         model_cfg = replace(model_cfg, stablemoe_stage1_steps=max(1, math.ceil(0.1 * cfg.steps)))
     check_inputs(data, model_cfg, cfg, routing_source)
+    routing_identity = _with_layer_heads(routing_identity, model_cfg.n_layers)
     schedule = {k: v for k, v in asdict(cfg).items() if k != "device"}  # where it runs is not what it is
     identity = {"model": asdict(model_cfg), "train": schedule, "data_fingerprint": data.fingerprint,
                 "routing": routing_identity}
@@ -190,7 +205,8 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
     summary = {**summarize(run.metrics_path, totals.loads, totals.grad_norms), "out": str(out), "steps": cfg.steps,
                "tokens": cfg.steps * tokens_per_step,
                "tokens_per_second": timed / (time.perf_counter() - t0) if timed else None,
-               "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active_only=True)}
+               "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active_only=True),
+               **{k: v for k, v in (routing_identity or {}).items() if k == "layer_heads"}}
     run.finish(summary)
     return summary
 
