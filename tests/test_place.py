@@ -370,3 +370,74 @@ def test_errors(clustered, tmp_path):
     with pytest.raises(GrouterError, match="no manifest.json"):
         place(tmp_path / "empty", tmp_path / "out", R)
     assert not (tmp_path / "out").exists()
+
+
+# -- per-layer routing: the union of the layers -------------------------------------------------
+def _sample_ranks(plan: Plan, n: int) -> np.ndarray:
+    out = np.full(n, -1, dtype=np.int64)
+    for r, batches in enumerate(plan.samples):
+        for b in batches:
+            out[b] = r
+    return out
+
+
+@pytest.fixture(scope="module")
+def per_layer(tiny_data, tmp_path_factory):
+    """Per-layer routing (heads of source layers 0, 1 of 2) and the one-head store equal to its head 0."""
+    from grouter.routers import Heads
+    from grouter.testing import synthetic_store
+
+    root = tmp_path_factory.mktemp("place-layers")
+    synthetic_store(tiny_data, root / "heads", E, K, clusters=4, seed=3, noise=0.1, decay=0.6, heads=Heads((0, 1), 2))
+    synthetic_store(tiny_data, root / "one", E, K, clusters=4, seed=3, noise=0.1, decay=0.6)
+    return RoutingStore.open(root / "heads"), RoutingStore.open(root / "one")
+
+
+def test_a_union_of_one_head_plans_as_that_heads_store(per_layer):
+    """Target layers that all route by head 0: the same plan, byte for byte, as the one-head store of head 0."""
+    heads, one = per_layer
+    assert np.array_equal(heads.ids("train")[:, :, 0], one.ids("train"))
+    a = plan_placement(heads, R, global_batch=GB, target_layers=1, seed=1)  # one layer: depth 1/2, a tie -> head 0
+    b = plan_placement(one, R, global_batch=GB, seed=1)
+    assert a.source["layer_heads"] == [0] and "layer_heads" not in b.source
+    assert np.array_equal(a.permutation, b.permutation)
+    assert all(np.array_equal(x, y) for xs, ys in zip(a.samples, b.samples) for x, y in zip(xs, ys))
+    assert a.report["cost_models"] == b.report["cost_models"] and a.report["load"] == b.report["load"]
+
+
+@pytest.mark.parametrize("target_layers, weights", [(None, [1, 1]), (3, [2, 1]), (4, [2, 2])])
+def test_the_plan_costs_the_sum_over_the_target_layers(per_layer, target_layers, weights):
+    """The optimised and reported volumes are the sum over the target's layers of each layer's own
+    volume (counted token by token), each head weighted by the layers that route by it."""
+    heads, _ = per_layer
+    plan = plan_placement(heads, R, global_batch=GB, target_layers=target_layers, seed=1)
+    ids = heads.ids("train")
+    rank = _sample_ranks(plan, len(ids))
+    per_head = [remote_volume(ids[:, :, h], plan.rank_of_expert, rank) for h in range(2)]
+    for model in ("megatron", "deepep"):
+        assert plan.report["cost_models"][model]["plan"] == sum(w * v[model] for w, v in zip(weights, per_head))
+    assert plan.report["per_layer_routing"]["layer_heads"] == ([0, 1] if target_layers is None else
+                                                               list(heads.heads.for_target(target_layers)))
+    assert plan.report["seq_len"] == heads.seq_len and plan.report["cost_models"]["deepep"]["plan_over_random"] < 1
+
+
+def test_planning_over_the_union_beats_planning_for_one_layer(per_layer):
+    """Each head prefers other experts: a plan for head 0 alone costs the union more than the union's plan."""
+    heads, one = per_layer
+    union = plan_placement(heads, R, global_batch=GB, seed=1)
+    first = plan_placement(one, R, global_batch=GB, seed=1)
+    ids = heads.ids("train")
+    cost = lambda plan: sum(remote_volume(ids[:, :, h], plan.rank_of_expert, _sample_ranks(plan, len(ids)))["deepep"]
+                            for h in range(2))  # noqa: E731
+    assert cost(union) < cost(first)
+
+
+def test_per_layer_options_are_checked(per_layer, clustered):
+    heads, _ = per_layer
+    with pytest.raises(GrouterError, match="per-layer heads; plan without --hardware"):
+        plan_placement(heads, R, global_batch=GB, hardware="h100x8")
+    with pytest.raises(GrouterError, match="positive integer"):
+        plan_placement(heads, R, global_batch=GB, target_layers=0)
+    one_head = RoutingStore.open(clustered[0])  # one routing for every layer: the target's depth changes nothing
+    a, b = plan_placement(one_head, R, global_batch=GB), plan_placement(one_head, R, global_batch=GB, target_layers=6)
+    assert a.report["cost_models"] == b.report["cost_models"] and "per_layer_routing" not in b.report

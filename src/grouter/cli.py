@@ -384,7 +384,7 @@ def cmd_place(args) -> dict:
     return place(args.routing, args.out, args.ranks, ranks_per_node=args.ranks_per_node, algorithm=args.algorithm,
                  global_batch=args.global_batch, seed=args.seed, overwrite=args.overwrite, level=args.level,
                  scope=args.scope, exact=args.exact, hardware=hardware, lp_bound=args.lp_bound or None,
-                 load_tolerance=None if args.no_load_cap else args.load_tolerance)
+                 load_tolerance=None if args.no_load_cap else args.load_tolerance, target_layers=args.target_layers)
 
 
 def add_place(sub) -> None:
@@ -407,6 +407,9 @@ def add_place(sub) -> None:
     p.add_argument("--lp-bound", action="store_true", help="compute the balanced-LP bound even when it is costly")
     p.add_argument("--hardware", default=None, metavar="PROFILE",
                    help=f"predict step times on a cluster: {', '.join(PROFILES)} or a JSON file (docs/steptime.md)")
+    p.add_argument("--target-layers", type=_positive_int, default=None, metavar="T",
+                   help="per-layer routing: the target's MoE layers, each head weighted by the layers that route by "
+                        "it (default: every head of the store once)")
     p.add_argument("--seed", type=int, default=0)
 
 

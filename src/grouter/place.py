@@ -92,6 +92,16 @@ sequences per data-parallel rank.
 plan and of the random baseline on a cluster profile, per dispatcher, and the speedup
 (docs/steptime.md).
 
+**Per-layer routing** (a store with per-layer heads): the target's MoE layers route differently and
+each dispatches its tokens on its own, so the plan's cost is the sum over the layers. One expert
+placement and one sample placement serve every layer; they are planned over the **union of the
+layers**: a sequence's ids of every layer side by side (:class:`LayerUnion`, ``[n, L·T, k]``), so
+affinity, clustering, expert grouping, refinement, sample placement and the cost models all sum
+over the layers. ``target_layers`` T weights each head by the target layers that route by it
+(:meth:`grouter.routers.Heads.for_target`); without it every head of the store counts once.
+Volumes are then per (token, layer) where they are per token; the loads sum over the layers; the
+step-time model (one routing in every layer) is refused.
+
 Output of :func:`place` (atomic): ``plan.json``, ``report.json``, ``report.md``, ``report.png``.
 """
 
@@ -147,6 +157,35 @@ PRICE_STEPS, PRICE_WORK = 200, 400_000_000
 
 
 # -- affinity and entropy ----------------------------------------------------------------------
+class LayerUnion:
+    """The routing of every layer of a target side by side: ``[n, L·T, k]`` from a store's ``[n, L, H, k]``,
+    layer t taking head ``layer_heads[t]`` (a head may repeat). Reads like the store's memory map, in rows:
+    a slice stays lazy, an index array or ``np.asarray`` reads those rows (and nothing else)."""
+
+    def __init__(self, ids: np.ndarray, layer_heads):
+        self.ids, self.layer_heads = ids, np.asarray(layer_heads, dtype=np.int64)
+        n, L, H, k = ids.shape
+        self.shape, self.ndim, self.dtype = (n, L * len(self.layer_heads), k), 3, ids.dtype
+        self._every_head_once = np.array_equal(self.layer_heads, np.arange(H))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        if isinstance(rows, slice):
+            return LayerUnion(self.ids[rows], self.layer_heads)
+        return self._read(self.ids[rows])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._read(self.ids)
+        return out if dtype is None else out.astype(dtype)
+
+    def _read(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        picked = ids if self._every_head_once else ids[:, :, self.layer_heads]
+        return picked.reshape(len(ids), -1, ids.shape[-1])
+
+
 def row_chunks(n: int, per_seq: int, target: int = CHUNK_IDS) -> Iterator[tuple[int, int]]:
     """Ranges ``[a, b)`` of ``n`` rows of ``per_seq`` values each, about ``target`` values at a time."""
     step = max(1, target // max(per_seq, 1))
@@ -873,7 +912,8 @@ def plan_placement(store, ranks: int, ranks_per_node: int | None = None, algorit
                    max_sequences: int | None = None, *, level: str | None = None, scope: str = "batch",
                    exact: bool = False, refine: int | None = None, split: str = "train",
                    load_tolerance: float | None = DEFAULT_LOAD_TOLERANCE,
-                   hardware: HardwareProfile | str | Path | None = None, lp_bound: bool | None = None) -> Plan:
+                   hardware: HardwareProfile | str | Path | None = None, lp_bound: bool | None = None,
+                   target_layers: int | None = None) -> Plan:
     """Plan expert and sample placement for ``ranks`` EP ranks from the routing in ``store``.
 
     ``store``: a :class:`~grouter.store.RoutingStore` (or any object with ``ids(split)``,
@@ -893,14 +933,19 @@ def plan_placement(store, ranks: int, ranks_per_node: int | None = None, algorit
     grouping). ``hardware``: a :class:`~grouter.hardware.HardwareProfile`, a built-in profile's
     name or a JSON file; it sets the ranks per node and adds the predicted step times
     (``report["step_time"]``). ``lp_bound``: compute the balanced-LP bound (None: when it is cheap).
+    ``target_layers``: with per-layer routing, the target's MoE layers (each head weighted by the
+    layers that route by it; None: every head once); see the module docstring.
     """
     timer = _Timer()
+    if hardware is not None and getattr(store, "heads", None) is not None:
+        raise GrouterError("the step-time model (--hardware) assumes one routing in every layer, and this store has "
+                           "per-layer heads; plan without --hardware")
     profile = None if hardware is None else load_profile(hardware)
     if profile is not None:
         G = profile.layout(ranks, ranks_per_node)
         ranks_per_node = G if G < ranks else None  # one node: no node cost model
     ids, s = _setup(store, split, max_sequences, ranks, ranks_per_node, algorithm, level, scope, global_batch,
-                    exact, seed, load_tolerance)
+                    exact, seed, load_tolerance, target_layers)
     counts = affinity_counts(ids, s.E)  # 1. affinity (as counts: L * φ)
     timer.tick("affinity")
     kept = _EntropyFilter.apply(counts, entropy_fraction, s)  # 2. entropy filter
@@ -923,7 +968,7 @@ def plan_placement(store, ranks: int, ranks_per_node: int | None = None, algorit
     timer.tick("cost_models")
     report["balanced_bound"] = _bound_report(tr, rank, batches, s, lp_bound, report["cost_models"])
     timer.tick("balanced_bound")
-    step = {"plan": step_traffic(tr, samples, s.L), "random": step_traffic(base, base_samples, s.L)}
+    step = {"plan": step_traffic(tr, samples, s.seq_len), "random": step_traffic(base, base_samples, s.seq_len)}
     report.update(_load_and_time(step, s, profile), entropy_filter=kept.report(s), refinement=refinement,
                   clustering=_clustering_report(cl, s, kept.rows, inner_split))
     timer.tick("report")
@@ -931,7 +976,7 @@ def plan_placement(store, ranks: int, ranks_per_node: int | None = None, algorit
     return Plan(n_experts=s.E, k=s.k, ranks=s.R, ranks_per_node=s.G, level=s.level, algorithm=algorithm,
                 scope=scope, global_batch=s.gb, seed=seed, split=split, n_sequences=s.n,
                 permutation=_permutation_from_ranks(rank_of_expert, s.R), samples=samples, dropped=dropped,
-                source=_source(store), report=report, step_traffic=step)
+                source={**_source(store), **s.layers}, report=report, step_traffic=step)
 
 
 @dataclass(frozen=True)
@@ -939,7 +984,7 @@ class _Setup:
     """The checked sizes and options of one planning run."""
 
     n: int  # sequences planned
-    L: int  # tokens per sequence
+    L: int  # token-layers per sequence: its tokens, times the layers of per-layer routing (the union)
     k: int
     E: int  # experts
     R: int  # ranks
@@ -952,6 +997,8 @@ class _Setup:
     gb: int  # sequences per global batch
     seed: int
     tol: float | None  # load tolerance: each partition's experts take <= (1 + tol) x the mean token-slots
+    seq_len: int  # tokens per sequence
+    layers: dict  # per-layer routing: the heads' source layers and the head of each planned layer (else empty)
 
     def load_cap(self, load: np.ndarray, partitions: int) -> float | None:
         """The most token-slots (of ``load``, per expert) one of ``partitions`` may take (None: no cap)."""
@@ -960,9 +1007,10 @@ class _Setup:
 
 def _setup(store, split: str, max_sequences: int | None, R: int, G: int | None, algorithm: str,
            level: str | None, scope: str, global_batch: int | None, exact: bool,
-           seed: int, tol: float | None) -> tuple[np.ndarray, _Setup]:
-    """The ids ``[n, L, k]`` of the split's first ``max_sequences`` sequences, and the checked options."""
-    ids = store.ids(split)
+           seed: int, tol: float | None, target_layers: int | None = None) -> tuple[np.ndarray, _Setup]:
+    """The ids ``[n, L, k]`` of the split's first ``max_sequences`` sequences (of every layer, side by
+    side, with per-layer routing: :class:`LayerUnion`), and the checked options."""
+    ids, seq_len, layers = _layer_union(store, split, target_layers)
     E, k = int(store.n_experts), int(store.k)
     if ids.ndim != 3 or ids.shape[2] != k:
         raise GrouterError(f"routing ids of split {split!r} have shape {ids.shape}, expected [n, seq_len, {k}]")
@@ -974,7 +1022,20 @@ def _setup(store, split: str, max_sequences: int | None, R: int, G: int | None, 
         raise GrouterError(f"the load tolerance must be a finite number >= 0 (e.g. 0.05), got {tol!r}")
     N = R // G if level == "node" else R
     return ids[:n], _Setup(n, ids.shape[1], k, E, R, G, level, N, algorithm, scope, exact, gb, seed,
-                           None if tol is None else float(tol))
+                           None if tol is None else float(tol), seq_len, layers)
+
+
+def _layer_union(store, split: str, target_layers: int | None) -> tuple[np.ndarray, int, dict]:
+    """The ids to plan on, the tokens per sequence, and (per-layer routing) which heads make the union."""
+    ids, heads = store.ids(split), getattr(store, "heads", None)
+    if target_layers is not None and (isinstance(target_layers, bool) or not isinstance(target_layers, int)
+                                      or target_layers < 1):
+        raise GrouterError(f"the target's layers must be a positive integer, got {target_layers!r}")
+    if heads is None:
+        return ids, ids.shape[1], {}
+    layer_heads = list(heads.for_target(target_layers)) if target_layers else list(range(len(heads)))
+    layers = {"head_layers": list(heads.layers), "target_layers": target_layers, "layer_heads": layer_heads}
+    return LayerUnion(ids, layer_heads), ids.shape[1], layers
 
 
 def _check(n: int, E: int, R: int, G: int | None, algorithm: str, level: str | None, scope: str,
@@ -1340,7 +1401,7 @@ def _loads(st: StepTraffic, seq_len: int) -> dict:
 
 def _load_and_time(step: dict[str, StepTraffic], s: _Setup, profile: HardwareProfile | None) -> dict:
     """The report's ``load`` (plan and random) and, with a hardware profile, ``step_time``."""
-    out = {"load": {who: _loads(st, s.L) for who, st in step.items()}}
+    out = {"load": {who: _loads(st, s.seq_len) for who, st in step.items()}}
     if profile is not None:
         out["step_time"] = predict(step["plan"], step["random"], profile)
     return out
@@ -1388,9 +1449,9 @@ def _report_header(s: _Setup, n_batches: int, placed: np.ndarray, dropped: np.nd
             "nodes": s.R // s.G if s.G else None, "level": s.level, "partitions": s.N,
             "algorithm": s.algorithm, "scope": s.scope, "exact": bool(s.exact),
             "optimises": "node" if s.level == "node" else "deepep", "global_batch": s.gb,
-            "n_batches": n_batches, "seq_len": s.L, "sequences": s.n, "sequences_placed": int(len(placed)),
-            "sequences_dropped": int(len(dropped)), "tokens_placed": int(len(placed) * s.L),
-            "load_tolerance": s.tol}
+            "n_batches": n_batches, "seq_len": s.seq_len, "sequences": s.n, "sequences_placed": int(len(placed)),
+            "sequences_dropped": int(len(dropped)), "tokens_placed": int(len(placed) * s.seq_len),
+            "load_tolerance": s.tol, **({"per_layer_routing": s.layers} if s.layers else {})}
 
 
 def _clustering_report(cl: dict, s: _Setup, clustered: np.ndarray, inner_split: dict | None) -> dict:
@@ -1432,7 +1493,16 @@ def _md_summary(r: dict) -> list[str]:
             f"every rank gets the same count), {r['n_batches']} global batches of {r['global_batch']}",
             "- random baseline: the same global batches dealt to ranks at random, expert e on rank e // (E/R)",
             "- lower bound: every sequence on its own cheapest rank with the plan's experts (no capacity); "
-            "floor: what no expert or sample placement avoids", ""]
+            "floor: what no expert or sample placement avoids", *_md_layers(r.get("per_layer_routing")), ""]
+
+
+def _md_layers(layers: dict | None) -> list[str]:
+    if not layers:
+        return []
+    which = (f"the {layers['target_layers']} target layers (heads {layers['layer_heads']})" if layers["target_layers"]
+             else "every head once")
+    return [f"- per-layer routing (heads of source layers {layers['head_layers']}): planned over the union of "
+            f"{which}; volumes per (token, layer), loads summed over the layers"]
 
 
 def _md_volumes(r: dict) -> list[str]:
@@ -1546,7 +1616,8 @@ def place(routing_dir: str | Path, out: str | Path, ranks: int, ranks_per_node: 
           *, level: str | None = None, scope: str = "batch", exact: bool = False, clusters: int = 100,
           entropy_fraction: float = DEFAULT_ENTROPY_FRACTION, max_sequences: int | None = None,
           refine: int | None = None, verify: bool = True, load_tolerance: float | None = DEFAULT_LOAD_TOLERANCE,
-          hardware: HardwareProfile | str | Path | None = None, lp_bound: bool | None = None) -> dict:
+          hardware: HardwareProfile | str | Path | None = None, lp_bound: bool | None = None,
+          target_layers: int | None = None) -> dict:
     """Plan placement from the routing store ``routing_dir`` and write ``out`` (plan.json, report.*).
 
     Returns a summary: paths, level, algorithm, the optimised cost model, each model's plan / random
@@ -1561,7 +1632,8 @@ def place(routing_dir: str | Path, out: str | Path, ranks: int, ranks_per_node: 
     store = RoutingStore.open(routing_dir, verify=verify)
     plan = plan_placement(store, ranks, ranks_per_node, algorithm, global_batch, clusters, entropy_fraction, seed,
                           max_sequences, level=level, scope=scope, exact=exact, refine=refine,
-                          load_tolerance=load_tolerance, hardware=hardware, lp_bound=lp_bound)
+                          load_tolerance=load_tolerance, hardware=hardware, lp_bound=lp_bound,
+                          target_layers=target_layers)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         plan.save(tmp)
         write_json(tmp / "report.json", plan.report)
@@ -1584,7 +1656,8 @@ def summarize(r: dict) -> dict:
            "rank_load_max_over_mean": load["expert_load_max_over_mean"]["overall"],
            "expert_load_max_over_mean": load["expert_load_max_over_mean"]["per_batch_worst"],
            "received_tokens_max_over_mean": load["received_tokens_max_over_mean"]["per_batch_worst"],
-           "sequences_max_over_mean": load["sequences_max_over_mean"]["per_batch_worst"]}
+           "sequences_max_over_mean": load["sequences_max_over_mean"]["per_batch_worst"],
+           **({"per_layer_routing": r["per_layer_routing"]} if "per_layer_routing" in r else {})}
     if "step_time" in r:
         out["step_time"] = {"profile": r["step_time"]["profile"]["name"], **{
             d: {k: v[k] for k in ("speedup", "speedup_overlapped", "all_to_all_speedup")}
