@@ -221,5 +221,5 @@ def test_a_store_with_per_layer_heads_is_refused(tiny_data, tmp_path):
 
     synthetic_store(tiny_data, tmp_path / "s", E, K, CLUSTERS, heads=Heads((0, 1), 2))
     store = RoutingStore.open(tmp_path / "s", data=tiny_data)
-    with pytest.raises(GrouterError, match="per-layer heads .* one routing for every layer"):
+    with pytest.raises(GrouterError, match="per-layer heads .* grouter ep .* drives every MoE layer with one routing"):
         _check_inputs(tiny_data, store, None, model_cfg(tiny_data))

@@ -566,3 +566,18 @@ def test_nccl_alltoall_bytes_equal_the_megatron_cost_model(store, tiny_data, pla
           str(tmp_path / "bytes.json")])
     rows = json.loads((tmp_path / "bytes.json").read_text())["rows"]
     assert all(r["measured"] == r["predicted"] for r in rows)
+
+
+def test_per_layer_routing_is_refused(tiny_data, tmp_path):
+    """One routing drives every Megatron MoE layer: a store or Grouter with per-layer heads is refused."""
+    from grouter.routers import Heads
+
+    synthetic_store(tiny_data, tmp_path / "heads", E, K, clusters=4, heads=Heads((0, 1), 2))
+    heads = RoutingStore.open(tmp_path / "heads", data=tiny_data)
+    for build in (lambda: GrouterGPTDataset(tiny_data, heads), lambda: RoutingFeed.from_store(heads)):
+        with pytest.raises(GrouterError, match="per-layer heads .* the Megatron adapter drives every MoE layer"):
+            build()
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=E, top_k=K, d_model=32, n_layers=1, n_heads=2,
+                              d_ff=64, head_layers=[0, 1], source_layers=2))
+    with pytest.raises(GrouterError, match="this Grouter has per-layer heads"):
+        RoutingFeed.online(g)

@@ -344,3 +344,18 @@ def test_flex_attention_model_trains_on_gpu(setup):
     inputs = {k: v.cuda() for k, v in inputs.items()}
     inputs["attention_masks"] = model.get_attention_masks(positions=inputs["positions"])
     gt.lm_loss(model, inputs, labels.cuda()).backward()
+
+
+def test_per_layer_routing_is_refused(setup, tmp_path):
+    """One routing drives every torchtitan MoE layer: a store or Grouter with per-layer heads is refused."""
+    from grouter.routers import Heads
+
+    synthetic_store(setup.data, tmp_path / "heads", E, K, 4, heads=Heads((0, 1), 2))
+    one_line_error(lambda: convert(tiny(), tmp_path / "heads"), "per-layer heads .* the torchtitan adapter drives")
+    loader = gt.GrouterDataLoader.Config(data=str(setup.data.path), routing=str(tmp_path / "heads"))
+    one_line_error(lambda: loader.build(dp_world_size=1, dp_rank=0, seq_len=SEQ, local_batch_size=4),
+                   "per-layer heads")
+    g = Grouter(GrouterConfig(vocab_size=VOCAB, n_experts=E, top_k=K, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                              head_layers=[0, 1], source_layers=2))
+    g.save_pretrained(tmp_path / "g")
+    one_line_error(lambda: gt.GrouterRouterConverter.Config(grouter=str(tmp_path / "g")).build(), "per-layer heads")

@@ -75,7 +75,7 @@ from .errors import GrouterError
 from .loop import Run, Step, TrainConfig, build_optimizer, fit
 from .model import MODEL_PRESETS, Experts, MoEConfig, MoELM
 from .place import Plan, relabel
-from .routers import Routing
+from .routers import Routing, require_one_head
 from .store import RoutingStore
 
 EXCHANGES = {
@@ -514,10 +514,7 @@ def _check_inputs(data: PackedDataset, store: RoutingStore, plan: Plan | None, m
     """Refuse a model, store or plan that do not go together; returns the split to train on."""
     E, k = store.n_experts, store.k
     model_cfg.validate()
-    if store.heads is not None:
-        raise GrouterError(f"routing store {store.path} has per-layer heads (source layers {list(store.heads.layers)}); "
-                           "grouter ep, the reference engine, counts one routing for every layer: dispatch a "
-                           "one-head Grouter for it, or train with `grouter train --routing`")
+    require_one_head(store.heads, f"routing store {store.path}", "grouter ep (the reference engine)")
     if model_cfg.router != "external" or (model_cfg.n_experts, model_cfg.top_k) != (E, k):
         raise GrouterError(f"the EP model must use router 'external' with the store's {E} experts, top-{k}")
     if model_cfg.vocab_size != data.vocab_size or model_cfg.max_seq_len < data.seq_len:

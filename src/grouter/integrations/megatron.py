@@ -91,7 +91,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import PackedDataset
 from ..errors import GrouterError
 from ..place import Plan, PlanSampler, relabel
-from ..routers import Routing
+from ..routers import Routing, require_one_head
 from ..store import RoutingStore
 
 
@@ -225,11 +225,13 @@ class RoutingFeed:
     @classmethod
     def from_store(cls, store: RoutingStore, plan: Plan | None = None, **kw) -> "RoutingFeed":
         """Serves stored routing (pushed batches carry ``routing_ids`` / ``routing_weights``)."""
+        _one_routing(store)
         return cls(store.n_experts, store.k, _permutation(plan, store.n_experts, store.k), **kw)
 
     @classmethod
     def online(cls, grouter, k: int | None = None, plan: Plan | None = None, **kw) -> "RoutingFeed":
         """Routes each pushed batch's ``tokens`` (full sequences) with the frozen ``grouter``, once per micro-batch."""
+        require_one_head(grouter.cfg.heads, "this Grouter", "the Megatron adapter")
         k = k or grouter.cfg.top_k
         grouter.eval().requires_grad_(False)
         return cls(grouter.cfg.n_experts, k, _permutation(plan, grouter.cfg.n_experts, k), grouter=grouter, **kw)
@@ -409,6 +411,7 @@ class GrouterGPTDataset(Dataset):
         self.source = self.data.split(self.split)
         if self.store is None:
             return
+        _one_routing(self.store)
         if self.store.manifest["dataset_fingerprint"] != self.data.fingerprint:
             raise GrouterError(f"routing store {self.store.path} was made for another dataset; run `grouter "
                                "dispatch` on this one")
@@ -432,6 +435,11 @@ class GrouterGPTDataset(Dataset):
             routing = self.store.routing(self.split, [i])
             item["routing_ids"], item["routing_weights"] = routing.ids[0], routing.weights[0]
         return item
+
+
+def _one_routing(store) -> None:
+    """A GrouterRouter serves one routing to every layer: refuse a store with per-layer heads."""
+    require_one_head(getattr(store, "heads", None), f"routing store {getattr(store, 'path', '')}", "the Megatron adapter")
 
 
 def plan_data_loader(dataset: GrouterGPTDataset, plan: Plan, dp_rank: int, dp_size: int, micro_batch_size: int,

@@ -79,7 +79,7 @@ from torchtitan.protocols.module import Module
 from ..data import DataSplit, PackedDataset
 from ..errors import GrouterError
 from ..place import Plan, PlanSampler, relabel
-from ..routers import Routing
+from ..routers import Routing, require_one_head
 from ..store import RoutingStore
 
 ROUTING_IDS, ROUTING_WEIGHTS = "routing_ids", "routing_weights"
@@ -278,6 +278,7 @@ def attach(model: nn.Module, grouter=None) -> GrouterRouting:
         raise GrouterError(f"the MoE layers disagree on (experts, top_k): {sorted(shapes)}; one routing drives all")
     (n_experts, k), = shapes
     if grouter is not None:
+        require_one_head(grouter.cfg.heads, "this Grouter", "the torchtitan adapter")
         if int(grouter.cfg.n_experts) != n_experts:
             raise GrouterError(f"the Grouter routes to {grouter.cfg.n_experts} experts but the model has "
                                f"{n_experts}; use a Grouter folded to {n_experts} experts")
@@ -297,8 +298,10 @@ def _routing_shape(routing: str, grouter: str) -> tuple[int, int, str]:
         raise GrouterError("give exactly one of routing= (a routing store) or grouter= (a Grouter directory)")
     if routing:
         store = RoutingStore.open(routing, verify=False)
+        require_one_head(store.heads, f"routing store {routing}", "the torchtitan adapter")
         return store.n_experts, store.k, f"routing store {routing}"
     cfg = _load_grouter(grouter).cfg
+    require_one_head(cfg.heads, f"Grouter {grouter}", "the torchtitan adapter")
     return int(cfg.n_experts), int(cfg.top_k), f"Grouter {grouter}"
 
 
@@ -513,6 +516,8 @@ class GrouterDataLoader(ParallelAwareDataloader):
             raise GrouterError(f"training.seq_len is {seq_len} but the dataset's sequences hold {data.seq_len} "
                                f"tokens; set training.seq_len={data.seq_len}")
         store = RoutingStore.open(config.routing, data=data) if config.routing else None
+        if store is not None:
+            require_one_head(store.heads, f"routing store {config.routing}", "the torchtitan adapter")
         plan = _checked_plan(config.plan, store, config.split) if config.plan else None
         split = data.split(config.split)
         self.sequence_batches = SequenceBatches(split, local_batch_size, dp_rank, dp_world_size, config.seed, plan,
