@@ -161,6 +161,60 @@ def test_online_equals_stored(model_type):
     assert not any(k.startswith("grouter") or ".embed.weight" in k for k in online.state_dict())
 
 
+def per_layer_routing(b: int, l: int, heads) -> Routing:
+    parts = [random_routing(b, l, seed=h) for h in range(len(heads))]
+    return Routing(torch.stack([r.ids for r in parts], 2), torch.stack([r.weights for r in parts], 2), heads=heads)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_per_layer_routing_drives_each_layer_by_its_head(model_type):
+    """4 decoder layers, heads of source layers 0 and 3 of 4: layers 0, 1 take head 0, layers 2, 3 head 1;
+    each MoE layer computes the mixture of its own head's routing (stored, and wrapped for Trainer)."""
+    from grouter.routers import Heads
+
+    heads = Heads((0, 3), 4)
+    model = tiny_model(model_type, num_hidden_layers=4).eval()
+    handle = use_grouter_routing(model)
+    blocks = moe_blocks(model)
+    assert [b.gate.layer_index for b in blocks] == [0, 1, 2, 3]
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.append((m, a[0].detach(), out.detach()))) for b in blocks]
+    x, r = tokens(), per_layer_routing(2, 12, heads)
+    with torch.no_grad(), handle.routing(r):
+        logits = model(input_ids=x).logits
+    for h in hooks:
+        h.remove()
+    for (block, inp, out), head in zip(seen, [0, 0, 1, 1]):
+        own = Routing(r.ids[:, :, head], r.weights[:, :, head])
+        torch.testing.assert_close(out, manual_moe(block, inp, own, model_type), rtol=1e-5, atol=1e-6)
+    wrapped = GrouterRoutedModel(tiny_model(model_type, num_hidden_layers=4).eval(), heads=heads)
+    assert wrapped.config.grouter_routing["layer_heads"] == [0, 0, 1, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=x, routing_ids=r.ids, routing_weights=r.weights).logits, logits,
+                                   rtol=0, atol=0)
+    handle.set(Routing(r.ids, r.weights))  # the head axis without the heads it stands for
+    with pytest.raises(GrouterError, match=r"routing shape mismatch.*\[batch, seq, k\]"):
+        model(input_ids=x)
+
+
+def test_online_per_layer_grouter_equals_its_stored_routing():
+    g = Grouter(GrouterConfig(vocab_size=V, n_experts=E, top_k=K, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                              max_seq_len=64, head_layers=[1, 2], source_layers=3))
+    with torch.no_grad():
+        g.head.weight.mul_(50)
+    x = tokens(3, 10)
+    routing = g.eval().route(x)
+    assert routing.ids.shape == (3, 10, 2, K) and not torch.equal(routing.ids[:, :, 0], routing.ids[:, :, 1])
+    online, stored = tiny_model("qwen3_moe", num_hidden_layers=3).eval(), tiny_model("qwen3_moe", num_hidden_layers=3).eval()
+    h_online, h_stored = use_grouter_routing(online, g), use_grouter_routing(stored)
+    assert online.config.grouter_routing["layer_heads"] == [0, 0, 1]  # depths 1/6, 1/2, 5/6; the heads' 1/2, 5/6
+    with torch.no_grad():
+        a = online(input_ids=x).logits
+        h_stored.set(routing)
+        b = stored(input_ids=x).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
@@ -440,6 +494,30 @@ def test_with_a_real_routing_store(tiny_data, tmp_path):
     online = g.route(batch["input_ids"])
     assert torch.equal(batch["routing_ids"], online.ids)
     torch.testing.assert_close(batch["routing_weights"], online.weights, rtol=1e-2, atol=1e-2)  # stored as bf16
+
+
+def test_with_a_real_per_layer_routing_store(tiny_data, tmp_path):
+    """A per-layer store through routing_collator: routing_ids [B, L, H, k], each layer its head's, as online."""
+    from grouter.dispatch import dispatch
+    from grouter.store import RoutingStore
+
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=E, top_k=K, d_model=32, n_layers=1, n_heads=2,
+                              d_ff=64, max_seq_len=64, head_layers=[0, 1], source_layers=2))
+    with torch.no_grad():
+        g.head.weight.mul_(50)
+    g.save_pretrained(tmp_path / "g")
+    dispatch(tmp_path / "g", tiny_data, tmp_path / "store", batch_size=512, device="cpu", progress=False)
+    store = RoutingStore.open(tmp_path / "store", data=tiny_data)
+    b = tiny_data.split("train").batch(np.arange(4))
+    items = [{"input_ids": b["input_ids"][i], "labels": b["input_ids"][i], "index": i} for i in range(4)]
+    batch = routing_collator(store, "train")(items)
+    assert batch["routing_ids"].shape == (4, tiny_data.seq_len, 2, K)
+    model = tiny_model("qwen3_moe", vocab_size=tiny_data.vocab_size, num_hidden_layers=2).eval()
+    online = tiny_model("qwen3_moe", vocab_size=tiny_data.vocab_size, num_hidden_layers=2).eval()
+    use_grouter_routing(online, g.eval())
+    with torch.no_grad():
+        stored = GrouterRoutedModel(model, heads=store.heads)(**batch).logits
+        torch.testing.assert_close(stored, online(input_ids=batch["input_ids"]).logits, rtol=2e-2, atol=2e-2)  # bf16
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,8 +155,9 @@ def dispatch(grouter: str | Path, data: PackedDataset, out: str | Path, k: int |
 
     Returns ``{"routing", "k", "n_experts", "tokens", "bytes_per_token", "seconds",
     "tokens_per_second", "resumed", "world_size"}``, and ``head_layers`` for per-layer heads
-    (tokens: all tokens in the store; bytes_per_token: ids + weights of every head, manifest excluded; the rate counts the tokens routed by this
-    invocation over all ranks, divided by its wall time including loading and checksumming).
+    (tokens: all tokens in the store; bytes_per_token: ids + weights of every head, manifest
+    excluded; the rate counts the tokens routed by this invocation over all ranks, divided by its
+    wall time including loading and checksumming).
     """
     t0 = time.perf_counter()
     out = Path(out)

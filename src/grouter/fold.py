@@ -182,5 +182,6 @@ def fold(grouter_dir: str | Path, data: PackedDataset, out: str | Path, n_expert
         for path, a, g, layer in zip(per_head_paths(tmp / "affinity.png", layers), affinities, head_groups,
                                      layers or [None]):
             head = "" if layer is None else f", head of source layer {layer}"
-            plot_affinity(a, g, path, title=f"co-activation, {strategy} folding {grouter.cfg.n_experts}→{n_experts}{head}")
+            title = f"co-activation, {strategy} folding {grouter.cfg.n_experts}→{n_experts}{head}"
+            plot_affinity(a, g, path, title=title)
     return {"grouter": str(out), **{k: v for k, v in report.items() if k != "groups"}}

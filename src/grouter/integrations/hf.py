@@ -1,9 +1,11 @@
 """Train a Hugging Face transformers MoE causal LM with Grouter routing instead of its own gates.
 
 One Grouter routing (k expert ids and k gate weights per token, :class:`grouter.routers.Routing`)
-drives every MoE layer of the model. The experts, attention, embeddings, norms and shared experts
-train as usual, with any PyTorch loop, ``transformers.Trainer`` or accelerate; the gates are not
-computed and receive no gradient.
+drives every MoE layer of the model; per-layer routing (a Grouter with per-layer heads, or its
+store: ids ``[B, L, H, k]``) drives each decoder layer ``i`` of ``num_hidden_layers`` by the head
+nearest in relative depth (:meth:`grouter.routers.Heads.for_target`). The experts, attention,
+embeddings, norms and shared experts train as usual, with any PyTorch loop,
+``transformers.Trainer`` or accelerate; the gates are not computed and receive no gradient.
 
 ::
 
@@ -94,7 +96,7 @@ from transformers import default_data_collator
 from transformers.utils.output_capturing import install_output_capuring_hook
 
 from ..errors import GrouterError
-from ..routers import Routing
+from ..routers import Heads, Routing
 
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
 _SUPPORTED_TEXT = ", ".join(SUPPORTED_MODEL_TYPES)
@@ -150,8 +152,9 @@ class GrouterGate(nn.Module):
     """
 
     def __init__(self, handle: "GrouterRouting", hidden_dim: int, weights_fp32: bool,
-                 kept_weight: torch.Tensor | None):
+                 kept_weight: torch.Tensor | None, layer_index: int = 0):
         nn.Module.__init__(self)  # not the replaced router's __init__: it would create the gate parameter
+        self.layer_index = layer_index  # the decoder layer: which head of per-layer routing it takes
         self.top_k = handle.k
         self.num_experts = handle.n_experts
         self.hidden_dim = hidden_dim
@@ -166,7 +169,7 @@ class GrouterGate(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         n_tokens = hidden_states.numel() // self.hidden_dim
         dtype = torch.float32 if self.weights_fp32 else hidden_states.dtype
-        return self._grouter_handle._gate_outputs(n_tokens, hidden_states.device, dtype)
+        return self._grouter_handle._gate_outputs(n_tokens, hidden_states.device, dtype, self.layer_index)
 
     def extra_repr(self) -> str:
         kept = "kept frozen" if "weight" in self._buffers else "dropped"
@@ -202,11 +205,13 @@ def __getattr__(name: str):  # PEP 562: lets pickle find the generated gate clas
 
 @dataclass
 class _Active:
-    """The routing of the forward in progress, flattened to ``[T, k]``, with per-device copies."""
+    """The routing of the forward in progress, flattened to ``[T, k]`` (``[T, H, k]`` per-layer, with
+    the head of each decoder layer), with per-device copies."""
 
-    ids: torch.Tensor  # long [T, k]
-    weights: torch.Tensor  # float32 [T, k]
+    ids: torch.Tensor  # long [T, k] or [T, H, k]
+    weights: torch.Tensor  # float32, like ids
     shape: tuple[int, int]
+    layer_heads: tuple[int, ...] | None = None
     cache: dict = field(default_factory=dict)
 
 
@@ -226,12 +231,14 @@ class GrouterRouting:
     """
 
     def __init__(self, model: nn.Module, model_type: str, base: nn.Module, n_experts: int, k: int,
-                 grouter=None):
+                 grouter=None, heads: Heads | None = None):
         self.model = model
         self.model_type = model_type
         self.n_experts = n_experts
         self.k = k
         self.grouter = grouter
+        self.heads = grouter.cfg.heads if grouter is not None else heads  # per-layer routing (None: one for all)
+        self.n_layers = len(base.layers)  # decoder layers: layer i takes the head nearest in relative depth
         self._base = base
         self._blocks: list[_Patched] = []
         self._saved_attrs: list[tuple[nn.Module, str, Any]] = []
@@ -253,7 +260,8 @@ class GrouterRouting:
         return [p.name for p in self._blocks]
 
     def set(self, routing: Routing) -> None:
-        """Stored routing ``[B, L, k]`` for the next forward (which consumes it).
+        """Stored routing ``[B, L, k]`` for the next forward (which consumes it); per-layer routing
+        ``[B, L, H, k]`` with its ``heads`` (or the handle's, given to :func:`use_grouter_routing`).
 
         ``ids`` integer expert ids in ``[0, E)``, ``weights`` floating gate weights used as given.
         The shape is checked against the forward's ``input_ids`` when that forward runs.
@@ -270,7 +278,7 @@ class GrouterRouting:
             raise GrouterError(f"routing ids must be integer expert ids, got dtype {ids.dtype}")
         if not weights.dtype.is_floating_point:
             raise GrouterError(f"routing weights must be floating point, got dtype {weights.dtype}")
-        self._pending = Routing(ids, weights)
+        self._pending = Routing(ids, weights, heads=getattr(routing, "heads", None) or self.heads)
 
     @contextlib.contextmanager
     def routing(self, routing: Routing) -> Iterator["GrouterRouting"]:
@@ -368,15 +376,17 @@ class GrouterRouting:
             return g.route(input_ids.long(), self.k)
 
     def _prepare(self, routing: Routing, shape: tuple[int, int], trusted: bool) -> _Active:
-        ids, weights = routing.ids, routing.weights
-        want = (*shape, self.k)
+        ids, weights, heads = routing.ids, routing.weights, routing.heads
+        per_head = () if heads is None else (len(heads),)
+        want = (*shape, *per_head, self.k)
         if tuple(ids.shape) != want or tuple(weights.shape) != want:
+            layout = "[batch, seq, k]" if heads is None else f"[batch, seq, heads, k] (layers {list(heads.layers)})"
             raise GrouterError(
                 f"routing shape mismatch: ids {tuple(ids.shape)}, weights {tuple(weights.shape)}, but input_ids is "
-                f"{list(shape)} so the routing must be [batch, seq, k] = {list(want)}"
+                f"{list(shape)} so the routing must be {layout} = {list(want)}"
             )
-        ids = ids.detach().reshape(-1, self.k).long()
-        weights = weights.detach().reshape(-1, self.k).float()
+        ids = ids.detach().reshape(-1, *per_head, self.k).long()
+        weights = weights.detach().reshape(-1, *per_head, self.k).float()
         if not trusted and ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.n_experts:
@@ -384,9 +394,9 @@ class GrouterRouting:
                                    f"has {self.n_experts} experts (ids 0..{self.n_experts - 1})")
             if not bool(torch.isfinite(weights).all()):
                 raise GrouterError("routing weights contain NaN or infinity")
-        return _Active(ids, weights, shape)
+        return _Active(ids, weights, shape, None if heads is None else heads.for_target(self.n_layers))
 
-    def _gate_outputs(self, n_tokens: int, device: torch.device, dtype: torch.dtype):
+    def _gate_outputs(self, n_tokens: int, device: torch.device, dtype: torch.dtype, layer: int = 0):
         a = self._active
         if a is None:
             raise GrouterError("no routing is active: a patched MoE block ran outside a forward of the patched model "
@@ -394,13 +404,15 @@ class GrouterRouting:
         if n_tokens != a.ids.shape[0]:
             raise GrouterError(f"a MoE layer got {n_tokens} tokens but the routing covers {a.ids.shape[0]} "
                                f"(input [batch, seq] = {list(a.shape)})")
-        key = (device, dtype)
+        head = None if a.layer_heads is None else a.layer_heads[layer]
+        ids, weights = (a.ids, a.weights) if head is None else (a.ids[:, head], a.weights[:, head])
+        key = (device, dtype, head)
         out = a.cache.get(key)
         if out is None:
-            logits = a.cache.get(device)
+            logits = a.cache.get((device, head))
             if logits is None:
-                logits = a.cache[device] = _routing_logits(a.ids, a.weights, self.n_experts).to(device)
-            out = a.cache[key] = (logits, a.weights.to(device=device, dtype=dtype), a.ids.to(device))
+                logits = a.cache[device, head] = _routing_logits(ids, weights, self.n_experts).to(device)
+            out = a.cache[key] = (logits, weights.to(device=device, dtype=dtype), ids.to(device))
         return out
 
 
@@ -435,7 +447,7 @@ def get_grouter_routing(model: nn.Module) -> GrouterRouting | None:
 
 
 def use_grouter_routing(model: nn.Module, grouter=None, k: int | None = None, *,
-                        keep_gate_weights: bool = True) -> GrouterRouting:
+                        keep_gate_weights: bool = True, heads: Heads | None = None) -> GrouterRouting:
     """Make every MoE layer of a transformers MoE model use Grouter routing; patches ``model`` in place.
 
     ``grouter`` given: ONLINE mode, each forward routes its ``input_ids`` with the frozen Grouter
@@ -444,9 +456,11 @@ def use_grouter_routing(model: nn.Module, grouter=None, k: int | None = None, *,
     the routing is supplied per forward with the returned handle's ``set`` / ``routing``.
 
     ``k``: experts per token; defaults to the Grouter's ``top_k`` (online) or the model's
-    ``num_experts_per_tok`` (stored); any ``1 <= k <= E`` works. ``keep_gate_weights``: keep the
-    original gate weights as frozen, unused buffers so the saved checkpoint loads as an ordinary HF
-    model (see the module docstring). Raises :class:`GrouterError` for an unsupported
+    ``num_experts_per_tok`` (stored); any ``1 <= k <= E`` works. ``heads``: stored per-layer routing
+    supplied as bare tensors (``GrouterRoutedModel``'s ``routing_ids [B, L, H, k]``), e.g.
+    ``store.heads``; a :class:`~grouter.routers.Routing` carries its own, and a Grouter's are used
+    online. ``keep_gate_weights``: keep the original gate weights as frozen, unused buffers so the
+    saved checkpoint loads as an ordinary HF model (see the module docstring). Raises :class:`GrouterError` for an unsupported
     ``model_type``, a model without MoE layers, a Grouter with another number of experts or a
     larger vocabulary, a bad ``k``, or a model already patched.
     """
@@ -463,14 +477,15 @@ def use_grouter_routing(model: nn.Module, grouter=None, k: int | None = None, *,
     arch, base_cls, block_cls, router_cls = _arch_classes(model_type)
     blocks, base, n_experts = _moe_blocks(model, model_type, arch, base_cls, block_cls, router_cls)
     k = _check_grouter_and_k(grouter, k, config, n_experts)
-    handle = GrouterRouting(model, model_type, base, n_experts, k, grouter)
+    handle = GrouterRouting(model, model_type, base, n_experts, k, grouter, heads)
     if grouter is not None:
         _attach_grouter(handle, grouter, model)
     gate_cls = _gate_class(router_cls)
+    layer_of = {id(m): i for i, layer in enumerate(base.layers) for m in layer.modules()}
     for name, block in blocks:
         old = block.gate
         kept = old.weight.detach() if keep_gate_weights else None
-        gate = gate_cls(handle, int(old.hidden_dim), arch.weights_fp32, kept)
+        gate = gate_cls(handle, int(old.hidden_dim), arch.weights_fp32, kept, layer_of[id(block)])
         block.gate = gate
         jitter = None
         if hasattr(block, "jitter_noise"):
@@ -486,6 +501,8 @@ def use_grouter_routing(model: nn.Module, grouter=None, k: int | None = None, *,
         "k": k,
         "gate_weights": "original (frozen, unused)" if keep_gate_weights else "removed",
         **({"grouter_fingerprint": grouter.fingerprint()} if grouter is not None and hasattr(grouter, "fingerprint") else {}),
+        **({} if handle.heads is None else {"head_layers": list(handle.heads.layers),
+                                             "layer_heads": list(handle.heads.for_target(handle.n_layers))}),
     }
     model.__dict__[_HANDLE_ATTR] = handle
     return handle
@@ -576,8 +593,9 @@ class GrouterRoutedModel(nn.Module):
     """A patched MoE model whose forward takes the routing as batch tensors (for Trainer, accelerate).
 
     ``forward(input_ids, labels=None, routing_ids=None, routing_weights=None, **kwargs)``: with
-    ``routing_ids``/``routing_weights`` ``[B, L, k]`` (stored mode) the routing is set for this
-    forward, then the inner model runs as usual and its output (loss, logits, ...) is returned.
+    ``routing_ids``/``routing_weights`` ``[B, L, k]`` (stored mode; ``[B, L, H, k]`` for per-layer
+    routing, with ``heads=store.heads`` given here) the routing is set for this forward, then the
+    inner model runs as usual and its output (loss, logits, ...) is returned.
     In online mode leave them out. ``.model`` is the HF model; attributes the wrapper lacks
     (``config``, ``generate``, ``gradient_checkpointing_enable``, ...) are looked up on it.
 
@@ -590,13 +608,14 @@ class GrouterRoutedModel(nn.Module):
     reaches the collator.
     """
 
-    def __init__(self, model: nn.Module, grouter=None, k: int | None = None, *, keep_gate_weights: bool = True):
+    def __init__(self, model: nn.Module, grouter=None, k: int | None = None, *, keep_gate_weights: bool = True,
+                 heads: Heads | None = None):
         super().__init__()
         self.model = model
         handle = get_grouter_routing(model)
         if handle is None:
-            handle = use_grouter_routing(model, grouter, k, keep_gate_weights=keep_gate_weights)
-        elif grouter is not None or k is not None:
+            handle = use_grouter_routing(model, grouter, k, keep_gate_weights=keep_gate_weights, heads=heads)
+        elif grouter is not None or k is not None or heads is not None:
             raise GrouterError("this model already uses Grouter routing; wrap it without grouter/k "
                                "(or call get_grouter_routing(model).remove() first)")
         self.grouter_routing = handle
@@ -662,7 +681,8 @@ def routing_collator(store=None, split: str = "train", *, index_key: str = "inde
                      collate_fn: Callable[[list], dict] | None = None) -> RoutingCollator:
     """A data collator for :class:`GrouterRoutedModel`: collates the examples (``collate_fn``,
     default ``transformers.default_data_collator``) and adds ``routing_ids`` / ``routing_weights``
-    ``[B, L, k]`` read from ``store.routing(split, indices)`` (a ``grouter.dispatch.RoutingStore``).
+    ``[B, L, k]`` (``[B, L, H, k]`` for per-layer routing) read from ``store.routing(split, indices)``
+    (a ``grouter.store.RoutingStore``).
 
     Each example is a dict with ``input_ids`` (the store's sequence, as ``PackedDataset`` gives
     it: ``seq[:-1]``) and ``index_key``, its sequence index in ``split``; the index is not passed
