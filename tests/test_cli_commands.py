@@ -441,6 +441,89 @@ def test_place_refuses_ranks_that_do_not_divide_the_experts(capsys, pipe, tmp_pa
     assert_nothing_written(out)
 
 
+# -- per-layer heads: capture --layers ... place --target-layers, train ---------------------------------
+
+TARGET_LAYERS = 3  # the target's depth: its layers take heads 0, 0, 1 (depths 1/6, 1/2, 5/6; the heads' 1/4, 3/4)
+
+
+@pytest.fixture(scope="module")
+def layered(pipe, tiny_data):
+    """The pipeline again with every MoE layer of the source captured: a Grouter with one head per layer."""
+    root, data = pipe["root"] / "layered", str(tiny_data.path)
+    stages = {
+        "targets": ["capture", "--source", pipe["source"][0], "--data", data, "--layers", "all", "--batch-size", "256",
+                    "--device", "cpu"],
+        "distilled": ["distill", "--targets", root / "targets", *DISTILL, "--device", "cpu"],
+        "folded": ["fold", "--grouter", root / "distilled", "--experts", FOLD_EXPERTS, "--top-k", FOLD_TOP_K,
+                   "--data", data, "--max-sequences", "64", "--device", "cpu"],
+        "tuned": ["tune", "--grouter", root / "folded", "--data", data, "--tokens", "2000", "--eval-sequences", "32",
+                  "--device", "cpu"],
+        "routing": ["dispatch", "--grouter", root / "tuned", "--data", data, "--batch-size", "256", "--device", "cpu"],
+        "plan": ["place", "--routing", root / "routing", "--ranks", "2", "--target-layers", TARGET_LAYERS],
+        "target": ["train", "--data", data, "--routing", root / "routing", *SMALL_TRAIN, "--layers", TARGET_LAYERS,
+                   "--device", "cpu"],
+    }
+    results = {}
+    for name, argv in stages.items():
+        code, out, err = cli(*argv, "--out", root / name, "--json")
+        assert code == 0, f"{name}: {err[-2000:]}"
+        results[name] = (root / name, last_json(out))
+    return results
+
+
+def test_per_layer_capture_distill_fold_tune(layered, pipe, tiny_data):
+    layers = list(range(TINY["n_layers"]))
+    out, result = layered["targets"]
+    assert result["layers"] == layers and "layer" not in result
+    targets, first = Targets.open(out, tiny_data), Targets.open(pipe["targets"][0], tiny_data)
+    assert targets.array("train").shape == (n_sequences(tiny_data), tiny_data.seq_len, len(layers), TINY["n_experts"])
+    assert np.array_equal(targets.array("val")[:, :, 0], first.array("val"))  # head 0's teacher: the first layer's
+    _, distilled = layered["distilled"]
+    assert distilled["head_layers"] == layers and len(distilled["val_kl_per_head"]) == len(layers)
+    assert distilled["val_kl"] == pytest.approx(np.mean(distilled["val_kl_per_head"]))
+    _, folded = layered["folded"]
+    assert folded["head_layers"] == layers and len(folded["within_group_affinity_per_head"]) == len(layers)
+    g = Grouter.from_pretrained(layered["tuned"][0])
+    assert (g.cfg.head_layers, g.cfg.source_layers, g.cfg.n_experts) == (layers, TINY["n_layers"], FOLD_EXPERTS)
+    assert len(g.cfg.provenance["fold"]["groups"]) == len(layers) and layered["tuned"][1]["head_layers"] == layers
+
+
+def test_per_layer_dispatch_place_train(layered, tiny_data):
+    out, result = layered["routing"]
+    heads = len(result["head_layers"])
+    assert result["bytes_per_token"] == heads * FOLD_TOP_K * (1 + 2)
+    store = RoutingStore.open(out, data=tiny_data)
+    assert store.ids("train").shape == (n_sequences(tiny_data), tiny_data.seq_len, heads, FOLD_TOP_K)
+    _, plan = layered["plan"]
+    assert plan["per_layer_routing"] == {"head_layers": [0, 1], "target_layers": TARGET_LAYERS, "layer_heads": [0, 0, 1]}
+    run_dir, run_result = layered["target"]
+    assert run_result["layer_heads"] == [0, 0, 1]
+    assert MoELM.from_pretrained(run_dir / "checkpoint").cfg.n_layers == TARGET_LAYERS
+    probe = np.load(sorted((run_dir / "probes").glob("*.npy"))[-1])  # [layers, 8 val sequences, L, k]
+    ids = store.routing("val", np.arange(8)).ids.numpy()
+    assert all(np.array_equal(probe[layer], ids[:, :, head]) for layer, head in enumerate([0, 0, 1]))
+    for stage, kind in (("targets", "targets"), ("tuned", "model"), ("routing", "routing store")):
+        code, stdout, err = cli("verify", layered[stage][0], "--json")
+        assert code == 0 and last_json(stdout)["kind"] == kind, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["capture", "--layers", "0,5"], f"layer 5 is out of range: the source has {TINY['n_layers']} layers"),
+    (["capture", "--layers", "0,x"], "argument --layers: expected an integer, got 'x'"),
+    (["capture", "--layer", "0", "--layers", "1"], "argument --layers: not allowed with argument --layer"),
+    (["place", "--ranks", "2", "--hardware", "h100x8"], "per-layer heads; plan without --hardware"),
+    (["place", "--ranks", "2", "--target-layers", "0"], "argument --target-layers: expected a number at least 1"),
+])
+def test_per_layer_bad_inputs(capsys, tiny_data, pipe, layered, tmp_path, argv, message):
+    inputs = {"capture": ["--source", str(pipe["source"][0]), "--data", str(tiny_data.path), "--device", "cpu"],
+              "place": ["--routing", str(layered["routing"][0])]}[argv[0]]
+    out = tmp_path / "out"
+    code, _, err = run(capsys, *argv, *inputs, "--out", str(out))
+    assert code == 2
+    assert_one_line_error(code, err, message)
+    assert_nothing_written(out)
+
+
 EP_SIZE = ["--steps", "2", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-expert", "32", "--device", "cpu"]
 
 
