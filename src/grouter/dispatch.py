@@ -191,6 +191,6 @@ def dispatch(grouter: str | Path, data: PackedDataset, out: str | Path, k: int |
     heads = model.cfg.head_layers
     return {"routing": str(out), "k": k, "n_experts": E, **({"head_layers": heads} if heads else {}),
             "tokens": sum(sizes.values()) * data.seq_len,
-            "bytes_per_token": bytes_per_token(k, E, model.cfg.n_outputs), "seconds": round(seconds, 3),
+            "bytes_per_token": bytes_per_token(k, E, model.cfg.n_routing_heads), "seconds": round(seconds, 3),
             "tokens_per_second": round(routed / seconds, 1) if seconds > 0 else 0.0,
             "resumed": any(done.values()), "world_size": world}

@@ -39,7 +39,7 @@ def coactivation(grouter: Grouter, split: DataSplit, k: int | None = None, max_s
                  batch_size: int = 32, device: torch.device | str = "cpu", progress: bool = False):
     """Stream the data through the Grouter; returns (P [E,E] with zero diagonal, load [E], tokens),
     with a head axis first (``[H, E, E]``, ``[H, E]``) for per-layer heads."""
-    E, H = grouter.cfg.n_experts, grouter.cfg.n_outputs
+    E, H = grouter.cfg.n_experts, grouter.cfg.n_routing_heads
     n = len(split) if max_sequences is None else min(max_sequences, len(split))
     counts = torch.zeros(H, E, E, dtype=torch.float64, device=device)
     tokens = 0

@@ -627,6 +627,7 @@ class HFRouterPrefix:
         base = self._load(model_cls, cfg, {key[name]: shards.get(name) for name in names}, prefix)
         disk_of = {target: name for name, target in targets.items()}
         self._gates = [self._load_gate(shards, disk_of, layer) for layer in self.layers]
+        self.info.gate_has_bias = any(g.bias is not None for g in self._gates)
         _check_finite(base, [t for g in self._gates for t in g.tensors()], self.path)
         base.to(self.device)
         base.eval()
@@ -718,7 +719,6 @@ class HFRouterPrefix:
         bias = self.arch.correction_bias
         selection = None if bias is None else self._gate_vector(shards, disk_of, f"{block}.{bias}", "selection bias",
                                                                 layer, names)
-        self.info.gate_has_bias = gate_b is not None
         return _Gate(layer, w.to(device=self.device, dtype=torch.float32), gate_b, selection, names)
 
     def _gate_vector(self, shards: _Shards, disk_of: dict[str, str], target: str, what: str, layer: int,

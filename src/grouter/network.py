@@ -65,8 +65,8 @@ class GrouterConfig:
         return Heads.of(self.head_layers, self.source_layers)
 
     @property
-    def n_outputs(self) -> int:
-        """Heads (1 for a shared head)."""
+    def n_routing_heads(self) -> int:
+        """Routing heads: one per source layer, or 1 (a shared head); not the attention heads (``n_heads``)."""
         return max(1, len(self.head_layers))
 
     def to_dict(self) -> dict:
@@ -121,8 +121,8 @@ class Grouter(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.score_shape = score_shape(cfg.n_outputs, cfg.n_experts)
-        self.head = nn.Linear(cfg.d_model, cfg.n_outputs * cfg.n_experts, bias=False)  # H heads, stacked
+        self.score_shape = score_shape(cfg.n_routing_heads, cfg.n_experts)
+        self.head = nn.Linear(cfg.d_model, cfg.n_routing_heads * cfg.n_experts, bias=False)  # H heads, stacked
         # Selection-only bias (bias-only tuning): shifts which experts are chosen, never the weights.
         self.register_buffer("selection_bias", torch.zeros(self.score_shape))
         if cfg.rope:

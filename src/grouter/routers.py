@@ -56,7 +56,8 @@ class Heads:
 
     def __post_init__(self):
         layers = tuple(int(x) for x in self.layers)
-        if len(layers) < 2 or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < self.source_layers:
+        ordered = list(layers) == sorted(set(layers))
+        if len(layers) < 2 or not ordered or not 0 <= layers[0] <= layers[-1] < self.source_layers:
             raise GrouterError(f"per-layer heads need two or more distinct source layers in increasing order, "
                                f"within the source's {self.source_layers} layers; got {list(self.layers)}")
         object.__setattr__(self, "layers", layers)

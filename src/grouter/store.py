@@ -18,10 +18,11 @@ stores every head: ``[n_sequences, seq_len, H, k]``, ``H·3k`` bytes per token, 
 (version 3) names the heads' source layers (``head_layers``) and the source's depth
 (``source_layers``); readers map a target's layers to heads by relative depth
 (:class:`grouter.routers.Heads`), so one store serves targets of any depth. A one-head store is
-written exactly as before (version 2). :class:`StoreWriter` is the one
-writer (pre-dispatch, synthetic stores of tests and benchmarks); :class:`RoutingStore` reads a
-store back memory-mapped and refuses one that is truncated, tampered with, or bound to another
-dataset or Grouter. See docs/method.md#pre-dispatch-and-the-routing-store.
+written exactly as before (version 2).
+
+:class:`StoreWriter` is the one writer (pre-dispatch, synthetic stores of tests and benchmarks);
+:class:`RoutingStore` reads a store back memory-mapped and refuses one that is truncated, tampered
+with, or bound to another dataset or Grouter. See docs/method.md#pre-dispatch-and-the-routing-store.
 """
 
 from __future__ import annotations

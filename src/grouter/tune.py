@@ -73,7 +73,7 @@ def domain_sequences(split: DataSplit, domain: str | None) -> np.ndarray:
 def routing_report(grouter: Grouter, split: DataSplit, idx: np.ndarray, batch_size: int, device) -> dict:
     """Per-batch MaxVio (mean), MaxVioGlobal, expert loads and the routed ids on ``idx``; with
     per-layer heads the MaxVios are means over heads, each head's in ``*_per_head``, loads ``[H, E]``."""
-    E, H = grouter.cfg.n_experts, grouter.cfg.n_outputs
+    E, H = grouter.cfg.n_experts, grouter.cfg.n_routing_heads
     total = np.zeros((H, E), dtype=np.int64)
     batch_vio, all_ids = [], []
     for chunk in batches_of(idx, batch_size):
@@ -126,7 +126,7 @@ def tune_grouter(grouter: Grouter, split: DataSplit, cfg: TuneConfig, device, pr
         else:
             with torch.no_grad():
                 ids = tuned.route_logits(tuned.logits_from_hidden(hidden)).ids
-                counts = expert_counts_per_head(ids, E, tuned.cfg.n_outputs).float().view(tuned.selection_bias.shape)
+                counts = expert_counts_per_head(ids, E, tuned.cfg.n_routing_heads).float().view(tuned.selection_bias.shape)
                 tuned.selection_bias += cfg.bias_gamma * decay * torch.sign(counts.mean(-1, keepdim=True) - counts)
     for p in tuned.parameters():
         p.requires_grad_(True)
