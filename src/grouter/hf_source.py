@@ -116,6 +116,9 @@ class MoEArch:
     # A multimodal checkpoint: the prefix of its language model's tensors. The language model
     # (its config's text_config) is the source; text-only input never reaches the vision tower.
     text_model: str | None = None
+    # Why only the first MoE layer can be captured, when that is so (the layers before a deeper one
+    # would not load correctly); None: any MoE layer can.
+    first_moe_layer_only: str | None = None
 
 
 _V3 = dict(score="sigmoid", correction_bias="gate.e_score_correction_bias", groups="sum_top2")
@@ -140,7 +143,9 @@ ARCHITECTURES: dict[str, MoEArch] = {
     "flint": MoEArch("qwen", score="sigmoid"),
     "glm4_moe": MoEArch("first_k_dense_replace", **_V3),
     "glm4_moe_lite": MoEArch("mlp_layer_types", **_V3),
-    "glm4v_moe": MoEArch("first_k_dense_replace", text_model="model.language_model.", **_V3),
+    "glm4v_moe": MoEArch("first_k_dense_replace", text_model="model.language_model.", **_V3,
+                         first_moe_layer_only="transformers has no weight conversion for its language model alone, so "
+                                              "an earlier MoE layer's per-expert tensors would not be fused on load"),
     "glm_moe_dsa": MoEArch("mlp_layer_types", **_V3),
     "gpt_oss": MoEArch("every", gate="router"),
     "granitemoe": MoEArch("every", block="block_sparse_moe", gate="router"),
@@ -583,6 +588,10 @@ class HFRouterPrefix:
         self.arch = ARCHITECTURES[full_cfg.model_type]
         self.info = _info_from_config(full_cfg, self.path)
         self.layers = resolve_layers(layer, layers, self.info.moe_layers, self.info.n_layers, str(self.path))
+        first, reason = self.info.moe_layers[0], self.arch.first_moe_layer_only
+        if reason and self.layers != [first]:
+            raise GrouterError(f"only the first MoE layer ({first}) of a {full_cfg.model_type} model can be captured: "
+                               f"{reason}; pass --layer {first}")
         self.n_layers = self.info.n_layers
         self.n_experts = self.info.n_experts
         self.top_k = self.info.top_k
