@@ -1,6 +1,7 @@
 """Expert tuning: only the last layer changes, balance improves on held-out data, report written."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -67,9 +68,25 @@ def test_tuning_on_one_domain(tmp_path, tiny_data, skewed_grouter):
     assert not (tmp_path / "t2").exists()
 
 
+def test_keep_holds_more_of_the_untuned_routing(tmp_path, tiny_data, skewed_grouter):
+    """The keep term trades balance for routes kept: more identical top-k sets, less balance gained."""
+    cfg = TuneConfig(tokens=50_000, eval_sequences=128, lr=1e-2)
+    free = tune(skewed_grouter, tiny_data, tmp_path / "free", cfg, progress=False)
+    kept = tune(skewed_grouter, tiny_data, tmp_path / "kept", replace(cfg, keep=1.0), progress=False)
+    assert kept["topk_set_agreement_with_untuned"] > free["topk_set_agreement_with_untuned"] + 0.1, (kept, free)
+    assert free["max_vio_global_after"] < kept["max_vio_global_after"] < kept["max_vio_global_before"]
+    report = json.loads((tmp_path / "kept" / "tune_report.json").read_text())
+    assert report["keep"] == 1.0 and "keep 1" in (tmp_path / "kept" / "tune_report.md").read_text()
+
+
 def test_bad_tuning_options(tmp_path, tiny_data, skewed_grouter):
     with pytest.raises(GrouterError, match="unknown tuning method"):
         tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(method="magic"), progress=False)
+    with pytest.raises(GrouterError, match="--keep weighs a loss term: it needs --method gradient"):
+        tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(method="bias", keep=1.0), progress=False)
+    with pytest.raises(GrouterError, match="--keep must be a finite number, 0 or more"):
+        tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(keep=float("nan")), progress=False)
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.parametrize("method", ["gradient", "bias"])

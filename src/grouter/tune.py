@@ -3,8 +3,10 @@
 The source's routing distribution is not the target corpus's, so a folded Grouter is unbalanced
 there. Everything but the final linear layer stays frozen; the head is trained with the
 Switch/GShard load-balancing loss alone, ``E · Σ f_i · P_i`` (1 at perfect balance), on a small
-amount of target data. ``method="bias"`` instead nudges a selection-only bias by the sign rule
-(no gradient; the head is untouched). The report measures, on held-out data, MaxVio before and
+amount of target data. ``keep`` adds a penalty, ``keep · KL(untuned || tuned)`` per token, that
+holds the head near the untuned Grouter's routing: balance bought with fewer rewritten routes.
+``method="bias"`` instead nudges a selection-only bias by the sign rule (no gradient; the head is
+untouched). The report measures, on held-out data, MaxVio before and
 after and how much of the routing survived (top-k set agreement with the untuned Grouter).
 
 Per-layer heads are tuned together, each head against its own balance: the loss is the mean over
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from .artifacts import atomic_dir, refuse_existing, write_json
 from .data import DataSplit, PackedDataset, batches_of
 from .device import resolve_device
+from .distill import kl_loss
 from .errors import GrouterError
 from .metrics import max_vio, topk_recall, topk_set_agreement
 from .network import Grouter
@@ -42,6 +45,7 @@ class TuneConfig:
     lr: float = 3e-3  # on the embedded corpus: 1e-3 balances too little, 1e-2 rewrites most routes
     method: str = "gradient"
     bias_gamma: float = 1e-2
+    keep: float = 0.0  # gradient method: weight of KL(untuned || tuned) per token, which keeps routes (0: none)
     domain: str | None = None  # tune and evaluate on one domain only
     eval_sequences: int = 512  # held-out sequences for the before/after report
     seed: int = 0
@@ -55,6 +59,10 @@ class TuneConfig:
         for name in ("lr", "bias_gamma"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise GrouterError(f"--{name.replace('_', '-')} must be a finite positive number, got {getattr(self, name)}")
+        if not (math.isfinite(self.keep) and self.keep >= 0):
+            raise GrouterError(f"--keep must be a finite number, 0 or more, got {self.keep}")
+        if self.keep and self.method != "gradient":
+            raise GrouterError("--keep weighs a loss term: it needs --method gradient")
         return self
 
 
@@ -104,33 +112,49 @@ def tune_grouter(grouter: Grouter, split: DataSplit, cfg: TuneConfig, device, pr
     """Return a tuned copy; only ``head.weight`` (gradient) or ``selection_bias`` (bias) changes."""
     tuned = copy.deepcopy(grouter).to(device).eval()  # eval: no dropout; the head still gets gradients
     freeze_all_but_head(tuned)
+    untuned = copy.deepcopy(tuned) if cfg.keep else None  # the routing the keep term holds on to
     pool = domain_sequences(split, cfg.domain)
     steps = max(1, math.ceil(cfg.tokens / (cfg.batch_size * split.seq_len)))
     order = np.random.default_rng(cfg.seed).permutation(np.resize(pool, max(len(pool), steps * cfg.batch_size)))
     opt = torch.optim.AdamW([tuned.head.weight], lr=cfg.lr, weight_decay=0.0) if cfg.method == "gradient" else None
-    E = tuned.cfg.n_experts
     for step in tqdm(range(steps), desc=f"tune ({cfg.method})", disable=not progress, mininterval=2):
         decay = 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine to zero: settle, don't oscillate
         batch = split.batch(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])["input_ids"].to(device)
         with torch.no_grad():
             hidden = tuned.encode(batch)  # the frozen encoder needs no graph
         if opt is not None:
-            logits = tuned.logits_from_hidden(hidden)
-            ids = tuned.route_logits(logits.detach()).ids
-            loss = torch.stack([load_balancing_loss(x, i, E) for x, i in zip(_heads(logits, tuned), _heads(ids, tuned))])
-            loss = loss.mean()  # each head balanced on its own
             opt.param_groups[0]["lr"] = cfg.lr * decay
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            tuning_loss(tuned, hidden, untuned, cfg.keep).backward()
             opt.step()
         else:
-            with torch.no_grad():
-                ids = tuned.route_logits(tuned.logits_from_hidden(hidden)).ids
-                counts = expert_counts_per_head(ids, E, tuned.cfg.n_routing_heads).float().view(tuned.selection_bias.shape)
-                tuned.selection_bias += cfg.bias_gamma * decay * torch.sign(counts.mean(-1, keepdim=True) - counts)
+            nudge_bias(tuned, hidden, cfg.bias_gamma * decay)
     for p in tuned.parameters():
         p.requires_grad_(True)
     return tuned.eval()
+
+
+def tuning_loss(tuned: Grouter, hidden: torch.Tensor, untuned: Grouter | None, keep: float) -> torch.Tensor:
+    """Each head's load-balancing loss, averaged over heads; plus ``keep · KL(untuned || tuned)``."""
+    E = tuned.cfg.n_experts
+    logits = tuned.logits_from_hidden(hidden)
+    ids = tuned.route_logits(logits.detach()).ids
+    loss = torch.stack([load_balancing_loss(x, i, E) for x, i in zip(_heads(logits, tuned), _heads(ids, tuned))])
+    loss = loss.mean()  # each head balanced on its own
+    if untuned is not None:
+        with torch.no_grad():
+            reference = untuned.logits_from_hidden(hidden)
+        loss = loss + keep * kl_loss(reference, logits)  # mean over tokens and heads
+    return loss
+
+
+@torch.no_grad()
+def nudge_bias(tuned: Grouter, hidden: torch.Tensor, gamma: float) -> None:
+    """The sign rule on the selection bias: over-used experts become less likely to be chosen."""
+    ids = tuned.route_logits(tuned.logits_from_hidden(hidden)).ids
+    counts = expert_counts_per_head(ids, tuned.cfg.n_experts, tuned.cfg.n_routing_heads).float()
+    counts = counts.view(tuned.selection_bias.shape)
+    tuned.selection_bias += gamma * torch.sign(counts.mean(-1, keepdim=True) - counts)
 
 
 def tune(grouter_dir: str | Path, data: PackedDataset, out: str | Path, cfg: TuneConfig = TuneConfig(),
@@ -148,7 +172,7 @@ def tune(grouter_dir: str | Path, data: PackedDataset, out: str | Path, cfg: Tun
     after = routing_report(tuned, val_split, held_out, cfg.batch_size, device)
     tuned.cfg.provenance = {**tuned.cfg.provenance, "tune": {**asdict(cfg), "device": None, "data": data.fingerprint}}
     report = {
-        "method": cfg.method, "tokens": cfg.tokens, "domain": cfg.domain, "held_out_sequences": len(held_out),
+        "method": cfg.method, "tokens": cfg.tokens, "domain": cfg.domain, "keep": cfg.keep, "held_out_sequences": len(held_out),
         "before": {k: v for k, v in before.items() if k != "ids"},
         "after": {k: v for k, v in after.items() if k != "ids"},
         "max_vio_global_ratio": after["max_vio_global"] / max(before["max_vio_global"], 1e-12),
@@ -180,7 +204,8 @@ def _plot_loads(before: dict, after: dict, layers: list[int], path: Path, domain
 
 def tune_markdown(r: dict) -> str:
     b, a = r["before"], r["after"]
-    return (f"# Expert tuning ({r['method']}, {r['tokens']:,} tokens, domain: {r['domain'] or 'all'})\n\n"
+    keep = f", keep {r['keep']:g}" if r.get("keep") else ""
+    return (f"# Expert tuning ({r['method']}{keep}, {r['tokens']:,} tokens, domain: {r['domain'] or 'all'})\n\n"
             f"Held-out sequences: {r['held_out_sequences']}\n\n"
             "| | before | after |\n|---|---|---|\n"
             f"| MaxVioGlobal | {b['max_vio_global']:.3f} | {a['max_vio_global']:.3f} |\n"
