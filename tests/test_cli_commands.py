@@ -393,6 +393,21 @@ def test_tune_refuses_an_unknown_domain(capsys, tiny_data, pipe, tmp_path):
     assert_nothing_written(out)
 
 
+
+def test_tune_keep(capsys, tiny_data, pipe, tmp_path):
+    """--keep reaches the tuning loss (recorded in the report); it needs the gradient method."""
+    args = ["tune", "--grouter", str(pipe["folded"][0]), "--data", str(tiny_data.path), "--tokens", "2000",
+            "--eval-sequences", "32", "--device", "cpu"]
+    code, stdout, err = run(capsys, *args, "--out", str(tmp_path / "kept"), "--keep", "0.5", "--json")
+    assert code == 0, err
+    assert last_json(stdout)["grouter"] == str(tmp_path / "kept")
+    assert load(tmp_path / "kept" / "tune_report.json")["keep"] == 0.5
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "t"), "--keep", "0.5", "--method", "bias")
+    assert_one_line_error(code, err, "--keep weighs a loss term: it needs --method gradient")
+    assert_nothing_written(tmp_path / "t")
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "t"), "--keep", "-1")
+    assert_one_line_error(code, err, "argument --keep")
+
 # -- dispatch, place, ep ----------------------------------------------------------------------------
 
 def test_dispatch(pipe, tiny_data):

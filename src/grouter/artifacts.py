@@ -95,7 +95,7 @@ def move_into_place(src: Path, out: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so readers see either the old content or the new, never a torn write."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -191,7 +191,7 @@ def read_manifest(path: Path, file: str, fmt: str, version: int | tuple[int, ...
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     """Save tensors atomically (tmp file + rename); shared storage is copied, as safetensors requires."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
 

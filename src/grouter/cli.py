@@ -40,6 +40,7 @@ from .hardware import PROFILES, load_profile
 from .place import ALGORITHMS, DEFAULT_LOAD_TOLERANCE, LEVELS, SCOPES, place
 from .report import report
 from .reproduce import SCALES, run_reproduce, scaled
+from .study import FACTORS, run_study, study_scaled
 from .routers import ROUTER_KINDS
 from .store import WEIGHTS_DTYPES, RoutingStore
 from .train import external_routing, train
@@ -334,8 +335,8 @@ def add_fold(sub) -> None:
 
 def cmd_tune(args) -> dict:
     cfg = TuneConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, method=args.method,
-                     bias_gamma=args.bias_gamma, domain=args.domain, eval_sequences=args.eval_sequences,
-                     seed=args.seed, device=args.device)
+                     bias_gamma=args.bias_gamma, keep=args.keep, domain=args.domain,
+                     eval_sequences=args.eval_sequences, seed=args.seed, device=args.device)
     return tune(args.grouter, _data(args), args.out, cfg, overwrite=args.overwrite)
 
 
@@ -350,6 +351,9 @@ def add_tune(sub) -> None:
                    help="gradient: train the head with the load-balancing loss; bias: selection bias by the sign rule")
     p.add_argument("--lr", type=_positive, default=t.lr)
     p.add_argument("--bias-gamma", type=_positive, default=t.bias_gamma)
+    p.add_argument("--keep", type=_number(float, 0, True), default=t.keep, metavar="WEIGHT",
+                   help="gradient method: add WEIGHT · KL(untuned || tuned) per token, keeping more of the untuned "
+                        "routing for less balance (default %(default)s: balance only)")
     p.add_argument("--batch-size", type=_positive_int, default=t.batch_size)
     p.add_argument("--domain", default=None, help="tune and evaluate on one domain of the data only")
     p.add_argument("--eval-sequences", type=_positive_int, default=t.eval_sequences)
@@ -483,7 +487,9 @@ def cmd_demo(args) -> dict:
 def cmd_reproduce(args) -> dict:
     overrides = {k: v for k, v in (("held_out_domain", args.held_out_domain), ("target_steps", args.target_steps),
                                    ("data", args.data and str(args.data))) if v is not None}
-    return run_reproduce(Path(args.out), scaled(args.scale, **overrides))
+    if args.study:
+        return run_study(args.out, args.study, study_scaled(args.scale, **overrides))
+    return run_reproduce(args.out, scaled(args.scale, **overrides))
 
 
 def add_reporting(sub) -> None:
@@ -495,9 +501,15 @@ def add_reporting(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("demo"), help="where every stage writes (rerun to resume)")
 
     p = _command(sub, "reproduce", "the paper's comparison: Grouter vs every baseline, with ablations", cmd_reproduce)
-    p.add_argument("--out", type=Path, default=Path("reproduce"), help="where every stage writes (rerun to resume)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where every stage writes (rerun to resume; default: reproduce, or study with --study)")
+    p.set_defaults(default_out=lambda args: Path("study" if args.study else "reproduce"))
     p.add_argument("--scale", choices=list(SCALES), default="cpu",
-                   help="model and data sizes: smoke (minutes), cpu (CPU-sized), gpu (one GPU); docs/RESULTS.md")
+                   help="model and data sizes: smoke (minutes), cpu (CPU-sized), gpu (one GPU, not for --study); "
+                        "docs/RESULTS.md")
+    p.add_argument("--study", default=None, metavar="NAME",
+                   help=f"vary one factor at a time around a base cell instead: {', '.join(FACTORS)}, all of them "
+                        "(about 3 h at --scale cpu), one cell (FACTOR/KEY) or several, comma-separated; docs/study.md")
     p.add_argument("--data", type=Path, default=None,
                    help="a dataset from `grouter data prepare/tokenize` (default: the embedded corpus, prepared in --out)")
     p.add_argument("--held-out-domain", default=None, help="the domain the source never sees (default: code)")
@@ -526,7 +538,7 @@ def _inputs(args) -> list[Path]:
 
 
 DONE_RECORD = ".grouter-command.json"  # in --out: the command that made it, its inputs' state, its result
-_NOT_IDENTITY = {"json", "debug", "overwrite", "func", "hard_exit", "device"}  # how it ran, not what it made
+_NOT_IDENTITY = {"json", "debug", "overwrite", "func", "hard_exit", "device", "default_out"}  # how it ran, not what it made
 
 
 def _state_of(path: Path) -> str:
@@ -643,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         return _failure(argparse.Namespace(json="--json" in argv), str(e), 2)
+    if getattr(args, "out", True) is None and hasattr(args, "default_out"):  # a default that depends on other options
+        args.out = args.default_out(args)
     code = run_command(args)
     if getattr(args, "hard_exit", False) and "WORLD_SIZE" in os.environ:
         # A rank of a launch that ran gloo collectives leaves without interpreter teardown: gloo's

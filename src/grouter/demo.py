@@ -91,20 +91,24 @@ class Stages:
                                                    max_bytes_per_domain=cfg.max_bytes_per_domain))
         return PackedDataset.open(path)
 
-    def source_targets(self, data: PackedDataset) -> Targets:
-        """Train the source MoE on ``data`` and capture its first-layer router logits."""
+    def source_targets(self, data: PackedDataset, layers: str | None = None) -> Targets:
+        """Train the source MoE on ``data`` and capture its first-layer router logits (``layers="all"``:
+        every layer's, for a Grouter with per-layer heads; its artifacts are named ``...-layers-all``)."""
         cfg = self.cfg
         train_cfg = TrainConfig(steps=cfg.source_steps, batch_size=cfg.batch_size, warmup_steps=20,
                                 eval_every=100, checkpoint_every=100)
         model_cfg = MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router="aux", **cfg.source)
         self.timed("source", f"training the source MoE ({model_cfg.n_experts} experts, top-{model_cfg.top_k}) "
                    f"on {', '.join(data.domains)}", lambda: train(data, self.out / "source", model_cfg, train_cfg))
-        path = self.once("targets", "capturing the source's first-layer router logits",
-                         lambda p: capture(self.out / "source", data, p))
+        name, which = ("targets", "first-layer") if layers is None else (f"targets-layers-{layers}", f"{layers} layers'")
+        path = self.once(name, f"capturing the source's {which} router logits",
+                         lambda p: capture(self.out / "source", data, p, layers=layers))
         return Targets.open(path, data)
 
     def distilled(self, targets: Targets, causal: bool = True) -> tuple[Path, dict]:
-        cfg, name = self.cfg, "grouter-distilled" + ("" if causal else "-bidirectional")
+        """``grouter-distilled[-layers-all][-bidirectional]``: the name carries the targets' kind."""
+        cfg = self.cfg
+        name = "grouter-distilled" + targets.path.name.removeprefix("targets") + ("" if causal else "-bidirectional")
         data = targets.data
         gcfg = GrouterConfig(vocab_size=data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
                              max_seq_len=data.seq_len, causal=causal, **cfg.grouter)
@@ -121,39 +125,43 @@ class Stages:
         return self.once(name, f"folding {distilled.name} to {n} experts ({strategy})",
                          lambda p: fold(distilled, data, p, n, strategy=strategy))
 
-    def tuned(self, folded: Path, data: PackedDataset) -> Path:
-        name = folded.name.replace("grouter-folded", "grouter")
-        return self.once(name, f"tuning {folded.name} for balance on the target data",
-                         lambda p: tune(folded, data, p, TuneConfig(tokens=self.cfg.tune_tokens)))
+    def tuned(self, folded: Path, data: PackedDataset, variant: str = "", **options) -> Path:
+        """The folded Grouter tuned for balance on ``data``; a ``variant`` (named ``...-tune-VARIANT``) with
+        other :class:`TuneConfig` ``options``."""
+        name = folded.name.replace("grouter-folded", "grouter") + (f"-tune-{variant}" if variant else "")
+        tune_cfg = TuneConfig(tokens=self.cfg.tune_tokens, **options)
+        what = f"tuning {folded.name} for balance on the target data" + (f" ({variant})" if variant else "")
+        return self.once(name, what, lambda p: tune(folded, data, p, tune_cfg))
 
     def routing(self, grouter: Path, data: PackedDataset) -> Path:
         name = "routing" + grouter.name.removeprefix("grouter")
         return self.once(name, f"pre-dispatching {grouter.name}: routing store for every sequence",
                          lambda p: dispatch(grouter, data, p))
 
+    def train_target(self, data: PackedDataset, name: str, store: Path | None = None,
+                     router: str | None = None) -> Path:
+        """One target run, ``out/runs/NAME``: from a routing store, or with a baseline ``router``; the
+        schedule, seed (hence data order) and body are the config's, so runs of one config compare at
+        equal tokens."""
+        cfg, path = self.cfg, self.out / "runs" / name
+        train_cfg = TrainConfig(steps=cfg.target_steps, batch_size=cfg.batch_size, warmup_steps=20,
+                                eval_every=cfg.eval_every, checkpoint_every=100, seed=cfg.seed)
+        if store is not None:
+            source, identity, n_experts, k = external_routing(data, routing_dir=store)
+            what = f"training the target with {store.name} ({n_experts} experts, top-{k}, seed {cfg.seed})"
+            router, extra = "external", dict(routing_source=source, routing_identity=identity)
+        else:
+            n_experts, k, extra = cfg.target_experts, cfg.source["top_k"], {}
+            what = f"training the same target with the {router!r} router, same tokens (seed {cfg.seed})"
+        model_cfg = MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router=router,
+                              n_experts=n_experts, top_k=k, **cfg.target)
+        self.timed(f"runs/{name}", what, lambda: train(data, path, model_cfg, train_cfg, **extra))
+        return path
+
     def train_targets(self, data: PackedDataset, routed: dict[str, Path], baselines: tuple[str, ...]) -> list[Path]:
         """Target runs at equal tokens and data order: one per routing store, one per baseline router."""
-        cfg = self.cfg
-        target_cfg = TrainConfig(steps=cfg.target_steps, batch_size=cfg.batch_size, warmup_steps=20,
-                                 eval_every=cfg.eval_every, checkpoint_every=100, seed=cfg.seed)
-
-        def target(router: str, n_experts: int, k: int) -> MoEConfig:
-            return MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, router=router,
-                             n_experts=n_experts, top_k=k, **cfg.target)
-
-        runs = []
-        for name, store in routed.items():
-            source, identity, n_experts, k = external_routing(data, routing_dir=store)
-            runs.append(self.out / "runs" / name)
-            self.timed(f"runs/{name}", f"training the target with {store.name} ({n_experts} experts, top-{k})",
-                       lambda: train(data, runs[-1], target("external", n_experts, k), target_cfg,
-                                     routing_source=source, routing_identity=identity))
-        for router in baselines:
-            runs.append(self.out / "runs" / router)
-            self.timed(f"runs/{router}", f"training the same target with the {router!r} router, same tokens",
-                       lambda: train(data, runs[-1], target(router, cfg.target_experts, cfg.source["top_k"]),
-                                     target_cfg))
-        return runs
+        return ([self.train_target(data, name, store=store) for name, store in routed.items()]
+                + [self.train_target(data, router, router=router) for router in baselines])
 
 
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> dict:

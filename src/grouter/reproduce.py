@@ -67,13 +67,8 @@ SCALES: dict[str, ReproduceConfig] = {
 def run_reproduce(out: str | Path, cfg: ReproduceConfig = SCALES["cpu"]) -> dict:
     t0 = time.perf_counter()
     stages = Stages(Path(out), cfg, "reproduce")
-    data = stages.data(Path(cfg.data) if cfg.data else None)
-    if cfg.held_out_domain not in data.domains or len(data.domains) < 2:
-        raise GrouterError(f"held-out domain {cfg.held_out_domain!r} must be one of the data's domains "
-                           f"({', '.join(data.domains)}), with at least one other left for the source")
-    seen = [d for d in data.domains if d != cfg.held_out_domain]
-    source_data = PackedDataset.open(stages.once("data-source", f"the source's data: {', '.join(seen)} only",
-                                                 lambda p: subset_domains(data, seen, p)))
+    data, source_data = held_out_data(stages, cfg)
+    seen = source_data.domains
     targets = stages.source_targets(source_data)
 
     distilled, distill_summary = stages.distilled(targets)
@@ -98,6 +93,19 @@ def run_reproduce(out: str | Path, cfg: ReproduceConfig = SCALES["cpu"]) -> dict
     print(headline(summary))
     print(f"report: {stages.out / 'reproduce.md'} (plots and tables in {stages.out / 'report'})")
     return summary
+
+
+def held_out_data(stages: Stages, cfg: ReproduceConfig) -> tuple[PackedDataset, PackedDataset]:
+    """The targets' data (every domain) and the source's (every domain but the held-out one), each
+    prepared once under ``stages.out`` (the targets' is the user's ``cfg.data`` when given)."""
+    data = stages.data(Path(cfg.data) if cfg.data else None)
+    if cfg.held_out_domain not in data.domains or len(data.domains) < 2:
+        raise GrouterError(f"held-out domain {cfg.held_out_domain!r} must be one of the data's domains "
+                           f"({', '.join(data.domains)}), with at least one other left for the source")
+    seen = [d for d in data.domains if d != cfg.held_out_domain]
+    source_data = PackedDataset.open(stages.once("data-source", f"the source's data: {', '.join(seen)} only",
+                                                 lambda p: subset_domains(data, seen, p)))
+    return data, source_data
 
 
 def summarize(stages: Stages, cfg: ReproduceConfig, data: PackedDataset, seen: list[str], distilled: dict,

@@ -1,0 +1,513 @@
+"""``grouter reproduce --study NAME``: what the Grouter's gain depends on, one factor at a time.
+
+``grouter reproduce`` found the tuned Grouter 1.27× faster to the best baseline's loss than that
+baseline (a frozen random router), and 1.03× on the domain its source never saw (docs/RESULTS.md).
+This study varies one factor at a time around a base cell, reproduce's ``cpu`` sizes with half its
+target tokens, each cell's Grouter run against the baselines of the same target (``random``,
+``aux``, ``stablemoe``), at equal tokens and with the same data order (a seed fixes both):
+
+- ``source``: the source trained on 1× (base), 4× and 8× the target run's tokens, and a bigger
+  source (d 256, the base's tokens);
+- ``tuning``, read on the held-out domain: untuned, tuned on all target data (base), on the
+  held-out domain alone, balance-constrained (``keep``: a KL-to-untuned penalty), selection bias;
+  with the share of top-k sets each keeps from the untuned Grouter;
+- ``heads``: one shared head (base) or a head per source layer;
+- ``tokens``: 0.5×, 1× (base) and 2× the target tokens (2× is reproduce's budget), the source
+  and Grouter unchanged;
+- ``experts``: 16 experts top-4 (base) or 64 top-8 folded from a 128-expert top-8 source, experts
+  half as wide (d_expert 32) so that a token's active compute is the base's.
+
+The base cell and the strongest source (8×) run 3 seeds; the others seed 0. Every stage is a
+:class:`grouter.demo.Stages` stage, reused or resumed when the study is rerun, and every target run
+is a resumable training run. Layout of ``--out``: ``data/``, ``data-source/`` (as reproduce);
+``pipelines/NAME/``: a source and its Grouters and routing stores (cells with the same source
+share one); ``runs/TARGET/RUN-sSEED``: every target run, named by what it depends on (a baseline
+by its target, tokens and seed only, so the cells of one target share its baselines);
+``cells/FACTOR/CELL/``: the cell's results (``cell.json``) and a report of its seed-0 runs;
+``study.json``, ``study.md`` and ``plots/``, rewritten after every finished cell. A cell with a
+``cell.json`` is finished and not run again, so copying ``study-config.json`` and ``cells/`` into
+an empty ``--out`` continues a study on another machine (its finished cells are in docs/study/).
+
+The plan at ``--scale cpu``, cell by cell with what it adds and its minutes (:func:`plan_rows`,
+from stage times measured on the idle 2-core machine), is in docs/study.md and in study.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import atomic_write_bytes, header, read_json, write_json
+from .data import PackedDataset
+from .demo import Stages
+from .errors import GrouterError
+from .loop import read_run
+from .metrics import topk_set_agreement
+from .report import RunRecord, figure, report, speedups
+from .reproduce import SCALES, ReproduceConfig, held_out_data
+from .store import RoutingStore
+
+STUDY_FORMAT, STUDY_VERSION = "grouter-study", 1
+FACTORS = ("source", "tuning", "heads", "tokens", "experts")  # the order of `all`: the decisive ones first
+TITLES = {"source": "Source strength", "tuning": "Tuning (read on the held-out domain)",
+          "heads": "Shared head vs a head per layer", "tokens": "Target tokens", "experts": "Experts"}
+TUNE_LABELS = {"untuned": "untuned", "": "all target data", "held-out": "the held-out domain alone",
+               "keep": "all data, keep-constrained", "bias": "all data, selection bias"}
+
+
+@dataclass
+class StudyConfig:
+    """The base cell (reproduce's sizes; its ``baselines`` are every cell's) and how each factor
+    departs from it."""
+
+    base: ReproduceConfig
+    seeds: int = 3  # of the base cell and of the cells in `seeded`; the others run seed 0
+    seeded: tuple[str, ...] = ("source/8x",)  # the strongest source: with the base, what decides the conclusion
+    source_ratios: tuple[float, ...] = (4.0, 8.0)  # source tokens per target token, beside the base's
+    big_source: dict = field(default_factory=lambda: dict(d_model=256, n_layers=4, n_heads=4, d_expert=128,
+                                                          n_experts=32, top_k=4))
+    token_ratios: tuple[float, ...] = (0.5, 2.0)  # target tokens per the base's
+    tune_variants: tuple[str, ...] = ("untuned", "held-out", "keep", "bias")  # beside the base's tuning
+    tune_keep: float = 1.0  # the keep variant's weight of KL(untuned || tuned)
+    many_experts: int = 64  # the experts cell: the target's experts and top-k, both models' expert width,
+    many_top_k: int = 8  # and the source's experts
+    many_d_expert: int = 32
+    many_source_experts: int = 128
+
+
+@dataclass
+class Cell:
+    """One row of a factor's table: the base's sizes with that factor changed."""
+
+    factor: str
+    key: str  # directory-safe: cells/FACTOR/KEY
+    label: str  # as the tables show it
+    cfg: ReproduceConfig
+    pipeline: str = "base"  # pipelines/NAME: its source and Grouters (cells with the same source share it)
+    layers: str | None = None  # None: capture the first layer (a shared head); "all": a head per layer
+    tune: str = ""  # "": the base's tuning; "untuned"; or one of StudyConfig.tune_variants
+    seeds: int = 1
+    base: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.factor}/{self.key}"
+
+    @property
+    def target(self) -> str:
+        """The target's name under runs/: what a baseline run depends on besides its seed."""
+        c = self.cfg
+        return f"{c.target_experts}e-top{c.source['top_k']}-dexp{c.target['d_expert']}-{c.target_steps}steps"
+
+    @property
+    def grouter_run(self) -> str:
+        return f"grouter-{self.pipeline}" + ("-layers-all" if self.layers else "") + (f"-{self.tune}" if self.tune else "")
+
+    def run_names(self) -> list[list[str]]:
+        """Per seed, under runs/: the Grouter run, then the baselines' (paired: same seed, same data order)."""
+        return [[f"{self.target}/{name}-s{seed}" for name in (self.grouter_run, *self.cfg.baselines)]
+                for seed in range(self.seeds)]
+
+
+STUDY_BASELINES = ("random", "aux", "stablemoe")  # random: the best at reproduce's scale; stablemoe: the closest peer
+# "cpu": reproduce's cpu sizes with half its target tokens (its 2× tokens cell is reproduce's budget),
+# the source trained on as many tokens as a target run; sized so that `all` takes about 3 hours on
+# the 2-core machine (the plan above). "smoke": every stage runs, in minutes.
+STUDY_SCALES: dict[str, StudyConfig] = {
+    "smoke": StudyConfig(base=replace(SCALES["smoke"], baselines=STUDY_BASELINES, fold_ablation=(), causal_ablation=False),
+                         big_source=dict(d_model=96, n_layers=2, n_heads=2, d_expert=48, n_experts=16, top_k=2),
+                         many_experts=16, many_top_k=4, many_d_expert=16, many_source_experts=32),
+    "cpu": StudyConfig(base=replace(SCALES["cpu"], target_steps=500, source_steps=500, baselines=STUDY_BASELINES,
+                                    fold_ablation=(), causal_ablation=False)),
+}
+
+
+def study_scaled(scale: str, **overrides) -> StudyConfig:
+    """A study scale with reproduce's options applied to its base cell; the source keeps its ratio of
+    tokens to the target's when ``target_steps`` changes."""
+    if scale not in STUDY_SCALES:
+        raise GrouterError(f"the study has scales {', '.join(STUDY_SCALES)}, not {scale!r}")
+    cfg = STUDY_SCALES[scale]
+    base = replace(cfg.base, **overrides)
+    if "target_steps" in overrides:
+        base = replace(base, source_steps=round(cfg.base.source_steps * base.target_steps / cfg.base.target_steps))
+    return replace(cfg, base=base)
+
+
+def plan(cfg: StudyConfig) -> list[Cell]:
+    """Every cell of the study, factor by factor (the order of ``FACTORS``); each factor has the base cell."""
+    b = cfg.base
+    ratio = b.source_steps / b.target_steps  # source tokens per target token (same batch and length)
+
+    def cell(factor: str, key: str, label: str, c: ReproduceConfig = b, **kw) -> Cell:
+        return Cell(factor, key, label, c, seeds=cfg.seeds if f"{factor}/{key}" in cfg.seeded else 1, **kw)
+
+    def base(factor: str, key: str, label: str) -> Cell:
+        return Cell(factor, key, f"{label} (base)", b, seeds=cfg.seeds, base=True)
+
+    bigger = cfg.big_source
+    source = [base("source", f"{ratio:g}x", f"{ratio:g}×")]
+    source += [cell("source", f"{r:g}x", f"{r:g}×", replace(b, source_steps=round(r * b.target_steps)),
+                    pipeline=f"source-{r:g}x") for r in cfg.source_ratios]
+    source.append(cell("source", "bigger", f"{ratio:g}×, d_model {bigger['d_model']}", replace(b, source=bigger),
+                       pipeline="source-bigger"))
+    variants = [cell("tuning", v, TUNE_LABELS[v], tune=v) for v in cfg.tune_variants]
+    tuning = [v for v in variants if v.tune == "untuned"] + [base("tuning", "all", TUNE_LABELS[""])] + [
+        v for v in variants if v.tune != "untuned"]
+    heads = [base("heads", "shared", "one shared head"), cell("heads", "per-layer", "a head per layer", layers="all")]
+    tokens = [base("tokens", "1x", "1×")] + [cell("tokens", f"{r:g}x", f"{r:g}×",
+                                                 replace(b, target_steps=round(r * b.target_steps)))
+                                            for r in cfg.token_ratios]
+    tokens.sort(key=lambda c: c.cfg.target_steps)
+    experts = [base("experts", f"{b.target_experts}e", f"{b.target_experts} experts, top-{b.source['top_k']}"),
+               many_experts(cfg, cell)]
+    return source + tuning + heads + tokens + experts
+
+
+def many_experts(cfg: StudyConfig, cell) -> Cell:
+    """The experts cell: more, narrower experts in source and target, a token's active compute unchanged
+    when ``many_top_k × many_d_expert`` is the base's ``top_k × d_expert``."""
+    b, E, k = cfg.base, cfg.many_experts, cfg.many_top_k
+    c = replace(b, source={**b.source, "n_experts": cfg.many_source_experts, "top_k": k, "d_expert": cfg.many_d_expert},
+                target={**b.target, "d_expert": cfg.many_d_expert}, target_experts=E)
+    return cell("experts", f"{E}e", f"{E} experts, top-{k} (source {cfg.many_source_experts})", c,
+                pipeline=f"source-{cfg.many_source_experts}e")
+
+
+def tune_options(cfg: StudyConfig, variant: str) -> dict:
+    """The :class:`grouter.tune.TuneConfig` options of a tuning variant ("": the base's, the defaults)."""
+    return {"": {}, "held-out": {"domain": cfg.base.held_out_domain}, "keep": {"keep": cfg.tune_keep},
+            "bias": {"method": "bias"}}[variant]
+
+
+# -- running ----------------------------------------------------------------------------------------
+def run_study(out: str | Path, name: str, cfg: StudyConfig) -> dict:
+    """Run the cells of factor ``name`` (every factor's for ``all``), each stage once: rerun to resume."""
+    cells = selected(name, plan(cfg))
+    t0, out = time.perf_counter(), Path(out)
+    root = Stages(out, cfg.base, "study")
+    data, source_data = held_out_data(root, cfg.base)
+    check_config(out, cfg)
+    summary = write_study(out, cfg)  # the plan, before the first run: a skeleton of the results
+    for cell in cells:
+        if (out / "cells" / cell.factor / cell.key / "cell.json").exists():  # finished here, or copied in
+            root.say(f"{cell.id}: finished, reusing {out / 'cells' / cell.factor / cell.key}")
+            continue
+        run_cell(out, cfg, cell, data, source_data)
+        summary = write_study(out, cfg)
+    print(f"study: {out / 'study.md'} (cells in {out / 'cells'}, plots in {out / 'plots'})")
+    return {"study": name, "out": str(out), "seconds_this_invocation": time.perf_counter() - t0,
+            "cells": {c["id"]: headline(c) for c in summary["cells"] if c["status"] == "done"}}
+
+
+def selected(name: str, cells: list[Cell]) -> list[Cell]:
+    """The cells ``name`` asks for, in the plan's order: ``all``, a factor, a cell (``FACTOR/KEY``), or
+    several of these separated by commas (to split a study between machines, see docs/study.md)."""
+    wanted = set(name.split(","))
+    unknown = sorted(wanted - {"all", *FACTORS, *(c.id for c in cells)})
+    if unknown:
+        raise GrouterError(f"unknown study {unknown[0]!r}; choose all, a factor ({', '.join(FACTORS)}) or a cell "
+                           f"({', '.join(c.id for c in cells)}), or several separated by commas")
+    return [c for c in cells if wanted & {"all", c.factor, c.id}]
+
+
+def check_config(out: Path, cfg: StudyConfig) -> None:
+    """A study directory holds one configuration: cells of two would not compare."""
+    path, mine = out / "study-config.json", json.loads(json.dumps(asdict(cfg)))
+    if not path.exists():
+        write_json(path, {**header(STUDY_FORMAT, STUDY_VERSION), "config": mine})
+    elif read_json(path, "study configuration")["config"] != mine:
+        raise GrouterError(f"{out} holds a study with another configuration (scale, steps, data or held-out "
+                           "domain); rerun it with its own options, or choose another --out")
+
+
+def run_cell(out: Path, cfg: StudyConfig, cell: Cell, data: PackedDataset, source_data: PackedDataset) -> None:
+    """The cell's Grouter, its target runs (reused when another cell made them), its results in cell.json."""
+    pipe = Stages(out / "pipelines" / cell.pipeline, cell.cfg, f"study {cell.id}")
+    folded = pipe.folded(pipe.distilled(pipe.source_targets(source_data, cell.layers))[0], source_data)
+    grouter = folded if cell.tune == "untuned" else pipe.tuned(folded, data, cell.tune, **tune_options(cfg, cell.tune))
+    store = pipe.routing(grouter, data)
+    seconds = {f"{pipe.out.relative_to(out)}/{k}": v for k, v in pipe.seconds.items()}
+    for seed, names in enumerate(cell.run_names()):
+        stages = Stages(out, replace(cell.cfg, seed=seed), f"study {cell.id}, seed {seed}")
+        stages.train_target(data, names[0], store=store)
+        for router, name in zip(cell.cfg.baselines, names[1:]):
+            stages.train_target(data, name, router=router)
+        seconds.update(stages.seconds)
+    result = cell_result(cell, [[out / "runs" / n for n in names] for names in cell.run_names()])
+    if cell.factor == "tuning":
+        result["routing_kept"] = routing_kept(pipe.routing(folded, data), store, data)
+        result["tune_report"] = tune_summary(grouter)
+    directory = out / "cells" / cell.factor / cell.key
+    report([out / "runs" / n for n in cell.run_names()[0]], directory / "report", overwrite=True)
+    write_json(directory / "cell.json", {**header(STUDY_FORMAT, STUDY_VERSION), **describe(cell), **result,
+                                         "stage_seconds": seconds})
+
+
+def describe(cell: Cell) -> dict:
+    return {"id": cell.id, "factor": cell.factor, "key": cell.key, "label": cell.label, "base": cell.base,
+            "seeds": cell.seeds, "pipeline": cell.pipeline, "target": cell.target, "runs": cell.run_names()}
+
+
+# -- results ------------------------------------------------------------------------------------------
+def cell_result(cell: Cell, runs: list[list[Path]]) -> dict:
+    """Per validation set (``all``, then each domain) and seed: the best of that seed's baselines, the
+    Grouter's tokens-to-loss speedup over it and its final-loss gap; the Grouter runs' own figures."""
+    sets: dict[str, dict[str, list]] = {}
+    grouter: dict[str, list] = {"final_val_loss": [], "max_vio_global": []}
+    for seed_runs in runs:
+        records = [RunRecord.load(r) for r in seed_runs]
+        for d in ["all", *sorted(records[0].summary["val_loss_by_domain"])]:
+            s = speedups(records, None if d == "all" else d)
+            mine = s["runs"][records[0].name]
+            entry = sets.setdefault(d, {"best_baseline": [], "speedup": [], "gap": []})
+            entry["best_baseline"].append(s["best_baseline"].rsplit("-s", 1)[0])
+            entry["speedup"].append(mine["speedup"])  # None: never reached the baseline's final loss
+            entry["gap"].append(mine["final_val_loss_gap"])
+        for key, values in grouter.items():
+            values.append(records[0].summary[key])
+    return {"by_domain": sets, "grouter": grouter}
+
+
+def routing_kept(untuned: Path, tuned: Path, data: PackedDataset) -> dict[str, float]:
+    """Share of validation tokens whose top-k set tuning kept from the untuned Grouter: on all
+    validation sequences and per domain (the stored routing the target runs trained with)."""
+    before, after = RoutingStore.open(untuned, data=data), RoutingStore.open(tuned, data=data)
+    val = data.split("val")
+    domain_ids = val.domain_ids()
+    sets = {"all": np.arange(len(val)), **{d: np.flatnonzero(domain_ids == i) for i, d in enumerate(val.domains)}}
+    return {name: topk_set_agreement(before.routing("val", idx).ids, after.routing("val", idx).ids)
+            for name, idx in sets.items() if len(idx)}
+
+
+def tune_summary(grouter: Path) -> dict | None:
+    """What tuning reported on its own held-out sequences (None: an untuned Grouter)."""
+    path = grouter / "tune_report.json"
+    if not path.exists():
+        return None
+    r = read_json(path, "tune report")
+    return {"method": r["method"], "domain": r["domain"], "keep": r.get("keep", 0.0),
+            "max_vio_global_before": r["before"]["max_vio_global"], "max_vio_global_after": r["after"]["max_vio_global"],
+            "topk_set_agreement_with_untuned": r["topk_set_agreement_with_untuned"]}
+
+
+def spread(values: list) -> dict:
+    """Median, min and max over seeds; a speedup of None (not reached) counts as the lowest."""
+    ordered = sorted(values, key=lambda v: -np.inf if v is None else v)
+    return {"n": len(values), "min": ordered[0], "median": ordered[(len(values) - 1) // 2], "max": ordered[-1]}
+
+
+def headline(cell: dict) -> dict:
+    """Median speedup and gap of a finished cell, per validation set."""
+    return {d: {"speedup": spread(v["speedup"])["median"], "gap": spread(v["gap"])["median"]}
+            for d, v in cell["by_domain"].items()}
+
+
+# -- study.json, study.md, plots ------------------------------------------------------------------------
+def write_study(out: Path, cfg: StudyConfig) -> dict:
+    """study.json, study.md and plots/ from every cell finished so far (any invocation's): partial
+    results are usable as they come, and pending cells show what is left to run."""
+    cells = []
+    for cell in plan(cfg):
+        path = out / "cells" / cell.factor / cell.key / "cell.json"
+        if path.exists():
+            done = {k: v for k, v in read_json(path, "study cell").items() if k not in ("format", "version")}
+            cells.append({**done, "status": "done"})
+        else:
+            cells.append({**describe(cell), "status": "pending"})
+    summary = {**header(STUDY_FORMAT, STUDY_VERSION), "config": asdict(cfg), "held_out": cfg.base.held_out_domain,
+               "baselines": list(cfg.base.baselines), "plan": plan_rows(cfg), "cells": cells,
+               "stage_seconds": {k: v for c in cells for k, v in c.get("stage_seconds", {}).items()}}
+    write_json(out / "study.json", summary)
+    plots = [plot_factor(summary, factor, out / "plots") for factor in FACTORS]
+    atomic_write_bytes(out / "study.md", study_markdown(summary, [p for p in plots if p]).encode())
+    return summary
+
+
+def _speedup(v: float | None) -> str:
+    return "not reached" if v is None else f"{v:.2f}×"
+
+
+def _with_spread(values: list, fmt) -> str:
+    """One seed: the value; several: the median and (min…max)."""
+    s = spread(values)
+    return fmt(s["median"]) if s["n"] == 1 else f"{fmt(s['median'])} ({fmt(s['min'])}…{fmt(s['max'])})"
+
+
+def _gap(v: float) -> str:
+    return f"{v:+.3f}".replace("-", "−")
+
+
+def _best(names: list[str]) -> str:
+    return names[0] if len(set(names)) == 1 else ", ".join(names)
+
+
+def _seen_table(cells: list[dict], held: str) -> list[str]:
+    domains = ["all"] + sorted({d for c in cells if c["status"] == "done" for d in c["by_domain"]} - {"all", held})
+    lines = ["| cell | seeds | " + " | ".join(domains) + " | best baseline (all) | Grouter MaxVioGlobal |",
+             "|---|---|" + "---|" * (len(domains) + 2)]
+    for c in cells:
+        if c["status"] != "done":
+            lines.append(f"| {c['label']} | {c['seeds']} | pending |" + " |" * (len(domains) + 1))
+            continue
+        entries = [f"{_with_spread(c['by_domain'][d]['speedup'], _speedup)}; "
+                   f"{_with_spread(c['by_domain'][d]['gap'], _gap)}" for d in domains]
+        lines.append(f"| {c['label']} | {c['seeds']} | " + " | ".join(entries) + f" | "
+                     f"{_best(c['by_domain']['all']['best_baseline'])} | "
+                     f"{_with_spread(c['grouter']['max_vio_global'], lambda v: f'{v:.3f}')} |")
+    return lines
+
+
+def _held_out_table(cells: list[dict], held: str, tuning: bool) -> list[str]:
+    more = f" top-k sets kept ({held}) | top-k sets kept (all) |" if tuning else ""
+    lines = [f"| cell | seeds | speedup | final-loss gap | best baseline |{more}",
+             "|---|---|---|---|---|" + ("---|---|" if tuning else "")]
+    for c in cells:
+        if c["status"] != "done":
+            lines.append(f"| {c['label']} | {c['seeds']} | pending | | |" + (" | |" if tuning else ""))
+            continue
+        h = c["by_domain"][held]
+        row = (f"| {c['label']} | {c['seeds']} | {_with_spread(h['speedup'], _speedup)} | "
+               f"{_with_spread(h['gap'], _gap)} | {_best(h['best_baseline'])} |")
+        if tuning:
+            kept = c.get("routing_kept", {})
+            row += "".join(f" {kept[k]:.1%} |" if k in kept else " – |" for k in (held, "all"))
+        lines.append(row)
+    return lines
+
+
+def _shape(model: dict) -> str:
+    """``d 128, 4 layers, 32 experts top-4, d_expert 64`` from a model's sizes."""
+    parts = [f"d {model['d_model']}", f"{model['n_layers']} layers"]
+    if "n_experts" in model:
+        parts.append(f"{model['n_experts']} experts top-{model['top_k']}")
+    return ", ".join(parts + [f"{k} {model[k]}" for k in ("d_expert", "d_ff") if k in model])
+
+
+def study_markdown(summary: dict, plots: list[str]) -> str:
+    held, cfg = summary["held_out"], summary["config"]["base"]
+    text = ["# grouter reproduce --study", "",
+            f"One factor at a time around the base cell; every cell's Grouter run against the best of its "
+            f"baselines ({', '.join(summary['baselines'])}) of the same seed, at equal tokens and data order. "
+            f"**{held}** is held out: the source and the Grouter's network never see it. Entries: tokens-to-loss "
+            "speedup; final validation loss gap (negative: the Grouter ends lower). With several seeds: the "
+            "median (min…max); the best baseline is chosen per seed and per validation set.", "",
+            f"Base cell: source {_shape(cfg['source'])}, {cfg['source_steps']} steps; Grouter {_shape(cfg['grouter'])}; "
+            f"target {_shape(cfg['target'])}, {cfg['target_experts']} experts top-{cfg['source']['top_k']}, "
+            f"{cfg['target_steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens.", "",
+            "## Plan", "", *plan_markdown(summary["plan"], summary["cells"]), ""]
+    for factor in FACTORS:
+        cells = [c for c in summary["cells"] if c["factor"] == factor]
+        text += [f"## {TITLES[factor]} (`--study {factor}`)", "", "All validation data and the domains the source saw:",
+                 "", *_seen_table(cells, held), "", f"Held-out domain ({held}):", "",
+                 *_held_out_table(cells, held, factor == "tuning"), ""]
+        text += [f"![{factor}](plots/{factor}.png)", ""] if f"{factor}.png" in plots else []
+    return "\n".join(text)
+
+
+def plot_factor(summary: dict, factor: str, out: Path) -> str | None:
+    """``plots/FACTOR.png``: speedup (top) and final-loss gap (bottom) per cell, the domains the source
+    saw and all validation data (left), the held-out domain (right); bars span the seeds."""
+    cells = [c for c in summary["cells"] if c["factor"] == factor and c["status"] == "done"]
+    if not cells:
+        return None
+    held = summary["held_out"]
+    fig, axes = figure((11, 7), 2, 2, sharex=True, squeeze=False)
+    x = np.arange(len(cells))
+    domains = list(cells[0]["by_domain"])
+    for col, shown in enumerate(([d for d in domains if d != held], [held])):
+        for row, (key, ref, label) in enumerate((("speedup", 1.0, "tokens-to-loss speedup"),
+                                                 ("gap", 0.0, "final-loss gap"))):
+            ax = axes[row][col]
+            for i, d in enumerate(shown):
+                s = [spread(c["by_domain"][d][key]) for c in cells]
+                mid = np.array([np.nan if v["median"] is None else v["median"] for v in s])
+                low = np.array([np.nan if v["min"] is None else v["min"] for v in s])
+                high = np.array([np.nan if v["max"] is None else v["max"] for v in s])
+                ax.errorbar(x + 0.06 * i, mid, yerr=[mid - low, high - mid], marker="o", capsize=3, label=d)
+            ax.axhline(ref, color="black", lw=0.8, ls="--")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0][col].set_title(f"held-out domain ({held})" if col else "all validation data and seen domains")
+        axes[1][col].set_xticks(x, [c["label"] for c in cells], rotation=20, fontsize=8)
+    fig.suptitle(f"{TITLES[factor]}: the Grouter over the best baseline")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{factor}.{os.getpid()}.png"  # then renamed: another invocation may be writing it too
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out / f"{factor}.png")
+    return f"{factor}.png"
+
+
+# -- the plan: what each cell adds, and how long it takes --------------------------------------------
+# Measured at --scale cpu on the idle 2-core machine (docs/study.md): seconds per training step of
+# 16 × 128 tokens (evaluations every 50 steps included) by model shape (d_model, experts, top-k,
+# d_expert), and the other stages' seconds per unit.
+STEP_SECONDS = {(128, 16, 4, 64): 0.40, (128, 64, 8, 32): 0.50, (128, 32, 4, 64): 0.40, (128, 128, 8, 32): 0.50,
+                (256, 32, 4, 128): 0.80}
+DISTILL_STEP_SECONDS = 0.05
+SECONDS_PER_MILLION_TOKENS = {"capture": 3.0, "tune": 40.0, "dispatch": 8.0}
+FOLD_SECONDS = 5.0
+
+
+def step_seconds(model: dict, n_experts: int, top_k: int, tokens_per_step: int) -> float:
+    """A training step's measured time for this shape, or the base target's scaled by the expert FLOPs."""
+    key = (model["d_model"], n_experts, top_k, model["d_expert"])
+    measured = STEP_SECONDS.get(key)
+    if measured is None:
+        scale = (model["d_model"] * (model["d_expert"] * top_k + 2 * model["d_model"])) / (128 * (64 * 4 + 256))
+        measured = STEP_SECONDS[(128, 16, 4, 64)] * scale * model["n_layers"] / 4
+    return measured * tokens_per_step / (16 * 128)
+
+
+def cell_work(cell: Cell, data_tokens: int, source_tokens: int) -> list[tuple[str, str, float]]:
+    """(name under --out, what, seconds) of everything the cell needs, shared or not."""
+    c, p = cell.cfg, f"pipelines/{cell.pipeline}"
+    per_step = c.batch_size * c.seq_len
+    layers = "-layers-all" if cell.layers else ""
+    tuned = {"untuned": "-folded", "": ""}.get(cell.tune, f"-tune-{cell.tune}")
+    work = [(f"{p}/source", f"source, {c.source_steps:,} steps",
+             c.source_steps * step_seconds(c.source, c.source["n_experts"], c.source["top_k"], per_step)),
+            (f"{p}/targets{layers}", "capture", SECONDS_PER_MILLION_TOKENS["capture"] * source_tokens / 1e6),
+            (f"{p}/grouter-distilled{layers}", "distill", c.distill_steps * DISTILL_STEP_SECONDS),
+            (f"{p}/grouter-folded{layers}", "fold", FOLD_SECONDS)]
+    if cell.tune != "untuned":
+        work.append((f"{p}/grouter{layers}{tuned}", "tune", SECONDS_PER_MILLION_TOKENS["tune"] * c.tune_tokens / 1e6))
+    stores = [f"{p}/routing{layers}{tuned}"] + ([f"{p}/routing-folded"] if cell.factor == "tuning" else [])
+    work += [(name, "dispatch", SECONDS_PER_MILLION_TOKENS["dispatch"] * data_tokens / 1e6) for name in stores]
+    run = c.target_steps * step_seconds(c.target, c.target_experts, c.source["top_k"], per_step)
+    return work + [(f"runs/{name}", "target run", run) for names in cell.run_names() for name in names]
+
+
+def plan_rows(cfg: StudyConfig, data_tokens: int = 5_830_000, source_tokens: int = 3_900_000) -> list[dict]:
+    """Per cell, in the order ``all`` runs them: what it adds to the cells before it, and the minutes."""
+    done: set[str] = set()
+    rows = []
+    for cell in plan(cfg):
+        new = [(what, seconds) for name, what, seconds in cell_work(cell, data_tokens, source_tokens) if name not in done]
+        done |= {name for name, _, _ in cell_work(cell, data_tokens, source_tokens)}
+        counts: dict[str, int] = {}
+        for what, _ in new:
+            counts[what] = counts.get(what, 0) + 1
+        rows.append({"id": cell.id, "label": cell.label, "seeds": cell.seeds,
+                     "adds": ", ".join(w if n == 1 else f"{n} {w}{'es' if w.endswith('ch') else 's'}"
+                                       for w, n in counts.items()) or "nothing (shared)",
+                     "minutes": sum(s for _, s in new) / 60})
+    return rows
+
+
+def plan_markdown(rows: list[dict], cells: list[dict] | None = None) -> list[str]:
+    status = {c["id"]: c["status"] for c in cells or []}
+    lines = ["| cell | seeds | adds | minutes |" + (" status |" if cells else ""),
+             "|---|---|---|---|" + ("---|" if cells else "")]
+    for r in rows:
+        lines.append(f"| {r['id']}: {r['label']} | {r['seeds']} | {r['adds']} | {r['minutes']:.0f} |"
+                     + (f" {status.get(r['id'], 'pending')} |" if cells else ""))
+    total = sum(r["minutes"] for r in rows)
+    return lines + ["", f"Total: about {total:.0f} minutes ({total / 60:.1f} h) on the 2-core machine at --scale cpu."]

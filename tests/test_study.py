@@ -1,0 +1,172 @@
+"""The study (``grouter reproduce --study``): every factor end to end on a tiny configuration, killed
+and rerun (finished runs are not redone), baselines shared between cells, the tuning variants'
+routing kept, the plan, and the command line."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import grouter.demo
+from grouter.cli import main
+from grouter.data import PackedDataset
+from grouter.errors import GrouterError
+from grouter.loop import read_run
+from grouter.study import (FACTORS, STUDY_BASELINES, STUDY_SCALES, StudyConfig, plan, plan_markdown, plan_rows,
+                           run_study)
+
+from test_cli import assert_one_line_error, run
+from test_cli_commands import assert_nothing_written, last_json
+from test_reproduce import tiny
+
+KILL_AT = 11  # the 11th call of train: the base cell (source + 2 seeds × 4 runs) is done, then source/2x's source, then its first run
+
+
+def tiny_study() -> StudyConfig:
+    base = replace(tiny(), baselines=STUDY_BASELINES, fold_ablation=(), causal_ablation=False, target_steps=8,
+                   source_steps=8, distill_steps=8, eval_every=4)
+    return StudyConfig(base=base, seeds=2, seeded=("source/2x",), source_ratios=(2.0,),
+                       big_source=dict(d_model=96, n_layers=2, n_heads=2, d_expert=32, n_experts=16, top_k=2),
+                       token_ratios=(0.5, 2.0), many_experts=16, many_top_k=4, many_d_expert=16,
+                       many_source_experts=32)
+
+
+def finished_runs(out: Path) -> dict[Path, int]:
+    """Every finished training run under ``out`` (sources, distillations, targets): its run.json's mtime."""
+    return {p.parent: p.stat().st_mtime_ns for p in out.rglob("run.json") if read_run(p.parent)["status"] == "complete"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The whole tiny study, killed during its 12th training run and rerun to the end."""
+    out = tmp_path_factory.mktemp("study") / "s"
+    real, calls = grouter.demo.train, []
+
+    def killed(data, path, *args, **kw):
+        calls.append(path)
+        if len(calls) == KILL_AT:
+            real(data, path, *args, stop_after=2, **kw)  # part of a run, then the kill
+            raise KeyboardInterrupt
+        return real(data, path, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grouter.demo, "train", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_study(out, "all", tiny_study())
+    partial = json.loads((out / "study.json").read_text())
+    before = finished_runs(out)
+    result = run_study(out, "all", tiny_study())
+    return {"out": out, "partial": partial, "before": before, "killed": calls[-1], "result": result,
+            "summary": json.loads((out / "study.json").read_text())}
+
+
+def cells(study) -> dict[str, dict]:
+    return {c["id"]: c for c in study["summary"]["cells"]}
+
+
+def test_every_factor_runs_end_to_end(study):
+    out, all_cells = study["out"], cells(study)
+    domains = {"all", *PackedDataset.open(out / "data").domains}
+    assert "code" in domains and len(domains) >= 4
+    assert {c["factor"] for c in all_cells.values()} == set(FACTORS)
+    assert all(c["status"] == "done" for c in all_cells.values())
+    for c in all_cells.values():
+        assert set(c["by_domain"]) == domains
+        for values in c["by_domain"].values():
+            assert len(values["speedup"]) == len(values["gap"]) == c["seeds"]
+            assert set(values["best_baseline"]) <= set(STUDY_BASELINES)
+    assert all_cells["source/1x"]["seeds"] == all_cells["source/2x"]["seeds"] == 2
+    assert all_cells["source/bigger"]["seeds"] == 1
+    assert (out / "study.md").read_text().count("pending") == 0
+    assert {p.name for p in (out / "plots").iterdir()} == {f"{f}.png" for f in FACTORS}
+    assert (out / "cells" / "tokens" / "2x" / "report" / "report.md").exists()
+    assert set(study["result"]["cells"]) == set(all_cells)
+
+
+def test_a_killed_study_resumes_without_redoing_finished_runs(study):
+    partial = {c["id"]: c["status"] for c in study["partial"]["cells"]}
+    assert partial["source/1x"] == "done" and partial["source/2x"] == "pending"
+    after = finished_runs(study["out"])
+    assert {path: after[path] for path in study["before"]} == study["before"], "a finished run was trained again"
+    assert study["killed"] in after and study["killed"] not in study["before"]
+
+
+def test_cells_share_their_baselines_and_data_order(study):
+    all_cells = cells(study)
+    base_target = all_cells["source/1x"]["target"]
+    users = [c["id"] for c in all_cells.values() if f"{base_target}/aux-s0" in c["runs"][0]]
+    assert {"source/1x", "source/2x", "source/bigger", "tuning/keep", "heads/per-layer", "tokens/1x"} <= set(users)
+    assert len({c["target"] for c in all_cells.values() if c["factor"] == "tokens"}) == 3  # their own baselines
+    for seed, names in enumerate(all_cells["source/2x"]["runs"]):
+        identities = [read_run(study["out"] / "runs" / name)["identity"] for name in names]
+        assert {i["train"]["seed"] for i in identities} == {seed}, "one seed, hence one data order, per pairing"
+        assert len({json.dumps(i["train"]) for i in identities}) == 1, "equal tokens and schedule"
+
+
+def test_tuning_variants_report_the_routing_they_keep(study):
+    tuning = {c["key"]: c for c in cells(study).values() if c["factor"] == "tuning"}
+    assert set(tuning) == {"untuned", "all", "held-out", "keep", "bias"}
+    domains = {"all", *PackedDataset.open(study["out"] / "data").domains}
+    assert tuning["untuned"]["routing_kept"] == dict.fromkeys(domains, 1.0)
+    for c in tuning.values():
+        assert set(c["routing_kept"]) == domains
+        assert all(0.0 <= v <= 1.0 for v in c["routing_kept"].values())
+    assert tuning["held-out"]["tune_report"]["domain"] == "code"
+    assert tuning["keep"]["tune_report"]["keep"] == tiny_study().tune_keep
+    assert tuning["bias"]["tune_report"]["method"] == "bias"
+    assert "top-k sets kept (code)" in (study["out"] / "study.md").read_text()
+
+
+def test_a_study_directory_holds_one_configuration(study):
+    with pytest.raises(GrouterError, match="holds a study with another configuration"):
+        run_study(study["out"], "heads", replace(tiny_study(), tune_keep=2.0))
+    with pytest.raises(GrouterError, match="unknown study 'nonsense'"):
+        run_study(study["out"], "nonsense", tiny_study())
+
+
+def test_the_plan():
+    """Each factor has the base cell once; cells sharing a pipeline agree on everything it makes;
+    the cpu plan fits about 3 hours and is the one docs/study.md shows."""
+    cfg = STUDY_SCALES["cpu"]
+    cells_ = plan(cfg)
+    for factor in FACTORS:
+        assert sum(c.base for c in cells_ if c.factor == factor) == 1
+    made = ("source", "source_steps", "grouter", "distill_steps", "target_experts", "tune_tokens")
+    for c in cells_:
+        shares = [o for o in cells_ if o.pipeline == c.pipeline]
+        assert all(getattr(o.cfg, f) == getattr(c.cfg, f) for o in shares for f in made), c.id
+    rows = plan_rows(cfg)
+    assert 150 <= sum(r["minutes"] for r in rows) <= 200
+    docs = Path(__file__).resolve().parents[1] / "docs" / "study.md"
+    assert "\n".join(plan_markdown(rows)) in docs.read_text()
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+def test_cli_study_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "--study", "tokens", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--study NAME" in text and all(f in text for f in FACTORS)
+
+
+def test_cli_study_refuses_bad_input(capsys, tmp_path):
+    out = tmp_path / "s"
+    code, _, err = run(capsys, "reproduce", "--study", "heads,nonsense", "--out", str(out))
+    assert_one_line_error(code, err, "unknown study 'nonsense'; choose all, a factor (source, tuning, heads")
+    assert_nothing_written(out)
+    code, _, err = run(capsys, "reproduce", "--study", "heads", "--scale", "gpu", "--out", str(out))
+    assert_one_line_error(code, err, "the study has scales smoke, cpu, not 'gpu'")
+
+
+def test_cli_study_reuses_a_finished_study(capsys, monkeypatch, study):
+    monkeypatch.setattr("grouter.cli.study_scaled", lambda scale, **overrides: replace(
+        tiny_study(), base=replace(tiny_study().base, **overrides)))
+    code, stdout, err = run(capsys, "reproduce", "--study", "heads", "--scale", "smoke", "--out", str(study["out"]),
+                            "--json")
+    assert code == 0, err
+    result = last_json(stdout)
+    assert set(result["cells"]) == set(cells(study)) and result["study"] == "heads"
+    assert "reusing" in err and "training" not in err.replace("training the", "")
