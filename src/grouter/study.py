@@ -117,7 +117,7 @@ class Cell:
 STUDY_BASELINES = ("random", "aux", "stablemoe")  # random: the best at reproduce's scale; stablemoe: the closest peer
 # "cpu": reproduce's cpu sizes with half its target tokens (its 2× tokens cell is reproduce's budget),
 # the source trained on as many tokens as a target run; sized so that `all` takes about 3 hours on
-# the 2-core machine (the plan above). "smoke": every stage runs, in minutes.
+# the 2-core machine (the plan in docs/study.md). "smoke": every stage runs, in minutes.
 STUDY_SCALES: dict[str, StudyConfig] = {
     "smoke": StudyConfig(base=replace(SCALES["smoke"], baselines=STUDY_BASELINES, fold_ablation=(), causal_ablation=False),
                          big_source=dict(d_model=96, n_layers=2, n_heads=2, d_expert=48, n_experts=16, top_k=2),
@@ -187,7 +187,7 @@ def tune_options(cfg: StudyConfig, variant: str) -> dict:
 
 # -- running ----------------------------------------------------------------------------------------
 def run_study(out: str | Path, name: str, cfg: StudyConfig) -> dict:
-    """Run the cells of factor ``name`` (every factor's for ``all``), each stage once: rerun to resume."""
+    """Run the cells ``name`` selects (:func:`selected`), each stage once: rerun to resume."""
     cells = selected(name, plan(cfg))
     t0, out = time.perf_counter(), Path(out)
     root = Stages(out, cfg.base, "study")
