@@ -410,6 +410,21 @@ def study_markdown(summary: dict, plots: list[str]) -> str:
     return "\n".join(text)
 
 
+def _plot_spread(ax, x: np.ndarray, spreads: list[dict], color: str, label: str) -> None:
+    """Medians joined by a line, bars from min to max; a speedup never reached (None, below 1×) is a
+    hollow triangle at 1 (its bar ends there)."""
+    def value(v):  # a speedup's None (below 1) is drawn at 1
+        return 1.0 if v is None else v
+
+    mid = np.array([value(v["median"]) for v in spreads])
+    low, high = np.array([value(v["min"]) for v in spreads]), np.array([value(v["max"]) for v in spreads])
+    ax.errorbar(x, mid, yerr=[mid - np.minimum(low, mid), high - mid], color=color, marker="o", capsize=3, label=label)
+    missed = np.array([v["median"] is None for v in spreads])
+    if missed.any():
+        ax.plot(x[missed], mid[missed], "v", color=color, markerfacecolor="white", markersize=9,
+                label=f"{label}: not reached (< 1×)")
+
+
 def plot_factor(summary: dict, factor: str, out: Path) -> str | None:
     """``plots/FACTOR.png``: speedup (top) and final-loss gap (bottom) per cell, the domains the source
     saw and all validation data (left), the held-out domain (right); bars span the seeds."""
@@ -425,11 +440,7 @@ def plot_factor(summary: dict, factor: str, out: Path) -> str | None:
                                                  ("gap", 0.0, "final-loss gap"))):
             ax = axes[row][col]
             for i, d in enumerate(shown):
-                s = [spread(c["by_domain"][d][key]) for c in cells]
-                mid = np.array([np.nan if v["median"] is None else v["median"] for v in s])
-                low = np.array([np.nan if v["min"] is None else v["min"] for v in s])
-                high = np.array([np.nan if v["max"] is None else v["max"] for v in s])
-                ax.errorbar(x + 0.06 * i, mid, yerr=[mid - low, high - mid], marker="o", capsize=3, label=d)
+                _plot_spread(ax, x + 0.06 * i, [spread(c["by_domain"][d][key]) for c in cells], f"C{i}", d)
             ax.axhline(ref, color="black", lw=0.8, ls="--")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
