@@ -78,6 +78,30 @@ def eval_records(run_dir):
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
 
 
+def grouter_stages(root, source, data, *capture_options):
+    """The stages from a trained source to a routing store: capture, distill, fold, tune, dispatch."""
+    return {
+        "targets": ["capture", "--source", source, "--data", data, *capture_options, "--batch-size", "256",
+                    "--device", "cpu"],
+        "distilled": ["distill", "--targets", root / "targets", *DISTILL, "--device", "cpu"],
+        "folded": ["fold", "--grouter", root / "distilled", "--experts", FOLD_EXPERTS, "--top-k", FOLD_TOP_K,
+                   "--data", data, "--max-sequences", "64", "--device", "cpu"],
+        "tuned": ["tune", "--grouter", root / "folded", "--data", data, "--tokens", "2000", "--eval-sequences", "32",
+                  "--device", "cpu"],
+        "routing": ["dispatch", "--grouter", root / "tuned", "--data", data, "--batch-size", "256", "--device", "cpu"],
+    }
+
+
+def run_stages(root, stages):
+    """Run each command with --out root/NAME --json: {name: (directory, printed JSON)}."""
+    results = {}
+    for name, argv in stages.items():
+        code, out, err = cli(*argv, "--out", root / name, "--json")
+        assert code == 0, f"{name}: {err[-2000:]}"
+        results[name] = (root / name, last_json(out))
+    return results
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_data, tmp_path_factory):
     """The pipeline, once, through the command line: {stage: (directory, printed JSON)}."""
@@ -85,24 +109,12 @@ def pipe(tiny_data, tmp_path_factory):
     data = str(tiny_data.path)
     stages = {
         "source": ["source", "train", "--data", data, *SMALL_TRAIN, "--device", "cpu"],
-        "targets": ["capture", "--source", root / "source", "--data", data, "--batch-size", "256", "--device", "cpu"],
-        "distilled": ["distill", "--targets", root / "targets", *DISTILL, "--device", "cpu"],
-        "folded": ["fold", "--grouter", root / "distilled", "--experts", FOLD_EXPERTS, "--top-k", FOLD_TOP_K,
-                   "--data", data, "--max-sequences", "64", "--device", "cpu"],
-        "tuned": ["tune", "--grouter", root / "folded", "--data", data, "--tokens", "2000", "--eval-sequences", "32",
-                  "--device", "cpu"],
-        "routing": ["dispatch", "--grouter", root / "tuned", "--data", data, "--batch-size", "256", "--device", "cpu"],
+        **grouter_stages(root, root / "source", data),
         "plan2": ["place", "--routing", root / "routing", "--ranks", "2"],
         "plan1": ["place", "--routing", root / "routing", "--ranks", "1"],
         "target": ["train", "--data", data, "--routing", root / "routing", *SMALL_TRAIN, "--device", "cpu"],
     }
-    results = {}
-    for name, argv in stages.items():
-        code, out, err = cli(*argv, "--out", root / name, "--json")
-        assert code == 0, f"{name}: {err[-2000:]}"
-        results[name] = (root / name, last_json(out))
-    results["root"] = root
-    return results
+    return {**run_stages(root, stages), "root": root}
 
 
 # -- (a) help ---------------------------------------------------------------------------------------
@@ -466,24 +478,12 @@ def layered(pipe, tiny_data):
     """The pipeline again with every MoE layer of the source captured: a Grouter with one head per layer."""
     root, data = pipe["root"] / "layered", str(tiny_data.path)
     stages = {
-        "targets": ["capture", "--source", pipe["source"][0], "--data", data, "--layers", "all", "--batch-size", "256",
-                    "--device", "cpu"],
-        "distilled": ["distill", "--targets", root / "targets", *DISTILL, "--device", "cpu"],
-        "folded": ["fold", "--grouter", root / "distilled", "--experts", FOLD_EXPERTS, "--top-k", FOLD_TOP_K,
-                   "--data", data, "--max-sequences", "64", "--device", "cpu"],
-        "tuned": ["tune", "--grouter", root / "folded", "--data", data, "--tokens", "2000", "--eval-sequences", "32",
-                  "--device", "cpu"],
-        "routing": ["dispatch", "--grouter", root / "tuned", "--data", data, "--batch-size", "256", "--device", "cpu"],
+        **grouter_stages(root, pipe["source"][0], data, "--layers", "all"),
         "plan": ["place", "--routing", root / "routing", "--ranks", "2", "--target-layers", TARGET_LAYERS],
         "target": ["train", "--data", data, "--routing", root / "routing", *SMALL_TRAIN, "--layers", TARGET_LAYERS,
                    "--device", "cpu"],
     }
-    results = {}
-    for name, argv in stages.items():
-        code, out, err = cli(*argv, "--out", root / name, "--json")
-        assert code == 0, f"{name}: {err[-2000:]}"
-        results[name] = (root / name, last_json(out))
-    return results
+    return run_stages(root, stages)
 
 
 def test_per_layer_capture_distill_fold_tune(layered, pipe, tiny_data):

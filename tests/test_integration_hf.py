@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from grouter.dispatch import dispatch
 from grouter.errors import GrouterError
 from grouter.integrations.hf import (
     GrouterGate,
@@ -20,6 +21,7 @@ from grouter.integrations.hf import (
 )
 from grouter.network import Grouter, GrouterConfig
 from grouter.routers import Routing
+from grouter.store import RoutingStore
 
 ARCHS = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"]
 V, E, K, H = 128, 8, 2, 32
@@ -474,18 +476,20 @@ def test_trainer_with_online_routing(tmp_path):
     assert np.isfinite(result.training_loss)
 
 
+def dispatched_batch(g, data, tmp_path, n=4):
+    """Dispatch `g` over `data` into a routing store, and collate the first n training sequences from it."""
+    g.save_pretrained(tmp_path / "g")
+    dispatch(tmp_path / "g", data, tmp_path / "store", batch_size=512, device="cpu", progress=False)
+    store = RoutingStore.open(tmp_path / "store", data=data)
+    b = data.split("train").batch(np.arange(n))
+    items = [{"input_ids": b["input_ids"][i], "labels": b["input_ids"][i], "index": i} for i in range(n)]
+    return store, routing_collator(store, "train")(items)
+
+
 def test_with_a_real_routing_store(tiny_data, tmp_path):
     """dispatch -> RoutingStore -> routing_collator -> GrouterRoutedModel: the routes online mode takes."""
-    from grouter.dispatch import dispatch
-    from grouter.store import RoutingStore
-
     g = tiny_grouter(vocab=tiny_data.vocab_size)
-    g.save_pretrained(tmp_path / "g")
-    dispatch(tmp_path / "g", tiny_data, tmp_path / "store", batch_size=512, device="cpu", progress=False)
-    store = RoutingStore.open(tmp_path / "store", data=tiny_data)
-    b = tiny_data.split("train").batch(np.arange(4))
-    items = [{"input_ids": b["input_ids"][i], "labels": b["input_ids"][i], "index": i} for i in range(4)]
-    batch = routing_collator(store, "train")(items)
+    _, batch = dispatched_batch(g, tiny_data, tmp_path)
 
     model = tiny_model("qwen3_moe", vocab_size=tiny_data.vocab_size)
     wrapped = GrouterRoutedModel(model)
@@ -498,19 +502,11 @@ def test_with_a_real_routing_store(tiny_data, tmp_path):
 
 def test_with_a_real_per_layer_routing_store(tiny_data, tmp_path):
     """A per-layer store through routing_collator: routing_ids [B, L, H, k], each layer its head's, as online."""
-    from grouter.dispatch import dispatch
-    from grouter.store import RoutingStore
-
     g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=E, top_k=K, d_model=32, n_layers=1, n_heads=2,
                               d_ff=64, max_seq_len=64, head_layers=[0, 1], source_layers=2))
     with torch.no_grad():
         g.head.weight.mul_(50)
-    g.save_pretrained(tmp_path / "g")
-    dispatch(tmp_path / "g", tiny_data, tmp_path / "store", batch_size=512, device="cpu", progress=False)
-    store = RoutingStore.open(tmp_path / "store", data=tiny_data)
-    b = tiny_data.split("train").batch(np.arange(4))
-    items = [{"input_ids": b["input_ids"][i], "labels": b["input_ids"][i], "index": i} for i in range(4)]
-    batch = routing_collator(store, "train")(items)
+    store, batch = dispatched_batch(g, tiny_data, tmp_path)
     assert batch["routing_ids"].shape == (4, tiny_data.seq_len, 2, K)
     model = tiny_model("qwen3_moe", vocab_size=tiny_data.vocab_size, num_hidden_layers=2).eval()
     online = tiny_model("qwen3_moe", vocab_size=tiny_data.vocab_size, num_hidden_layers=2).eval()
