@@ -11,21 +11,24 @@ target tokens, each cell's Grouter run against the baselines of the same target 
 - ``tuning``, read on the held-out domain: untuned, tuned on all target data (base), on the
   held-out domain alone, balance-constrained (``keep``: a KL-to-untuned penalty), selection bias;
   with the share of top-k sets each keeps from the untuned Grouter;
-- ``heads``: one shared head (base) or a head per source layer;
+- ``heads``: one shared head (base) or a head per source layer, each with the base's source and
+  with the strongest (8×);
 - ``tokens``: 0.5×, 1× (base) and 2× the target tokens (2× is reproduce's budget), the source
   and Grouter unchanged;
 - ``experts``: 16 experts top-4 (base) or 64 top-8 folded from a 128-expert top-8 source, experts
   half as wide (d_expert 32) so that a token's active compute is the base's.
 
-The base cell and the strongest source (8×) run 3 seeds; the others seed 0. Every stage is a
+The cells that decide the conclusion run 3 seeds (the base, the 8× source, the heads cells); the
+others seed 0. Every stage is a
 :class:`grouter.demo.Stages` stage, reused or resumed when the study is rerun, and every target run
 is a resumable training run. Layout of ``--out``: ``data/``, ``data-source/`` (as reproduce);
 ``pipelines/NAME/``: a source and its Grouters and routing stores (cells with the same source
 share one); ``runs/TARGET/RUN-sSEED``: every target run, named by what it depends on (a baseline
 by its target, tokens and seed only, so the cells of one target share its baselines);
 ``cells/FACTOR/CELL/``: the cell's results (``cell.json``) and a report of its seed-0 runs;
-``study.json``, ``study.md`` and ``plots/``, rewritten after every finished cell. A cell with a
-``cell.json`` is finished and not run again, so copying ``study-config.json`` and ``cells/`` into
+``study.json``, ``study.md`` and ``plots/``, rewritten after every finished cell. A cell whose
+``cell.json`` has the seeds it asks for is finished and not run again (given more seeds, it runs
+only the new ones), so copying ``study-config.json`` and ``cells/`` into
 an empty ``--out`` continues a study on another machine (its finished cells are in docs/study/).
 
 The plan at ``--scale cpu``, cell by cell with what it adds and its minutes (:func:`plan_rows`,
@@ -67,7 +70,8 @@ class StudyConfig:
 
     base: ReproduceConfig
     seeds: int = 3  # of the base cell and of the cells in `seeded`; the others run seed 0
-    seeded: tuple[str, ...] = ("source/8x",)  # the strongest source: with the base, what decides the conclusion
+    # with the base, what decides the conclusion: the strongest source, and shared vs per-layer heads
+    seeded: tuple[str, ...] = ("source/8x", "heads/shared-8x", "heads/per-layer", "heads/per-layer-8x")
     source_ratios: tuple[float, ...] = (4.0, 8.0)  # source tokens per target token, beside the base's
     big_source: dict = field(default_factory=lambda: dict(d_model=256, n_layers=4, n_heads=4, d_expert=128,
                                                           n_experts=32, top_k=4))
@@ -159,7 +163,11 @@ def plan(cfg: StudyConfig) -> list[Cell]:
     variants = [cell("tuning", v, TUNE_LABELS[v], tune=v) for v in cfg.tune_variants]
     tuning = [v for v in variants if v.tune == "untuned"] + [base("tuning", "all", TUNE_LABELS[""])] + [
         v for v in variants if v.tune != "untuned"]
-    heads = [base("heads", "shared", "one shared head"), cell("heads", "per-layer", "a head per layer", layers="all")]
+    r = max(cfg.source_ratios)  # heads cross the strongest source: shared / per-layer × 1× / r× source
+    strong = dict(c=replace(b, source_steps=round(r * b.target_steps)), pipeline=f"source-{r:g}x")
+    heads = [base("heads", "shared", "one shared head"), cell("heads", "per-layer", "a head per layer", layers="all"),
+             cell("heads", f"shared-{r:g}x", f"one shared head, {r:g}× source", **strong),
+             cell("heads", f"per-layer-{r:g}x", f"a head per layer, {r:g}× source", layers="all", **strong)]
     tokens = [base("tokens", "1x", "1×")] + [cell("tokens", f"{r:g}x", f"{r:g}×",
                                                  replace(b, target_steps=round(r * b.target_steps)))
                                             for r in cfg.token_ratios]
@@ -195,7 +203,7 @@ def run_study(out: str | Path, name: str, cfg: StudyConfig) -> dict:
     check_config(out, cfg)
     summary = write_study(out, cfg)  # the plan, before the first run: a skeleton of the results
     for cell in cells:
-        if (out / "cells" / cell.factor / cell.key / "cell.json").exists():  # finished here, or copied in
+        if finished(out, cell):
             root.say(f"{cell.id}: finished, reusing {out / 'cells' / cell.factor / cell.key}")
             continue
         run_cell(out, cfg, cell, data, source_data)
@@ -216,14 +224,28 @@ def selected(name: str, cells: list[Cell]) -> list[Cell]:
     return [c for c in cells if wanted & {"all", c.factor, c.id}]
 
 
+SEED_FIELDS = ("seeds", "seeded")  # how many runs a cell has, not what each run is: these may change
+
+
 def check_config(out: Path, cfg: StudyConfig) -> None:
-    """A study directory holds one configuration: cells of two would not compare."""
+    """A study directory holds one configuration: cells of two would not compare. Only the seeds may
+    change (a cell given more seeds keeps the runs it has), and the directory records the new ones."""
     path, mine = out / "study-config.json", json.loads(json.dumps(asdict(cfg)))
-    if not path.exists():
-        write_json(path, {**header(STUDY_FORMAT, STUDY_VERSION), "config": mine})
-    elif read_json(path, "study configuration")["config"] != mine:
-        raise GrouterError(f"{out} holds a study with another configuration (scale, steps, data or held-out "
-                           "domain); rerun it with its own options, or choose another --out")
+    if path.exists():
+        theirs = read_json(path, "study configuration")["config"]
+        if {k: v for k, v in theirs.items() if k not in SEED_FIELDS} != {
+                k: v for k, v in mine.items() if k not in SEED_FIELDS}:
+            raise GrouterError(f"{out} holds a study with another configuration (scale, steps, data or held-out "
+                               "domain); rerun it with its own options, or choose another --out")
+        if theirs == mine:
+            return
+    write_json(path, {**header(STUDY_FORMAT, STUDY_VERSION), "config": mine})
+
+
+def finished(out: Path, cell: Cell) -> bool:
+    """Whether the cell's cell.json (made here, or copied in) holds at least the seeds it asks for."""
+    path = out / "cells" / cell.factor / cell.key / "cell.json"
+    return path.exists() and read_json(path, "study cell")["seeds"] >= cell.seeds
 
 
 def run_cell(out: Path, cfg: StudyConfig, cell: Cell, data: PackedDataset, source_data: PackedDataset) -> None:
@@ -515,6 +537,9 @@ def plan_rows(cfg: StudyConfig, data_tokens: int = 5_830_000, source_tokens: int
 
 def plan_markdown(rows: list[dict], cells: list[dict] | None = None) -> list[str]:
     status = {c["id"]: c["status"] for c in cells or []}
+    seeds = {r["id"]: r["seeds"] for r in rows}
+    status |= {c["id"]: f"{c['seeds']} of {seeds[c['id']]} seeds" for c in cells or []
+               if c["status"] == "done" and c["seeds"] < seeds.get(c["id"], 0)}  # more seeds asked since
     lines = ["| cell | seeds | adds | minutes |" + (" status |" if cells else ""),
              "|---|---|---|---|" + ("---|" if cells else "")]
     for r in rows:
