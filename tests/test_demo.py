@@ -20,7 +20,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     summary = run_demo(tmp_path / "demo", tiny_demo())
     for key in ("data", "source", "grouter", "routing", "plan", "report"):
         assert (tmp_path / "demo" / key).exists(), key
-    assert set(summary["runs"]) == {"grouter", "aux", "auxfree", "random"}
+    assert set(summary["runs"]) == {"grouter", "aux", "auxfree", "random", "stablemoe"}
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
     assert report["runs"]["grouter"]["tokens"] == report["runs"]["aux"]["tokens"], "equal tokens"
     assert (tmp_path / "demo" / "report" / "val_loss.png").exists()

@@ -43,7 +43,8 @@ class DemoConfig:
     target_steps: int = 200
     batch_size: int = 16
     eval_every: int = 50  # target runs: validation points for the tokens-to-loss curves
-    baselines: tuple[str, ...] = ("aux", "auxfree", "random")  # random: the strongest at this scale
+    # the strongest fixed routers of the study at this many tokens (random, stablemoe) beside the learned ones
+    baselines: tuple[str, ...] = ("aux", "auxfree", "random", "stablemoe")
     ranks: int = 4
     seed: int = 0  # of the target runs (initialisation and data order)
 
