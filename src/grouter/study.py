@@ -14,12 +14,12 @@ target tokens, each cell's Grouter run against the baselines of the same target 
 - ``heads``: one shared head (base) or a head per source layer, each with the base's source and
   with the strongest (8×);
 - ``tokens``: 0.5×, 1× (base) and 2× the target tokens (2× is reproduce's budget), the source
-  and Grouter unchanged;
+  and Grouter unchanged; and the same for the best heads cell (a head per layer, 8× source);
 - ``experts``: 16 experts top-4 (base) or 64 top-8 folded from a 128-expert top-8 source, experts
   half as wide (d_expert 32) so that a token's active compute is the base's.
 
-The cells that decide the conclusion run 3 seeds (the base, the 8× source, the heads cells); the
-others seed 0. Every stage is a
+The cells that decide the conclusion run 3 seeds (the base, the 8× source, the heads cells, and
+the best at 1× tokens); the others seed 0. Every stage is a
 :class:`grouter.demo.Stages` stage, reused or resumed when the study is rerun, and every target run
 is a resumable training run. Layout of ``--out``: ``data/``, ``data-source/`` (as reproduce);
 ``pipelines/NAME/``: a source and its Grouters and routing stores (cells with the same source
@@ -37,6 +37,7 @@ from stage times measured on the idle 2-core machine), is in docs/study.md and i
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -71,7 +72,8 @@ class StudyConfig:
     base: ReproduceConfig
     seeds: int = 3  # of the base cell and of the cells in `seeded`; the others run seed 0
     # with the base, what decides the conclusion: the strongest source, and shared vs per-layer heads
-    seeded: tuple[str, ...] = ("source/8x", "heads/shared-8x", "heads/per-layer", "heads/per-layer-8x")
+    seeded: tuple[str, ...] = ("source/8x", "heads/shared-8x", "heads/per-layer", "heads/per-layer-8x",
+                               "tokens/1x-per-layer-8x")
     source_ratios: tuple[float, ...] = (4.0, 8.0)  # source tokens per target token, beside the base's
     big_source: dict = field(default_factory=lambda: dict(d_model=256, n_layers=4, n_heads=4, d_expert=128,
                                                           n_experts=32, top_k=4))
@@ -97,6 +99,7 @@ class Cell:
     tune: str = ""  # "": the base's tuning; "untuned"; or one of StudyConfig.tune_variants
     seeds: int = 1
     base: bool = False
+    series: str = ""  # the plot joins a factor's cells of one series by a line
 
     @property
     def id(self) -> str:
@@ -168,10 +171,12 @@ def plan(cfg: StudyConfig) -> list[Cell]:
     heads = [base("heads", "shared", "one shared head"), cell("heads", "per-layer", "a head per layer", layers="all"),
              cell("heads", f"shared-{r:g}x", f"one shared head, {r:g}× source", **strong),
              cell("heads", f"per-layer-{r:g}x", f"a head per layer, {r:g}× source", layers="all", **strong)]
-    tokens = [base("tokens", "1x", "1×")] + [cell("tokens", f"{r:g}x", f"{r:g}×",
-                                                 replace(b, target_steps=round(r * b.target_steps)))
-                                            for r in cfg.token_ratios]
-    tokens.sort(key=lambda c: c.cfg.target_steps)
+    tokens = sorted([base("tokens", "1x", "1×")] + [cell("tokens", f"{t:g}x", f"{t:g}×",
+                                                        replace(b, target_steps=round(t * b.target_steps)))
+                                                   for t in cfg.token_ratios], key=lambda c: c.cfg.target_steps)
+    tokens += [cell("tokens", f"{t:g}x-per-layer-{r:g}x", f"{t:g}×, a head per layer, {r:g}× source",  # the best
+                    replace(strong["c"], target_steps=round(t * b.target_steps)), pipeline=strong["pipeline"],
+                    layers="all", series="per-layer") for t in sorted((1.0, *cfg.token_ratios))]
     experts = [base("experts", f"{b.target_experts}e", f"{b.target_experts} experts, top-{b.source['top_k']}"),
                many_experts(cfg, cell)]
     return source + tuning + heads + tokens + experts
@@ -273,7 +278,8 @@ def run_cell(out: Path, cfg: StudyConfig, cell: Cell, data: PackedDataset, sourc
 
 def describe(cell: Cell) -> dict:
     return {"id": cell.id, "factor": cell.factor, "key": cell.key, "label": cell.label, "base": cell.base,
-            "seeds": cell.seeds, "pipeline": cell.pipeline, "target": cell.target, "runs": cell.run_names()}
+            "seeds": cell.seeds, "pipeline": cell.pipeline, "series": cell.series, "target": cell.target,
+            "runs": cell.run_names()}
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -456,13 +462,16 @@ def plot_factor(summary: dict, factor: str, out: Path) -> str | None:
     held = summary["held_out"]
     fig, axes = figure((11, 7), 2, 2, sharex=True, squeeze=False)
     x = np.arange(len(cells))
+    series = [list(g) for _, g in itertools.groupby(range(len(cells)), key=lambda n: cells[n].get("series", ""))]
     domains = list(cells[0]["by_domain"])
     for col, shown in enumerate(([d for d in domains if d != held], [held])):
         for row, (key, ref, label) in enumerate((("speedup", 1.0, "tokens-to-loss speedup"),
                                                  ("gap", 0.0, "final-loss gap"))):
             ax = axes[row][col]
             for i, d in enumerate(shown):
-                _plot_spread(ax, x + 0.06 * i, [spread(c["by_domain"][d][key]) for c in cells], f"C{i}", d)
+                for j, part in enumerate(series):  # one line per series; the legend names the domain once
+                    _plot_spread(ax, x[part] + 0.06 * i, [spread(cells[n]["by_domain"][d][key]) for n in part],
+                                 f"C{i}", d if j == 0 else f"_{d}")
             ax.axhline(ref, color="black", lw=0.8, ls="--")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
