@@ -71,7 +71,7 @@ class StudyConfig:
 
     base: ReproduceConfig
     seeds: int = 3  # of the base cell and of the cells in `seeded`; the others run seed 0
-    # with the base, what decides the conclusion: the strongest source, and shared vs per-layer heads
+    # with the base, what decides the conclusion: the strongest source, shared vs per-layer heads, the best
     seeded: tuple[str, ...] = ("source/8x", "heads/shared-8x", "heads/per-layer", "heads/per-layer-8x",
                                "tokens/1x-per-layer-8x")
     source_ratios: tuple[float, ...] = (4.0, 8.0)  # source tokens per target token, beside the base's
