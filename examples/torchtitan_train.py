@@ -94,7 +94,7 @@ def build_model(data: PackedDataset, store_dir: str, dim: int, layers: int):
     torch.manual_seed(0)
     model = config.build()
     model.init_states()
-    gt.attach(model)
+    gt.attach(model, heads=store.heads)  # per-layer routing: each decoder layer takes its head
     return model
 
 

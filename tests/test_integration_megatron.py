@@ -568,16 +568,50 @@ def test_nccl_alltoall_bytes_equal_the_megatron_cost_model(store, tiny_data, pla
     assert all(r["measured"] == r["predicted"] for r in rows)
 
 
-def test_per_layer_routing_is_refused(tiny_data, tmp_path):
-    """One routing drives every Megatron MoE layer: a store or Grouter with per-layer heads is refused."""
+def test_per_layer_routing_serves_each_layer_its_head(megatron_cpu, tiny_data, tmp_path):
+    """A per-layer store (heads of source layers 0 and 1 of 2): the dataset yields [L, H, k], decoder
+    layer l's router serves head l (relative depth of Megatron's layer_number), its MoE layer computes
+    the manual sum with that head's routing, and a Grouter with per-layer heads routes online the same."""
     from grouter.routers import Heads
 
-    synthetic_store(tiny_data, tmp_path / "heads", E, K, clusters=4, heads=Heads((0, 1), 2))
-    heads = RoutingStore.open(tmp_path / "heads", data=tiny_data)
-    for build in (lambda: GrouterGPTDataset(tiny_data, heads), lambda: RoutingFeed.from_store(heads)):
-        with pytest.raises(GrouterError, match="per-layer heads .* the Megatron adapter drives every MoE layer"):
-            build()
+    heads = Heads((0, 1), 2)
+    synthetic_store(tiny_data, tmp_path / "heads", E, K, clusters=4, heads=heads)
+    store = RoutingStore.open(tmp_path / "heads", data=tiny_data)
+    feed = RoutingFeed.from_store(store)
+    model = build(feed, vocab=tiny_data.vocab_size)
+    assert [r.head for r in routers(model)] == list(heads.for_target(2)) == [0, 1]
+    recorder = Recorder(model)
+    dataset = GrouterGPTDataset(tiny_data, store, create_attention_mask=True)
+    batch = default_collate([dataset[i] for i in (4, 9)])
+    ids, weights = batch["routing_ids"], batch["routing_weights"]
+    assert ids.shape == (2, SEQ, 2, K) and not torch.equal(ids[:, :, 0], ids[:, :, 1])
+    feed.push(batch)
+    lm_loss(model, batch).backward()
+    feed.check_drained()
+    assert len(recorder.served) == 2
+    assert all(torch.equal(s, dense(ids[:, :, h], weights[:, :, h])) for h, s in enumerate(recorder.served))
+
+    layer = model.decoder.layers[1].mlp  # its output: the manual computation with head 1's routing
+    x = torch.randn(SEQ, 2, HIDDEN, generator=torch.Generator().manual_seed(1))
+    feed.push(batch)
+    with torch.no_grad():
+        out, _ = layer(x)
+        flat, gates = x.reshape(-1, HIDDEN), dense(ids[:, :, 1], weights[:, :, 1])
+        ref = sum(gates[:, e:e + 1] * F.linear(layer.config.activation_func(F.linear(flat, ex.linear_fc1.weight)),
+                                               ex.linear_fc2.weight)
+                  for e, ex in enumerate(layer.experts.local_experts))
+    torch.testing.assert_close(out, ref.view_as(out), rtol=1e-5, atol=1e-6)
+    feed.clear()
+    with pytest.raises(GrouterError, match=r"\[b, L, H=2, k=2\].*the store the routing comes from"):
+        feed.push(Routing(ids[:, :, 0], weights[:, :, 0]))
+
     g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=E, top_k=K, d_model=32, n_layers=1, n_heads=2,
-                              d_ff=64, head_layers=[0, 1], source_layers=2))
-    with pytest.raises(GrouterError, match="this Grouter has per-layer heads"):
-        RoutingFeed.online(g)
+                              d_ff=64, max_seq_len=SEQ, head_layers=[0, 1], source_layers=2))
+    online = RoutingFeed.online(g)
+    model = build(online, vocab=tiny_data.vocab_size)
+    recorder = Recorder(model)
+    online.push(batch)
+    lm_loss(model, batch).backward()
+    routed = g.route(batch["tokens"])
+    assert len(recorder.served) == 2
+    assert all(torch.equal(s, dense(routed.ids[:, :, h], routed.weights[:, :, h])) for h, s in enumerate(recorder.served))

@@ -26,7 +26,7 @@ from grouter.errors import GrouterError
 from grouter.integrations import torchtitan as gt
 from grouter.network import Grouter, GrouterConfig
 from grouter.place import Plan, plan_placement, relabel
-from grouter.routers import Routing
+from grouter.routers import Heads, Routing
 from grouter.store import RoutingStore
 from grouter.testing import synthetic_store
 
@@ -346,16 +346,49 @@ def test_flex_attention_model_trains_on_gpu(setup):
     gt.lm_loss(model, inputs, labels.cuda()).backward()
 
 
-def test_per_layer_routing_is_refused(setup, tmp_path):
-    """One routing drives every torchtitan MoE layer: a store or Grouter with per-layer heads is refused."""
-    from grouter.routers import Heads
+def test_per_layer_routing_drives_each_layer_by_its_head(setup, tmp_path):
+    """A per-layer store (2 heads, from source layers 0 and 1 of 2): decoder layer i's MoE takes head i
+    (relative depth), its output is the manual computation with that head's routing, the dataloader
+    serves [B, L, H, k], and a Grouter with per-layer heads routes online the same."""
+    heads = Heads((0, 1), 2)
+    synthetic_store(setup.data, tmp_path / "heads", E, K, 4, heads=heads)
+    store = RoutingStore.open(tmp_path / "heads", data=setup.data)
+    model = torchtitan_bytes.built(convert(tiny(), tmp_path / "heads"))
+    handle = gt.attach(model, heads=store.heads)
+    seen = {}
+    for i, layer in model.layers.items():
+        layer.moe.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[0].detach(), out)))
+    r = store.routing("train", [1, 2, 3])
+    assert not torch.equal(r.ids[:, :, 0], r.ids[:, :, 1])  # the heads differ, so the test can tell them apart
+    tokens = setup.data.split("train").batch([1, 2, 3])["input_ids"]
+    with torch.no_grad():
+        logits = model(tokens, routing_ids=r.ids, routing_weights=r.weights)
+    for i, h in zip(model.layers, heads.for_target(2)):
+        x, out = seen[i]
+        ref = manual_moe(model.layers[i].moe, x, Routing(r.ids[:, :, h], r.weights[:, :, h]))
+        assert (out - ref).abs().max().item() < 0.02 * ref.abs().max().item(), f"layer {i}, head {h}"
+    one_line_error(lambda: model(tokens, routing_ids=r.ids[:, :, 0], routing_weights=r.weights[:, :, 0]),
+                   r"must both be \[batch, seq, 2, 2\].*heads of the store")
+    handle.remove()
 
-    synthetic_store(setup.data, tmp_path / "heads", E, K, 4, heads=Heads((0, 1), 2))
-    one_line_error(lambda: convert(tiny(), tmp_path / "heads"), "per-layer heads .* the torchtitan adapter drives")
-    loader = gt.GrouterDataLoader.Config(data=str(setup.data.path), routing=str(tmp_path / "heads"))
-    one_line_error(lambda: loader.build(dp_world_size=1, dp_rank=0, seq_len=SEQ, local_batch_size=4),
-                   "per-layer heads")
+    loader = gt.GrouterDataLoader.Config(data=str(setup.data.path), routing=str(tmp_path / "heads")).build(
+        dp_world_size=1, dp_rank=0, seq_len=SEQ, local_batch_size=4)
+    inputs, _ = next(iter(loader))
+    assert inputs["routing_ids"].shape == (4, SEQ, 2, K)
+    cp = gt.shard_like_tokens(Routing(r.ids, r.weights, heads=heads), torch.tensor([[3, 0, 7]]).expand(3, -1))
+    assert torch.equal(cp.ids, r.ids[:, [3, 0, 7]]) and torch.equal(cp.weights, r.weights[:, [3, 0, 7]])
+
     g = Grouter(GrouterConfig(vocab_size=VOCAB, n_experts=E, top_k=K, d_model=32, n_layers=1, n_heads=2, d_ff=64,
-                              head_layers=[0, 1], source_layers=2))
+                              max_seq_len=SEQ, head_layers=[0, 1], source_layers=2))
     g.save_pretrained(tmp_path / "g")
-    one_line_error(lambda: gt.GrouterRouterConverter.Config(grouter=str(tmp_path / "g")).build(), "per-layer heads")
+    online_model = torchtitan_bytes.built(gt.GrouterRouterConverter.Config(grouter=str(tmp_path / "g")).build()
+                                          .convert(tiny()))  # the same weights as model's (seed 0)
+    online = gt.attach(online_model, g)
+    routed = g.route(tokens, k=K)
+    assert routed.ids.shape == (3, SEQ, 2, K)
+    stored = gt.attach(model, heads=heads)
+    with torch.no_grad():
+        assert torch.equal(online_model(tokens), model(tokens, routing_ids=routed.ids, routing_weights=routed.weights))
+    online.remove()
+    stored.remove()
+    one_line_error(lambda: gt.attach(model.layers["0"].moe, heads=heads), "not inside model.layers")

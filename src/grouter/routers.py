@@ -80,7 +80,7 @@ def require_one_head(heads: Heads | None, source: str, consumer: str) -> None:
     if heads is not None:
         raise GrouterError(f"{source} has per-layer heads (source layers {list(heads.layers)}); {consumer} drives every "
                            "MoE layer with one routing: use a one-head Grouter (capture one --layer) and its store, or "
-                           "train with `grouter train` or grouter.integrations.hf")
+                           "train with `grouter train` or grouter.integrations (hf, megatron, torchtitan)")
 
 
 @dataclass

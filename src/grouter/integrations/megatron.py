@@ -53,10 +53,15 @@ every pipeline stage (each stage reads the data iterator; routing is not sent be
 forward-only passes (evaluation, log-probs) run in ``model.eval()`` as Megatron's ``evaluate`` does.
 :meth:`RoutingFeed.check_drained` after each step catches a push without a forward and the reverse.
 
+Per-layer heads. From a store (or Grouter) with per-layer heads the routing is ``[b, L, H, k]``;
+the router of decoder layer ``l`` (Megatron's global, 1-based ``layer_number``, pipeline offsets
+included) takes the head nearest in relative depth among ``config.num_layers``
+(:meth:`grouter.routers.Heads.for_target`), as the built-in model and the Hugging Face integration do.
+
 MTP. :func:`with_grouter_router` replaces routers anywhere in a spec, multi-token-prediction blocks
 included (``get_gpt_mtp_block_spec`` copies the decoder's layer spec). An MTP layer's MoE gets the
 routing of its position ``t``, like the decoder's layers (its input mixes ``h_t`` with the embedding
-of token ``t + depth``).
+of token ``t + depth``); with per-layer heads it takes the last decoder layer's head.
 
 Data. :class:`GrouterGPTDataset` yields Megatron ``GPTDataset``-style items (``tokens``, ``labels``,
 ``loss_mask``, ``position_ids``, optionally ``attention_mask``) plus ``routing_ids`` /
@@ -91,7 +96,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import PackedDataset
 from ..errors import GrouterError
 from ..place import Plan, PlanSampler, relabel
-from ..routers import Routing, require_one_head
+from ..routers import Heads, Routing
 from ..store import RoutingStore
 
 
@@ -177,20 +182,25 @@ class RankLayout:
 # -- the feed: per-micro-batch routing, first in first out ----------------------------------------------
 @dataclass(eq=False)
 class _Entry:
-    """One micro-batch's routing ``[b, L, k]`` (physical expert ids), and this rank's share of it."""
+    """One micro-batch's routing ``[b, L, k]`` (per-layer: ``[b, L, H, k]``; physical expert ids), and
+    this rank's share of it."""
 
     ids: torch.Tensor
     weights: torch.Tensor
     full: bool  # True: L is the full sequence length for certain (online routing of whole sequences)
     local: dict = field(default_factory=dict)
 
-    def probs_and_map(self, layout: RankLayout, s_local: int, b: int, n_experts: int, device) -> tuple:
-        """``probs [T, E]`` float32 and ``routing_map [T, E]`` of this rank's tokens. The slice is cut once per
-        micro-batch; the dense tensors are new for every layer (Megatron may pad the map in place)."""
+    def probs_and_map(self, layout: RankLayout, s_local: int, b: int, n_experts: int, device,
+                      head: int | None = None) -> tuple:
+        """``probs [T, E]`` float32 and ``routing_map [T, E]`` of this rank's tokens (per-layer routing:
+        ``head``'s). The slice is cut once per micro-batch; the dense tensors are new for every layer
+        (Megatron may pad the map in place)."""
         key = (layout, s_local, b, str(device))
         if key not in self.local:
             self.local[key] = tuple(t.to(device, non_blocking=True) for t in self._local(layout, s_local, b))
         ids, weights = self.local[key]
+        if head is not None:
+            ids, weights = ids[:, head], weights[:, head]
         probs = torch.zeros(len(ids), n_experts, dtype=torch.float32, device=device).scatter_(1, ids, weights)
         routing_map = torch.zeros(len(ids), n_experts, dtype=torch.bool, device=device).scatter_(1, ids, True)
         return probs, routing_map
@@ -212,7 +222,9 @@ class RoutingFeed:
 
     ``permutation`` (a plan's ``logical -> physical`` expert map) relabels pushed expert ids;
     ``grouter`` makes the feed online: :meth:`push` routes the batch's ``tokens`` with it.
-    ``device``: where pushed routing is moved (None: the layers' device, on first use).
+    ``device``: where pushed routing is moved (None: the layers' device, on first use). ``heads``:
+    per-layer routing ``[b, L, H, k]``, of which the router of decoder layer ``l`` (Megatron's
+    global ``layer_number``) takes the head nearest in relative depth.
     """
 
     n_experts: int
@@ -221,20 +233,20 @@ class RoutingFeed:
     grouter: torch.nn.Module | None = field(default=None, repr=False)
     device: torch.device | str | None = None
     routers: list["GrouterRouter"] = field(default_factory=list, repr=False)
+    heads: Heads | None = None
 
     @classmethod
     def from_store(cls, store: RoutingStore, plan: Plan | None = None, **kw) -> "RoutingFeed":
         """Serves stored routing (pushed batches carry ``routing_ids`` / ``routing_weights``)."""
-        _one_routing(store)
-        return cls(store.n_experts, store.k, _permutation(plan, store.n_experts, store.k), **kw)
+        return cls(store.n_experts, store.k, _permutation(plan, store.n_experts, store.k), heads=store.heads, **kw)
 
     @classmethod
     def online(cls, grouter, k: int | None = None, plan: Plan | None = None, **kw) -> "RoutingFeed":
         """Routes each pushed batch's ``tokens`` (full sequences) with the frozen ``grouter``, once per micro-batch."""
-        require_one_head(grouter.cfg.heads, "this Grouter", "the Megatron adapter")
         k = k or grouter.cfg.top_k
         grouter.eval().requires_grad_(False)
-        return cls(grouter.cfg.n_experts, k, _permutation(plan, grouter.cfg.n_experts, k), grouter=grouter, **kw)
+        return cls(grouter.cfg.n_experts, k, _permutation(plan, grouter.cfg.n_experts, k), grouter=grouter,
+                   heads=grouter.cfg.heads, **kw)
 
     @staticmethod
     def of(model: torch.nn.Module) -> "RoutingFeed":
@@ -247,8 +259,9 @@ class RoutingFeed:
 
     def push(self, batch: dict | Routing) -> None:
         """Queue one micro-batch's routing for every MoE layer of the chunk; call it once per micro-batch,
-        before the model runs it: a batch of :class:`GrouterGPTDataset` (``[b, L, k]`` routing, full or
-        CP-split sequences) or a :class:`~grouter.routers.Routing`; online, a batch with ``tokens [b, L]``."""
+        before the model runs it: a batch of :class:`GrouterGPTDataset` (``[b, L, k]`` routing, or
+        ``[b, L, H, k]`` per-layer; full or CP-split sequences) or a :class:`~grouter.routers.Routing`;
+        online, a batch with ``tokens [b, L]``."""
         routing, full = self._routing(batch)
         entry = _Entry(*self._checked(routing), full=full)
         for router in self.routers:
@@ -267,9 +280,11 @@ class RoutingFeed:
 
     def _checked(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = routing.ids, routing.weights
-        if ids.dim() != 3 or ids.shape[-1] != self.k or weights.shape != ids.shape:
-            raise GrouterError(f"routing must be ids and weights [b, L, k={self.k}], got {tuple(ids.shape)} and "
-                               f"{tuple(weights.shape)}")
+        heads = "" if self.heads is None else f"H={len(self.heads)}, "
+        if (ids.dim() != 3 + bool(heads) or ids.shape[-1] != self.k or weights.shape != ids.shape
+                or (heads and ids.shape[2] != len(self.heads))):
+            raise GrouterError(f"routing must be ids and weights [b, L, {heads}k={self.k}], got {tuple(ids.shape)} "
+                               f"and {tuple(weights.shape)}; build the feed from the store the routing comes from")
         ids = ids.long()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_experts):
             raise GrouterError(f"routing holds expert ids outside 0..{self.n_experts - 1}; it belongs to another "
@@ -326,6 +341,15 @@ class GrouterRouter(MegatronModule):
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
 
+    @property
+    def head(self) -> int | None:
+        """Per-layer routing: the head of this decoder layer (1-based global ``layer_number`` of
+        ``config.num_layers``); an MTP layer, past the last, takes the last layer's."""
+        if self.feed.heads is None:
+            return None
+        n = self.config.num_layers
+        return self.feed.heads.for_target(n)[min(self.layer_number, n) - 1]
+
     def _take(self) -> _Entry:
         """The routing of the micro-batch now running: the next pushed one, or for a recompute the oldest
         checkpointed one (see the module docstring)."""
@@ -343,7 +367,7 @@ class GrouterRouter(MegatronModule):
         """``input [s, b, h]`` -> ``probs [s·b, E]`` float32 and ``routing_map [s·b, E]`` bool."""
         entry = self._take()
         s_local, b = input.shape[0], input.shape[1]
-        return entry.probs_and_map(self.layout, s_local, b, self.feed.n_experts, input.device)
+        return entry.probs_and_map(self.layout, s_local, b, self.feed.n_experts, input.device, self.head)
 
     def extra_repr(self) -> str:
         return f"experts={self.feed.n_experts}, k={self.feed.k}, {'online' if self.feed.grouter else 'stored'}"
@@ -398,7 +422,8 @@ class GrouterGPTDataset(Dataset):
     Keys: ``tokens``, ``labels`` (long ``[L]``), ``loss_mask`` (float ``[L]``; 0 at end-of-document
     tokens with ``eod_mask_loss``), ``position_ids``, ``attention_mask`` (bool ``[1, L, L]``, True =
     masked, with ``create_attention_mask``; Megatron's local attention on the CPU needs it) and, with a
-    ``store``, ``routing_ids`` (long ``[L, k]``) and ``routing_weights`` (float32 ``[L, k]``).
+    ``store``, ``routing_ids`` (long ``[L, k]``) and ``routing_weights`` (float32 ``[L, k]``); both
+    ``[L, H, k]`` from a store with per-layer heads.
     """
 
     data: PackedDataset
@@ -411,7 +436,6 @@ class GrouterGPTDataset(Dataset):
         self.source = self.data.split(self.split)
         if self.store is None:
             return
-        _one_routing(self.store)
         if self.store.manifest["dataset_fingerprint"] != self.data.fingerprint:
             raise GrouterError(f"routing store {self.store.path} was made for another dataset; run `grouter "
                                "dispatch` on this one")
@@ -435,11 +459,6 @@ class GrouterGPTDataset(Dataset):
             routing = self.store.routing(self.split, [i])
             item["routing_ids"], item["routing_weights"] = routing.ids[0], routing.weights[0]
         return item
-
-
-def _one_routing(store) -> None:
-    """A GrouterRouter serves one routing to every layer: refuse a store with per-layer heads."""
-    require_one_head(getattr(store, "heads", None), f"routing store {getattr(store, 'path', '')}", "the Megatron adapter")
 
 
 def plan_data_loader(dataset: GrouterGPTDataset, plan: Plan, dp_rank: int, dp_size: int, micro_batch_size: int,

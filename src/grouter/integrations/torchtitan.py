@@ -18,7 +18,8 @@ The recipe::
 
 and a torchtitan ``Trainer.Config`` with that ``model_spec`` and ``dataloader`` (launch settings:
 ``examples/torchtitan_train.py``). Outside the Trainer: build the converted config, then
-``routing = attach(model)`` and call ``model(tokens, routing_ids=ids, routing_weights=w)``.
+``routing = attach(model, heads=store.heads)`` and call ``model(tokens, routing_ids=ids,
+routing_weights=w)``.
 
 1. **Model config.** :class:`GrouterRouterConverter` (a torchtitan ``ModelConfigConverter``) swaps
    each ``TokenChoiceTopKRouter.Config`` for a :class:`GrouterRouter.Config` with the same fields,
@@ -46,7 +47,11 @@ and a torchtitan ``Trainer.Config`` with that ``model_spec`` and ``dataloader`` 
    other keys whole. The sharded ``positions`` name the sequence positions this rank holds, so the
    hook picks exactly those rows of the routing (:func:`shard_like_tokens`): the same sharding as
    the tokens, whichever load balancer, with no mesh to configure.
-5. **Expert parallelism.** torchtitan gives EP rank ``r`` the experts ``[r*E/R, (r+1)*E/R)``; the
+5. **Per-layer heads.** A store or Grouter with per-layer heads carries ``[B, L, H, k]`` routing;
+   :func:`attach` (given the store's ``heads``, or the Grouter) gives the router of decoder layer
+   ``i`` of ``model.layers`` the head nearest in relative depth (:meth:`grouter.routers.Heads.for_target`),
+   as the built-in model and the Hugging Face integration do.
+6. **Expert parallelism.** torchtitan gives EP rank ``r`` the experts ``[r*E/R, (r+1)*E/R)``; the
    plan's permutation (applied by the dataloader) puts each rank's experts there. The all-to-all
    dispatcher sends one copy per (token, expert) pair on another rank: grouter's ``megatron`` cost
    model (benchmarks/torchtitan_bytes.py measures it).
@@ -61,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -79,7 +85,7 @@ from torchtitan.protocols.module import Module
 from ..data import DataSplit, PackedDataset
 from ..errors import GrouterError
 from ..place import Plan, PlanSampler, relabel
-from ..routers import Routing, require_one_head
+from ..routers import Heads, Routing
 from ..store import RoutingStore
 
 ROUTING_IDS, ROUTING_WEIGHTS = "routing_ids", "routing_weights"
@@ -120,6 +126,7 @@ class GrouterRouter(TokenChoiceTopKRouter):
         _refuse_reselection("GrouterRouter", config)
         self.num_experts, self.top_k = config.num_experts, config.top_k
         self.routing: GrouterRouting | None = None  # set by attach()
+        self.head: int | None = None  # per-layer routing: the head this layer takes (set by attach())
 
     def forward(self, x_BLD: torch.Tensor, expert_bias_E: torch.Tensor | None = None):
         if expert_bias_E is not None:
@@ -127,7 +134,7 @@ class GrouterRouter(TokenChoiceTopKRouter):
                                "build it with load_balance_coeff=None")
         if self.routing is None:
             raise GrouterError("this GrouterRouter has no routing; call grouter.integrations.torchtitan.attach(model)")
-        weights, ids = self.routing.current(x_BLD)
+        weights, ids = self.routing.current(x_BLD, self.head)
         scores = torch.zeros(*ids.shape[:-1], self.num_experts, device=ids.device).scatter_(-1, ids, weights)
         return weights, ids, scores
 
@@ -144,8 +151,9 @@ def _local(t):
 def shard_like_tokens(routing: Routing, positions: torch.Tensor) -> Routing:
     """The routing of the tokens a context-parallel rank holds.
 
-    ``routing`` ``[B, L, k]`` is the whole sequences'; ``positions`` ``[B, L']`` the sequence
-    position of each token this rank holds, sharded by torchtitan exactly like the tokens.
+    ``routing`` ``[B, L, k]`` (per-layer: ``[B, L, H, k]``) is the whole sequences'; ``positions``
+    ``[B, L']`` the sequence position of each token this rank holds, sharded by torchtitan exactly
+    like the tokens.
     """
     idx = positions.long().to(routing.ids.device)
     if idx.ndim == 1:
@@ -153,8 +161,9 @@ def shard_like_tokens(routing: Routing, positions: torch.Tensor) -> Routing:
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= routing.ids.shape[1]):
         raise GrouterError(f"positions reach outside the routing's {routing.ids.shape[1]} tokens; under context "
                            "parallelism pass each token's index in its sequence (GrouterDataLoader does)")
-    idx = idx[..., None].expand(-1, -1, routing.ids.shape[-1])
-    return Routing(routing.ids.gather(1, idx), routing.weights.gather(1, idx))
+    trailing = routing.ids.shape[2:]
+    idx = idx.reshape(*idx.shape, *(1,) * len(trailing)).expand(-1, -1, *trailing)
+    return Routing(routing.ids.gather(1, idx), routing.weights.gather(1, idx), heads=routing.heads)
 
 
 class GrouterRouting:
@@ -162,11 +171,12 @@ class GrouterRouting:
 
     Stored mode: each forward brings its routing, as ``routing_ids`` / ``routing_weights`` keyword
     arguments or through :meth:`set` before it. Online mode (a Grouter was given): each forward is
-    routed from its ``tokens``, with no gradient.
+    routed from its ``tokens``, with no gradient. Per-layer routing (``heads`` set) has a routing
+    per head, ``[B, L, H, k]``; each router takes its layer's head.
     """
 
-    def __init__(self, n_experts: int, k: int, grouter=None):
-        self.n_experts, self.k, self.grouter = n_experts, k, grouter
+    def __init__(self, n_experts: int, k: int, grouter=None, heads: Heads | None = None):
+        self.n_experts, self.k, self.grouter, self.heads = n_experts, k, grouter, heads
         self.routers: list[GrouterRouter] = []
         self._next: Routing | None = None  # set for the next forward
         self._active: Routing | None = None  # the forward in progress (and its recompute)
@@ -177,14 +187,16 @@ class GrouterRouting:
         return "online" if self.grouter is not None else "stored"
 
     def set(self, routing: Routing) -> None:
-        """Stored routing ``[B, L, k]`` (ids in ``[0, E)``, distinct per token) for the next forward."""
+        """Stored routing ``[B, L, k]`` (per-layer ``[B, L, H, k]``; ids in ``[0, E)``, distinct per
+        token) for the next forward."""
         if self.grouter is not None:
             raise GrouterError("this model routes online with its Grouter; attach it without a Grouter to "
                                "supply stored routing")
         self._next = self._checked(Routing(_local(routing.ids), _local(routing.weights)))
 
-    def current(self, x_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weights float32, ids long)`` ``[B, L, k]`` for a router's input ``[B, L, D]``."""
+    def current(self, x_BLD: torch.Tensor, head: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights float32, ids long)`` ``[B, L, k]`` for a router's input ``[B, L, D]``: per-layer
+        routing's ``head``."""
         r = self._active
         if r is None:
             raise GrouterError("no routing for this forward: call the model (its forward pre-hook sets it), "
@@ -193,7 +205,8 @@ class GrouterRouting:
             raise GrouterError(f"the routing covers {list(r.ids.shape[:2])} tokens but this MoE layer sees "
                                f"{list(x_BLD.shape[:2])}; tensor parallelism is not supported, and under context "
                                "parallelism the model needs positions")
-        return r.weights.to(x_BLD.device, torch.float32), r.ids.to(x_BLD.device)
+        ids, weights = (r.ids, r.weights) if head is None else (r.ids[:, :, head], r.weights[:, :, head])
+        return weights.to(x_BLD.device, torch.float32).contiguous(), ids.to(x_BLD.device).contiguous()
 
     def remove(self) -> None:
         """Detach: the hook is removed and the routers have no routing any more."""
@@ -208,16 +221,20 @@ class GrouterRouting:
         ids, w = routing.ids, routing.weights
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or not w.dtype.is_floating_point:
             raise GrouterError(f"routing needs integer ids and floating weights, got {ids.dtype} and {w.dtype}")
-        if ids.ndim != 3 or ids.shape[-1] != self.k or w.shape != ids.shape:
+        shape = "" if self.heads is None else f"{len(self.heads)}, "
+        if (ids.ndim != 3 + bool(shape) or ids.shape[-1] != self.k or w.shape != ids.shape
+                or (shape and ids.shape[2] != len(self.heads))):
             raise GrouterError(f"routing ids {list(ids.shape)} and weights {list(w.shape)} must both be "
-                               f"[batch, seq, {self.k}] (the model's top_k)")
+                               f"[batch, seq, {shape}{self.k}] (the model's top_k"
+                               + (f", {len(self.heads)} heads per token" if shape else "") + "); "
+                               "attach with the heads of the store the routing comes from")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_experts):
             raise GrouterError(f"routing ids must lie in [0, {self.n_experts}); a store for another number of "
                                "experts?")
         s = ids.sort(-1).values
         if bool((s[..., 1:] == s[..., :-1]).any()):
             raise GrouterError("a token's routing names the same expert twice; give k distinct experts per token")
-        return Routing(ids.long(), w.detach().float())
+        return Routing(ids.long(), w.detach().float(), heads=self.heads)
 
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict):
         tokens = _local(args[0] if args else kwargs.get("tokens"))
@@ -260,12 +277,14 @@ class GrouterRouting:
             return self.grouter.route(tokens, k=self.k)
 
 
-def attach(model: nn.Module, grouter=None) -> GrouterRouting:
+def attach(model: nn.Module, grouter=None, heads: Heads | None = None) -> GrouterRouting:
     """Give the :class:`GrouterRouter` modules of ``model`` their routing; returns the handle.
 
     Registers a forward pre-hook on ``model`` (see the module docstring). ``grouter``: a
     ``grouter.network.Grouter`` to route online (frozen, eval mode, not a submodule of the model:
-    neither saved, sharded nor optimised); None: stored routing comes with each forward.
+    neither saved, sharded nor optimised); None: stored routing comes with each forward, per-layer
+    when ``heads`` (the store's ``heads``) is given. With per-layer routing (a Grouter's or a store's
+    heads), decoder layer ``i`` of ``model.layers`` takes the head nearest in relative depth.
     """
     routers = [m for m in model.modules() if isinstance(m, GrouterRouter)]
     if not routers:
@@ -278,17 +297,30 @@ def attach(model: nn.Module, grouter=None) -> GrouterRouting:
         raise GrouterError(f"the MoE layers disagree on (experts, top_k): {sorted(shapes)}; one routing drives all")
     (n_experts, k), = shapes
     if grouter is not None:
-        require_one_head(grouter.cfg.heads, "this Grouter", "the torchtitan adapter")
+        heads = grouter.cfg.heads
         if int(grouter.cfg.n_experts) != n_experts:
             raise GrouterError(f"the Grouter routes to {grouter.cfg.n_experts} experts but the model has "
                                f"{n_experts}; use a Grouter folded to {n_experts} experts")
         grouter.requires_grad_(False).eval()
-    handle = GrouterRouting(n_experts, k, grouter)
+    handle = GrouterRouting(n_experts, k, grouter, heads)
     handle.routers = routers
-    for r in routers:
-        r.routing = handle
+    for r, head in zip(routers, _layer_heads(model, routers, heads)):
+        r.routing, r.head = handle, head
     handle._hook = model.register_forward_pre_hook(handle._pre_hook, with_kwargs=True)
     return handle
+
+
+def _layer_heads(model: nn.Module, routers: list[GrouterRouter], heads: Heads | None) -> list[int | None]:
+    """Each router's head: that of its decoder layer (``layers.<i>.`` in its name) among the model's
+    ``len(model.layers)``, by relative depth; None for one-head routing."""
+    if heads is None:
+        return [None] * len(routers)
+    names = {id(m): n for n, m in model.named_modules()}
+    found = [re.search(r"(?:^|\.)layers\.(\d+)\.", names[id(r)]) for r in routers]
+    if not all(found) or not hasattr(model, "layers"):
+        raise GrouterError("per-layer routing maps decoder layers to heads, but these routers are not inside "
+                           "model.layers.<i>; attach the whole model")
+    return [heads.for_target(len(model.layers))[int(m.group(1))] for m in found]
 
 
 # -- the model config ---------------------------------------------------------------------------
@@ -298,10 +330,8 @@ def _routing_shape(routing: str, grouter: str) -> tuple[int, int, str]:
         raise GrouterError("give exactly one of routing= (a routing store) or grouter= (a Grouter directory)")
     if routing:
         store = RoutingStore.open(routing, verify=False)
-        require_one_head(store.heads, f"routing store {routing}", "the torchtitan adapter")
         return store.n_experts, store.k, f"routing store {routing}"
     cfg = _load_grouter(grouter).cfg
-    require_one_head(cfg.heads, f"Grouter {grouter}", "the torchtitan adapter")
     return int(cfg.n_experts), int(cfg.top_k), f"Grouter {grouter}"
 
 
@@ -376,7 +406,10 @@ def grouter_model_spec(spec: ModelSpec, routing: str = "", grouter: str = "") ->
             if on:
                 raise GrouterError(f"{name} parallelism is not supported with Grouter routing; set its degree to 1")
         model = inner(model, parallel_dims=parallel_dims, **kwargs)
-        attach(model, _load_grouter(grouter) if grouter else None)
+        if grouter:
+            attach(model, _load_grouter(grouter))
+        else:
+            attach(model, heads=RoutingStore.open(routing, verify=False).heads)
         return model
 
     return dataclasses.replace(spec, model=model_config, parallelize_fn=parallelize)
@@ -485,7 +518,8 @@ class GrouterDataLoader(ParallelAwareDataloader):
     """torchtitan dataloader over a grouter dataset that adds each sequence's stored routing.
 
     Each batch: ``({"input", "positions": [B, L] long, "routing_ids": [B, L, k] long,
-    "routing_weights": [B, L, k] float32}, labels [B, L])``; the sequence order is
+    "routing_weights": [B, L, k] float32}, labels [B, L])`` (``[B, L, H, k]`` from a store with
+    per-layer heads); the sequence order is
     :class:`SequenceBatches`'s. With a plan, the routing's expert ids are relabelled by its
     permutation (``grouter.place.relabel``), the plan must be for ``dp_world_size`` ranks (EP =
     data parallelism) and the local batch size must divide its per-rank share of a global batch.
@@ -516,8 +550,6 @@ class GrouterDataLoader(ParallelAwareDataloader):
             raise GrouterError(f"training.seq_len is {seq_len} but the dataset's sequences hold {data.seq_len} "
                                f"tokens; set training.seq_len={data.seq_len}")
         store = RoutingStore.open(config.routing, data=data) if config.routing else None
-        if store is not None:
-            require_one_head(store.heads, f"routing store {config.routing}", "the torchtitan adapter")
         plan = _checked_plan(config.plan, store, config.split) if config.plan else None
         split = data.split(config.split)
         self.sequence_batches = SequenceBatches(split, local_batch_size, dp_rank, dp_world_size, config.seed, plan,
