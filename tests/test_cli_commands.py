@@ -136,7 +136,7 @@ HELP = {  # command -> options its usage must show as required (not in [brackets
     ("demo",): [],
     ("reproduce",): [],
 }
-OPTIONAL = {("demo",): ["[--out OUT]"], ("reproduce",): ["[--out OUT]", "[--scale", "[--data DATA]",
+OPTIONAL = {("demo",): ["[--out OUT]", "[--per-layer-heads]"], ("reproduce",): ["[--out OUT]", "[--scale", "[--data DATA]",
                                                           "[--held-out-domain"]}
 
 
@@ -609,7 +609,7 @@ def test_demo(capsys, monkeypatch, tmp_path):
 
     cfg = replace(tiny_demo(), max_bytes_per_domain=30_000, source_steps=4, distill_steps=4, tune_tokens=1_000,
                   target_steps=4, baselines=("aux",), ranks=2)  # smaller still: seconds
-    monkeypatch.setattr("grouter.cli.run_demo", lambda out: demo.run_demo(out, cfg))
+    monkeypatch.setattr("grouter.cli.run_demo", lambda out, given: demo.run_demo(out, replace(cfg, layers=given.layers)))
     out = tmp_path / "demo"
     code, stdout, err = run(capsys, "demo", "--out", str(out), "--json")
     assert code == 0, err
@@ -619,6 +619,17 @@ def test_demo(capsys, monkeypatch, tmp_path):
     assert PackedDataset.open(result["data"]).domains == ["prose", "speeches", "code"]
     assert Plan.load(result["plan"]).ranks == 2
     assert set(load(out / "report" / "report.json")["runs"]) == {"grouter", "aux"}
+    assert RoutingStore.open(result["routing"]).heads is None
+
+    kept = [out / "runs" / "aux" / "run.json", out / "source" / "run.json"]  # reused by per-layer heads beside them
+    mtimes = [p.stat().st_mtime_ns for p in kept]
+    code, stdout, err = run(capsys, "demo", "--out", str(out), "--per-layer-heads", "--json")
+    assert code == 0, err
+    layered = last_json(stdout)
+    assert RoutingStore.open(layered["routing"]).heads.layers == tuple(range(cfg.source["n_layers"]))
+    assert Path(layered["plan"]).name == "plan-layers-all" and Path(result["plan"]).exists()
+    assert set(load(out / "report" / "report.json")["runs"]) == {"grouter-layers-all", "aux"}
+    assert [p.stat().st_mtime_ns for p in kept] == mtimes
 
 
 def test_demo_without_the_corpus_says_how_to_fetch_it(capsys, monkeypatch, tmp_path):

@@ -25,7 +25,7 @@ import torch
 from .capture import Targets, capture
 from .artifacts import output_lock, read_json, write_json
 from .data import DEFAULT_MAX_BYTES_PER_DOMAIN, PackedDataset, prepare_default, subset_domains, tokenize_corpus
-from .demo import run_demo
+from .demo import DemoConfig, run_demo
 from .device import ProcessGroup, exit_now
 from .dispatch import dispatch
 from .distill import DistillConfig, distill
@@ -481,7 +481,7 @@ def cmd_report(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    return run_demo(Path(args.out))
+    return run_demo(Path(args.out), DemoConfig(layers="all" if args.per_layer_heads else None))
 
 
 def cmd_reproduce(args) -> dict:
@@ -499,6 +499,9 @@ def add_reporting(sub) -> None:
 
     p = _command(sub, "demo", "the whole pipeline, small, on the embedded corpus", cmd_demo)
     p.add_argument("--out", type=Path, default=Path("demo"), help="where every stage writes (rerun to resume)")
+    p.add_argument("--per-layer-heads", action="store_true",
+                   help="a Grouter head per source MoE layer (capture --layers all), the study's best configuration; "
+                        "its stages and run are named ...-layers-all, beside the shared head's in the same --out")
 
     p = _command(sub, "reproduce", "the paper's comparison: Grouter vs every baseline, with ablations", cmd_reproduce)
     p.add_argument("--out", type=Path, default=None,

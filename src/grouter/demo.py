@@ -36,6 +36,9 @@ class DemoConfig:
                                                       n_experts=32, top_k=4))
     source_steps: int = 250
     grouter: dict = field(default_factory=lambda: dict(d_model=128, n_layers=2, n_heads=4, d_ff=256))
+    # "all": a Grouter head per source layer (the study's best, docs/study.md); None: one shared head,
+    # the default, since `grouter ep` and the EP benchmarks, which read the demo's store, take one head
+    layers: str | None = None
     distill_steps: int = 400
     target_experts: int = 16
     tune_tokens: int = 300_000
@@ -168,13 +171,15 @@ class Stages:
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> dict:
     stages = Stages(out, cfg, "demo")
     data = stages.data()
-    targets = stages.source_targets(data)
+    targets = stages.source_targets(data, cfg.layers)
     distilled, distill_summary = stages.distilled(targets)
     grouter = stages.tuned(stages.folded(distilled, data), data)
     routing = stages.routing(grouter, data)
-    plan = stages.once("plan", f"planning expert parallelism over {cfg.ranks} ranks",
-                       lambda p: place(routing, p, ranks=cfg.ranks))
-    runs = stages.train_targets(data, {"grouter": routing}, cfg.baselines)
+    kind = grouter.name.removeprefix("grouter")  # "-layers-all" with per-layer heads: their own plan and run
+    target_layers = cfg.target["n_layers"] if cfg.layers else None  # per-layer heads: plan over every layer
+    plan = stages.once(f"plan{kind}", f"planning expert parallelism over {cfg.ranks} ranks",
+                       lambda p: place(routing, p, ranks=cfg.ranks, target_layers=target_layers))
+    runs = stages.train_targets(data, {f"grouter{kind}": routing}, cfg.baselines)
     result = report(runs, stages.out / "report", overwrite=True)
     print(result["table"])
     print(f"report: {stages.out / 'report' / 'report.md'}")
