@@ -241,7 +241,7 @@ def test_bad_routing_at_forward_is_refused(setup):
     handle.set(r)  # custom loops may set the routing instead of passing it
     assert torch.equal(model(tokens), model(tokens, routing_ids=r.ids, routing_weights=r.weights))
     call = lambda ids, w: lambda: model(tokens, routing_ids=ids, routing_weights=w)  # noqa: E731
-    one_line_error(call(r.ids[..., :1], r.weights[..., :1]), r"\[batch, seq, 2\]")
+    one_line_error(call(r.ids[..., :1], r.weights[..., :1]), r"\[batch, seq, k=2\]")
     one_line_error(call(r.ids + E, r.weights), r"in \[0, 8\)")
     one_line_error(call(r.ids[..., [0, 0]], r.weights), "same expert twice")
     one_line_error(call(r.ids[:1], r.weights[:1]), "covers")
@@ -368,7 +368,7 @@ def test_per_layer_routing_drives_each_layer_by_its_head(setup, tmp_path):
         ref = manual_moe(model.layers[i].moe, x, Routing(r.ids[:, :, h], r.weights[:, :, h]))
         assert (out - ref).abs().max().item() < 0.02 * ref.abs().max().item(), f"layer {i}, head {h}"
     one_line_error(lambda: model(tokens, routing_ids=r.ids[:, :, 0], routing_weights=r.weights[:, :, 0]),
-                   r"must both be \[batch, seq, 2, 2\].*heads of the store")
+                   r"must both be \[batch, seq, H=2, k=2\].*heads of the store")
     handle.remove()
 
     loader = gt.GrouterDataLoader.Config(data=str(setup.data.path), routing=str(tmp_path / "heads")).build(

@@ -280,9 +280,9 @@ class RoutingFeed:
 
     def _checked(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = routing.ids, routing.weights
-        heads = "" if self.heads is None else f"H={len(self.heads)}, "
-        if (ids.dim() != 3 + bool(heads) or ids.shape[-1] != self.k or weights.shape != ids.shape
-                or (heads and ids.shape[2] != len(self.heads))):
+        heads = "" if self.heads is None else f"H={len(self.heads)}, "  # per-layer: a routing per head
+        per_token = [self.k] if self.heads is None else [len(self.heads), self.k]
+        if ids.dim() < 3 or list(ids.shape[2:]) != per_token or weights.shape != ids.shape:
             raise GrouterError(f"routing must be ids and weights [b, L, {heads}k={self.k}], got {tuple(ids.shape)} "
                                f"and {tuple(weights.shape)}; build the feed from the store the routing comes from")
         ids = ids.long()

@@ -221,13 +221,12 @@ class GrouterRouting:
         ids, w = routing.ids, routing.weights
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or not w.dtype.is_floating_point:
             raise GrouterError(f"routing needs integer ids and floating weights, got {ids.dtype} and {w.dtype}")
-        shape = "" if self.heads is None else f"{len(self.heads)}, "
-        if (ids.ndim != 3 + bool(shape) or ids.shape[-1] != self.k or w.shape != ids.shape
-                or (shape and ids.shape[2] != len(self.heads))):
+        heads = "" if self.heads is None else f"H={len(self.heads)}, "  # per-layer: a routing per head
+        per_token = [self.k] if self.heads is None else [len(self.heads), self.k]
+        if ids.ndim < 3 or list(ids.shape[2:]) != per_token or w.shape != ids.shape:
             raise GrouterError(f"routing ids {list(ids.shape)} and weights {list(w.shape)} must both be "
-                               f"[batch, seq, {shape}{self.k}] (the model's top_k"
-                               + (f", {len(self.heads)} heads per token" if shape else "") + "); "
-                               "attach with the heads of the store the routing comes from")
+                               f"[batch, seq, {heads}k={self.k}] (k: the model's top_k); attach with the heads of the "
+                               "store the routing comes from")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_experts):
             raise GrouterError(f"routing ids must lie in [0, {self.n_experts}); a store for another number of "
                                "experts?")
