@@ -590,6 +590,8 @@ def test_per_layer_routing_serves_each_layer_its_head(megatron_cpu, tiny_data, t
     feed.check_drained()
     assert len(recorder.served) == 2
     assert all(torch.equal(s, dense(ids[:, :, h], weights[:, :, h])) for h, s in enumerate(recorder.served))
+    with_mtp = build(RoutingFeed.from_store(store), vocab=tiny_data.vocab_size, mtp_num_layers=1)
+    assert [r.head for r in routers(with_mtp)] == [0, 1, 1]  # the MTP layer takes the last layer's head
 
     layer = model.decoder.layers[1].mlp  # its output: the manual computation with head 1's routing
     x = torch.randn(SEQ, 2, HIDDEN, generator=torch.Generator().manual_seed(1))
