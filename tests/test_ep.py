@@ -21,6 +21,7 @@ from grouter.ep import EPContext, EPExperts, analytic_copies, rank_batches, to_e
 from grouter.errors import GrouterError
 from grouter.model import MoEConfig, MoELM
 from grouter.place import Plan, plan_placement, remote_volume
+from grouter.routers import Heads
 from grouter.loop import TrainConfig, build_optimizer, lr_at
 from grouter.store import RoutingStore
 from grouter.testing import synthetic_store
@@ -54,6 +55,12 @@ def setup(tiny_data, tmp_path_factory):
         plan = plan_placement(store, R, global_batch=GLOBAL_BATCH, clusters=16, seed=0)
         (root / f"plan{R}").mkdir()
         plan.save(root / f"plan{R}")
+    synthetic_store(tiny_data, root / "store-heads", E, K, CLUSTERS, seed=0, noise=0.1, decay=0.7,
+                    heads=Heads((0, 1), LAYERS))  # per-layer routing: layer l takes head l
+    heads = RoutingStore.open(root / "store-heads", data=tiny_data)
+    (root / "plan2-heads").mkdir()
+    plan_placement(heads, 2, global_batch=GLOBAL_BATCH, clusters=16, seed=0, target_layers=LAYERS).save(
+        root / "plan2-heads")
     return root
 
 
@@ -65,6 +72,7 @@ def runs2(setup, tiny_data):
     runs = [dict(data=tiny_data.path, routing=setup / "store", out=setup / f"r2-{p}-{x}", plan=setup / "plan2",
                  placement=p, exchange=x, model_cfg=model_cfg(tiny_data), train_cfg=train_cfg(), save_model=True)
             for p, x in RUNS]
+    runs.append(dict(runs[0], routing=setup / "store-heads", out=setup / "r2-heads", plan=setup / "plan2-heads"))
     spawn(2, train_many, (runs,))
     return setup
 
@@ -215,11 +223,24 @@ def test_refusals(tiny_data):
         rank_batches(None, "plan", 2)
 
 
-def test_a_store_with_per_layer_heads_is_refused(tiny_data, tmp_path):
-    from grouter.ep import _check_inputs
-    from grouter.routers import Heads
-
-    synthetic_store(tiny_data, tmp_path / "s", E, K, CLUSTERS, heads=Heads((0, 1), 2))
-    store = RoutingStore.open(tmp_path / "s", data=tiny_data)
-    with pytest.raises(GrouterError, match="per-layer heads .* grouter ep .* drives every MoE layer with one routing"):
-        _check_inputs(tiny_data, store, None, model_cfg(tiny_data))
+def test_per_layer_heads_route_each_layer_by_its_head(runs2, tiny_data):
+    """A per-layer store (layer l takes head l): EP equals one process, and each rank sends, per step,
+    the sum over layers of the copies its head's routing implies."""
+    store = RoutingStore.open(runs2 / "store-heads", data=tiny_data)
+    plan = Plan.load(runs2 / "plan2-heads")
+    records, state = read_run(runs2 / "r2-heads")
+    batches = rank_batches(plan, "plan", 2, seed=0)
+    ref_losses, ref_state = reference(tiny_data, store, batches, STEPS)
+    np.testing.assert_allclose([r["loss"] for r in records], ref_losses, rtol=RTOL)
+    for name, t in ref_state.items():
+        torch.testing.assert_close(state[name], t, rtol=RTOL, atol=ATOL, msg=name)
+    ids, layer_heads = store.ids("train"), store.heads.for_target(LAYERS)
+    assert layer_heads == (0, 1) and ids.shape[1:] == (tiny_data.seq_len, 2, K)
+    for rec in records:
+        parts = batches[(rec["step"] - 1) % len(batches)]
+        for r in range(2):
+            per_layer = [copies_to(ids[np.sort(parts[r])][:, :, h], plan.rank_of_expert, 2, True)[1 - r]
+                         for h in layer_heads]
+            assert per_layer[0] != per_layer[1]  # the heads differ, so a one-routing count would not match
+            assert rec["remote_copies_per_rank"][r] == rec["analytic_copies_per_rank"]["dedup"][r] == sum(per_layer)
+            assert rec["bytes_per_rank"]["dispatch"][r] == sum(per_layer) * D_MODEL * 4

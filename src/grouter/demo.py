@@ -37,7 +37,7 @@ class DemoConfig:
     source_steps: int = 250
     grouter: dict = field(default_factory=lambda: dict(d_model=128, n_layers=2, n_heads=4, d_ff=256))
     # "all": a Grouter head per source layer (the study's best, docs/study.md); None: one shared head,
-    # the default, since `grouter ep` and the EP benchmarks, which read the demo's store, take one head
+    # the default for now: the benchmarks and recipes in docs/ that read demo/routing were measured with it
     layers: str | None = None
     distill_steps: int = 400
     target_experts: int = 16

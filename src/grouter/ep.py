@@ -38,7 +38,8 @@ Bytes are counted where they are sent: every all-to-all adds the rows it sends t
 (self-sends excluded) times the row size to :class:`CommStats`, per phase: ``dispatch`` (hidden
 states to the experts' owners), ``combine`` (results back), ``dispatch_backward`` /
 ``combine_backward`` (their gradients), ``meta`` (counts and routing metadata).
-:func:`analytic_copies` gives the same from the routing alone.
+:func:`analytic_copies` gives the same from the routing alone (:func:`layer_copies` over a model's
+layers: with per-layer heads each layer sends what its head's routing implies).
 
 Training: :func:`train_ep` runs the shared loop of :mod:`grouter.loop` (AdamW, its learning-rate
 schedule) with EP's collectives: global-norm clipping over dense + all expert shards, each rank
@@ -75,7 +76,7 @@ from .errors import GrouterError
 from .loop import Run, Step, TrainConfig, build_optimizer, fit
 from .model import MODEL_PRESETS, Experts, MoEConfig, MoELM
 from .place import Plan, relabel
-from .routers import Routing, require_one_head
+from .routers import Routing
 from .store import RoutingStore
 
 EXCHANGES = {
@@ -397,6 +398,15 @@ def analytic_copies(ids, n_experts: int, ranks: int, rank: int) -> dict[str, int
     return {"dedup": int((first & (dest != rank)).sum()), "slot": int((dest != rank).sum())}
 
 
+def layer_copies(routing: Routing, n_layers: int, n_experts: int, ranks: int, rank: int) -> dict[str, int]:
+    """:func:`analytic_copies` summed over a model's ``n_layers`` MoE layers, each routed by its head
+    (per-layer routing) or all by the one routing; computed once per head."""
+    heads = [None] * n_layers if routing.heads is None else list(routing.heads.for_target(n_layers))
+    per_head = {h: analytic_copies(routing.ids if h is None else routing.ids[..., h, :], n_experts, ranks, rank)
+                for h in set(heads)}
+    return {x: sum(per_head[h][x] for h in heads) for x in ("dedup", "slot")}
+
+
 # -- data: which sequences each rank trains --------------------------------------------------------
 def rank_batches(plan, placement: str, world: int, seed: int = 0, split_size: int | None = None,
                  global_batch: int | None = None, steps: int = 0) -> list[list[np.ndarray]]:
@@ -514,7 +524,6 @@ def _check_inputs(data: PackedDataset, store: RoutingStore, plan: Plan | None, m
     """Refuse a model, store or plan that do not go together; returns the split to train on."""
     E, k = store.n_experts, store.k
     model_cfg.validate()
-    require_one_head(store.heads, f"routing store {store.path}", "grouter ep (the reference engine)")
     if model_cfg.router != "external" or (model_cfg.n_experts, model_cfg.top_k) != (E, k):
         raise GrouterError(f"the EP model must use router 'external' with the store's {E} experts, top-{k}")
     if model_cfg.vocab_size != data.vocab_size or model_cfg.max_seq_len < data.seq_len:
@@ -629,8 +638,8 @@ def _fit_ep(run: Run | None, model: MoELM, opt, cfg: TrainConfig, store: Routing
         now.update(t0=time.perf_counter(), n=len(idx))
         ep.stats.reset()
         batch, r = split.batch(idx), store.routing(split.name, idx)
-        r = Routing(relabel(r.ids, perm), r.weights)
-        now["copies"] = {x: c * L for x, c in analytic_copies(r.ids, E, ep.world, ep.rank).items()}
+        r = Routing(relabel(r.ids, perm), r.weights, heads=r.heads)
+        now["copies"] = layer_copies(r, L, E, ep.world, ep.rank)
         labels = batch["labels"].to(device)
         out = model(batch["input_ids"].to(device), labels=labels, routing=r.to(device))
         totals = torch.tensor([float(labels.numel()), float(out.lm_loss.detach()) * labels.numel()],
