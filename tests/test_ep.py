@@ -1,7 +1,7 @@
 """Expert parallelism (grouter.ep) on CPU gloo: equal to one process, and the bytes it sends.
 
-One spawn of 2 processes trains 4 runs ({plan, random} placement x {dedup, slot} exchange, 3 steps
-each, in one process group); one torchrun of 4 processes runs the command line. Every run is
+One spawn of 2 processes trains 5 runs ({plan, random} placement x {dedup, slot} exchange, and one
+on a store with per-layer heads; 3 steps each, in one process group); one torchrun of 4 processes runs the command line. Every run is
 compared with a single-process MoELM trained on the union of the ranks' batches, and the bytes
 each rank measured with the analytic count from the routing (grouter.place.remote_volume).
 """

@@ -362,7 +362,7 @@ def test_per_layer_routing_drives_each_layer_by_its_head(setup, tmp_path):
     assert not torch.equal(r.ids[:, :, 0], r.ids[:, :, 1])  # the heads differ, so the test can tell them apart
     tokens = setup.data.split("train").batch([1, 2, 3])["input_ids"]
     with torch.no_grad():
-        logits = model(tokens, routing_ids=r.ids, routing_weights=r.weights)
+        model(tokens, routing_ids=r.ids, routing_weights=r.weights)
     for i, h in zip(model.layers, heads.for_target(2)):
         x, out = seen[i]
         ref = manual_moe(model.layers[i].moe, x, Routing(r.ids[:, :, h], r.weights[:, :, h]))

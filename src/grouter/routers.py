@@ -75,12 +75,10 @@ class Heads:
         return _cached_layer_heads(self.layers, self.source_layers, n_layers)
 
 
-def require_one_head(heads: Heads | None, source: str, consumer: str) -> None:
-    """Refuse per-layer routing (``heads`` set) where ``consumer`` drives every MoE layer with one routing."""
-    if heads is not None:
-        raise GrouterError(f"{source} has per-layer heads (source layers {list(heads.layers)}); {consumer} drives every "
-                           "MoE layer with one routing: use a one-head Grouter (capture one --layer) and its store, or "
-                           "train with `grouter train` or grouter.integrations (hf, megatron, torchtitan)")
+def token_shape(heads: Heads | None, k: int) -> tuple[int, ...]:
+    """The trailing shape of a token's routing ids and weights: ``(k,)`` for one shared head,
+    ``(H, k)`` for per-layer heads."""
+    return score_shape(1 if heads is None else len(heads), k)
 
 
 @dataclass

@@ -96,7 +96,7 @@ from transformers import default_data_collator
 from transformers.utils.output_capturing import install_output_capuring_hook
 
 from ..errors import GrouterError
-from ..routers import Heads, Routing
+from ..routers import Heads, Routing, token_shape
 
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
 _SUPPORTED_TEXT = ", ".join(SUPPORTED_MODEL_TYPES)
@@ -377,16 +377,15 @@ class GrouterRouting:
 
     def _prepare(self, routing: Routing, shape: tuple[int, int], trusted: bool) -> _Active:
         ids, weights, heads = routing.ids, routing.weights, routing.heads
-        per_head = () if heads is None else (len(heads),)
-        want = (*shape, *per_head, self.k)
+        want = (*shape, *token_shape(heads, self.k))
         if tuple(ids.shape) != want or tuple(weights.shape) != want:
             layout = "[batch, seq, k]" if heads is None else f"[batch, seq, heads, k] (layers {list(heads.layers)})"
             raise GrouterError(
                 f"routing shape mismatch: ids {tuple(ids.shape)}, weights {tuple(weights.shape)}, but input_ids is "
                 f"{list(shape)} so the routing must be {layout} = {list(want)}"
             )
-        ids = ids.detach().reshape(-1, *per_head, self.k).long()
-        weights = weights.detach().reshape(-1, *per_head, self.k).float()
+        ids = ids.detach().reshape(-1, *want[2:]).long()
+        weights = weights.detach().reshape(-1, *want[2:]).float()
         if not trusted and ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.n_experts:

@@ -96,7 +96,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import PackedDataset
 from ..errors import GrouterError
 from ..place import Plan, PlanSampler, relabel
-from ..routers import Heads, Routing
+from ..routers import Heads, Routing, token_shape
 from ..store import RoutingStore
 
 
@@ -281,8 +281,7 @@ class RoutingFeed:
     def _checked(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = routing.ids, routing.weights
         heads = "" if self.heads is None else f"H={len(self.heads)}, "  # per-layer: a routing per head
-        per_token = [self.k] if self.heads is None else [len(self.heads), self.k]
-        if ids.dim() < 3 or list(ids.shape[2:]) != per_token or weights.shape != ids.shape:
+        if ids.dim() < 3 or tuple(ids.shape[2:]) != token_shape(self.heads, self.k) or weights.shape != ids.shape:
             raise GrouterError(f"routing must be ids and weights [b, L, {heads}k={self.k}], got {tuple(ids.shape)} "
                                f"and {tuple(weights.shape)}; build the feed from the store the routing comes from")
         ids = ids.long()

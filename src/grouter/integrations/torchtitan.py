@@ -85,7 +85,7 @@ from torchtitan.protocols.module import Module
 from ..data import DataSplit, PackedDataset
 from ..errors import GrouterError
 from ..place import Plan, PlanSampler, relabel
-from ..routers import Heads, Routing
+from ..routers import Heads, Routing, token_shape
 from ..store import RoutingStore
 
 ROUTING_IDS, ROUTING_WEIGHTS = "routing_ids", "routing_weights"
@@ -222,8 +222,7 @@ class GrouterRouting:
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or not w.dtype.is_floating_point:
             raise GrouterError(f"routing needs integer ids and floating weights, got {ids.dtype} and {w.dtype}")
         heads = "" if self.heads is None else f"H={len(self.heads)}, "  # per-layer: a routing per head
-        per_token = [self.k] if self.heads is None else [len(self.heads), self.k]
-        if ids.ndim < 3 or list(ids.shape[2:]) != per_token or w.shape != ids.shape:
+        if ids.ndim < 3 or tuple(ids.shape[2:]) != token_shape(self.heads, self.k) or w.shape != ids.shape:
             raise GrouterError(f"routing ids {list(ids.shape)} and weights {list(w.shape)} must both be "
                                f"[batch, seq, {heads}k={self.k}] (k: the model's top_k); attach with the heads of the "
                                "store the routing comes from")
