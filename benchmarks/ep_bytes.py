@@ -92,14 +92,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
-    from grouter.data import PackedDataset
     from grouter.device import spawn
+    from grouter.ep import Options as EPOptions
     from grouter.ep import train_many
-    from grouter.store import RoutingStore
-    from grouter.testing import synthetic_store
-    from grouter.model import MoEConfig
-    from grouter.place import Plan, plan_placement
+    from grouter.formats.dataset import PackedDataset
+    from grouter.formats.plan import Plan
+    from grouter.formats.store import RoutingStore
     from grouter.loop import TrainConfig
+    from grouter.model import MoEConfig
+    from grouter.place import Options as PlaceOptions, plan_placement
+    from grouter.testing import synthetic_store
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ep_bytes_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
                 plan_dir = work / f"plan{R}"
                 plan_dir.mkdir(exist_ok=True)
                 tp = time.perf_counter()
-                made = plan_placement(store, R, global_batch=args.per_rank_batch * R, clusters=32, seed=0)
+                made = plan_placement(store, PlaceOptions(ranks=R, global_batch=args.per_rank_batch * R, clusters=32, seed=0))
                 made.save(plan_dir)
                 (plan_dir / "report.json").write_text(json.dumps(made.report))  # Plan.load reads it back
                 print(f"plan for {R} ranks: {time.perf_counter() - tp:.1f} s", file=sys.stderr)
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
                 for exchange in ("dedup", "slot"):
                     out = work / f"r{R}-{placement}-{exchange}"
                     runs.append(dict(data=data.path, routing=store_dir, out=out, plan=plan_dir, placement=placement,
-                                     exchange=exchange, model_cfg=cfg, train_cfg=tcfg, overwrite=True))
+                                     exchange=exchange, model_cfg=cfg, overwrite=True,
+                                     options=EPOptions(placement=placement, exchange=exchange, schedule=tcfg)))
             ts = time.perf_counter()
             spawn(R, train_many, (runs,))
             print(f"{R} ranks: 4 runs of {args.steps} steps in {time.perf_counter() - ts:.1f} s", file=sys.stderr)

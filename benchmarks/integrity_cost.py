@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grouter.formats.store import RoutingStore, StoreWriter
 from grouter.routers import Routing
-from grouter.store import RoutingStore, StoreWriter
 from grouter.testing import synthetic_routing, synthetic_weights
 
 

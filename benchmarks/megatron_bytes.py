@@ -165,8 +165,8 @@ def measure_rank(rank: int, world: int, job: dict) -> None:
     """One rank of the spawn: both placements, records written to ``job["out"]/rank{rank}.json``."""
     from megatron.core import parallel_state
 
-    from grouter.data import PackedDataset
-    from grouter.store import RoutingStore
+    from grouter.formats.dataset import PackedDataset
+    from grouter.formats.store import RoutingStore
 
     warnings.filterwarnings("ignore", module="megatron")
     setup_rank(world, job["cuda"])
@@ -213,12 +213,13 @@ def inputs(args, work: Path) -> tuple[Path, Path]:
 
 def plan_for(R: int, args, store):
     """The plan given for R ranks (``--plan R=DIR``), else one made here."""
-    from grouter.place import Plan, plan_placement
+    from grouter.formats.plan import Plan
+    from grouter.place import Options as PlaceOptions, plan_placement
 
     given = dict(s.split("=", 1) for s in args.plan)
     if str(R) in given:
         return Plan.load(given[str(R)])
-    return plan_placement(store, R, global_batch=args.per_rank_batch * R, seed=0)
+    return plan_placement(store, PlaceOptions(ranks=R, global_batch=args.per_rank_batch * R, seed=0))
 
 
 def measure(R: int, args, data_dir: Path, store_dir: Path, plan, work: Path) -> list[dict]:
@@ -285,8 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", help="write the table here")
     args = p.parse_args(argv)
 
-    from grouter.data import PackedDataset
-    from grouter.store import RoutingStore
+    from grouter.formats.dataset import PackedDataset
+    from grouter.formats.store import RoutingStore
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="megatron_bytes_") as tmp:

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from grouter.capture import Targets, capture
-from grouter.data import PackedDataset
+from grouter.capture import capture
 from grouter.dispatch import dispatch
-from grouter.distill import DistillConfig, distill
+from grouter.distill import distill
+from grouter.formats.dataset import PackedDataset
+from grouter.formats.targets import Targets
+from grouter.loop import TrainConfig, build_optimizer
 from grouter.model import MoEConfig, MoELM
 from grouter.network import Grouter
-from grouter.loop import TrainConfig, build_optimizer
 from grouter.train import external_routing
 
 
@@ -99,17 +100,18 @@ def stage_throughput(demo: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t = time.perf_counter()
-    capture(demo / "source", data, out / "targets", progress=False)
+    capture(out / "targets", source=demo / "source", data=data, progress=False)
     capture_s = time.perf_counter() - t
     targets = Targets.open(out / "targets", data)
-    g = Grouter.from_pretrained(demo / "grouter-distilled")
+    g = Grouter.from_pretrained(demo / "grouter-distilled").cfg
     steps, batch = 50, 16
     t = time.perf_counter()
-    distill(targets, out / "distill", g.cfg, DistillConfig(steps=steps, batch_size=batch, eval_every=10_000,
-                                                            checkpoint_every=10_000), progress=False)
+    distill(out / "distill", targets=targets, architecture=dict(d_model=g.d_model, n_layers=g.n_layers,
+                                                                 n_heads=g.n_heads, d_ff=g.d_ff),
+            schedule=dict(steps=steps, batch_size=batch, eval_every=10_000, checkpoint_every=10_000), progress=False)
     distill_s = time.perf_counter() - t
     t = time.perf_counter()
-    summary = dispatch(demo / "grouter", data, out / "routing", progress=False)
+    summary = dispatch(out / "routing", grouter=demo / "grouter", data=data, progress=False)
     dispatch_s = time.perf_counter() - t
     return {"capture_tokens_per_second": tokens / capture_s,
             "distill_tokens_per_second": steps * batch * data.seq_len / distill_s,

@@ -2,7 +2,7 @@
 
 A synthetic clustered routing store (``--clusters`` clusters, each preferring its own experts; see
 ``grouter.testing.synthetic_routing``) is written once to ``--work`` by a child process (so the
-generator's memory does not count) with ``grouter.store.StoreWriter``: a real manifest (checksums
+generator's memory does not count) with ``grouter.formats.store.StoreWriter``: a real manifest (checksums
 included), all-zero (sparse) gate weights, ``--seq-len`` tokens per sequence and top-``--k``. This
 process then runs ``grouter.place.place`` on it (opening and verifying the store, planning, writing
 plan.json and the reports) and prints wall time, peak RSS (``resource.getrusage``: ``ru_maxrss`` of
@@ -38,8 +38,8 @@ import numpy as np
 def write_store(out: Path, n: int, seq_len: int, n_experts: int, k: int, clusters: int, seed: int,
                 noise: float, decay: float) -> None:
     """A routing store holding synthetic routing, filled in place (memory-mapped) and renamed to ``out``."""
+    from grouter.formats.store import StoreWriter
     from grouter.testing import synthetic_routing
-    from grouter.store import StoreWriter
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,10 +100,10 @@ def main() -> None:
 
     out = work / "plan"
     t, cpu = time.perf_counter(), time.process_time()
-    summary = place(store, out, args.ranks, args.ranks_per_node, args.algorithm, args.global_batch, args.seed,
-                    overwrite=True, level=args.level, exact=args.exact, scope=args.scope,
-                    load_tolerance=None if args.load_tolerance < 0 else args.load_tolerance,
-                    lp_bound=args.lp_bound or None, hardware=args.hardware)
+    cap = dict(load_cap=False) if args.load_tolerance < 0 else dict(load_tolerance=args.load_tolerance)
+    summary = place(out, routing=store, ranks=args.ranks, ranks_per_node=args.ranks_per_node, algorithm=args.algorithm,
+                    global_batch=args.global_batch, seed=args.seed, overwrite=True, level=args.level, exact=args.exact,
+                    scope=args.scope, lp_bound=args.lp_bound, hardware=args.hardware, **cap)
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     report = json.loads((out / "report.json").read_text())

@@ -131,7 +131,7 @@ class _Store:
 
 def open_routing(name: str, store_dir: str | None, sequences: int | None):
     """A real routing store (``store_dir``), else the synthetic routing ``name``; and a label."""
-    from grouter.store import RoutingStore
+    from grouter.formats.store import RoutingStore
     from grouter.testing import synthetic_routing
 
     if store_dir:
@@ -147,7 +147,7 @@ def open_routing(name: str, store_dir: str | None, sequences: int | None):
 def plan_rows(store, layouts, tokens_per_rank: int, scopes) -> list[dict]:
     """One row per (layout, scope): the plan's figures and its predicted step times on each fitting profile."""
     from grouter.hardware import PROFILES, predict
-    from grouter.place import plan_placement
+    from grouter.place import Options as PlaceOptions, plan_placement
 
     seq_len = store.ids("train").shape[1]
     rows = []
@@ -155,8 +155,7 @@ def plan_rows(store, layouts, tokens_per_rank: int, scopes) -> list[dict]:
         G = 8 if R > 8 else None
         for scope in scopes:
             t, cpu = time.perf_counter(), time.process_time()
-            plan = plan_placement(store, R, G, global_batch=max(1, tokens_per_rank // seq_len) * R, scope=scope,
-                                  lp_bound=True)
+            plan = plan_placement(store, PlaceOptions(ranks=R, ranks_per_node=G, global_batch=max(1, tokens_per_rank // seq_len) * R, scope=scope, lp_bound=True))
             rep = plan.report
             row = {"ranks": R, "nodes": max(1, R // 8), "scope": scope, "global_batch": rep["global_batch"],
                    "plan_seconds": round(time.perf_counter() - t, 1), "plan_cpu_seconds": round(time.process_time() - cpu, 1),
@@ -209,25 +208,26 @@ def gloo(work: Path, ranks: int, steps: int) -> dict:
     from ep_bytes import small_dataset
 
     from grouter.device import spawn
+    from grouter.ep import Options as EPOptions
     from grouter.ep import rank_batches, train_many
+    from grouter.formats.store import RoutingStore
     from grouter.hardware import ep_phase_bytes
     from grouter.loop import TrainConfig
     from grouter.model import MoEConfig
-    from grouter.place import plan_placement, step_traffic, traffic
-    from grouter.store import RoutingStore
+    from grouter.place import Options as PlaceOptions, plan_placement, step_traffic, traffic
     from grouter.testing import synthetic_store
 
     E, K, d, layers = 16, 2, 64, 2
     data = small_dataset(work / "data", 64)
     synthetic_store(data, work / "store", E, K, 8, seed=0, noise=0.1, decay=0.7)
     store = RoutingStore.open(work / "store", data=data)
-    plan = plan_placement(store, ranks, global_batch=8 * ranks, clusters=32, seed=0)
+    plan = plan_placement(store, PlaceOptions(ranks=ranks, global_batch=8 * ranks, clusters=32, seed=0))
     plan.save(work / "plan.json")
     cfg = MoEConfig(vocab_size=data.vocab_size, d_model=d, n_layers=layers, n_heads=4, d_expert=d, n_experts=E,
                     top_k=K, max_seq_len=data.seq_len, router="external", seed=0)
+    schedule = TrainConfig(steps=steps, lr=3e-3, warmup_steps=2, seed=0, device="cpu")
     runs = [dict(data=data.path, routing=work / "store", out=work / f"{p}-{x}", plan=work / "plan.json", placement=p,
-                 exchange=x, model_cfg=cfg, overwrite=True,
-                 train_cfg=TrainConfig(steps=steps, lr=3e-3, warmup_steps=2, seed=0, device="cpu"))
+                 exchange=x, model_cfg=cfg, overwrite=True, options=EPOptions(placement=p, exchange=x, schedule=schedule))
             for p in ("plan", "random") for x in ("dedup", "slot")]
     spawn(ranks, train_many, (runs,))
     ids, out, copies = np.asarray(store.ids("train")), {}, {}

@@ -13,9 +13,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from grouter.data import PackedDataset
-from grouter.demo import Stages
-from grouter.reproduce import ReproduceConfig
+from grouter.experiments.pipeline import Pipeline, PipelineConfig
+from grouter.formats.dataset import PackedDataset
 
 
 def main() -> None:
@@ -25,14 +24,14 @@ def main() -> None:
     p.add_argument("--runs", default="grouter,aux,random", help="runs to repeat: grouter, grouter-raw or baselines")
     args = p.parse_args()
     done = json.loads((args.reproduce / "reproduce.json").read_text())
-    cfg = ReproduceConfig(**{**done["config"], "baselines": (), "fold_ablation": ()})
+    cfg = PipelineConfig.from_dict({**done["config"], "baselines": (), "fold_ablation": ()})
     data = PackedDataset.open(cfg.data or args.reproduce / "data")
     names = args.runs.split(",")
     stores = {"grouter": args.reproduce / "routing", "grouter-raw": args.reproduce / "routing-folded"}
     table = {name: {0: json.loads((args.reproduce / "runs" / name / "run.json").read_text())["summary"]}
              for name in names}
     for seed in map(int, args.seeds.split(",")):
-        stages = Stages(args.reproduce / f"seed{seed}", replace(cfg, seed=seed), f"seed {seed}")
+        stages = Pipeline(args.reproduce / f"seed{seed}", replace(cfg, seed=seed), f"seed {seed}")
         routed = {n: stores[n] for n in names if n in stores}
         for run in stages.train_targets(data, routed, tuple(n for n in names if n not in stores)):
             table[run.name][seed] = json.loads((run / "run.json").read_text())["summary"]

@@ -66,8 +66,8 @@ class CountingDispatcher(AllToAllTokenDispatcher):
 
 def model_config(run: dict, vocab_size: int, seq_len: int):
     """Tiny Qwen3-MoE with Grouter routers (checked against the store) and counting dispatchers."""
+    from grouter.formats.store import RoutingStore
     from grouter.integrations import torchtitan as gt
-    from grouter.store import RoutingStore
 
     store = RoutingStore.open(run["routing"], verify=False)
     cfg = gt.qwen3_moe_config(vocab_size=vocab_size, dim=run["dim"], n_layers=run["layers"], n_heads=4,
@@ -109,7 +109,7 @@ def run_ep(rank: int, world: int, run: dict) -> None:
     """Worker for ``grouter.device.spawn``: ``run["steps"]`` EP forward/backward passes; writes
     ``run["out"]/rank{rank}.json`` with each step's loss and the rows each MoE layer sent (and with
     ``run["reference"]``, the loss of the same model without EP on the same batch)."""
-    from grouter.data import PackedDataset
+    from grouter.formats.dataset import PackedDataset
     from grouter.integrations import torchtitan as gt
 
     data = PackedDataset.open(run["data"])
@@ -168,9 +168,9 @@ def setup(args, work: Path):
     """Dataset, routing store and plan: given, or small ones made here (synthetic clustered routing)."""
     from ep_bytes import small_dataset
 
-    from grouter.data import PackedDataset
-    from grouter.place import plan_placement
-    from grouter.store import RoutingStore
+    from grouter.formats.dataset import PackedDataset
+    from grouter.formats.store import RoutingStore
+    from grouter.place import Options as PlaceOptions, plan_placement
     from grouter.testing import synthetic_store
 
     data = PackedDataset.open(args.data) if args.data else small_dataset(work / "data", args.seq_len)
@@ -180,7 +180,7 @@ def setup(args, work: Path):
     store = RoutingStore.open(store_dir, data=data)
     plan_dir = Path(args.plan) if args.plan else work / "plan"
     if not args.plan:
-        made = plan_placement(store, args.ranks, global_batch=args.batch * args.ranks, clusters=32, seed=0)
+        made = plan_placement(store, PlaceOptions(ranks=args.ranks, global_batch=args.batch * args.ranks, clusters=32, seed=0))
         plan_dir.mkdir()
         made.save(plan_dir)
         (plan_dir / "report.json").write_text(json.dumps(made.report))
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from grouter.device import spawn
-    from grouter.place import Plan
+    from grouter.formats.plan import Plan
 
     work = Path(tempfile.mkdtemp(prefix="torchtitan_bytes_"))
     t0 = time.perf_counter()

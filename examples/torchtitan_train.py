@@ -52,10 +52,10 @@ from pathlib import Path
 
 import torch
 
-from grouter.data import PackedDataset
 from grouter.errors import GrouterError
+from grouter.formats.dataset import PackedDataset
+from grouter.formats.store import RoutingStore
 from grouter.integrations import torchtitan as gt
-from grouter.store import RoutingStore
 
 
 def grouter_qwen3_30b_a3b():
@@ -66,7 +66,7 @@ def grouter_qwen3_30b_a3b():
     """
     from torchtitan.models.qwen3.config_registry import qwen3_30b_a3b
 
-    from grouter.place import Plan
+    from grouter.formats.plan import Plan
 
     data, routing, plan = (os.environ.get(k, "") for k in ("GROUTER_DATA", "GROUTER_ROUTING", "GROUTER_PLAN"))
     config = qwen3_30b_a3b()

@@ -1,38 +1,16 @@
-"""Shared fixtures: a tiny real-text dataset built in seconds, no downloads.
-
-Prose comes from the docstrings of standard-library modules and code from their source, so the
-fixture needs nothing but the interpreter.
-"""
-
-import ast
-import sysconfig
-from pathlib import Path
+"""Shared fixtures: a tiny real-text dataset built in seconds, no downloads (the text:
+:func:`grouter.testing.stdlib_documents`). Helpers the tests share are in :mod:`grouter.testing`."""
 
 import pytest
 
-from grouter.data import Document, PackConfig, pack_documents, train_tokenizer
-
-MODULES = ["argparse", "json/decoder", "textwrap", "string", "fractions", "statistics", "csv",
-           "calendar", "heapq", "bisect", "shlex", "difflib", "glob", "fnmatch", "queue", "sched"]
-
-
-def stdlib_documents() -> list[Document]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for name in MODULES:
-        source = (root / f"{name}.py").read_text()
-        docs.append(Document("code", name, source[:12_000]))  # keep the fixture small: tests stay fast
-        tree = ast.parse(source)
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-        prose = "\n\n".join(d for n in nodes if (d := ast.get_docstring(n)))
-        docs.append(Document("prose", name, prose))
-    return docs
+from grouter.data import PackConfig, pack_documents, train_tokenizer
+from grouter.testing import stdlib_documents
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """2 domains, vocabulary 512, 32-token sequences."""
-    from grouter.data import PackedDataset
+    from grouter.formats.dataset import PackedDataset
 
     docs = stdlib_documents()
     tokenizer = train_tokenizer((d.text for d in docs), vocab_size=512)

@@ -1,6 +1,5 @@
 """Capture from built-in sources: logits equal the full model's, prefix-only, resumable, validated."""
 
-import json
 
 import numpy as np
 import pytest
@@ -8,10 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grouter.artifacts import read_json, write_json
-from grouter.integrity import file_checksum, file_sha256
-import grouter.capture as capture_mod
-from grouter.capture import BuiltinRouterPrefix, Targets, capture
+from grouter.capture import BuiltinRouterPrefix, capture
 from grouter.errors import GrouterError
+from grouter.formats.targets import Targets
+from grouter.integrity import file_checksum, file_sha256
 from grouter.model import MoEConfig, MoELM
 
 
@@ -37,7 +36,7 @@ def full_forward_router_logits(model: MoELM, input_ids: torch.Tensor, layer: int
 @pytest.mark.parametrize("layer", [0, 2])
 def test_captured_logits_equal_full_forward(tmp_path, tiny_data, layer):
     model = make_source(tmp_path, tiny_data).eval()
-    capture(tmp_path / "src", tiny_data, tmp_path / "t", layer=layer, progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layer=layer, progress=False)
     targets = Targets.open(tmp_path / "t")
     idx = np.arange(5)
     expected = full_forward_router_logits(model, tiny_data.split("train").batch(idx)["input_ids"], layer)
@@ -51,7 +50,7 @@ def test_captured_logits_equal_full_forward(tmp_path, tiny_data, layer):
 def test_several_layers_equal_each_layers_own_logits(tmp_path, tiny_data, layers):
     """Per-layer heads: the scores of every captured layer, [n, L, H, E], are that layer's gate logits."""
     model = make_source(tmp_path, tiny_data).eval()
-    result = capture(tmp_path / "src", tiny_data, tmp_path / "t", layers=layers, progress=False)
+    result = capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layers=layers, progress=False)
     chosen = [0, 1, 2] if layers == "all" else layers
     targets = Targets.open(tmp_path / "t")
     m = targets.manifest
@@ -71,8 +70,8 @@ def test_several_layers_equal_each_layers_own_logits(tmp_path, tiny_data, layers
 def test_one_layer_targets_keep_their_layout(tmp_path, tiny_data):
     """One layer (also as a one-element list) is written as before per-layer heads: version 2, ``layer``."""
     make_source(tmp_path, tiny_data)
-    capture(tmp_path / "src", tiny_data, tmp_path / "t", layers=[1], progress=False)
-    capture(tmp_path / "src", tiny_data, tmp_path / "t1", layer=1, progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layers=[1], progress=False)
+    capture(tmp_path / "t1", source=tmp_path / "src", data=tiny_data, layer=1, progress=False)
     m = read_json(tmp_path / "t" / "targets.json", "targets")
     assert (m["version"], m["layer"], "layers" in m, m["source"]["layer"]) == (2, 1, False, 1)
     assert m == read_json(tmp_path / "t1" / "targets.json", "targets")
@@ -89,7 +88,7 @@ def test_one_layer_targets_keep_their_layout(tmp_path, tiny_data):
 def test_bad_layer_lists(tmp_path, tiny_data, kw, message):
     make_source(tmp_path, tiny_data)
     with pytest.raises(GrouterError, match=message):
-        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False, **kw)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False, **kw)
     assert not (tmp_path / "t").exists()
 
 
@@ -99,7 +98,7 @@ def test_auxfree_source_records_the_scores_it_selects_by(tmp_path, tiny_data):
     router = model.blocks[0].moe.router
     router.bias.copy_(torch.linspace(-0.5, 0.5, 8))  # a trained source has a non-zero bias
     model.save_pretrained(tmp_path / "src", extra={"data": {"tokenizer_sha256": tiny_data.meta["tokenizer_sha256"]}})
-    capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
     targets = Targets.open(tmp_path / "t")
     assert (targets.manifest["score_function"], targets.manifest["includes_bias"]) == ("sigmoid", True)
     idx = np.arange(4)
@@ -134,7 +133,7 @@ def test_prefix_only_loading_ignores_later_layers(tmp_path, tiny_data):
 
 def test_capture_resumes_to_identical_bytes(tmp_path, tiny_data, monkeypatch):
     make_source(tmp_path, tiny_data)
-    capture(tmp_path / "src", tiny_data, tmp_path / "full", batch_size=4, progress=False)
+    capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, batch_size=4, progress=False)
     calls = {"n": 0}
     original = BuiltinRouterPrefix.router_logits
 
@@ -146,10 +145,10 @@ def test_capture_resumes_to_identical_bytes(tmp_path, tiny_data, monkeypatch):
 
     monkeypatch.setattr(BuiltinRouterPrefix, "router_logits", dying)
     with pytest.raises(KeyboardInterrupt):
-        capture(tmp_path / "src", tiny_data, tmp_path / "resumed", batch_size=4, progress=False)
+        capture(tmp_path / "resumed", source=tmp_path / "src", data=tiny_data, batch_size=4, progress=False)
     assert not (tmp_path / "resumed").exists(), "nothing half-written is visible"
     monkeypatch.setattr(BuiltinRouterPrefix, "router_logits", original)
-    capture(tmp_path / "src", tiny_data, tmp_path / "resumed", batch_size=4, progress=False)
+    capture(tmp_path / "resumed", source=tmp_path / "src", data=tiny_data, batch_size=4, progress=False)
     for name in ("train.logits", "val.logits"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
 
@@ -157,20 +156,20 @@ def test_capture_resumes_to_identical_bytes(tmp_path, tiny_data, monkeypatch):
 def test_layer_out_of_range(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data)
     with pytest.raises(GrouterError, match="out of range"):
-        capture(tmp_path / "src", tiny_data, tmp_path / "t", layer=3, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layer=3, progress=False)
     assert not (tmp_path / "t").exists()
 
 
 def test_source_without_moe_router(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data, router="hash")
     with pytest.raises(GrouterError, match="not its learned routing"):
-        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
 
 
 def test_vocabulary_larger_than_source(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data, vocab_size=tiny_data.vocab_size - 10)
     with pytest.raises(GrouterError, match="larger than the source's embedding"):
-        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
 
 
 def test_other_tokenizer_is_refused(tmp_path, tiny_data):
@@ -178,17 +177,17 @@ def test_other_tokenizer_is_refused(tmp_path, tiny_data):
                             d_expert=16, n_experts=8, top_k=2))
     model.save_pretrained(tmp_path / "src", extra={"data": {"tokenizer_sha256": "0" * 64}})
     with pytest.raises(GrouterError, match="another tokenizer"):
-        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
 
 
 def test_missing_source(tmp_path, tiny_data):
     with pytest.raises(GrouterError, match="not found"):
-        capture(tmp_path / "nope", tiny_data, tmp_path / "t", progress=False)
+        capture(tmp_path / "t", source=tmp_path / "nope", data=tiny_data, progress=False)
 
 
 def test_nan_in_targets_is_refused(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data)
-    capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
     arr = np.memmap(tmp_path / "t" / "train.logits", dtype=np.float16, mode="r+")
     arr[1000] = np.inf
     arr.flush()
@@ -205,13 +204,13 @@ def test_nan_in_targets_is_refused(tmp_path, tiny_data):
 
 def test_truncated_targets_and_other_dataset(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data)
-    capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
     manifest = read_json(tmp_path / "t" / "targets.json", "targets")
     manifest["dataset_fingerprint"] = "f" * 64
     write_json(tmp_path / "t" / "targets.json", manifest)
     with pytest.raises(GrouterError, match="another dataset"):
         Targets.open(tmp_path / "t")
-    capture(tmp_path / "src", tiny_data, tmp_path / "t2", progress=False)
+    capture(tmp_path / "t2", source=tmp_path / "src", data=tiny_data, progress=False)
     f = tmp_path / "t2" / "val.logits"
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(GrouterError, match="truncated"):
@@ -223,5 +222,5 @@ def test_existing_output_is_not_overwritten(tmp_path, tiny_data):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "keep.txt").write_text("mine")
     with pytest.raises(GrouterError, match="already exists"):
-        capture(tmp_path / "src", tiny_data, tmp_path / "t", progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
     assert (tmp_path / "t" / "keep.txt").read_text() == "mine"

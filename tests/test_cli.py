@@ -7,22 +7,8 @@ import sys
 import pytest
 
 from grouter.cli import main
-
-SMALL_TRAIN = ["--preset", "tiny", "--steps", "6", "--batch-size", "4", "--eval-every", "3",
-               "--checkpoint-every", "3", "--eval-sequences", "4"]
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, needle):
-    assert code != 0
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: ") and needle in lines[-1], err
-    assert "Traceback" not in err
+from grouter.testing import SMALL_TRAIN, assert_one_line_error
+from grouter.testing import run_cli as run
 
 
 @pytest.mark.parametrize("argv", [[], ["data"], ["data", "prepare"], ["data", "tokenize"], ["source", "train"],
@@ -41,7 +27,7 @@ def test_console_script_is_installed():
 def test_train_json_output_and_resume(capsys, tiny_data, tmp_path):
     import numpy as np
 
-    from grouter.loop import read_metrics
+    from grouter.formats.run import read_metrics
 
     argv = ["train", "--data", str(tiny_data.path), "--out", str(tmp_path / "r"), "--router", "auxfree", "--json",
             *SMALL_TRAIN]
@@ -104,15 +90,13 @@ def test_unknown_router(capsys, tiny_data, tmp_path):
 
 def test_corrupt_checkpoint(capsys, tiny_data, tmp_path):
     args = ["train", "--data", str(tiny_data.path), "--out", str(tmp_path / "r"), "--router", "aux", *SMALL_TRAIN]
-    from grouter.data import PackedDataset
-    from grouter.model import MODEL_PRESETS, MoEConfig
     from grouter.loop import TrainConfig
-    from grouter.train import train
+    from grouter.model import MODEL_PRESETS, MoEConfig
+    from grouter.testing import train_run
 
     cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, **MODEL_PRESETS["tiny"])
-    train(PackedDataset.open(tiny_data.path), tmp_path / "r", cfg,
-          TrainConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, eval_sequences=4), stop_after=3,
-          progress=False)
+    train_run(tiny_data, tmp_path / "r", cfg,
+          TrainConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, eval_sequences=4), stop_after=3)
     (tmp_path / "r" / "checkpoint" / "optimizer.safetensors").write_bytes(b"garbage")
     code, _, err = run(capsys, *args)
     assert_one_line_error(code, err, "corrupt")
@@ -127,7 +111,8 @@ def test_debug_shows_traceback(capsys, tmp_path):
 def test_dispatch_then_train_with_stored_routing(capsys, tiny_data, tmp_path):
     import torch
 
-    from grouter.network import Grouter, GrouterConfig
+    from grouter.formats.grouter import GrouterConfig
+    from grouter.network import Grouter
 
     g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1,
                               n_heads=2, d_ff=64, max_seq_len=tiny_data.seq_len))
@@ -148,11 +133,12 @@ def test_dispatch_then_train_with_stored_routing(capsys, tiny_data, tmp_path):
 def test_routing_store_for_another_dataset_is_refused(capsys, tiny_data, tmp_path):
     from grouter.data import PackConfig, pack_documents
 
-    from conftest import stdlib_documents
+    from grouter.testing import stdlib_documents
 
     other = pack_documents(stdlib_documents()[:6], tiny_data.tokenizer(), tmp_path / "other", PackConfig(seq_len=32))
     g_args = ["--grouter", str(tmp_path / "g")]
-    from grouter.network import Grouter, GrouterConfig
+    from grouter.formats.grouter import GrouterConfig
+    from grouter.network import Grouter
 
     Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1, n_heads=2,
                           d_ff=64)).save_pretrained(tmp_path / "g")

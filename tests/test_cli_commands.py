@@ -9,8 +9,8 @@ distill → fold → tune → dispatch → place → train), tiny sizes; the tes
 import io
 import json
 import re
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +18,21 @@ import pytest
 import torch
 
 from grouter.artifacts import read_json
-from grouter.capture import Targets
 from grouter.cli import main
-from grouter.data import SPLITS, PackedDataset
-from grouter.loop import read_metrics
+from grouter.formats.dataset import SPLITS, PackedDataset
+from grouter.formats.plan import Plan
+from grouter.formats.run import read_metrics
+from grouter.formats.store import RoutingStore
+from grouter.formats.targets import Targets
 from grouter.metrics import max_vio, topk_set_agreement
 from grouter.model import MODEL_PRESETS, MoELM
 from grouter.network import Grouter
-from grouter.place import Plan
 from grouter.report import tokens_to_reach
 from grouter.routers import expert_counts
-from grouter.store import RoutingStore
 
-from conftest import stdlib_documents
-from test_cli import SMALL_TRAIN, assert_one_line_error, run
+from grouter.testing import stdlib_documents
+from grouter.testing import SMALL_TRAIN, assert_nothing_written, assert_one_line_error, last_json
+from grouter.testing import run_cli as run
 
 TINY = MODEL_PRESETS["tiny"]  # the source: 8 experts, top-2
 FOLD_EXPERTS, FOLD_TOP_K = 4, 1  # the target: fewer experts, and a top-k that is not the source's
@@ -46,19 +47,6 @@ def cli(*argv):
     with redirect_stdout(out), redirect_stderr(err):
         code = main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
-
-
-def last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def assert_nothing_written(out):
-    """Neither ``out`` nor a scratch sibling of it (``.OUT.partial*``) exists; the ``.OUT.lock`` a
-    command holds while it writes ``out`` may stay (an empty lock, released when the process ends)."""
-    assert not out.exists(), f"{out} was written"
-    siblings = out.parent.iterdir() if out.parent.exists() else []
-    leftovers = [p.name for p in siblings if p.name.startswith(f".{out.name}.") and p.name != f".{out.name}.lock"]
-    assert not leftovers, leftovers
 
 
 def load(path) -> dict:
@@ -178,7 +166,7 @@ def test_data_prepare_refuses_a_tiny_vocabulary(capsys, tmp_path):
     code, _, err = run(capsys, "data", "prepare", "--out", str(out), "--vocab-size", "100",
                        "--max-mb-per-domain", "0.05")
     assert code == 2
-    assert_one_line_error(code, err, "vocab_size 100 is too small")
+    assert_one_line_error(code, err, "--vocab-size: expected a number at least 257, got 100")
     assert_nothing_written(out)
 
 
@@ -604,12 +592,11 @@ def test_report_refuses_a_directory_that_is_not_a_run(capsys, pipe, tmp_path):
 
 
 def test_demo(capsys, monkeypatch, tmp_path):
-    from grouter import demo
-    from test_demo import tiny_demo
+    from grouter.testing import tiny_demo
 
-    cfg = replace(tiny_demo(), max_bytes_per_domain=30_000, source_steps=4, distill_steps=4, tune_tokens=1_000,
-                  target_steps=4, baselines=("aux",), ranks=2)  # smaller still: seconds
-    monkeypatch.setattr("grouter.cli.run_demo", lambda out, given: demo.run_demo(out, replace(cfg, layers=given.layers)))
+    cfg = tiny_demo(max_mb_per_domain=0.03, source_steps=4, distill_steps=4, tune_tokens=1_000, target_steps=4,
+                    baselines=("aux",), ranks=2)  # smaller still: seconds
+    monkeypatch.setattr("grouter.experiments.demo.demo_config", lambda: cfg)
     out = tmp_path / "demo"
     code, stdout, err = run(capsys, "demo", "--out", str(out), "--json")
     assert code == 0, err
@@ -644,16 +631,18 @@ def test_demo_without_the_corpus_says_how_to_fetch_it(capsys, monkeypatch, tmp_p
 def test_reproduce_on_a_users_dataset(capsys, monkeypatch, tiny_data, tmp_path):
     """--data: the held-out domain is one of the user's; the embedded corpus is not prepared."""
     from grouter.data import PackConfig, pack_documents
-    from test_reproduce import tiny
+    from grouter.testing import tiny_reproduction as tiny
 
     data = pack_documents(stdlib_documents()[:8], tiny_data.tokenizer(), tmp_path / "data", PackConfig(seq_len=32))
 
-    def small(scale, **overrides):  # the smoke scale, smaller still, and only one baseline, no ablations
-        assert scale == "smoke"
-        return replace(tiny(), source_steps=4, distill_steps=4, tune_tokens=1_000, baselines=("aux",),
-                       fold_ablation=(), causal_ablation=False, **overrides)
+    base = tiny(source_steps=4, distill_steps=4, tune_tokens=1_000, baselines=("aux",), fold_ablation=(),
+                causal_ablation=False)  # the smoke scale, smaller still, and only one baseline, no ablations
 
-    monkeypatch.setattr("grouter.cli.scaled", small)
+    def small(scale, **overrides):
+        assert scale == "smoke"
+        return replace(base, **overrides)
+
+    monkeypatch.setattr("grouter.experiments.reproduce.reproduce_config", small)
     out = tmp_path / "r"
     code, stdout, err = run(capsys, "reproduce", "--scale", "smoke", "--out", str(out), "--data", str(data.path),
                             "--held-out-domain", "prose", "--target-steps", "4", "--json")
@@ -661,7 +650,7 @@ def test_reproduce_on_a_users_dataset(capsys, monkeypatch, tiny_data, tmp_path):
     result = last_json(stdout)
     assert result["domains"] == {"source_saw": ["code"], "held_out": "prose"}
     assert result["config"]["data"] == str(data.path) and result["config"]["target_steps"] == 4
-    assert result["target_tokens_per_run"] == 4 * tiny().batch_size * data.seq_len
+    assert result["target_tokens_per_run"] == 4 * base.batch_size * data.seq_len
     assert result["train_tokens_available"] == data.split("train").tokens.size
     assert not (out / "data").exists()
     assert PackedDataset.open(out / "data-source").domains == ["code"]
@@ -673,12 +662,12 @@ def test_reproduce_on_a_users_dataset(capsys, monkeypatch, tiny_data, tmp_path):
 
 
 def test_reproduce_refuses_a_held_out_domain_the_data_lacks(capsys, monkeypatch, tiny_data, tmp_path):
-    import grouter.demo
+    from grouter.experiments.pipeline import Pipeline
 
     def no_training(*a, **k):
         raise AssertionError("trained before checking the held-out domain")
 
-    monkeypatch.setattr(grouter.demo, "train", no_training)
+    monkeypatch.setattr(Pipeline, "source_targets", no_training)
     out = tmp_path / "r"
     code, _, err = run(capsys, "reproduce", "--scale", "smoke", "--out", str(out), "--data", str(tiny_data.path),
                        "--held-out-domain", "poetry")

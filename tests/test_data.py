@@ -13,23 +13,10 @@ import torch
 from tokenizers import Tokenizer, models
 
 import grouter.data as data_module
-from grouter.data import (
-    DataSplit,
-    Document,
-    PackConfig,
-    PackedDataset,
-    detokenize_brown,
-    eos_id_of,
-    iter_default_documents,
-    load_tokenizer,
-    pack_documents,
-    prepare_default,
-    read_documents,
-    subset_domains,
-    tokenize_corpus,
-    train_tokenizer,
-)
+from grouter.data import (Document, PackConfig, data_prepare, data_subset, data_tokenize, detokenize_brown, eos_id_of,
+                          iter_default_documents, load_tokenizer, pack_documents, read_documents, train_tokenizer)
 from grouter.errors import GrouterError
+from grouter.formats.dataset import DataSplit, PackedDataset
 
 L = 16
 WORDS = {
@@ -180,25 +167,40 @@ def replace_text(doc: Document, text: str) -> Document:
     return Document(doc.domain, doc.source, text)
 
 
-def test_pack_refuses_existing_out_and_empty_or_tiny_corpora(tokenizer, tmp_path):
-    pack_documents(synthetic_corpus(), tokenizer, tmp_path / "ds", PackConfig(seq_len=L))
+def write_corpus(path: Path, docs: list[Document]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    return path
+
+
+def test_tokenize_refuses_existing_out_and_empty_or_tiny_corpora(tokenizer, tmp_path):
+    """The command around packing: --out appears complete or not at all."""
+    (tmp_path / "in").mkdir()
+    tokenizer.save(str(tmp_path / "in" / "tok.json"))
+    run = dict(tokenizer=tmp_path / "in" / "tok.json", seq_len=L)
+    corpus = write_corpus(tmp_path / "in" / "a.jsonl", synthetic_corpus())
+    data_tokenize(tmp_path / "ds", input=[corpus], **run)
     with pytest.raises(GrouterError, match="already exists"):
-        pack_documents(synthetic_corpus(), tokenizer, tmp_path / "ds", PackConfig(seq_len=L))
-    pack_documents(synthetic_corpus(seed=5), tokenizer, tmp_path / "ds", PackConfig(seq_len=L), overwrite=True)
+        data_tokenize(tmp_path / "ds", input=[write_corpus(tmp_path / "in" / "b.jsonl", synthetic_corpus(seed=5))],
+                      **run)
+    data_tokenize(tmp_path / "ds", input=[tmp_path / "in" / "b.jsonl"], overwrite=True, **run)
     with pytest.raises(GrouterError, match="no text"):
-        pack_documents([Document("a", "x", ""), Document("a", "y", "  ")], tokenizer, tmp_path / "empty")
+        data_tokenize(tmp_path / "empty", input=[write_corpus(tmp_path / "in" / "e.jsonl", [Document("a", "x", "  ")])],
+                      **run)
     with pytest.raises(GrouterError, match="corpus too small for seq_len 4096.*--seq-len"):
-        pack_documents(synthetic_corpus(), tokenizer, tmp_path / "tiny", PackConfig(seq_len=4096))
-    assert not (tmp_path / "empty").exists() and not (tmp_path / "tiny").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no scratch directories left behind
+        data_tokenize(tmp_path / "tiny", input=[corpus], **{**run, "seq_len": 4096})
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["ds", "in"]
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]  # no scratch directories left behind
 
 
 def test_failure_while_packing_leaves_no_output(tokenizer, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"text": f"doc {i} " * 50}) + "\n" for i in range(20)) + "{oops\n")
+    tokenizer.save(str(tmp_path / "tok.json"))
     with pytest.raises(GrouterError, match=r"bad\.jsonl:21"):
-        pack_documents(read_documents([bad]), tokenizer, tmp_path / "out", PackConfig(seq_len=L))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+        data_tokenize(tmp_path / "out", input=[bad], tokenizer=tmp_path / "tok.json", seq_len=L)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["bad.jsonl", "tok.json"]
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
 def test_pack_config_validation():
@@ -362,7 +364,8 @@ def test_read_documents_missing_file(tmp_path):
 def test_tokenize_corpus_with_file_and_model_dir(tokenizer, tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d.text}) + "\n" for d in synthetic_corpus(10)))
     tokenizer.save(str(tmp_path / "tok.json"))
-    ds = tokenize_corpus([tmp_path / "a.jsonl"], tmp_path / "tok.json", tmp_path / "from_file", seq_len=L)
+    data_tokenize(tmp_path / "from_file", input=[tmp_path / "a.jsonl"], tokenizer=tmp_path / "tok.json", seq_len=L)
+    ds = PackedDataset.open(tmp_path / "from_file")
     assert ds.domains == ["a"] and ds.eos_id == 0 and len(ds.split("val")) > 0
     assert ds.meta["sources"]["tokenizer"] == str((tmp_path / "tok.json").resolve())
 
@@ -374,7 +377,8 @@ def test_tokenize_corpus_with_file_and_model_dir(tokenizer, tmp_path):
     custom.save(str(model_dir / "tokenizer.json"))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<doc_end>"}}))
     end_id = custom.token_to_id("<doc_end>")
-    ds = tokenize_corpus([tmp_path / "a.jsonl"], model_dir, tmp_path / "from_dir", seq_len=L, domain="web")
+    data_tokenize(tmp_path / "from_dir", input=[tmp_path / "a.jsonl"], tokenizer=model_dir, seq_len=L, domain="web")
+    ds = PackedDataset.open(tmp_path / "from_dir")
     assert ds.domains == ["web"] and ds.eos_id == end_id == ds.vocab_size - 1
     assert ds.meta["sources"]["tokenizer"] == str(model_dir.resolve())
     assert (ds.split("train").tokens == end_id).any()
@@ -436,7 +440,8 @@ def test_default_documents_cover_three_domains_with_real_text():
 
 
 def test_prepare_default_end_to_end(tmp_path):
-    ds = prepare_default(tmp_path / "ds", vocab_size=2048, seq_len=128, max_bytes_per_domain=300_000)
+    data_prepare(tmp_path / "ds", vocab_size=2048, seq_len=128, max_mb_per_domain=0.3)
+    ds = PackedDataset.open(tmp_path / "ds")
     assert ds.domains == ["prose", "speeches", "code"] and ds.vocab_size == 2048
     for split in ("train", "val"):
         per_domain = ds.meta["splits"][split]["sequences_per_domain"]
@@ -449,7 +454,8 @@ def test_prepare_default_end_to_end(tmp_path):
 
 
 def test_subset_domains_keeps_exactly_those_sequences(tiny_data, tmp_path):
-    sub = subset_domains(tiny_data, ["prose"], tmp_path / "prose")
+    data_subset(tmp_path / "prose", data=tiny_data, domains=["prose"])
+    sub = PackedDataset.open(tmp_path / "prose")
     assert sub.domains == ["prose"] and sub.fingerprint != tiny_data.fingerprint
     assert sub.meta["tokenizer_sha256"] == tiny_data.meta["tokenizer_sha256"]
     for split in ("train", "val"):
@@ -458,11 +464,11 @@ def test_subset_domains_keeps_exactly_those_sequences(tiny_data, tmp_path):
         assert len(part) == len(prose) > 0 and (part.domain_ids() == 0).all()
         np.testing.assert_array_equal(part.sequences(np.arange(len(part))), full.sequences(prose))
     # a second subset of the same domains is the same dataset
-    assert subset_domains(tiny_data, ["prose"], tmp_path / "again").fingerprint == sub.fingerprint
+    assert data_subset(tmp_path / "again", data=tiny_data, domains=["prose"])["fingerprint"] == sub.fingerprint
 
 
 @pytest.mark.parametrize("domains", [[], ["poetry"], ["prose", "prose"]])
 def test_subset_domains_rejects_unknown_or_repeated_domains(tiny_data, tmp_path, domains):
     with pytest.raises(GrouterError, match="choose distinct domains among"):
-        subset_domains(tiny_data, domains, tmp_path / "sub")
+        data_subset(tmp_path / "sub", data=tiny_data, domains=domains)
     assert not (tmp_path / "sub").exists()

@@ -2,18 +2,8 @@
 
 import json
 
-from grouter.cli import main
-from grouter.demo import DemoConfig, run_demo
-
-TINY_MODEL = dict(d_model=32, n_layers=2, n_heads=2, d_expert=16)
-
-
-def tiny_demo() -> DemoConfig:
-    return DemoConfig(max_bytes_per_domain=120_000, vocab_size=512, seq_len=32,
-                      source=dict(TINY_MODEL, n_experts=16, top_k=2), source_steps=12,
-                      grouter=dict(d_model=32, n_layers=1, n_heads=2, d_ff=64), distill_steps=12,
-                      target_experts=8, tune_tokens=4_000, target=TINY_MODEL, target_steps=12, batch_size=8,
-                      ranks=4)
+from grouter.experiments.demo import run_demo
+from grouter.testing import tiny_demo
 
 
 def test_reduced_demo_end_to_end(tmp_path, capsys):

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import stdlib_documents
-from grouter.data import SPLITS, PackConfig, PackedDataset, pack_documents, train_tokenizer
+from grouter.testing import stdlib_documents
+from grouter.data import PackConfig, pack_documents, train_tokenizer
 from grouter.dispatch import dispatch
-from grouter.store import ONE_HEAD_VERSION, ROUTING_FORMAT, ROUTING_VERSION, RoutingStore
 from grouter.errors import GrouterError
-from grouter.network import Grouter, GrouterConfig
+from grouter.formats.dataset import SPLITS, PackedDataset
+from grouter.formats.grouter import GrouterConfig
+from grouter.formats.store import ONE_HEAD_VERSION, ROUTING_FORMAT, ROUTING_VERSION, RoutingStore
+from grouter.network import Grouter
 
 BF16_TOL = 2 ** -8  # relative spacing of bfloat16 (8 significant bits)
 BATCH = 64
@@ -42,7 +44,7 @@ def grouter_dir(tiny_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def store_dir(tiny_data, grouter_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("routing") / "store"
-    summary = dispatch(grouter_dir, tiny_data, out, batch_size=BATCH, progress=False)
+    summary = dispatch(out, grouter=grouter_dir, data=tiny_data, batch_size=BATCH, progress=False)
     assert summary["routing"] == str(out) and summary["k"] == 4 and summary["n_experts"] == 16
     assert summary["tokens"] == sum(len(tiny_data.split(s)) for s in SPLITS) * tiny_data.seq_len
     # an uninterrupted run routes every token itself: the rate is all tokens over its wall time
@@ -119,7 +121,7 @@ def test_per_layer_routing_is_stored_per_head_aligned_with_the_sequences(tmp_pat
     with torch.no_grad():
         g.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
     g.save_pretrained(tmp_path / "g")
-    summary = dispatch(tmp_path / "g", tiny_data, tmp_path / "r", batch_size=BATCH, progress=False)
+    summary = dispatch(tmp_path / "r", grouter=tmp_path / "g", data=tiny_data, batch_size=BATCH, progress=False)
     assert summary["head_layers"] == [0, 2, 5] and summary["bytes_per_token"] == 3 * 3 * 4
     store = RoutingStore.open(tmp_path / "r", data=tiny_data, grouter_fingerprint=g.fingerprint())
     m = store.manifest
@@ -140,21 +142,21 @@ def test_per_layer_routing_is_stored_per_head_aligned_with_the_sequences(tmp_pat
                 assert torch.equal(stored.ids[0, :, h], g(split.batch([i])["input_ids"])[0, :, h].topk(4).indices)
             assert not torch.equal(stored.ids[..., 0, :], stored.ids[..., 1, :])
     tokens = sum(len(tiny_data.split(s)) for s in SPLITS) * L
-    assert sum(p.stat().st_size for p in (tmp_path / "r").iterdir() if p.name != "manifest.json") == 3 * 3 * 4 * tokens
+    assert sum(p.stat().st_size for p in (tmp_path / "r").iterdir() if p.suffix in (".ids", ".weights")) == 3 * 3 * 4 * tokens
 
 
 def test_storage_is_3k_bytes_per_token(tiny_data, store_dir):
     k, L = 4, tiny_data.seq_len
     tokens = sum(len(tiny_data.split(s)) for s in SPLITS) * L
-    data_bytes = sum(p.stat().st_size for p in store_dir.iterdir() if p.name != "manifest.json")
+    data_bytes = sum(p.stat().st_size for p in store_dir.iterdir() if p.suffix in (".ids", ".weights"))
     assert data_bytes == 3 * k * tokens
-    assert sorted(p.name for p in store_dir.iterdir()) == sorted(
+    assert sorted(p.name for p in store_dir.iterdir() if not p.name.startswith(".")) == sorted(
         ["manifest.json"] + [f"{s}.{x}" for s in SPLITS for x in ("ids", "weights")])
 
 
 def test_uint16_ids_above_256_experts_and_float16_weights(tiny_data, tmp_path):
     g_dir = make_grouter(tiny_data, tmp_path / "g300", n_experts=300, top_k=2)
-    summary = dispatch(g_dir, tiny_data, tmp_path / "r300", batch_size=256, weights_dtype="float16", progress=False)
+    summary = dispatch(tmp_path / "r300", grouter=g_dir, data=tiny_data, batch_size=256, weights_dtype="float16", progress=False)
     assert summary["bytes_per_token"] == 2 * (2 + 2)
     store = RoutingStore.open(tmp_path / "r300", data=tiny_data)
     assert store.manifest["ids_dtype"] == "uint16" and store.ids("train").dtype == np.uint16
@@ -234,7 +236,7 @@ def test_stale_partial_of_another_job_is_discarded_and_smaller_k_is_a_prefix(tin
     partial.mkdir()
     (partial / "progress.json").write_text(json.dumps({"identity": {"k": 99}, "done": {"train/rank0": 64}}))
     (partial / "train.ids").write_bytes(b"\xff" * 100)
-    summary = dispatch(grouter_dir, tiny_data, out, k=2, batch_size=256, progress=False)
+    summary = dispatch(out, grouter=grouter_dir, data=tiny_data, k=2, batch_size=256, progress=False)
     assert not summary["resumed"] and summary["bytes_per_token"] == 6
     k2, k4 = RoutingStore.open(out, data=tiny_data), RoutingStore.open(store_dir, verify=False)
     assert k2.k == 2
@@ -307,11 +309,11 @@ def test_missing_or_foreign_store_refused(tiny_data, store_copy, tmp_path):
 
 def test_bad_arguments_refused(tiny_data, grouter_dir, store_dir, tmp_path):
     with pytest.raises(GrouterError, match="k = 17"):
-        dispatch(grouter_dir, tiny_data, tmp_path / "k17", k=17, progress=False)
-    with pytest.raises(GrouterError, match="weights dtype"):
-        dispatch(grouter_dir, tiny_data, tmp_path / "f32", weights_dtype="float32", progress=False)
+        dispatch(tmp_path / "k17", grouter=grouter_dir, data=tiny_data, k=17, progress=False)
+    with pytest.raises(GrouterError, match="--weights-dtype must be one of bfloat16, float16"):
+        dispatch(tmp_path / "f32", grouter=grouter_dir, data=tiny_data, weights_dtype="float32", progress=False)
     with pytest.raises(GrouterError, match="already exists"):
-        dispatch(grouter_dir, tiny_data, store_dir, progress=False)
+        dispatch(store_dir, grouter=grouter_dir, data=tiny_data, progress=False)
     assert not any(p.name.startswith(".k17") or p.name.startswith("k17") for p in tmp_path.iterdir())
 
 
@@ -355,8 +357,8 @@ def test_sharded_dispatch_killed_and_resumed_is_byte_identical(tiny_data, groute
 
 def test_a_manifest_whose_version_and_heads_disagree_is_refused(tmp_path):
     from grouter.artifacts import read_json, write_json
+    from grouter.formats.store import write_store
     from grouter.routers import Heads, Routing
-    from grouter.store import write_store
 
     ids = torch.randint(0, 8, (4, 6, 2, 2))
     write_store(tmp_path / "s", {"train": Routing(ids, torch.rand(4, 6, 2, 2), heads=Heads((1, 3), 4))}, 8)

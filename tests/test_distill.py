@@ -1,16 +1,21 @@
 """Distillation: learns the teacher for any expert count, T=1 by default, resumes exactly."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from grouter.capture import Targets, capture
-from grouter.distill import DistillConfig, distill, kl_loss
+from grouter.capture import capture
+from grouter.distill import Options, distill, distill_schedule
 from grouter.errors import GrouterError
-from grouter.model import MoEConfig, MoELM
-from grouter.network import Grouter, GrouterConfig
-from grouter.loop import read_metrics
+from grouter.formats.grouter import Architecture
+from grouter.formats.run import read_metrics
+from grouter.formats.targets import Targets
+from grouter.losses import kl_loss
 from grouter.metrics import topk_recall
+from grouter.model import MoEConfig, MoELM
+from grouter.network import Grouter
 
 
 def make_targets(tmp_path, data, n_experts, top_k=2, name="t") -> Targets:
@@ -18,14 +23,16 @@ def make_targets(tmp_path, data, n_experts, top_k=2, name="t") -> Targets:
     src = MoELM(MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_layers=1, n_heads=2,
                           d_expert=8, n_experts=n_experts, top_k=top_k, init_std=0.2))
     src.save_pretrained(tmp_path / f"src{n_experts}")
-    capture(tmp_path / f"src{n_experts}", data, tmp_path / name, progress=False)
+    capture(tmp_path / name, source=tmp_path / f"src{n_experts}", data=data, progress=False)
     return Targets.open(tmp_path / name)
 
 
-def gcfg(data, targets, **kw) -> GrouterConfig:
-    base = dict(vocab_size=data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k, d_model=32,
-                n_layers=1, n_heads=2, d_ff=64, max_seq_len=data.seq_len)
-    return GrouterConfig(**{**base, **kw})
+ARCH = Architecture(d_model=32, n_layers=1, n_heads=2, d_ff=64)
+
+
+def schedule(**kw):
+    """Distillation's schedule with the test's changes."""
+    return replace(distill_schedule(), **kw)
 
 
 def test_kl_loss_is_zero_for_identical_and_positive_otherwise():
@@ -44,9 +51,9 @@ def test_kl_loss_is_zero_for_identical_and_positive_otherwise():
 @pytest.mark.parametrize("n_experts, top_k", [(8, 2), (64, 4), (128, 8)])
 def test_distillation_learns_the_teacher_for_any_expert_count(tmp_path, tiny_data, n_experts, top_k):
     targets = make_targets(tmp_path, tiny_data, n_experts, top_k)
-    cfg = DistillConfig(steps=80, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=40, eval_sequences=64,
+    cfg = schedule(steps=80, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=40, eval_sequences=64,
                         checkpoint_every=40)
-    summary = distill(targets, tmp_path / "g", gcfg(tiny_data, targets), cfg, progress=False)
+    summary = distill(tmp_path / "g", targets=targets, architecture=ARCH, schedule=cfg, progress=False)
     evals = [r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals[-1]["kl"] < evals[0]["kl"] or evals[-1]["topk_recall"] > evals[0]["topk_recall"]
     chance = top_k / n_experts
@@ -57,38 +64,41 @@ def test_distillation_learns_the_teacher_for_any_expert_count(tmp_path, tiny_dat
 
 
 def test_temperature_defaults_to_one_and_is_an_option(tmp_path, tiny_data):
-    assert DistillConfig().temperature == 1.0
+    assert Options().temperature == 1.0
     targets = make_targets(tmp_path, tiny_data, 8)
-    cfg = DistillConfig(steps=3, batch_size=4, eval_every=3, eval_sequences=4, checkpoint_every=3)
-    a = distill(targets, tmp_path / "t1", gcfg(tiny_data, targets), cfg, progress=False)
-    cfg.temperature = 2.0
-    b = distill(targets, tmp_path / "t2", gcfg(tiny_data, targets), cfg, progress=False)
+    cfg = schedule(steps=3, batch_size=4, eval_every=3, eval_sequences=4, checkpoint_every=3)
+    a = distill(tmp_path / "t1", targets=targets, architecture=ARCH, schedule=cfg, progress=False)
+    b = distill(tmp_path / "t2", targets=targets, architecture=ARCH, schedule=cfg, temperature=2.0, progress=False)
     assert a["val_kl"] != b["val_kl"]
     assert Grouter.from_pretrained(tmp_path / "t2").cfg.provenance["temperature"] == 2.0
 
 
 def test_distillation_resumes_exactly(tmp_path, tiny_data):
     targets = make_targets(tmp_path, tiny_data, 8)
-    cfg = DistillConfig(steps=12, batch_size=8, eval_every=6, eval_sequences=8, checkpoint_every=6)
-    distill(targets, tmp_path / "full", gcfg(tiny_data, targets), cfg, progress=False)
-    assert distill(targets, tmp_path / "res", gcfg(tiny_data, targets), cfg, stop_after=6, progress=False)["stopped_at"] == 6
-    distill(targets, tmp_path / "res", gcfg(tiny_data, targets), cfg, progress=False)
+    cfg = schedule(steps=12, batch_size=8, eval_every=6, eval_sequences=8, checkpoint_every=6)
+    distill(tmp_path / "full", targets=targets, architecture=ARCH, schedule=cfg, progress=False)
+    stopped = distill(tmp_path / "res", targets=targets, architecture=ARCH, schedule=cfg, stop_after=6, progress=False)
+    assert stopped["stopped_at"] == 6
+    distill(tmp_path / "res", targets=targets, architecture=ARCH, schedule=cfg, progress=False)
     a, b = Grouter.from_pretrained(tmp_path / "full"), Grouter.from_pretrained(tmp_path / "res")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
 
 
-def test_mismatched_expert_count_is_refused(tmp_path, tiny_data):
+def test_a_batch_larger_than_the_data_is_refused(tmp_path, tiny_data):
     targets = make_targets(tmp_path, tiny_data, 8)
-    with pytest.raises(GrouterError, match="experts"):
-        distill(targets, tmp_path / "g", gcfg(tiny_data, targets, n_experts=16), DistillConfig(steps=2), progress=False)
+    with pytest.raises(GrouterError, match="batch size 100000 exceeds"):
+        distill(tmp_path / "g", targets=targets, architecture=ARCH, schedule=schedule(steps=2, batch_size=100_000),
+                progress=False)
+    assert not (tmp_path / "g").exists()
 
 
 def test_bidirectional_distillation_is_flagged(tmp_path, tiny_data):
     targets = make_targets(tmp_path, tiny_data, 8)
-    cfg = DistillConfig(steps=2, batch_size=4, eval_every=2, eval_sequences=4, checkpoint_every=2)
+    cfg = schedule(steps=2, batch_size=4, eval_every=2, eval_sequences=4, checkpoint_every=2)
     with pytest.warns(UserWarning, match="leaks the future"):
-        summary = distill(targets, tmp_path / "g", gcfg(tiny_data, targets, causal=False), cfg, progress=False)
+        summary = distill(tmp_path / "g", targets=targets, architecture=replace(ARCH, causal=False), schedule=cfg,
+                          progress=False)
     assert "leaks the future" in summary["warning"]
 
 
@@ -103,11 +113,11 @@ def test_per_layer_heads_learn_their_own_layers(tmp_path, tiny_data):
     src = MoELM(MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=2,
                           n_heads=2, d_expert=8, n_experts=8, top_k=2, init_std=0.2))
     src.save_pretrained(tmp_path / "src")
-    capture(tmp_path / "src", tiny_data, tmp_path / "t", layers="all", progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layers="all", progress=False)
     targets = Targets.open(tmp_path / "t")
-    cfg = DistillConfig(steps=80, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=40, eval_sequences=64,
+    cfg = schedule(steps=80, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=40, eval_sequences=64,
                         checkpoint_every=40)
-    summary = distill(targets, tmp_path / "g", gcfg(tiny_data, targets), cfg, progress=False)
+    summary = distill(tmp_path / "g", targets=targets, architecture=ARCH, schedule=cfg, progress=False)
     grouter = Grouter.from_pretrained(tmp_path / "g")
     assert (grouter.cfg.head_layers, grouter.cfg.source_layers, summary["head_layers"]) == ([0, 1], 2, [0, 1])
     assert len(summary["val_kl_per_head"]) == 2

@@ -18,12 +18,14 @@ import torch
 
 from grouter.device import free_port, spawn
 from grouter.ep import EPContext, EPExperts, analytic_copies, rank_batches, to_expert_parallel, train_many
+from grouter.ep import Options as EPOptions
 from grouter.errors import GrouterError
-from grouter.model import MoEConfig, MoELM
-from grouter.place import Plan, plan_placement, remote_volume
-from grouter.routers import Heads
+from grouter.formats.plan import Plan
+from grouter.formats.store import RoutingStore
 from grouter.loop import TrainConfig, build_optimizer, lr_at
-from grouter.store import RoutingStore
+from grouter.model import MoEConfig, MoELM
+from grouter.place import Options as PlaceOptions, plan_placement, remote_volume
+from grouter.routers import Heads
 from grouter.testing import synthetic_store
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -52,14 +54,14 @@ def setup(tiny_data, tmp_path_factory):
     synthetic_store(tiny_data, root / "store", E, K, CLUSTERS, seed=0, noise=0.1, decay=0.7)
     store = RoutingStore.open(root / "store", data=tiny_data)
     for R in (2, 4):
-        plan = plan_placement(store, R, global_batch=GLOBAL_BATCH, clusters=16, seed=0)
+        plan = plan_placement(store, PlaceOptions(ranks=R, global_batch=GLOBAL_BATCH, clusters=16, seed=0))
         (root / f"plan{R}").mkdir()
         plan.save(root / f"plan{R}")
     synthetic_store(tiny_data, root / "store-heads", E, K, CLUSTERS, seed=0, noise=0.1, decay=0.7,
                     heads=Heads((0, 1), LAYERS))  # per-layer routing: layer l takes head l
     heads = RoutingStore.open(root / "store-heads", data=tiny_data)
     (root / "plan2-heads").mkdir()
-    plan_placement(heads, 2, global_batch=GLOBAL_BATCH, clusters=16, seed=0, target_layers=LAYERS).save(
+    plan_placement(heads, PlaceOptions(ranks=2, global_batch=GLOBAL_BATCH, clusters=16, seed=0, target_layers=LAYERS)).save(
         root / "plan2-heads")
     return root
 
@@ -70,7 +72,8 @@ RUNS = [(p, x) for p in ("plan", "random") for x in ("dedup", "slot")]
 @pytest.fixture(scope="module")
 def runs2(setup, tiny_data):
     runs = [dict(data=tiny_data.path, routing=setup / "store", out=setup / f"r2-{p}-{x}", plan=setup / "plan2",
-                 placement=p, exchange=x, model_cfg=model_cfg(tiny_data), train_cfg=train_cfg(), save_model=True)
+                 model_cfg=model_cfg(tiny_data),
+                 options=EPOptions(placement=p, exchange=x, schedule=train_cfg(), save_model=True))
             for p, x in RUNS]
     runs.append(dict(runs[0], routing=setup / "store-heads", out=setup / "r2-heads", plan=setup / "plan2-heads"))
     spawn(2, train_many, (runs,))

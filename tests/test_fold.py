@@ -9,7 +9,8 @@ import torch
 from grouter.errors import GrouterError
 from grouter.fold import (STRATEGIES, affinity_groups, balance_groups, coactivation, fold, fold_grouter,
                           group_sizes, make_groups, mapping_matrix)
-from grouter.network import Grouter, GrouterConfig
+from grouter.formats.grouter import GrouterConfig
+from grouter.network import Grouter
 
 
 def make_grouter(data, n_experts, top_k=2, path=None) -> Grouter:
@@ -84,7 +85,7 @@ def test_mapping_matrix():
 
 def test_fold_command_writes_a_loadable_grouter_and_plot(tmp_path, tiny_data):
     make_grouter(tiny_data, 16, path=tmp_path / "g")
-    summary = fold(tmp_path / "g", tiny_data, tmp_path / "f", 6, max_sequences=50, progress=False)
+    summary = fold(tmp_path / "f", grouter=tmp_path / "g", data=tiny_data, experts=6, max_sequences=50, progress=False)
     folded = Grouter.from_pretrained(tmp_path / "f")
     assert folded.cfg.n_experts == 6 and summary["group_sizes"] == [3, 3, 3, 3, 2, 2]
     assert (tmp_path / "f" / "affinity.png").stat().st_size > 1000
@@ -97,11 +98,12 @@ def test_fold_command_writes_a_loadable_grouter_and_plot(tmp_path, tiny_data):
     assert report["tokens_measured"] == 50 * tiny_data.seq_len
 
 
-@pytest.mark.parametrize("experts, message", [(16, "between 1 and 15"), (0, "between 1 and 15"), (2, "top-k 2")])
+@pytest.mark.parametrize("experts, message", [(16, "between 1 and 15"), (0, "--experts must be a number at least 1"),
+                                             (2, "top-k 2")])
 def test_bad_target_expert_counts(tmp_path, tiny_data, experts, message):
     make_grouter(tiny_data, 16, path=tmp_path / "g")
     with pytest.raises(GrouterError, match=message):
-        fold(tmp_path / "g", tiny_data, tmp_path / "f", experts, progress=False)
+        fold(tmp_path / "f", grouter=tmp_path / "g", data=tiny_data, experts=experts, progress=False)
     assert not (tmp_path / "f").exists()
 
 
@@ -110,7 +112,7 @@ def test_data_with_another_vocabulary_is_refused(tmp_path, tiny_data):
                               n_heads=2, d_ff=64))
     g.save_pretrained(tmp_path / "g")
     with pytest.raises(GrouterError, match="another tokenizer"):
-        fold(tmp_path / "g", tiny_data, tmp_path / "f", 4, progress=False)
+        fold(tmp_path / "f", grouter=tmp_path / "g", data=tiny_data, experts=4, progress=False)
 
 
 def test_per_layer_heads_fold_each_head_by_its_own_grouping(tmp_path, tiny_data):
@@ -127,7 +129,7 @@ def test_per_layer_heads_fold_each_head_by_its_own_grouping(tmp_path, tiny_data)
                              "selection_bias": torch.zeros(16)})
         a, x, _ = coactivation(one.eval(), tiny_data.split("train"), max_sequences=50)
         assert np.array_equal(a, affinity[h]) and np.array_equal(x, load[h])
-    summary = fold(tmp_path / "g", tiny_data, tmp_path / "f", 6, max_sequences=50, progress=False)
+    summary = fold(tmp_path / "f", grouter=tmp_path / "g", data=tiny_data, experts=6, max_sequences=50, progress=False)
     folded = Grouter.from_pretrained(tmp_path / "f")
     report = json.loads((tmp_path / "f" / "fold_report.json").read_text())
     groups = report["groups"]

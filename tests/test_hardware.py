@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from grouter import store as routing_store
 from grouter.cli import main
 from grouter.errors import GrouterError
+from grouter.formats import store as routing_store
+from grouter.formats.plan import Plan
 from grouter.hardware import (PROFILES, HardwareProfile, StepTraffic, ep_phase_bytes, link_copies, load_profile,
                               predict, step_times)
-from grouter.place import Plan, plan_placement, step_traffic, traffic
+from grouter.place import Options as PlaceOptions, plan_placement, step_traffic, traffic
 from grouter.routers import Routing
 from grouter.testing import synthetic_routing
 
@@ -134,7 +135,7 @@ def test_link_totals_are_the_cost_models(store_dir, G):
     """Summed over ranks, the DeepEP copies received are the plan's deepep volume, and its RDMA
     copies sent are the node volume."""
     store = routing_store.RoutingStore.open(store_dir, verify=False)
-    plan = plan_placement(store, 8, ranks_per_node=G, global_batch=32, clusters=8, refine=2)
+    plan = plan_placement(store, PlaceOptions(ranks=8, ranks_per_node=G, global_batch=32, clusters=8, refine=2))
     tr = traffic(np.asarray(store.ids("train")), plan.rank_of_expert, 8, G)
     st = step_traffic(tr, plan.samples, 16)
     assert st.received().sum() == st.sent().sum() == plan.report["cost_models"]["deepep"]["plan"]
@@ -147,6 +148,7 @@ def test_link_totals_are_the_cost_models(store_dir, G):
 def test_ep_bytes_of_a_real_run(tiny_data, tmp_path):
     """grouter ep on 2 gloo ranks: every rank's bytes per phase and step equal ep_phase_bytes."""
     from grouter.device import spawn
+    from grouter.ep import Options as EPOptions
     from grouter.ep import rank_batches, train_many
     from grouter.loop import TrainConfig
     from grouter.model import MoEConfig
@@ -155,25 +157,27 @@ def test_ep_bytes_of_a_real_run(tiny_data, tmp_path):
     E, K, R, layers, d = 8, 2, 2, 2, 16
     synthetic_store(tiny_data, tmp_path / "store", E, K, 4, seed=0, noise=0.1, decay=0.7)
     store = routing_store.RoutingStore.open(tmp_path / "store", data=tiny_data)
-    plan = plan_placement(store, R, global_batch=8, clusters=8, seed=0)
+    plan = plan_placement(store, PlaceOptions(ranks=R, global_batch=8, clusters=8, seed=0))
     plan.save(tmp_path / "plan.json")
     cfg = MoEConfig(vocab_size=tiny_data.vocab_size, d_model=d, n_layers=layers, n_heads=2, d_expert=16,
                     n_experts=E, top_k=K, max_seq_len=tiny_data.seq_len, router="external", seed=0)
+    schedule = TrainConfig(steps=2, lr=1e-3, warmup_steps=1, seed=0, device="cpu")
     runs = [dict(data=tiny_data.path, routing=tmp_path / "store", out=tmp_path / f"run-{p}-{x}",
-                 plan=tmp_path / "plan.json", placement=p, exchange=x, model_cfg=cfg,
-                 train_cfg=TrainConfig(steps=2, lr=1e-3, warmup_steps=1, seed=0, device="cpu"))
+                 plan=tmp_path / "plan.json", model_cfg=cfg,
+                 options=EPOptions(placement=p, exchange=x, schedule=schedule))
             for p, x in (("plan", "dedup"), ("random", "slot"))]
     spawn(R, train_many, (runs,))
     ids = np.asarray(store.ids("train"))
     for run in runs:
-        rank_of_expert = plan.rank_of_expert if run["placement"] == "plan" else np.arange(E) // (E // R)
-        batches = rank_batches(plan, run["placement"], R, seed=0)
+        placement, exchange = run["options"].placement, run["options"].exchange
+        rank_of_expert = plan.rank_of_expert if placement == "plan" else np.arange(E) // (E // R)
+        batches = rank_batches(plan, placement, R, seed=0)
         st = step_traffic(traffic(ids, rank_of_expert, R), [[b[r] for b in batches] for r in range(R)],
                           tiny_data.seq_len)
-        predicted = ep_phase_bytes(st, run["exchange"], row_bytes=d * 4, layers=layers, k=K, n_experts=E)
+        predicted = ep_phase_bytes(st, exchange, row_bytes=d * 4, layers=layers, k=K, n_experts=E)
         records = [json.loads(line) for line in (Path(run["out"]) / "metrics.jsonl").read_text().splitlines()]
         for rec in records:
             b = (rec["step"] - 1) % len(batches)
             for phase, measured in rec["bytes_per_rank"].items():
                 if phase != "total":
-                    assert measured == predicted[phase][b].tolist(), (run["exchange"], phase, rec["step"])
+                    assert measured == predicted[phase][b].tolist(), (exchange, phase, rec["step"])

@@ -358,8 +358,9 @@ def test_unsupported_moe_type_is_refused_in_one_line(tmp_path, model_type):
 def test_capture_manifest_records_what_the_scores_are(tmp_path, tiny_data):
     """End to end: a DeepSeek-V3-style source (dense layer 0, sigmoid + correction bias, group-limited)
     is captured from layer 1 by default, and targets.json says what the scores are."""
-    from grouter.capture import Targets, capture
+    from grouter.capture import capture
     from grouter.data import Document, PackConfig, pack_documents
+    from grouter.formats.targets import Targets
 
     # a few dozen sequences in the fixture's tokenization keep the capture short
     docs = [Document("prose", f"doc{i}", "The quick brown fox jumps over the lazy dog. " * 40) for i in range(4)]
@@ -371,7 +372,7 @@ def test_capture_manifest_records_what_the_scores_are(tmp_path, tiny_data):
             if name.endswith("e_score_correction_bias"):
                 buf.add_(torch.randn_like(buf) * 0.3)
     model.save_pretrained(tmp_path / "src", safe_serialization=True)
-    capture(tmp_path / "src", data, tmp_path / "t", progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=data, progress=False)
     m = json.loads((tmp_path / "t" / "targets.json").read_text())
     assert (m["layer"], m["score_function"], m["includes_bias"]) == (1, "sigmoid", True)
     src = m["source"]

@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from grouter.dispatch import dispatch
 from grouter.errors import GrouterError
+from grouter.formats.grouter import GrouterConfig
+from grouter.formats.store import RoutingStore
 from grouter.integrations.hf import (
     GrouterGate,
     GrouterRoutedModel,
@@ -19,9 +21,8 @@ from grouter.integrations.hf import (
     routing_collator,
     use_grouter_routing,
 )
-from grouter.network import Grouter, GrouterConfig
+from grouter.network import Grouter
 from grouter.routers import Routing
-from grouter.store import RoutingStore
 
 ARCHS = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"]
 V, E, K, H = 128, 8, 2, 32
@@ -479,7 +480,7 @@ def test_trainer_with_online_routing(tmp_path):
 def dispatched_batch(g, data, tmp_path, n=4):
     """Dispatch `g` over `data` into a routing store, and collate the first n training sequences from it."""
     g.save_pretrained(tmp_path / "g")
-    dispatch(tmp_path / "g", data, tmp_path / "store", batch_size=512, device="cpu", progress=False)
+    dispatch(tmp_path / "store", grouter=tmp_path / "g", data=data, batch_size=512, device="cpu", progress=False)
     store = RoutingStore.open(tmp_path / "store", data=data)
     b = data.split("train").batch(np.arange(n))
     items = [{"input_ids": b["input_ids"][i], "labels": b["input_ids"][i], "index": i} for i in range(n)]

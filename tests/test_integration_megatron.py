@@ -38,10 +38,12 @@ from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from grouter.device import free_port, spawn  # noqa: E402
 from grouter.errors import GrouterError  # noqa: E402
-from grouter.network import Grouter, GrouterConfig  # noqa: E402
-from grouter.place import Plan, plan_placement, relabel  # noqa: E402
+from grouter.formats.grouter import GrouterConfig  # noqa: E402
+from grouter.formats.plan import Plan, relabel  # noqa: E402
+from grouter.formats.store import RoutingStore  # noqa: E402
+from grouter.network import Grouter  # noqa: E402
+from grouter.place import Options as PlaceOptions, plan_placement  # noqa: E402
 from grouter.routers import Routing  # noqa: E402
-from grouter.store import RoutingStore  # noqa: E402
 from grouter.testing import synthetic_store  # noqa: E402
 
 # Megatron's own deprecation notices (e.g. "tp_group is None") and torch's for the collectives it calls.
@@ -138,7 +140,7 @@ def store(tiny_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plan2(store):
-    return plan_placement(store, 2, global_batch=8, clusters=16, seed=0)
+    return plan_placement(store, PlaceOptions(ranks=2, global_batch=8, clusters=16, seed=0))
 
 
 def config(**overrides) -> TransformerConfig:
@@ -297,7 +299,7 @@ def _expert_parallel_rank(rank: int, world: int, data_path: str, store_path: str
     """One gloo rank of Megatron expert parallelism (EP = DP = world): served routing, and the all-to-all
     bytes of benchmarks/megatron_bytes.py (plan and random placement) with their prediction."""
     import megatron_bytes
-    from grouter.data import PackedDataset
+    from grouter.formats.dataset import PackedDataset
 
     cpu_stubs(setattr)
     init_megatron(expert_model_parallel_size=world)

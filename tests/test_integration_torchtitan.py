@@ -20,14 +20,16 @@ import torch.nn.functional as F
 from torchtitan.models.common.moe import TokenChoiceTopKRouter
 from torchtitan.protocols.model_spec import ModelSpec
 
-from grouter.data import PackedDataset
 from grouter.device import spawn
 from grouter.errors import GrouterError
+from grouter.formats.dataset import PackedDataset
+from grouter.formats.grouter import GrouterConfig
+from grouter.formats.plan import Plan, relabel
+from grouter.formats.store import RoutingStore
 from grouter.integrations import torchtitan as gt
-from grouter.network import Grouter, GrouterConfig
-from grouter.place import Plan, plan_placement, relabel
+from grouter.network import Grouter
+from grouter.place import Options as PlaceOptions, plan_placement
 from grouter.routers import Heads, Routing
-from grouter.store import RoutingStore
 from grouter.testing import synthetic_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -51,7 +53,7 @@ def setup(tiny_data, tmp_path_factory):
     synthetic_store(tiny_data, root / "store", E, K, 4, seed=0, noise=0.1, decay=0.7)
     store = RoutingStore.open(root / "store", data=tiny_data)
     (root / "plan").mkdir()
-    plan_placement(store, 2, global_batch=8, clusters=16, seed=0).save(root / "plan")
+    plan_placement(store, PlaceOptions(ranks=2, global_batch=8, clusters=16, seed=0)).save(root / "plan")
     return SimpleNamespace(root=root, data=tiny_data, store=store, store_dir=root / "store", plan_dir=root / "plan")
 
 

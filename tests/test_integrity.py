@@ -22,15 +22,17 @@ import torch
 
 from grouter.artifacts import output_lock, read_json
 from grouter.cli import main
-from grouter.data import PackConfig, PackedDataset, pack_documents
+from grouter.data import PackConfig, pack_documents
+from grouter.formats.dataset import PackedDataset
+from grouter.formats.run import read_run
 from grouter.integrity import CheckedFile, file_checksum
-from grouter.loop import TrainConfig, read_run
+from grouter.loop import TrainConfig
 from grouter.model import MoEConfig, MoELM
 from grouter.routers import Routing
-from grouter.train import train
+from grouter.testing import train_run
 
-from conftest import stdlib_documents
-from test_cli import SMALL_TRAIN, assert_one_line_error
+from grouter.testing import stdlib_documents
+from grouter.testing import SMALL_TRAIN, assert_one_line_error
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CORRUPT = r"corrupt|checksum|altered|modified"
@@ -150,7 +152,7 @@ def test_a_flipped_byte_in_a_training_checkpoint_is_refused_on_resume(capsys, ti
     cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=64, n_layers=2,
                     n_heads=4, d_expert=64, n_experts=8, top_k=2)  # the tiny preset: the command's own run
     tcfg = TrainConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, eval_sequences=4)
-    train(tiny_data, tmp_path / "r", cfg, tcfg, stop_after=3, progress=False)  # as if killed after step 3
+    train_run(tiny_data, tmp_path / "r", cfg, tcfg, stop_after=3)  # as if killed after step 3
     flip_byte(tmp_path / "r" / "checkpoint" / file, seed=zlib.crc32(file.encode()))
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, "")
@@ -215,10 +217,9 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint(tiny_data, tmp_path):
 
     cfg = TrainConfig(steps=8, batch_size=4, eval_every=2, checkpoint_every=2, eval_sequences=4, device="cpu")
     with pytest.raises(Exception, match="became nan at step 5.*step 4.* is kept"):
-        train(tiny_data, tmp_path / "r", small_model(tiny_data), cfg, routing_source=routing, progress=False)
+        train_run(tiny_data, tmp_path / "r", small_model(tiny_data), cfg, routing_source=routing)
     calls["train"] = -10**9  # never NaN
-    train(tiny_data, tmp_path / "ref", small_model(tiny_data), cfg, routing_source=routing, stop_after=4,
-          progress=False)
+    train_run(tiny_data, tmp_path / "ref", small_model(tiny_data), cfg, routing_source=routing, stop_after=4)
     kept = read_json(tmp_path / "r" / "checkpoint" / "trainer_state.json", "state")
     assert kept["step"] == 4
     a = MoELM.from_pretrained(tmp_path / "r" / "checkpoint").state_dict()
@@ -263,29 +264,25 @@ def test_unfinished_runs_are_refused_downstream_until_resumed(capsys, pipeline, 
     cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=2,
                     n_heads=2, d_expert=16, n_experts=8, top_k=2)
     tcfg = TrainConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, eval_sequences=4, device="cpu")
-    train(tiny_data, tmp_path / "source", cfg, tcfg, stop_after=3, progress=False)  # as if killed after step 3
+    train_run(tiny_data, tmp_path / "source", cfg, tcfg, stop_after=3)  # as if killed after step 3
     code, _, err = run(capsys, "capture", "--source", str(tmp_path / "source"), "--data", d, "--out",
                        str(tmp_path / "t"))
     assert_one_line_error(code, err, "did not finish (checkpoint at step 3); rerun the same `grouter source train`")
     ok(capsys, "capture", "--source", str(tmp_path / "source" / "checkpoint"), "--data", d,  # on purpose
        "--out", str(tmp_path / "t-partial"))
-    train(tiny_data, tmp_path / "source", cfg, tcfg, progress=False)  # the resume completes it
+    train_run(tiny_data, tmp_path / "source", cfg, tcfg)  # the resume completes it
     ok(capsys, "capture", "--source", str(tmp_path / "source"), "--data", d, "--out", str(tmp_path / "t"))
 
-    from grouter.capture import Targets
-    from grouter.distill import DistillConfig, distill
-    from grouter.network import GrouterConfig
+    from grouter.distill import distill
 
-    targets = Targets.open(pipeline / "targets")
-    gcfg = GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
-                         d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=tiny_data.seq_len)
-    dcfg = DistillConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, device="cpu")
-    distill(targets, tmp_path / "g", gcfg, dcfg, stop_after=3, progress=False)
+    job = dict(targets=pipeline / "targets", architecture=dict(d_model=32, n_layers=1, n_heads=2, d_ff=64),
+               schedule=dict(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, device="cpu"), progress=False)
+    distill(tmp_path / "g", stop_after=3, **job)
     for argv in (["fold", "--experts", "4", "--top-k", "2", "--data", d, "--max-sequences", "16"],
                  ["dispatch", "--data", d], ["train", "--data", d, *SMALL_TRAIN]):
         code, _, err = run(capsys, *argv, "--grouter", str(tmp_path / "g"), "--out", str(tmp_path / "x"))
         assert_one_line_error(code, err, "rerun the same `grouter distill` command to resume it")
-    distill(targets, tmp_path / "g", gcfg, dcfg, progress=False)
+    distill(tmp_path / "g", **job)
     ok(capsys, "dispatch", "--grouter", str(tmp_path / "g"), "--data", d, "--out", str(tmp_path / "x"))
 
 

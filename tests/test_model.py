@@ -3,10 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from grouter.artifacts import read_json, write_json
-from grouter.integrity import file_sha256
 from grouter.errors import GrouterError
+from grouter.integrity import file_sha256
+from grouter.losses import load_balancing_loss, z_loss
 from grouter.model import Experts, MoEConfig, MoELM
-from grouter.routers import ROUTER_KINDS, Routing, load_balancing_loss, topk_gating, z_loss
+from grouter.routers import ROUTER_KINDS, Routing, topk_gating
 
 TINY = dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, d_expert=16, n_experts=8, top_k=2, max_seq_len=16)
 

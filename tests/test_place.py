@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from grouter import store as routing_store
 from grouter.errors import GrouterError
-from grouter.place import (Plan, PlanSampler, affinity_counts, balanced_assignment, balanced_bound, entropy_bits,
-                           group_experts, place, plan_placement, refine_grouping, relabel, remote_volume, traffic)
-from grouter.testing import synthetic_routing
+from grouter.formats import store as routing_store
+from grouter.formats.plan import Plan, PlanSampler, relabel
+from grouter.formats.store import RoutingStore
+from grouter.place import (Options as PlaceOptions, affinity_counts, balanced_assignment, balanced_bound, entropy_bits,
+                           group_experts, place, plan_placement, refine_grouping, remote_volume, traffic)
 from grouter.routers import Routing
-from grouter.store import RoutingStore
+from grouter.testing import synthetic_routing
 
 E, K, L, R = 16, 2, 16, 4
 GB = 64  # global batch: 16 sequences per rank
@@ -171,7 +172,7 @@ def test_balanced_bound():
 def test_balanced_plan_beats_random_and_realises(clustered, tmp_path):
     store_dir, ids = clustered
     store = RoutingStore.open(store_dir)
-    plan = plan_placement(store, R, global_batch=GB, clusters=20)
+    plan = plan_placement(store, PlaceOptions(ranks=R, global_batch=GB, clusters=20))
     n = len(ids)
     check_plan(plan, n, GB // R)
     rep = plan.report
@@ -204,8 +205,8 @@ def test_balanced_plan_beats_random_and_realises(clustered, tmp_path):
 
 def test_load_cap_trades_volume_for_compute_balance(clustered):
     store = RoutingStore.open(clustered[0], verify=False)
-    capped = plan_placement(store, R, global_batch=GB, clusters=20).report  # load tolerance 0.05 by default
-    free = plan_placement(store, R, global_batch=GB, clusters=20, load_tolerance=None).report
+    capped = plan_placement(store, PlaceOptions(ranks=R, global_batch=GB, clusters=20)).report  # load tolerance 0.05 by default
+    free = plan_placement(store, PlaceOptions(ranks=R, global_batch=GB, clusters=20, load_cap=False)).report
     load = lambda r, who="plan": r["load"][who]["expert_load_max_over_mean"]["overall"]  # noqa: E731
     assert load(capped) < 1.15 < load(capped, "random") < load(free)  # this routing's experts are unequally popular
     assert free["cost_models"]["deepep"]["plan"] < capped["cost_models"]["deepep"]["plan"]  # the price
@@ -214,8 +215,8 @@ def test_load_cap_trades_volume_for_compute_balance(clustered):
 def test_greedy_unbalanced_on_skewed_data_and_attains_bound(skewed):
     store_dir, ids = skewed
     store = RoutingStore.open(store_dir)
-    greedy = plan_placement(store, R, algorithm="greedy", global_batch=GB, clusters=20)
-    balanced = plan_placement(store, R, global_batch=GB, clusters=20, refine=0)  # the paper's expert grouping
+    greedy = plan_placement(store, PlaceOptions(ranks=R, algorithm="greedy", global_batch=GB, clusters=20))
+    balanced = plan_placement(store, PlaceOptions(ranks=R, global_batch=GB, clusters=20, refine=0))  # the paper's expert grouping
     check_plan(greedy, len(ids), None)
     check_plan(balanced, len(ids), GB // R)
     g, b = greedy.report, balanced.report
@@ -232,7 +233,7 @@ def test_greedy_unbalanced_on_skewed_data_and_attains_bound(skewed):
 def test_node_level_plan(clustered):
     store_dir, ids = clustered
     store = RoutingStore.open(store_dir, verify=False)
-    plan = plan_placement(store, R, ranks_per_node=2, global_batch=GB, clusters=20)
+    plan = plan_placement(store, PlaceOptions(ranks=R, ranks_per_node=2, global_batch=GB, clusters=20))
     check_plan(plan, len(ids), GB // R)
     rep = plan.report
     assert rep["level"] == "node" and rep["partitions"] == 2 and rep["optimises"] == "node"
@@ -244,17 +245,17 @@ def test_node_level_plan(clustered):
     assert rep["clustering"]["node_inner_split"]["refined"] == 2
     trace, inner = rep["refinement"]["cost_per_token"], rep["refinement"]["inner_cost_per_token"]
     assert trace == sorted(trace, reverse=True) and inner[1] <= inner[0]
-    paper = plan_placement(store, R, ranks_per_node=2, global_batch=GB, clusters=20, refine=0).report
+    paper = plan_placement(store, PlaceOptions(ranks=R, ranks_per_node=2, global_batch=GB, clusters=20, refine=0)).report
     assert paper["refinement"] is None
     assert cm["node"]["plan"] <= paper["cost_models"]["node"]["plan"]
-    rank_level = plan_placement(store, R, ranks_per_node=2, level="rank", global_batch=GB, clusters=20)
+    rank_level = plan_placement(store, PlaceOptions(ranks=R, ranks_per_node=2, level="rank", global_batch=GB, clusters=20))
     assert rank_level.report["optimises"] == "deepep" and "node" in rank_level.report["cost_models"]
 
 
 def test_epoch_scope_and_max_sequences(clustered):
     store_dir, ids = clustered
     store = RoutingStore.open(store_dir, verify=False)
-    plan = plan_placement(store, R, global_batch=GB, clusters=20, scope="epoch", max_sequences=1001)
+    plan = plan_placement(store, PlaceOptions(ranks=R, global_batch=GB, clusters=20, scope="epoch", max_sequences=1001))
     assert plan.n_sequences == 1001
     check_plan(plan, 1001, GB // R)
     assert len(plan.dropped) == 1001 % R
@@ -263,7 +264,7 @@ def test_epoch_scope_and_max_sequences(clustered):
     assert load["plan"]["expert_load_max_over_mean"]["per_batch_worst"] <= 1.2
     assert load["plan"]["expert_load_max_over_mean"]["per_batch_worst"] < load["random"]["expert_load_max_over_mean"][
         "per_batch_worst"]
-    again = plan_placement(store, R, global_batch=GB, clusters=20, scope="epoch", max_sequences=1001)
+    again = plan_placement(store, PlaceOptions(ranks=R, global_batch=GB, clusters=20, scope="epoch", max_sequences=1001))
     assert np.array_equal(again.permutation, plan.permutation)  # deterministic for a seed
     assert all(np.array_equal(a, b) for ra, rb in zip(again.samples, plan.samples) for a, b in zip(ra, rb))
 
@@ -283,7 +284,7 @@ def test_relabel_torch_and_numpy():
 def test_place_writes_plan_and_reports(clustered, tmp_path):
     store_dir, ids = clustered
     out = tmp_path / "plan"
-    summary = place(store_dir, out, R, ranks_per_node=2, global_batch=GB, clusters=20)
+    summary = place(out, routing=store_dir, ranks=R, ranks_per_node=2, global_batch=GB, clusters=20)
     for name in ("plan.json", "report.json", "report.md", "report.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert summary["plan"] == str(out / "plan.json") and summary["level"] == "node"
@@ -297,7 +298,7 @@ def test_place_writes_plan_and_reports(clustered, tmp_path):
     assert np.array_equal(loaded.permutation, d["permutation"]) and loaded.report["level"] == "node"
     assert [list(PlanSampler(out, r, R)) for r in range(R)] == [list(PlanSampler(loaded, r, R)) for r in range(R)]
     with pytest.raises(GrouterError, match="already exists"):
-        place(store_dir, out, R)
+        place(out, routing=store_dir, ranks=R)
     with pytest.raises(GrouterError, match="world_size"):
         PlanSampler(loaded, 0, 2 * R)
     (tmp_path / "bad.json").write_text('{"format": "other"}')
@@ -334,16 +335,17 @@ def test_plan_load_checks_the_header(tmp_path):
 def test_plan_on_dispatched_store(tiny_data, tmp_path):
     """End to end on the routing a (random) Grouter writes with `grouter dispatch`."""
     from grouter.dispatch import dispatch
-    from grouter.network import Grouter, GrouterConfig
+    from grouter.formats.grouter import GrouterConfig
+    from grouter.network import Grouter
 
     g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=E, top_k=K, d_model=32, n_layers=1,
                               n_heads=2, d_ff=64, max_seq_len=tiny_data.seq_len))
     with torch.no_grad():
         g.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
     g.save_pretrained(tmp_path / "g")
-    dispatch(tmp_path / "g", tiny_data, tmp_path / "routing", batch_size=256, progress=False)
+    dispatch(tmp_path / "routing", grouter=tmp_path / "g", data=tiny_data, batch_size=256, progress=False)
     n = len(tiny_data.split("train"))
-    summary = place(tmp_path / "routing", tmp_path / "plan", R, global_batch=2 * R, clusters=10)
+    summary = place(tmp_path / "plan", routing=tmp_path / "routing", ranks=R, global_batch=2 * R, clusters=10)
     plan = Plan.load(tmp_path / "plan")
     check_plan(plan, n, 2)
     assert summary["sequences_placed"] == n - n % R
@@ -355,20 +357,20 @@ def test_errors(clustered, tmp_path):
     store_dir, ids = clustered
     store = RoutingStore.open(store_dir, verify=False)
     with pytest.raises(GrouterError, match="divides 16"):
-        plan_placement(store, 3)
+        plan_placement(store, PlaceOptions(ranks=3))
     with pytest.raises(GrouterError, match="only 8 sequences for 16 ranks"):
-        plan_placement(store, 16, max_sequences=8)
-    with pytest.raises(GrouterError, match="unknown placement algorithm 'fast'.*balanced, greedy"):
-        plan_placement(store, R, algorithm="fast")
+        plan_placement(store, PlaceOptions(ranks=16, max_sequences=8))
+    with pytest.raises(GrouterError, match="--algorithm must be one of balanced, greedy, got 'fast'"):
+        plan_placement(store, PlaceOptions(ranks=R, algorithm="fast"))
     with pytest.raises(GrouterError, match="multiple of the 4 ranks"):
-        plan_placement(store, R, global_batch=30)
+        plan_placement(store, PlaceOptions(ranks=R, global_batch=30))
     with pytest.raises(GrouterError, match="ranks-per-node 3"):
-        plan_placement(store, R, ranks_per_node=3)
+        plan_placement(store, PlaceOptions(ranks=R, ranks_per_node=3))
     with pytest.raises(GrouterError, match="node-level placement needs"):
-        plan_placement(store, R, level="node")
+        plan_placement(store, PlaceOptions(ranks=R, level="node"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(GrouterError, match="no manifest.json"):
-        place(tmp_path / "empty", tmp_path / "out", R)
+        place(tmp_path / "out", routing=tmp_path / "empty", ranks=R)
     assert not (tmp_path / "out").exists()
 
 
@@ -397,8 +399,8 @@ def test_a_union_of_one_head_plans_as_that_heads_store(per_layer):
     """Target layers that all route by head 0: the same plan, byte for byte, as the one-head store of head 0."""
     heads, one = per_layer
     assert np.array_equal(heads.ids("train")[:, :, 0], one.ids("train"))
-    a = plan_placement(heads, R, global_batch=GB, target_layers=1, seed=1)  # one layer: depth 1/2, a tie -> head 0
-    b = plan_placement(one, R, global_batch=GB, seed=1)
+    a = plan_placement(heads, PlaceOptions(ranks=R, global_batch=GB, target_layers=1, seed=1))  # one layer: depth 1/2, a tie -> head 0
+    b = plan_placement(one, PlaceOptions(ranks=R, global_batch=GB, seed=1))
     assert a.source["layer_heads"] == [0] and "layer_heads" not in b.source
     assert np.array_equal(a.permutation, b.permutation)
     assert all(np.array_equal(x, y) for xs, ys in zip(a.samples, b.samples) for x, y in zip(xs, ys))
@@ -410,7 +412,7 @@ def test_the_plan_costs_the_sum_over_the_target_layers(per_layer, target_layers,
     """The optimised and reported volumes are the sum over the target's layers of each layer's own
     volume (counted token by token), each head weighted by the layers that route by it."""
     heads, _ = per_layer
-    plan = plan_placement(heads, R, global_batch=GB, target_layers=target_layers, seed=1)
+    plan = plan_placement(heads, PlaceOptions(ranks=R, global_batch=GB, target_layers=target_layers, seed=1))
     ids = heads.ids("train")
     rank = _sample_ranks(plan, len(ids))
     per_head = [remote_volume(ids[:, :, h], plan.rank_of_expert, rank) for h in range(2)]
@@ -424,8 +426,8 @@ def test_the_plan_costs_the_sum_over_the_target_layers(per_layer, target_layers,
 def test_planning_over_the_union_beats_planning_for_one_layer(per_layer):
     """Each head prefers other experts: a plan for head 0 alone costs the union more than the union's plan."""
     heads, one = per_layer
-    union = plan_placement(heads, R, global_batch=GB, seed=1)
-    first = plan_placement(one, R, global_batch=GB, seed=1)
+    union = plan_placement(heads, PlaceOptions(ranks=R, global_batch=GB, seed=1))
+    first = plan_placement(one, PlaceOptions(ranks=R, global_batch=GB, seed=1))
     ids = heads.ids("train")
     cost = lambda plan: sum(remote_volume(ids[:, :, h], plan.rank_of_expert, _sample_ranks(plan, len(ids)))["deepep"]
                             for h in range(2))  # noqa: E731
@@ -435,9 +437,10 @@ def test_planning_over_the_union_beats_planning_for_one_layer(per_layer):
 def test_per_layer_options_are_checked(per_layer, clustered):
     heads, _ = per_layer
     with pytest.raises(GrouterError, match="per-layer heads; plan without --hardware"):
-        plan_placement(heads, R, global_batch=GB, hardware="h100x8")
-    with pytest.raises(GrouterError, match="positive integer"):
-        plan_placement(heads, R, global_batch=GB, target_layers=0)
+        plan_placement(heads, PlaceOptions(ranks=R, global_batch=GB, hardware="h100x8"))
+    with pytest.raises(GrouterError, match="--target-layers must be a number at least 1"):
+        plan_placement(heads, PlaceOptions(ranks=R, global_batch=GB, target_layers=0))
     one_head = RoutingStore.open(clustered[0])  # one routing for every layer: the target's depth changes nothing
-    a, b = plan_placement(one_head, R, global_batch=GB), plan_placement(one_head, R, global_batch=GB, target_layers=6)
+    a = plan_placement(one_head, PlaceOptions(ranks=R, global_batch=GB))
+    b = plan_placement(one_head, PlaceOptions(ranks=R, global_batch=GB, target_layers=6))
     assert a.report["cost_models"] == b.report["cost_models"] and "per_layer_routing" not in b.report

@@ -12,7 +12,7 @@ from grouter.model import MoEConfig
 from grouter.report import RunRecord, report, speedups, tokens_to_reach
 from grouter.routers import Routing
 from grouter.loop import TrainConfig
-from grouter.train import train
+from grouter.testing import train_run
 
 
 def test_tokens_to_reach_interpolates():
@@ -51,10 +51,10 @@ def test_report_compares_runs(tiny_data, tmp_path):
         experts = torch.stack([(ids * 5 + j) % 8 for j in range(2)], dim=-1)
         return Routing(experts, torch.full(experts.shape, 0.5))
 
-    train(tiny_data, tmp_path / "aux", MoEConfig(router="aux", **mcfg), tcfg, progress=False)
-    train(tiny_data, tmp_path / "grouter", MoEConfig(router="external", **mcfg), tcfg, routing_source=hashed,
-          routing_identity={"kind": "test", "causal": True}, progress=False)
-    result = report([tmp_path / "aux", tmp_path / "grouter"], tmp_path / "rep")
+    train_run(tiny_data, tmp_path / "aux", MoEConfig(router="aux", **mcfg), tcfg)
+    train_run(tiny_data, tmp_path / "grouter", MoEConfig(router="external", **mcfg), tcfg, routing_source=hashed,
+          routing_identity={"kind": "test", "causal": True})
+    result = report(tmp_path / "rep", runs=[tmp_path / "aux", tmp_path / "grouter"])
     files = {p.name for p in (tmp_path / "rep").iterdir()}
     assert {"report.md", "report.json", "val_loss.png", "val_loss_by_domain.png", "maxvio_vs_loss.png",
             "grad_norm_cv.png", "routing_consistency.png"} <= files
@@ -82,11 +82,11 @@ def test_report_refuses_unfinished_runs(tiny_data, tmp_path):
     mcfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=1,
                      n_heads=2, d_expert=16, n_experts=4, top_k=1)
     tcfg = TrainConfig(steps=4, batch_size=4, eval_every=2, checkpoint_every=2, eval_sequences=4)
-    train(tiny_data, tmp_path / "r", mcfg, tcfg, stop_after=2, progress=False)
+    train_run(tiny_data, tmp_path / "r", mcfg, tcfg, stop_after=2)
     with pytest.raises(GrouterError, match="not a finished run"):
-        report([tmp_path / "r"], tmp_path / "rep")
+        report(tmp_path / "rep", runs=[tmp_path / "r"])
     with pytest.raises(GrouterError, match="nope not found"):
-        report([tmp_path / "nope"], tmp_path / "rep")
+        report(tmp_path / "rep", runs=[tmp_path / "nope"])
     assert not (tmp_path / "rep").exists()
 
 

@@ -7,16 +7,12 @@ from dataclasses import replace
 import pytest
 
 from grouter.cli import main
-from grouter.data import PackedDataset
 from grouter.errors import GrouterError
+from grouter.formats.dataset import PackedDataset
+from grouter.formats.grouter import GrouterConfig
 from grouter.model import MoEConfig
-from grouter.network import GrouterConfig
-from grouter.reproduce import SCALES, run_reproduce, scaled
-
-
-def tiny() -> object:
-    return replace(SCALES["smoke"], max_bytes_per_domain=100_000, vocab_size=512, seq_len=32, source_steps=10,
-                   distill_steps=10, tune_tokens=3_000, target_steps=10, eval_every=5)
+from grouter.experiments.reproduce import SCALES, reproduce_config, run_reproduce
+from grouter.testing import tiny_reproduction as tiny
 
 
 @pytest.mark.filterwarnings("ignore:this Grouter is bidirectional")
@@ -51,12 +47,12 @@ def test_reproduce_refuses_a_held_out_domain_the_data_lacks(tmp_path):
     with pytest.raises(GrouterError, match="held-out domain 'poetry' must be one of"):
         run_reproduce(tmp_path / "r", replace(tiny(), held_out_domain="poetry"))
     with pytest.raises(GrouterError, match="unknown scale"):
-        scaled("huge")
+        reproduce_config("huge")
 
 
-@pytest.mark.parametrize("scale", list(SCALES))
+@pytest.mark.parametrize("scale", SCALES)
 def test_every_scale_builds_valid_models(scale):
-    cfg = SCALES[scale]
+    cfg = reproduce_config(scale)
     MoEConfig(vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_len, **cfg.source).validate()
     MoEConfig(vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_len, n_experts=cfg.target_experts,
               top_k=cfg.source["top_k"], **cfg.target).validate()

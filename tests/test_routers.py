@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from grouter.errors import GrouterError
-from grouter.routers import (AuxFreeRouter, HashRouter, Routing, balanced_hash_table, expert_counts,
-                             load_balancing_loss, topk_gating, z_loss)
+from grouter.losses import load_balancing_loss, z_loss
+from grouter.routers import AuxFreeRouter, HashRouter, Routing, balanced_hash_table, expert_counts, topk_gating
 
 
 def test_topk_softmax_equals_softmax_then_topk_renormalised():

@@ -5,6 +5,7 @@ concept, functions that fit a screen) so that they hold after every change, not 
 """
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -139,9 +140,74 @@ def test_repeated_blocks_are_found(tmp_path):
     assert repeated_blocks([tmp_path / "a.py", tmp_path / "b.py"]) == []
 
 
+ROOT = SRC.parent
+TEXT_DIRS = ("src", "tests", "benchmarks", "docs", "examples")
+
+
+def text_files() -> list[Path]:
+    """The repository's code and prose: every .py and .md file (but generated study results)."""
+    found = [ROOT / "README.md"]
+    for d in TEXT_DIRS:
+        found += [p for p in sorted((ROOT / d).rglob("*")) if p.suffix in (".py", ".md") and "study/cells" not in str(p)]
+    return found
+
+
 def test_no_references_outside_the_repository():
-    for name, path in modules().items():
+    for path in text_files():
+        if path == Path(__file__).resolve():  # this check names what it looks for
+            continue
         assert not re.search(r"SPEC ?§|\.\./SPEC|shared/SPEC", path.read_text()), f"{path} points to SPEC"
+
+
+def unresolved(name: str) -> bool:
+    """Whether a dotted name (grouter.a.b.c) names no module or attribute of the package."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return True
+            obj = getattr(obj, attr)
+        return False
+    return True
+
+
+def test_dotted_names_in_code_and_docs_exist():
+    """Every dotted grouter name (grouter.x.y) that the code's docstrings, the docs, the benchmarks and
+    the examples name in backquotes is still there: a module moved or renamed is found here, not by a
+    reader."""
+    stale = []
+    for path in text_files():
+        for name in set(re.findall(r"(?<=[`~])grouter(?:\.[A-Za-z_]\w*)+", path.read_text())):
+            if unresolved(name.rstrip(".")):
+                stale.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not stale, stale
+
+
+FORMAT_MAY_IMPORT = {"grouter", "grouter.errors", "grouter.artifacts", "grouter.integrity", "grouter.routers",
+                     "grouter.losses", "grouter.chunking", "grouter.options"}
+
+
+@pytest.mark.parametrize("name", sorted(m for m in modules() if m.startswith("grouter.formats.")))
+def test_a_format_imports_no_stage_and_no_heavy_library(name):
+    """An engine adapter that reads a store and a plan pulls in nothing else (grouter.formats)."""
+    code = (f"import sys, {name}; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('scipy', 'matplotlib', 'transformers', 'sklearn') or (m.startswith('grouter') "
+            "and not m.startswith('grouter.formats'))))")
+    loaded = eval(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert set(loaded) <= FORMAT_MAY_IMPORT, set(loaded) - FORMAT_MAY_IMPORT
+
+
+def test_the_readme_maps_every_module():
+    text = (ROOT / "README.md").read_text()
+    where = text[text.index("## What is where"):]
+    where = where[:where.index("\n## ", 4)] if "\n## " in where[4:] else where
+    missing = [m.removeprefix("grouter.") for m in modules() if m != "grouter" and not m.endswith("__main__")
+               and f"`{m.removeprefix('grouter.')}`" not in where]
+    assert not missing, f"README's 'What is where' leaves out {missing}"
 
 
 def test_import_grouter_is_light_and_exports_the_interface():
@@ -149,7 +215,7 @@ def test_import_grouter_is_light_and_exports_the_interface():
             "from grouter import Grouter, RoutingStore, GrouterError, Routing, MoELM, Plan, PlanSampler; "
             "print(light, Grouter.__module__, RoutingStore.__module__, sorted(grouter.__all__) == grouter.__all__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "grouter.network", "grouter.store", "True"]
+    assert out == ["True", "grouter.network", "grouter.formats.store", "True"]
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         import grouter
 

@@ -9,28 +9,33 @@ from pathlib import Path
 
 import pytest
 
-import grouter.demo
 from grouter.cli import main
-from grouter.data import PackedDataset
 from grouter.errors import GrouterError
-from grouter.loop import read_run
-from grouter.study import (FACTORS, STUDY_BASELINES, STUDY_SCALES, StudyConfig, plan, plan_markdown, plan_rows,
-                           run_study, write_study)
+from grouter.experiments.pipeline import Pipeline
+from grouter.experiments.study import (FACTORS, StudyConfig, plan, plan_markdown, plan_rows, run_study, study_config,
+                                       write_study)
+from grouter.formats.dataset import PackedDataset
+from grouter.formats.run import read_run
+from grouter.train import source_train, train
 
-from test_cli import assert_one_line_error, run
-from test_cli_commands import assert_nothing_written, last_json
-from test_reproduce import tiny
+from grouter.testing import assert_one_line_error
+from grouter.testing import run_cli as run
+from grouter.testing import assert_nothing_written, last_json
+from grouter.testing import tiny_reproduction as tiny
 
 KILL_AT = 11  # the 11th call of train: the base cell (source + 2 seeds × 4 runs) is done, then source/2x's source, then its first run
 
 
+STUDY_BASELINES = ("random", "aux", "stablemoe")
+
+
 def tiny_study() -> StudyConfig:
-    base = replace(tiny(), baselines=STUDY_BASELINES, fold_ablation=(), causal_ablation=False, target_steps=8,
-                   source_steps=8, distill_steps=8, eval_every=4)
+    base = tiny(baselines=STUDY_BASELINES, fold_ablation=(), causal_ablation=False, target_steps=8, source_steps=8,
+                distill_steps=8, eval_every=4)
     return StudyConfig(base=base, seeds=2, seeded=("source/2x",), source_ratios=(2.0,),
                        big_source=dict(d_model=96, n_layers=2, n_heads=2, d_expert=32, n_experts=16, top_k=2),
-                       token_ratios=(0.5, 2.0), many_experts=16, many_top_k=4, many_d_expert=16,
-                       many_source_experts=32)
+                       token_ratios=(0.5, 2.0), tune_variants=("untuned", "held-out", "keep", "bias"), tune_keep=1.0,
+                       many_experts=16, many_top_k=4, many_d_expert=16, many_source_experts=32)
 
 
 def finished_runs(out: Path) -> dict[Path, int]:
@@ -42,17 +47,19 @@ def finished_runs(out: Path) -> dict[Path, int]:
 def study(tmp_path_factory):
     """The whole tiny study, killed during its 12th training run and rerun to the end."""
     out = tmp_path_factory.mktemp("study") / "s"
-    real, calls = grouter.demo.train, []
+    real, calls = Pipeline.stage, []
 
-    def killed(data, path, *args, **kw):
-        calls.append(path)
+    def killed(pipe, name, what, stage, **kw):
+        if stage not in (train, source_train):
+            return real(pipe, name, what, stage, **kw)
+        calls.append(pipe.out / name)
         if len(calls) == KILL_AT:
-            real(data, path, *args, stop_after=2, **kw)  # part of a run, then the kill
+            real(pipe, name, what, stage, stop_after=2, **kw)  # part of a run, then the kill
             raise KeyboardInterrupt
-        return real(data, path, *args, **kw)
+        return real(pipe, name, what, stage, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(grouter.demo, "train", killed)
+        mp.setattr(Pipeline, "stage", killed)
         with pytest.raises(KeyboardInterrupt):
             run_study(out, "all", tiny_study())
     partial = json.loads((out / "study.json").read_text())
@@ -154,7 +161,8 @@ def test_more_seeds_for_a_cell_run_only_the_new_seeds(study, tmp_path):
 def test_the_plan():
     """Each factor has the base cell once; cells sharing a pipeline agree on everything it makes;
     the cpu plan fits about 3.7 hours and is the one docs/study.md shows."""
-    cfg = STUDY_SCALES["cpu"]
+    cfg = study_config("cpu")
+    assert cfg.base.baselines == STUDY_BASELINES
     cells_ = plan(cfg)
     for factor in FACTORS:
         assert sum(c.base for c in cells_ if c.factor == factor) == 1
@@ -188,7 +196,7 @@ def test_cli_study_refuses_bad_input(capsys, tmp_path):
 
 
 def test_cli_study_reuses_a_finished_study(capsys, monkeypatch, study):
-    monkeypatch.setattr("grouter.cli.study_scaled", lambda scale, **overrides: replace(
+    monkeypatch.setattr("grouter.experiments.reproduce.study_config", lambda scale, **overrides: replace(
         tiny_study(), base=replace(tiny_study().base, **overrides)))
     code, stdout, err = run(capsys, "reproduce", "--study", "heads", "--scale", "smoke", "--out", str(study["out"]),
                             "--json")

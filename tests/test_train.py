@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from grouter.errors import GrouterError
+from grouter.formats.run import read_metrics
+from grouter.loop import TrainConfig, lr_at
 from grouter.metrics import max_vio
-from grouter.model import MoEConfig, MoELM
+from grouter.model import ModelOptions, MoEConfig, MoELM
 from grouter.routers import ROUTER_KINDS, Routing
-from grouter.loop import TrainConfig, lr_at, read_metrics
+from grouter.testing import train_run
 from grouter.train import train
 
 BASELINES = [r for r in ROUTER_KINDS if r != "external"]
@@ -28,7 +30,7 @@ def train_cfg(**kw) -> TrainConfig:
 
 @pytest.mark.parametrize("router", BASELINES)
 def test_every_router_trains_and_logs_its_metrics(tiny_data, tmp_path, router):
-    summary = train(tiny_data, tmp_path / router, model_cfg(tiny_data, router=router), train_cfg(), progress=False)
+    summary = train_run(tiny_data, tmp_path / router, model_cfg(tiny_data, router=router), train_cfg())
     records = read_metrics(tmp_path / router / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -52,7 +54,7 @@ def test_every_router_trains_and_logs_its_metrics(tiny_data, tmp_path, router):
 
 def test_balancing_routers_balance_better_than_none(tiny_data, tmp_path):
     cfg = train_cfg(steps=60)
-    vio = {r: train(tiny_data, tmp_path / r, model_cfg(tiny_data, router=r), cfg, progress=False)["max_vio_global"]
+    vio = {r: train_run(tiny_data, tmp_path / r, model_cfg(tiny_data, router=r), cfg)["max_vio_global"]
            for r in ("none", "aux", "hash")}
     assert vio["hash"] < vio["none"] and vio["aux"] < vio["none"]
 
@@ -61,10 +63,10 @@ def test_balancing_routers_balance_better_than_none(tiny_data, tmp_path):
 def test_resume_is_exact(tiny_data, tmp_path, router):
     """N steps, stop, resume for N more: bit-identical to 2N steps uninterrupted."""
     mcfg, tcfg = model_cfg(tiny_data, router=router), train_cfg(steps=20, checkpoint_every=10, eval_every=10)
-    train(tiny_data, tmp_path / "full", mcfg, tcfg, progress=False)
-    stopped = train(tiny_data, tmp_path / "resumed", mcfg, tcfg, stop_after=10, progress=False)
+    train_run(tiny_data, tmp_path / "full", mcfg, tcfg)
+    stopped = train_run(tiny_data, tmp_path / "resumed", mcfg, tcfg, stop_after=10)
     assert stopped["stopped_at"] == 10
-    train(tiny_data, tmp_path / "resumed", mcfg, tcfg, progress=False)
+    train_run(tiny_data, tmp_path / "resumed", mcfg, tcfg)
     a = MoELM.from_pretrained(tmp_path / "full" / "checkpoint").state_dict()
     b = MoELM.from_pretrained(tmp_path / "resumed" / "checkpoint").state_dict()
     assert a.keys() == b.keys()
@@ -77,29 +79,32 @@ def test_resume_is_exact(tiny_data, tmp_path, router):
 
 
 def test_rerunning_a_finished_run_is_a_no_op(tiny_data, tmp_path):
-    mcfg, tcfg = model_cfg(tiny_data), train_cfg(steps=4, eval_every=4, checkpoint_every=4)
-    first = train(tiny_data, tmp_path / "run", mcfg, tcfg, progress=False)
+    model = ModelOptions(d_model=32, n_layers=2, n_heads=2, d_expert=32, n_experts=8, top_k=2)
+    run = dict(data=tiny_data, router="aux", schedule=train_cfg(steps=4, eval_every=4, checkpoint_every=4))
+    first = train(tmp_path / "run", model=model, **run)
     size = (tmp_path / "run" / "metrics.jsonl").stat().st_size
-    assert train(tiny_data, tmp_path / "run", mcfg, tcfg, progress=False) == first
+    assert train(tmp_path / "run", model=model, **run) == first
     assert (tmp_path / "run" / "metrics.jsonl").stat().st_size == size
     with pytest.raises(GrouterError, match="another configuration"):
-        train(tiny_data, tmp_path / "run", model_cfg(tiny_data, top_k=3), tcfg, progress=False)
-    again = train(tiny_data, tmp_path / "run", model_cfg(tiny_data, top_k=3), tcfg, overwrite=True, progress=False)
+        train(tmp_path / "run", model={**vars(model), "top_k": 3}, **run)
+    with pytest.raises(GrouterError, match="another configuration"):  # the trainer refuses it too
+        train_run(tiny_data, tmp_path / "run", model_cfg(tiny_data, top_k=3), run["schedule"])
+    again = train(tmp_path / "run", model={**vars(model), "top_k": 3}, overwrite=True, **run)
     assert again["steps"] == 4
 
 
 def test_corrupt_checkpoint_is_refused_on_resume(tiny_data, tmp_path):
     mcfg, tcfg = model_cfg(tiny_data), train_cfg(steps=8, checkpoint_every=4, eval_every=4)
-    train(tiny_data, tmp_path / "run", mcfg, tcfg, stop_after=4, progress=False)
+    train_run(tiny_data, tmp_path / "run", mcfg, tcfg, stop_after=4)
     weights = tmp_path / "run" / "checkpoint" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(GrouterError, match="does not match its checksum"):
-        train(tiny_data, tmp_path / "run", mcfg, tcfg, progress=False)
+        train_run(tiny_data, tmp_path / "run", mcfg, tcfg)
 
 
 def test_vocabulary_mismatch_is_refused(tiny_data, tmp_path):
     with pytest.raises(GrouterError, match="another tokenizer"):
-        train(tiny_data, tmp_path / "run", model_cfg(tiny_data, vocab_size=1000), train_cfg(), progress=False)
+        train_run(tiny_data, tmp_path / "run", model_cfg(tiny_data, vocab_size=1000), train_cfg())
     assert not (tmp_path / "run").exists()
 
 
@@ -113,12 +118,12 @@ def test_external_routing_source_trains_without_router_parameters(tiny_data, tmp
         return Routing(experts, torch.full(experts.shape, 1.0 / k))
 
     cfg = model_cfg(tiny_data, router="external")
-    summary = train(tiny_data, tmp_path / "ext", cfg, train_cfg(), routing_source=token_hash_routing, progress=False)
+    summary = train_run(tiny_data, tmp_path / "ext", cfg, train_cfg(), routing_source=token_hash_routing)
     first = read_metrics(tmp_path / "ext" / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(np.log(tiny_data.vocab_size), abs=0.1)  # untrained: uniform over the vocab
     assert summary["final_val_loss"] < first["loss"] - 0.5, "it learned (measured: 6.25 -> 5.35)"
     with pytest.raises(GrouterError, match="routing source"):
-        train(tiny_data, tmp_path / "ext2", cfg, train_cfg(), progress=False)
+        train_run(tiny_data, tmp_path / "ext2", cfg, train_cfg())
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -132,14 +137,15 @@ def test_lr_schedule_warms_up_then_decays():
 def test_training_from_the_store_equals_online_grouter_routing(tiny_data, tmp_path):
     """Stored routing (dispatch) gives the same losses as running the frozen Grouter every step."""
     from grouter.dispatch import dispatch
-    from grouter.network import Grouter, GrouterConfig
+    from grouter.formats.grouter import GrouterConfig
+    from grouter.network import Grouter
     from grouter.train import external_routing
 
     g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1,
                               n_heads=2, d_ff=64, max_seq_len=tiny_data.seq_len))
     torch.nn.init.normal_(g.head.weight, std=0.5)
     g.save_pretrained(tmp_path / "g")
-    dispatch(tmp_path / "g", tiny_data, tmp_path / "store", progress=False)
+    dispatch(tmp_path / "store", grouter=tmp_path / "g", data=tiny_data)
     mcfg, tcfg = model_cfg(tiny_data, router="external"), train_cfg(steps=12, eval_every=6, checkpoint_every=6)
 
     stored, stored_id, e, k = external_routing(tiny_data, routing_dir=tmp_path / "store")
@@ -150,9 +156,9 @@ def test_training_from_the_store_equals_online_grouter_routing(tiny_data, tmp_pa
         r = online(split, idx)
         return Routing(r.ids, r.weights.to(torch.bfloat16).float())
 
-    a = train(tiny_data, tmp_path / "a", mcfg, tcfg, routing_source=stored, routing_identity=stored_id, progress=False)
-    b = train(tiny_data, tmp_path / "b", mcfg, tcfg, routing_source=online_bf16, progress=False)
-    c = train(tiny_data, tmp_path / "c", mcfg, tcfg, routing_source=online, routing_identity=online_id, progress=False)
+    a = train_run(tiny_data, tmp_path / "a", mcfg, tcfg, routing_source=stored, routing_identity=stored_id)
+    b = train_run(tiny_data, tmp_path / "b", mcfg, tcfg, routing_source=online_bf16)
+    train_run(tiny_data, tmp_path / "c", mcfg, tcfg, routing_source=online, routing_identity=online_id)
     loss = lambda run: [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"]
     assert loss("a") == loss("b"), "stored routing == online routing, bit for bit"
     assert np.allclose(loss("a"), loss("c"), atol=1e-3), "bf16 weights change losses only slightly"
@@ -165,15 +171,16 @@ def test_per_layer_store_routes_each_layer_by_its_head(tiny_data, tmp_path):
     """A store with per-layer heads: layer l of the target trains on its head's routing (by relative
     depth), the same as the Grouter online, and the run records the mapping."""
     from grouter.dispatch import dispatch
-    from grouter.network import Grouter, GrouterConfig
-    from grouter.store import RoutingStore
+    from grouter.formats.grouter import GrouterConfig
+    from grouter.formats.store import RoutingStore
+    from grouter.network import Grouter
     from grouter.train import external_routing
 
     g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=8, top_k=2, d_model=32, n_layers=1, n_heads=2,
                               d_ff=64, max_seq_len=tiny_data.seq_len, head_layers=[0, 2], source_layers=3))
     torch.nn.init.normal_(g.head.weight, std=0.5)
     g.save_pretrained(tmp_path / "g")
-    dispatch(tmp_path / "g", tiny_data, tmp_path / "store", progress=False)
+    dispatch(tmp_path / "store", grouter=tmp_path / "g", data=tiny_data)
     mcfg, tcfg = model_cfg(tiny_data, router="external", n_layers=3), train_cfg(steps=6, eval_every=6, checkpoint_every=6)
     stored, stored_id, _, _ = external_routing(tiny_data, routing_dir=tmp_path / "store")
     online, online_id, _, _ = external_routing(tiny_data, grouter_dir=tmp_path / "g", device="cpu")
@@ -183,8 +190,8 @@ def test_per_layer_store_routes_each_layer_by_its_head(tiny_data, tmp_path):
         r = online(split, idx)
         return Routing(r.ids, r.weights.to(torch.bfloat16).float(), heads=r.heads)
 
-    a = train(tiny_data, tmp_path / "a", mcfg, tcfg, routing_source=stored, routing_identity=stored_id, progress=False)
-    train(tiny_data, tmp_path / "b", mcfg, tcfg, routing_source=online_bf16, progress=False)
+    a = train_run(tiny_data, tmp_path / "a", mcfg, tcfg, routing_source=stored, routing_identity=stored_id)
+    train_run(tiny_data, tmp_path / "b", mcfg, tcfg, routing_source=online_bf16)
     loss = lambda run: [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"]
     assert loss("a") == loss("b")
     mapping = [0, 0, 1]  # depths 1/6, 1/2, 5/6 of the target; the heads' 1/6 and 5/6 (a tie goes to the shallower)
@@ -199,8 +206,7 @@ def test_per_layer_store_routes_each_layer_by_its_head(tiny_data, tmp_path):
 def test_stablemoe_switches_at_ten_percent_and_its_routing_then_stays(tiny_data, tmp_path):
     from grouter.report import RunRecord
 
-    train(tiny_data, tmp_path / "s", model_cfg(tiny_data, router="stablemoe"), train_cfg(eval_every=10),
-          progress=False)
+    train_run(tiny_data, tmp_path / "s", model_cfg(tiny_data, router="stablemoe"), train_cfg(eval_every=10))
     run = json.loads((tmp_path / "s" / "run.json").read_text())
     assert run["identity"]["model"]["stablemoe_stage1_steps"] == 4  # 10 % of 40 steps
     consistency = RunRecord.load(tmp_path / "s").probe_consistency()

@@ -1,17 +1,17 @@
 """Expert tuning: only the last layer changes, balance improves on held-out data, report written."""
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from grouter.errors import GrouterError
+from grouter.formats.grouter import GrouterConfig
 from grouter.metrics import max_vio, topk_set_agreement
-from grouter.network import Grouter, GrouterConfig
+from grouter.network import Grouter
 from grouter.routers import expert_counts
-from grouter.tune import TuneConfig, tune
+from grouter.tune import tune
 
 
 @pytest.fixture()
@@ -27,9 +27,7 @@ def skewed_grouter(tmp_path, tiny_data):
 
 @pytest.mark.parametrize("method", ["gradient", "bias"])
 def test_tuning_balances_held_out_routing(tmp_path, tiny_data, skewed_grouter, method):
-    summary = tune(skewed_grouter, tiny_data, tmp_path / "t",
-                   TuneConfig(tokens=100_000, method=method, eval_sequences=128, lr=1e-2, bias_gamma=5e-2),
-                   progress=False)
+    summary = tune(tmp_path / "t", grouter=skewed_grouter, data=tiny_data, progress=False, tokens=100_000, method=method, eval_sequences=128, lr=1e-2, bias_gamma=5e-2)
     # the tiny held-out set has a sampling-noise floor near 0.15; the corpus-scale figure is in docs/RESULTS.md
     assert summary["max_vio_global_after"] <= summary["max_vio_global_before"] / 2, summary
     assert summary["max_vio_batch_mean_after"] < summary["max_vio_batch_mean_before"]
@@ -47,7 +45,7 @@ def test_tuning_balances_held_out_routing(tmp_path, tiny_data, skewed_grouter, m
 
 @pytest.mark.parametrize("method, changed", [("gradient", {"head.weight"}), ("bias", {"selection_bias"})])
 def test_tuning_changes_only_the_last_layer(tmp_path, tiny_data, skewed_grouter, method, changed):
-    tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(tokens=5_000, method=method), progress=False)
+    tune(tmp_path / "t", grouter=skewed_grouter, data=tiny_data, progress=False, tokens=5_000, method=method)
     before = Grouter.from_pretrained(skewed_grouter).state_dict()
     after = Grouter.from_pretrained(tmp_path / "t").state_dict()
     differ = {name for name in before if not torch.equal(before[name], after[name])}
@@ -55,7 +53,7 @@ def test_tuning_changes_only_the_last_layer(tmp_path, tiny_data, skewed_grouter,
 
 
 def test_tuning_on_one_domain(tmp_path, tiny_data, skewed_grouter):
-    summary = tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(tokens=5_000, domain="code"), progress=False)
+    summary = tune(tmp_path / "t", grouter=skewed_grouter, data=tiny_data, progress=False, tokens=5_000, domain="code")
     # reported on the held-out code sequences only (up to eval_sequences = 512 of them)
     val = tiny_data.split("val")
     code = np.flatnonzero(val.domain_ids() == tiny_data.domains.index("code"))[:512]
@@ -64,15 +62,15 @@ def test_tuning_on_one_domain(tmp_path, tiny_data, skewed_grouter):
         after = Grouter.from_pretrained(tmp_path / "t").route(val.batch(code)["input_ids"]).ids
     assert summary["max_vio_global_after"] == pytest.approx(float(max_vio(expert_counts(after, 8))))
     with pytest.raises(GrouterError, match="unknown domain"):
-        tune(skewed_grouter, tiny_data, tmp_path / "t2", TuneConfig(tokens=5_000, domain="poetry"), progress=False)
+        tune(tmp_path / "t2", grouter=skewed_grouter, data=tiny_data, progress=False, tokens=5_000, domain="poetry")
     assert not (tmp_path / "t2").exists()
 
 
 def test_keep_holds_more_of_the_untuned_routing(tmp_path, tiny_data, skewed_grouter):
     """The keep term trades balance for routes kept: more identical top-k sets, less balance gained."""
-    cfg = TuneConfig(tokens=50_000, eval_sequences=128, lr=1e-2)
-    free = tune(skewed_grouter, tiny_data, tmp_path / "free", cfg, progress=False)
-    kept = tune(skewed_grouter, tiny_data, tmp_path / "kept", replace(cfg, keep=1.0), progress=False)
+    cfg = dict(grouter=skewed_grouter, data=tiny_data, progress=False, tokens=50_000, eval_sequences=128, lr=1e-2)
+    free = tune(tmp_path / "free", **cfg)
+    kept = tune(tmp_path / "kept", keep=1.0, **cfg)
     assert kept["topk_set_agreement_with_untuned"] > free["topk_set_agreement_with_untuned"] + 0.1, (kept, free)
     assert free["max_vio_global_after"] < kept["max_vio_global_after"] < kept["max_vio_global_before"]
     report = json.loads((tmp_path / "kept" / "tune_report.json").read_text())
@@ -80,12 +78,12 @@ def test_keep_holds_more_of_the_untuned_routing(tmp_path, tiny_data, skewed_grou
 
 
 def test_bad_tuning_options(tmp_path, tiny_data, skewed_grouter):
-    with pytest.raises(GrouterError, match="unknown tuning method"):
-        tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(method="magic"), progress=False)
+    with pytest.raises(GrouterError, match="--method must be one of gradient, bias, got 'magic'"):
+        tune(tmp_path / "t", grouter=skewed_grouter, data=tiny_data, progress=False, method="magic")
     with pytest.raises(GrouterError, match="--keep weighs a loss term: it needs --method gradient"):
-        tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(method="bias", keep=1.0), progress=False)
-    with pytest.raises(GrouterError, match="--keep must be a finite number, 0 or more"):
-        tune(skewed_grouter, tiny_data, tmp_path / "t", TuneConfig(keep=float("nan")), progress=False)
+        tune(tmp_path / "t", grouter=skewed_grouter, data=tiny_data, progress=False, method="bias", keep=1.0)
+    with pytest.raises(GrouterError, match="--keep must be a number at least 0, got nan"):
+        tune(tmp_path / "t", grouter=skewed_grouter, data=tiny_data, progress=False, keep=float("nan"))
     assert not (tmp_path / "t").exists()
 
 
@@ -99,9 +97,7 @@ def test_per_layer_heads_are_each_balanced(tmp_path, tiny_data, method):
         for rows in ([0, 1], [8 + 5, 8 + 6]):  # head 0: experts 0, 1 dominate; head 1: experts 5, 6
             g.head.weight[rows] += 1.0 * g.head.weight[rows].sign()
     g.save_pretrained(tmp_path / "g")
-    summary = tune(tmp_path / "g", tiny_data, tmp_path / "t",
-                   TuneConfig(tokens=100_000, method=method, eval_sequences=128, lr=1e-2, bias_gamma=5e-2),
-                   progress=False)
+    summary = tune(tmp_path / "t", grouter=tmp_path / "g", data=tiny_data, progress=False, tokens=100_000, method=method, eval_sequences=128, lr=1e-2, bias_gamma=5e-2)
     report = json.loads((tmp_path / "t" / "tune_report.json").read_text())
     before, after = report["before"]["max_vio_global_per_head"], report["after"]["max_vio_global_per_head"]
     assert all(a <= b / 2 for a, b in zip(after, before)), (before, after)

@@ -15,13 +15,14 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {  # name -> the module that defines it
-    "Grouter": "network", "GrouterConfig": "network",
+    "Grouter": "network", "GrouterConfig": "formats.grouter",
     "GrouterError": "errors",
     "MoEConfig": "model", "MoELM": "model", "MoEOutput": "model",
-    "PackedDataset": "data",
-    "Plan": "place", "PlanSampler": "place",
+    "PackedDataset": "formats.dataset",
+    "Plan": "formats.plan", "PlanSampler": "formats.plan",
     "Routing": "routers", "topk_gating": "routers",
-    "RoutingStore": "store",
+    "RoutingStore": "formats.store",
+    "Targets": "formats.targets",
     "TrainConfig": "loop",
 }
 __all__ = sorted(_EXPORTS)

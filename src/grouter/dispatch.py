@@ -2,7 +2,7 @@
 
 Every *input* token of every packed sequence that training reads (both splits, the dataset's
 order and boundaries) gets k expert ids and k gate weights (per head, for a Grouter with per-layer
-heads); the store's layout and reader are in :mod:`grouter.store`
+heads); the store's layout and reader are in :mod:`grouter.formats.store`
 (docs/method.md#pre-dispatch-and-the-routing-store).
 
 Writing is resumable and atomic: the work happens in ``.OUT.partial`` beside ``OUT`` with a
@@ -33,18 +33,21 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import ResumableDir, read_json, refuse_existing
-from .data import SPLITS, DataSplit, PackedDataset
+from .artifacts import read_json
 from .device import ProcessGroup
 from .errors import GrouterError
+from .formats.dataset import SPLITS, DataSplit, PackedDataset
+from .formats.store import WEIGHTS_DTYPES, StoreWriter, bytes_per_token
 from .network import LEAK_WARNING, Grouter
-from .store import ROUTING_FORMAT, WEIGHTS_DTYPES, StoreWriter, bytes_per_token, head_fields
+from .options import POSITIVE_INT, option, path_input
+from .runner import Output, Stage
 
 # Flush the files and record progress every this many batches (per rank, at common steps).
 CHECKPOINT_EVERY = 64
@@ -55,14 +58,6 @@ def _batch_ranges(n: int, batch_size: int, world: int) -> list[tuple[int, int]]:
     n_batches = math.ceil(n / batch_size)
     return [(min(r * n_batches // world * batch_size, n), min((r + 1) * n_batches // world * batch_size, n))
             for r in range(world)]
-
-
-def _check_arguments(out: Path, batch_size, weights_dtype: str, overwrite: bool) -> None:
-    if weights_dtype not in WEIGHTS_DTYPES:
-        raise GrouterError(f"unknown weights dtype {weights_dtype!r}; use bfloat16 or float16")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise GrouterError(f"batch size must be a positive integer, got {batch_size!r}")
-    refuse_existing(out, overwrite)
 
 
 def _load_grouter(path: str | Path, data: PackedDataset, k: int | None) -> tuple[Grouter, str, int]:
@@ -89,13 +84,13 @@ class _Progress:
     Rank 0 owns the resumable directory and records progress; the other ranks read it once.
     """
 
-    def __init__(self, out: Path, identity: dict, overwrite: bool, group: ProcessGroup):
+    def __init__(self, out: Output, more: dict, group: ProcessGroup):
         self.group, self.dir = group, None
         if group.rank == 0:
-            self.dir = ResumableDir(out, identity, overwrite=overwrite)
+            self.dir = out.resumable(more)
             if self.dir.resumed:
                 print(f"resuming dispatch in {self.dir.work}", file=sys.stderr)
-        self.work = out.parent / f".{out.name}.partial"
+        self.work = out.path.parent / f".{out.path.name}.partial"
 
     def forget(self, split: str) -> None:
         """Progress without its data is no progress (the files were missing or resized)."""
@@ -147,50 +142,63 @@ def _route_shard(model: Grouter, split: DataSplit, writer: StoreWriter, progress
     return routed
 
 
-@torch.inference_mode()
-def dispatch(grouter: str | Path, data: PackedDataset, out: str | Path, k: int | None = None,
-             batch_size: int = 16, device: str = "auto", weights_dtype: str = "bfloat16",
-             overwrite: bool = False, progress: bool = True) -> dict:
-    """Write the routing store ``out`` for both splits of ``data``; resumable, atomic, shardable.
+@dataclass
+class Inputs:
+    grouter: Path = path_input("the frozen Grouter (a tune, fold or distill output)")
+    data: Path = path_input("the dataset to route")
 
-    Returns ``{"routing", "k", "n_experts", "tokens", "bytes_per_token", "seconds",
-    "tokens_per_second", "resumed", "world_size"}``, and ``head_layers`` for per-layer heads
-    (tokens: all tokens in the store; bytes_per_token: ids + weights of every head, manifest
-    excluded; the rate counts the tokens routed by this invocation over all ranks, divided by its
-    wall time including loading and checksumming).
+
+@dataclass
+class Options:
+    k: int | None = option(None, "experts per token (default: the Grouter's top-k)", range=POSITIVE_INT)
+    batch_size: int = option(16, "sequences per Grouter forward (small batches suit a CPU, use more on a GPU; "
+                             "docs/BENCHMARKS.md); resuming needs the same value", range=POSITIVE_INT)
+    weights_dtype: str = option("bfloat16", choices=tuple(sorted(WEIGHTS_DTYPES)))
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", how=True)
+
+
+@torch.inference_mode()
+def run(inputs: Inputs, o: Options, out: Output) -> dict | None:
+    """Write the routing store ``out`` for both splits of the data; resumable, atomic, shardable.
+
+    Returns (on rank 0; None on the others) ``{"routing", "k", "n_experts", "tokens",
+    "bytes_per_token", "seconds", "tokens_per_second", "resumed", "world_size"}``, and ``head_layers``
+    for per-layer heads (tokens: all tokens in the store; bytes_per_token: ids + weights of every
+    head, manifest excluded; the rate counts the tokens routed by this invocation over all ranks,
+    divided by its wall time including loading and checksumming).
     """
     t0 = time.perf_counter()
-    out = Path(out)
-    _check_arguments(out, batch_size, weights_dtype, overwrite)
-    model, fingerprint, k = _load_grouter(grouter, data, k)
+    data = PackedDataset.open(inputs.data)
+    model, fingerprint, k = _load_grouter(inputs.grouter, data, o.k)
     E, sizes = model.cfg.n_experts, {name: len(data.split(name)) for name in SPLITS}
-    with ProcessGroup(device) as group:
+    with ProcessGroup(o.device) as group:
         model = model.float().to(group.device).eval()
-        identity = {"format": ROUTING_FORMAT, "version": head_fields(model.cfg.heads)["version"],
-                    "dataset": data.fingerprint, "grouter": fingerprint,
-                    "k": k, "weights_dtype": weights_dtype, "batch_size": batch_size, "world_size": group.world,
-                    "device_type": group.device.type}
-        job = _Progress(out, identity, overwrite, group)
-        writer = StoreWriter(job.work, data.seq_len, k, E, weights_dtype, model.cfg.heads)
+        job = _Progress(out, {"world_size": group.world, "device_type": group.device.type}, group)
+        writer = StoreWriter(job.work, data.seq_len, k, E, o.weights_dtype, model.cfg.heads)
         for name in SPLITS:  # rank 0 sizes the files every rank writes into
             if group.rank == 0 and not writer.allocate(name, sizes[name]):
                 job.forget(name)
             writer.sizes[name] = sizes[name]
         group.barrier()
         done = job.read()
-        routed = sum(_route_shard(model, data.split(name), writer, job, done, k, batch_size, progress)
+        routed = sum(_route_shard(model, data.split(name), writer, job, done, k, o.batch_size, out.progress)
                      for name in SPLITS)
         routed = group.all_sum(routed)
         group.barrier()
         if group.rank == 0:
-            writer.finish(data, fingerprint, str(Path(grouter).resolve()), model.cfg.causal)
+            writer.finish(data, fingerprint, str(Path(inputs.grouter).resolve()), model.cfg.causal)
             job.dir.finish()
         group.barrier()  # the store is in place before any rank returns
         world = group.world
     seconds = time.perf_counter() - t0
     heads = model.cfg.head_layers
-    return {"routing": str(out), "k": k, "n_experts": E, **({"head_layers": heads} if heads else {}),
+    if group.rank != 0:
+        return None
+    return {"routing": str(out.path), "k": k, "n_experts": E, **({"head_layers": heads} if heads else {}),
             "tokens": sum(sizes.values()) * data.seq_len,
             "bytes_per_token": bytes_per_token(k, E, model.cfg.n_routing_heads), "seconds": round(seconds, 3),
             "tokens_per_second": round(routed / seconds, 1) if seconds > 0 else 0.0,
             "resumed": any(done.values()), "world_size": world}
+
+
+dispatch = Stage("dispatch", run, Inputs, Options, writes="resumable")

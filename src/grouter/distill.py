@@ -12,48 +12,44 @@ same tokens), and the evaluation reports each head and their mean.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .capture import Targets
-from .data import batches_of
+from .chunking import batches_of
 from .device import resolve_device
 from .errors import GrouterError
-from .loop import Run, Step, TrainConfig, build_optimizer, fit, read_metrics
+from .formats.grouter import Architecture, GrouterConfig
+from .formats.run import read_metrics
+from .formats.targets import Targets
+from .loop import Hooks, Step, TrainConfig, build_optimizer, fit
+from .losses import kl_loss
 from .metrics import topk_recall, topk_set_agreement
-from .network import LEAK_WARNING, Grouter, GrouterConfig
+from .network import LEAK_WARNING, Grouter
+from .options import POSITIVE, POSITIVE_INT, option, path_input
+from .runner import Output, Stage
+
+
+def distill_schedule() -> TrainConfig:
+    """The trainer's optimiser and schedule with distillation's defaults."""
+    return TrainConfig(steps=600, lr=2e-3, warmup_steps=30, weight_decay=0.01, eval_every=100, eval_sequences=128,
+                       checkpoint_every=100)
 
 
 @dataclass
-class DistillConfig(TrainConfig):
-    """The trainer's optimiser and schedule with distillation's defaults, plus the KL temperature."""
-
-    steps: int = 600
-    lr: float = 2e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    eval_every: int = 100
-    eval_sequences: int = 128
-    checkpoint_every: int = 100
-    temperature: float = 1.0
-
-    def validate(self) -> "DistillConfig":
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise GrouterError(f"--temperature must be positive, got {self.temperature}")
-        super().validate()
-        return self
+class Inputs:
+    targets: Path = path_input("captured router scores (grouter capture)")
 
 
-def kl_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of KL(softmax(teacher/T) || softmax(student/T)), times T^2."""
-    t = F.log_softmax(teacher.float() / temperature, dim=-1).flatten(0, -2)
-    s = F.log_softmax(student.float() / temperature, dim=-1).flatten(0, -2)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+@dataclass
+class Options:
+    architecture: Architecture = field(default_factory=Architecture)
+    schedule: TrainConfig = field(default_factory=distill_schedule)
+    temperature: float = option(1.0, "KL temperature (default 1: no temperature)", range=POSITIVE)
+    stop_after: int | None = option(None, "leave after this step, as an interruption would", range=POSITIVE_INT,
+                                    cli=False, how=True)
 
 
 METRICS = ("kl", "topk_recall", "topk_set_match")
@@ -93,30 +89,24 @@ def evaluate_distill(grouter: Grouter, targets: Targets, split: str, n_sequences
     return result
 
 
-def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: DistillConfig, overwrite: bool = False,
-            stop_after: int | None = None, progress: bool = True) -> dict:
+def run(inputs: Inputs, o: Options, out: Output) -> dict:
     """Train (or resume) a Grouter in ``out``; returns a summary with the held-out quality."""
-    cfg.validate()
-    data = targets.data
-    heads = targets.heads  # one head per captured layer
-    gcfg.head_layers = list(heads.layers) if heads else []
-    gcfg.source_layers = heads.source_layers if heads else 0
-    if gcfg.n_experts != targets.n_experts:
-        raise GrouterError(f"Grouter has {gcfg.n_experts} experts but the targets have {targets.n_experts}")
-    if gcfg.vocab_size != data.vocab_size:
-        raise GrouterError(f"Grouter vocabulary {gcfg.vocab_size} differs from the dataset's {data.vocab_size}")
+    cfg = o.schedule
+    targets = Targets.open(inputs.targets)
+    data, heads = targets.data, targets.heads  # one head per captured layer
     train_split = data.split("train")
     if cfg.batch_size > len(train_split):
         raise GrouterError(f"batch size {cfg.batch_size} exceeds the {len(train_split)} training sequences")
-    gcfg.provenance = {**gcfg.provenance, "source": targets.manifest["source"],
-                       "distilled_on": data.fingerprint, "tokenizer_sha256": data.meta.get("tokenizer_sha256"),
-                       "temperature": cfg.temperature}
-    gcfg.validate()
-    identity = {"grouter": gcfg.to_dict(), "distill": {**asdict(cfg), "device": None},
+    gcfg = GrouterConfig(vocab_size=data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
+                         max_seq_len=max(data.seq_len, 4096), seed=cfg.seed, **asdict(o.architecture),
+                         head_layers=list(heads.layers) if heads else [],
+                         source_layers=heads.source_layers if heads else 0,
+                         provenance={"source": targets.manifest["source"], "distilled_on": data.fingerprint,
+                                     "tokenizer_sha256": data.meta.get("tokenizer_sha256"),
+                                     "temperature": o.temperature}).validate()
+    identity = {"grouter": gcfg.to_dict(), "distill": {**asdict(cfg), "temperature": o.temperature, "device": None},
                 "targets": targets.manifest["splits"]["train"]["logits"]["sha256"]}
-    run = Run(Path(out), identity, overwrite)
-    if (done := run.completed_summary()) is not None:
-        return done
+    run = out.run(identity)
     resume_state = run.start()
 
     device = resolve_device(cfg.device)
@@ -127,19 +117,19 @@ def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: Distill
 
     def forward(idx: np.ndarray) -> Step:
         teacher = targets.logits("train", idx).to(device)
-        loss = kl_loss(teacher, grouter(train_split.batch(idx)["input_ids"].to(device)), cfg.temperature)
+        loss = kl_loss(teacher, grouter(train_split.batch(idx)["input_ids"].to(device)), o.temperature)
         return Step(loss, {"loss": loss.item()})
 
     def evaluate(step: int) -> dict:
         return evaluate_distill(grouter, targets, "val", cfg.eval_sequences, cfg.batch_size, device)
 
     batches = ((step, train_split.batch_indices(step, cfg.batch_size, cfg.seed)) for step in range(start, cfg.steps))
-    if not fit(run, grouter, opt, cfg, start, batches, forward, evaluate=evaluate, extra={"leaks_future": not gcfg.causal},
-               desc="distill", progress=progress, stop_after=stop_after):
-        return {"out": str(out), "stopped_at": stop_after}
+    hooks = Hooks(forward, evaluate=evaluate, extra={"leaks_future": not gcfg.causal})
+    if not fit(run, grouter, opt, cfg, start, batches, hooks, "distill", out.progress, o.stop_after):
+        return {"out": str(out.path), "stopped_at": o.stop_after}
 
     evals = [r for r in read_metrics(run.metrics_path) if r["kind"] == "eval"]
-    summary = {"grouter": str(out), "steps": cfg.steps, "n_experts": gcfg.n_experts, "top_k": gcfg.top_k,
+    summary = {"grouter": str(out.path), "steps": cfg.steps, "n_experts": gcfg.n_experts, "top_k": gcfg.top_k,
                **({"head_layers": gcfg.head_layers} if heads else {}),
                "parameters": grouter.num_parameters(), "causal": gcfg.causal,
                **{f"val_{k}": v for k, v in evals[-1].items() if k not in ("kind", "step")}}
@@ -147,3 +137,6 @@ def distill(targets: Targets, out: str | Path, gcfg: GrouterConfig, cfg: Distill
         summary["warning"] = LEAK_WARNING
     run.finish(summary)
     return summary
+
+
+distill = Stage("distill", run, Inputs, Options, writes="run")

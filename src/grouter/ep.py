@@ -4,7 +4,7 @@ R processes (``torch.distributed``: gloo on CPU, NCCL on GPU). Every rank is a d
 replica of the dense parts (embeddings, attention, norms, lm head: gradients all-reduced) and the
 owner of E/R experts: rank r holds the *physical* experts ``[r*E/R, (r+1)*E/R)`` as its shard of
 each layer's ``w_in`` / ``w_out``. Routing comes with the batch (``router="external"``): the routing
-store's expert ids relabelled with the plan's permutation (:func:`grouter.place.relabel`), so the
+store's expert ids relabelled with the plan's permutation (:func:`grouter.formats.plan.relabel`), so the
 plan's expert grouping is realised by the contiguous blocks and the plan's sample placement by
 which sequences each rank reads.
 
@@ -70,14 +70,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import PackedDataset
-from .device import resolve_device, settle
+from .device import ProcessGroup, resolve_device, settle
 from .errors import GrouterError
-from .loop import Run, Step, TrainConfig, build_optimizer, fit
-from .model import MODEL_PRESETS, Experts, MoEConfig, MoELM
-from .place import Plan, relabel
+from .formats.dataset import PackedDataset
+from .formats.plan import Plan, relabel
+from .formats.run import Run
+from .formats.store import RoutingStore
+from .loop import Hooks, Step, TrainConfig, build_optimizer, fit
+from .model import Experts, ModelOptions, MoEConfig, MoELM
+from .options import POSITIVE_INT, check, option, path_input
 from .routers import Routing
-from .store import RoutingStore
+from .runner import Output, Stage
 
 EXCHANGES = {
     "dedup": "one copy per (token, destination rank) (DeepEP-style; the plan's deepep cost)",
@@ -505,19 +508,47 @@ def summarize(records: list[dict], ep: EPContext, placement: str, model_cfg: MoE
     }
 
 
-def _open_inputs(data, routing, plan) -> tuple[PackedDataset, RoutingStore, Plan | None]:
-    data = data if isinstance(data, PackedDataset) else PackedDataset.open(data)
-    store = routing if isinstance(routing, RoutingStore) else RoutingStore.open(routing, data=data)
-    if plan is not None and not isinstance(plan, Plan):
-        plan = Plan.load(plan)
-    return data, store, plan
+@dataclass
+class Inputs:
+    data: Path = path_input("packed dataset")
+    routing: Path = path_input("routing store of the dataset (grouter dispatch)")
+    plan: Path | None = path_input("placement plan (grouter place) for R ranks; needed for --placement plan",
+                                   required=False)
 
 
-def default_model_config(data: PackedDataset, store: RoutingStore, seed: int = 0, preset: str = "tiny",
-                         **overrides) -> MoEConfig:
-    """A preset MoE LM with the store's experts and top-k and external routing."""
-    return MoEConfig(**{**MODEL_PRESETS[preset], **overrides, "n_experts": store.n_experts, "top_k": store.k},
-                     vocab_size=data.vocab_size, max_seq_len=data.seq_len, router="external", seed=seed)
+@dataclass
+class Options:
+    placement: str = option("plan", "plan: the plan's experts and samples; random: identity experts, batches dealt "
+                            "at random", choices=PLACEMENTS)
+    exchange: str = option("dedup", "dedup: one copy per (token, rank) (DeepEP); slot: one per (token, expert) "
+                           "(Megatron)", choices=tuple(sorted(EXCHANGES)))
+    model: ModelOptions = field(default_factory=lambda: ModelOptions(preset="tiny"))
+    schedule: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
+    global_batch: int | None = option(None, "sequences per step without a plan (random placement)", range=POSITIVE_INT)
+    save_model: bool = option(False, "write the gathered model to OUT/model")
+
+
+# Not flags of grouter ep: the experts and top-k are the store's, and a step is the plan's global batch.
+HIDDEN = ("n_experts", "top_k", "n_shared_experts", "batch_size", "eval_every", "eval_sequences", "checkpoint_every")
+
+
+def model_config(data: PackedDataset, store: RoutingStore, o: Options) -> MoEConfig:
+    """The options' MoE LM with the store's experts and top-k and external routing."""
+    return replace(o.model, n_experts=store.n_experts, top_k=store.k).config(data.vocab_size, data.seq_len,
+                                                                           "external", o.schedule.seed)
+
+
+def run(inputs: Inputs, o: Options, out: Output) -> dict | None:
+    """``grouter ep``: every rank of the launch runs this; only rank 0 reports (the others: None)."""
+    with ProcessGroup(o.schedule.device, always=True) as group:
+        data = PackedDataset.open(inputs.data)
+        store = RoutingStore.open(inputs.routing, data=data)
+        plan = None if inputs.plan is None else Plan.load(inputs.plan)
+        summary = train_ep(data, store, plan, o, out, progress=out.progress)
+        return {"out": str(out.path), **summary} if group.rank == 0 else None
+
+
+ep = Stage("ep", run, Inputs, Options, writes="run", hidden=HIDDEN)
 
 
 def _check_inputs(data: PackedDataset, store: RoutingStore, plan: Plan | None, model_cfg: MoEConfig) -> str:
@@ -554,14 +585,16 @@ def _device_for(ep: EPContext, name: str) -> torch.device:
     return device
 
 
-def _start_run(out: Path, identity: dict, overwrite: bool, ep: EPContext) -> Run | None:
-    """Rank 0's run directory (other ranks get None); a refusal reaches every rank."""
+def _start_run(out: Output, identity: dict, ep: EPContext) -> Run | None:
+    """Rank 0's run directory (other ranks get None); a refusal reaches every rank. EP runs keep no
+    checkpoint, so an unfinished one is started over only with --overwrite."""
     run, error = None, None
     if ep.rank == 0:
         try:
-            if out.exists() and any(out.iterdir()) and not overwrite:
-                raise GrouterError(f"{out} already exists; choose another --out, or pass --overwrite")
-            run = Run(out, identity, overwrite)
+            if (out.path / "run.json").exists() and not out.overwrite:
+                raise GrouterError(f"{out.path} holds an EP run that did not finish (EP runs do not resume); pass "
+                                   "--overwrite to start it over, or choose another --out")
+            run = out.run(identity)
             run.start()
         except GrouterError as e:
             error = str(e)
@@ -572,37 +605,31 @@ def _start_run(out: Path, identity: dict, overwrite: bool, ep: EPContext) -> Run
     return run
 
 
-def train_ep(data, routing, out, *, plan=None, placement: str = "plan", exchange: str = "dedup",
-             model_cfg: MoEConfig | None = None, train_cfg: TrainConfig | None = None, steps: int | None = None,
-             global_batch: int | None = None, save_model: bool = False, overwrite: bool = False,
-             group=None, progress: bool = False) -> dict:
+def train_ep(data: PackedDataset, store: RoutingStore, plan: Plan | None, o: Options, out: Output,
+             model_cfg: MoEConfig | None = None, group=None, progress: bool = False) -> dict:
     """Train the EP model in the current process group; every rank calls it and gets the summary.
 
-    ``data``: a :class:`~grouter.data.PackedDataset` (or its path); ``routing``: a routing store
-    (or path) of that dataset; ``plan``: a :class:`~grouter.place.Plan` (or path) for this many
-    ranks; ``placement``: ``plan`` (its permutation and samples) or ``random`` (identity
-    permutation, the plan's global batches dealt at random; without a plan, ``global_batch``
-    sequences per step). ``model_cfg``: default the ``tiny`` preset with the store's E and k.
-    ``train_cfg``: schedule, AdamW, clip, seed, device (its ``steps`` unless ``steps`` is given).
-    Rank 0 writes the run directory ``out`` (``run.json`` with the summary, ``metrics.jsonl``: one
-    record per step with every rank's bytes per phase); ``save_model`` adds the gathered model
-    (logical expert order) as a :class:`~grouter.model.MoELM` checkpoint in ``out/model``.
+    ``plan``: for this many ranks; ``o.placement``: ``plan`` (its permutation and samples) or
+    ``random`` (identity permutation, the plan's global batches dealt at random; without a plan,
+    ``o.global_batch`` sequences per step). ``model_cfg``: default :func:`model_config`. Rank 0 writes
+    the run directory ``out`` (``run.json`` with the summary, ``metrics.jsonl``: one record per step
+    with every rank's bytes per phase); ``o.save_model`` adds the gathered model (logical expert
+    order) as a :class:`~grouter.model.MoELM` checkpoint in ``out/model``.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise GrouterError("train_ep runs in a torch.distributed process group; launch it with torchrun "
                            "(grouter ep) or grouter.device.spawn")
-    data, store, plan = _open_inputs(data, routing, plan)
-    train_cfg = replace(train_cfg or TrainConfig(), **({"steps": int(steps)} if steps is not None else {})).validate()
-    model_cfg = model_cfg or default_model_config(data, store, train_cfg.seed)
+    train_cfg = check(o.schedule)
+    model_cfg = model_cfg or model_config(data, store, o)
     split = data.split(_check_inputs(data, store, plan, model_cfg))
-    ep = EPContext.current(store.n_experts, exchange, group)
+    ep = EPContext.current(store.n_experts, o.exchange, group)
     device = _device_for(ep, train_cfg.device)
-    batches = rank_batches(plan, placement, ep.world, train_cfg.seed, len(split), global_batch, train_cfg.steps)
-    perm = plan.permutation if (plan is not None and placement == "plan") else np.arange(store.n_experts)
-    identity = {"placement": placement, "exchange": exchange, "ranks": ep.world, "model": asdict(model_cfg),
+    batches = rank_batches(plan, o.placement, ep.world, train_cfg.seed, len(split), o.global_batch, train_cfg.steps)
+    perm = plan.permutation if (plan is not None and o.placement == "plan") else np.arange(store.n_experts)
+    identity = {"placement": o.placement, "exchange": o.exchange, "ranks": ep.world, "model": asdict(model_cfg),
                 "train": asdict(train_cfg), "routing": store.manifest["grouter_fingerprint"],
                 "plan": plan.source if plan is not None else None}
-    run = _start_run(Path(out), identity, overwrite, ep)
+    run = _start_run(out, identity, ep)
 
     torch.manual_seed(train_cfg.seed)
     model = to_expert_parallel(MoELM(model_cfg), ep, perm).to(device).train()
@@ -610,11 +637,11 @@ def train_ep(data, routing, out, *, plan=None, placement: str = "plan", exchange
     opt = build_optimizer(model, train_cfg)
     t0 = time.perf_counter()
     records = _fit_ep(run, model, opt, train_cfg, store, split, batches, perm, device, progress)
-    summary = summarize(records, ep, placement, model_cfg, time.perf_counter() - t0)
-    state = gather_state_dict(model) if save_model else None
+    summary = summarize(records, ep, o.placement, model_cfg, time.perf_counter() - t0)
+    state = gather_state_dict(model) if o.save_model else None
     if run is not None:
         if state is not None:  # the gathered model is a plain MoELM
-            _save_gathered(model_cfg, state, Path(out) / "model")
+            _save_gathered(model_cfg, state, out.path / "model")
         run.finish(summary)
     settle(ep.group)
     return summary
@@ -663,12 +690,18 @@ def _fit_ep(run: Run | None, model: MoELM, opt, cfg: TrainConfig, store: Routing
         records.append(record)
 
     steps = ((step, batches[step % len(batches)][ep.rank]) for step in range(cfg.steps))
-    fit(run, model, opt, cfg, 0, steps, forward, clip=clip, after_step=after_step, checkpoints=False,
+    fit(run, model, opt, cfg, 0, steps, Hooks(forward, clip=clip, after_step=after_step, checkpoints=False),
         desc="ep", progress=progress and ep.rank == 0)
     return records
 
 
 def train_many(rank: int, world: int, runs: list[dict]) -> None:
-    """Worker for :func:`grouter.device.spawn`: ``train_ep(**run)`` for each run, in one process group."""
-    for run in runs:
-        train_ep(**run)
+    """Worker for :func:`grouter.device.spawn`: for each run (``data``, ``routing``, ``plan`` paths, ``out``,
+    ``options``: :class:`Options`, optionally ``model_cfg`` and ``overwrite``), :func:`train_ep` in one
+    process group."""
+    for r in runs:
+        data = PackedDataset.open(r["data"])
+        store = RoutingStore.open(r["routing"], data=data)
+        plan = None if r.get("plan") is None else Plan.load(r["plan"])
+        out = Output(Path(r["out"]), {}, overwrite=r.get("overwrite", False))
+        train_ep(data, store, plan, r["options"], out, model_cfg=r.get("model_cfg"))

@@ -18,18 +18,22 @@ and ``W̃_h = W_h·M_h``.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import atomic_dir, refuse_existing, write_json
-from .data import DataSplit, PackedDataset, batches_of
+from .artifacts import write_json
+from .chunking import batches_of
 from .device import resolve_device
 from .errors import GrouterError
+from .formats.dataset import DataSplit, PackedDataset
 from .network import Grouter
-from .report import per_head_paths, plot_affinity
+from .options import POSITIVE_INT, SEED, option, path_input
+from .plots import per_head_paths, plot_affinity
+from .runner import Output, Stage
 
 STRATEGIES = ("affinity", "random", "balance")
 
@@ -148,40 +152,56 @@ def within_group_affinity(affinity: np.ndarray, groups: list[list[int]]) -> floa
     return float(inside / max(affinity.sum(), 1e-12))
 
 
-def fold(grouter_dir: str | Path, data: PackedDataset, out: str | Path, n_experts: int, strategy: str = "affinity",
-         top_k: int | None = None, max_sequences: int | None = 2000, seed: int = 0, batch_size: int = 32,
-         device: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
-    """Fold the Grouter in ``grouter_dir`` to ``n_experts``; writes the folded Grouter + report + heatmap."""
-    refuse_existing(out, overwrite)
-    if strategy not in STRATEGIES:
-        raise GrouterError(f"unknown folding strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    dev = resolve_device(device)
-    grouter = Grouter.from_pretrained(grouter_dir).to(dev)
+@dataclass
+class Inputs:
+    grouter: Path = path_input("the Grouter to fold (a distill run or a Grouter directory)")
+    data: Path = path_input("data to measure co-activation on")
+
+
+@dataclass
+class Options:
+    experts: int = option(help="target expert count (fewer than the Grouter's)", range=POSITIVE_INT)
+    strategy: str = option("affinity", choices=STRATEGIES)
+    top_k: int | None = option(None, "the target's top-k (default: the Grouter's)", range=POSITIVE_INT)
+    max_sequences: int = option(2000, "sequences to measure affinity on", range=POSITIVE_INT)
+    seed: int = option(0, "for the random strategy", range=SEED)
+    batch_size: int = option(32, range=POSITIVE_INT, cli=False)
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", how=True)
+
+
+def run(inputs: Inputs, o: Options, out: Output) -> dict:
+    """Fold the Grouter to ``o.experts``; writes the folded Grouter, its report and the heatmaps."""
+    dev = resolve_device(o.device)
+    data = PackedDataset.open(inputs.data)
+    grouter = Grouter.from_pretrained(inputs.grouter).to(dev)
     grouter.check_data(data)
-    sizes = group_sizes(grouter.cfg.n_experts, n_experts)
-    if (top_k or grouter.cfg.top_k) >= n_experts:
-        raise GrouterError(f"top-k {top_k or grouter.cfg.top_k} must be smaller than the target's {n_experts} experts; "
-                           "pass a smaller --top-k or fold to more experts")
-    affinity, load, tokens = coactivation(grouter, data.split("train"), max_sequences=max_sequences,
-                                          batch_size=batch_size, device=dev, progress=progress)
+    sizes = group_sizes(grouter.cfg.n_experts, o.experts)
+    if (o.top_k or grouter.cfg.top_k) >= o.experts:
+        raise GrouterError(f"top-k {o.top_k or grouter.cfg.top_k} must be smaller than the target's {o.experts} "
+                           "experts; pass a smaller --top-k or fold to more experts")
+    affinity, load, tokens = coactivation(grouter, data.split("train"), max_sequences=o.max_sequences,
+                                          batch_size=o.batch_size, device=dev, progress=out.progress)
     layers = grouter.cfg.head_layers  # none: one shared head
     affinities, loads = (affinity, load) if layers else (affinity[None], load[None])
-    head_groups = [make_groups(strategy, a, x, sizes, seed + h) for h, (a, x) in enumerate(zip(affinities, loads))]
+    head_groups = [make_groups(o.strategy, a, x, sizes, o.seed + h) for h, (a, x) in enumerate(zip(affinities, loads))]
     groups = head_groups if layers else head_groups[0]
-    folded = fold_grouter(grouter.cpu(), groups, strategy, top_k)
+    folded = fold_grouter(grouter.cpu(), groups, o.strategy, o.top_k)
     inside = [within_group_affinity(a, g) for a, g in zip(affinities, head_groups)]
-    report = {"strategy": strategy, "source_experts": grouter.cfg.n_experts, "target_experts": n_experts,
+    report = {"strategy": o.strategy, "source_experts": grouter.cfg.n_experts, "target_experts": o.experts,
               "top_k": folded.cfg.top_k, "group_sizes": [len(g) for g in head_groups[0]], "groups": groups,
               "tokens_measured": tokens, "within_group_affinity": float(np.mean(inside)),
               "seed_rule": "highest summed affinity to unassigned experts (ties: lowest id)",
               **({"head_layers": layers, "within_group_affinity_per_head": inside} if layers else {})}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with out.atomic() as tmp:
         folded.save_pretrained(tmp)
         write_json(tmp / "fold_report.json", report)
         np.save(tmp / "affinity.npy", affinity)
         for path, a, g, layer in zip(per_head_paths(tmp / "affinity.png", layers), affinities, head_groups,
                                      layers or [None]):
             head = "" if layer is None else f", head of source layer {layer}"
-            title = f"co-activation, {strategy} folding {grouter.cfg.n_experts}→{n_experts}{head}"
+            title = f"co-activation, {o.strategy} folding {grouter.cfg.n_experts}→{o.experts}{head}"
             plot_affinity(a, g, path, title=title)
-    return {"grouter": str(out), **{k: v for k, v in report.items() if k != "groups"}}
+    return {"grouter": str(out.path), **{k: v for k, v in report.items() if k != "groups"}}
+
+
+fold = Stage("fold", run, Inputs, Options)

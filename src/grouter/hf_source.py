@@ -64,10 +64,10 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from .artifacts import read_json
-from .data import PackedDataset
 from .errors import GrouterError
-from .model import MODEL_FORMAT
-from .network import GROUTER_FORMAT
+from .formats.dataset import PackedDataset
+from .formats.grouter import GROUTER_FORMAT
+from .formats.model import MODEL_FORMAT
 from .routers import score_shape
 
 # grouter's own checkpoints hold a config.json too; they are never Hugging Face models
@@ -542,7 +542,7 @@ def _set_n_layers(cfg, n: int, full_cfg) -> None:
 
 def _checkpoint_targets(model: nn.Module, keys) -> dict[str, str]:
     """The parameter of ``model`` each checkpoint key loads into, by transformers' own renaming."""
-    from transformers.conversion_mapping import get_model_conversion_mapping  # transformers takes seconds to import: only on load
+    from transformers.conversion_mapping import (get_model_conversion_mapping)  # transformers takes seconds to import: only on load
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
     transforms = get_model_conversion_mapping(model)

@@ -16,12 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import header, load_weights, read_manifest, save_weights
 from .errors import GrouterError
+from .formats.model import load_model, save_model
+from .options import COUNT, POSITIVE_INT, option
 from .routers import ROUTER_KINDS, AuxFreeRouter, HashRouter, Routing, StableMoERouter, build_router, expert_counts
-
-
-MODEL_FORMAT, MODEL_VERSION = "grouter-moe-lm", 2  # 2: the weights' checksum in config.json
 
 
 @dataclass
@@ -86,6 +84,28 @@ MODEL_PRESETS: dict[str, dict] = {
     "small": dict(d_model=128, n_layers=4, n_heads=4, d_expert=128, n_experts=16, top_k=2),
     "base": dict(d_model=256, n_layers=6, n_heads=8, d_expert=256, n_experts=32, top_k=4),
 }
+
+
+@dataclass
+class ModelOptions:
+    """A model size for the command line: a preset, each field of which can be overridden."""
+
+    preset: str = option("small", "model size", choices=tuple(MODEL_PRESETS))
+    d_model: int | None = option(None, "override the preset's d_model", range=POSITIVE_INT)
+    n_layers: int | None = option(None, "override the preset's layers", flag="--layers", range=POSITIVE_INT)
+    n_heads: int | None = option(None, "override the preset's attention heads", flag="--heads", range=POSITIVE_INT)
+    d_expert: int | None = option(None, "override the preset's expert width", range=POSITIVE_INT)
+    n_experts: int | None = option(None, "override the preset's experts", flag="--experts", range=POSITIVE_INT)
+    top_k: int | None = option(None, "override the preset's top-k", range=POSITIVE_INT)
+    n_shared_experts: int | None = option(None, "always-on experts", flag="--shared-experts", range=COUNT)
+
+    def sizes(self) -> dict:
+        """The preset's sizes with the overrides."""
+        given = {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}
+        return {**MODEL_PRESETS[self.preset], **given}
+
+    def config(self, vocab_size: int, max_seq_len: int, router: str, seed: int) -> MoEConfig:
+        return MoEConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, router=router, seed=seed, **self.sizes())
 
 
 @dataclass
@@ -236,12 +256,6 @@ class Block(nn.Module):
         return x + y, aux, counts, ids
 
 
-def read_config(directory: str | Path) -> dict:
-    """The ``config.json`` of a MoE LM checkpoint, header checked."""
-    return read_manifest(Path(directory), "config.json", MODEL_FORMAT, MODEL_VERSION, "MoE checkpoint",
-                         "grouter source train")
-
-
 class MoELM(nn.Module):
     """Decoder-only MoE language model. ``model(input_ids, labels, routing)`` -> :class:`MoEOutput`."""
 
@@ -314,13 +328,12 @@ class MoELM(nn.Module):
 
     # -- persistence: safetensors weights + JSON config, nothing pickled --------------------
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
-        save_weights(directory, self.state_dict(), {**header(MODEL_FORMAT, MODEL_VERSION), "config": asdict(self.cfg),
-                                                    **(extra or {})})
+        save_model(directory, asdict(self.cfg), self.state_dict(), extra)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> "MoELM":
         directory = Path(directory)
-        meta, state = load_weights(directory, MODEL_FORMAT, MODEL_VERSION, "MoE checkpoint", "grouter source train")
+        meta, state = load_model(directory)
         model = cls(MoEConfig.from_dict({**meta["config"], **overrides}))
         try:
             model.load_state_dict(state)

@@ -14,86 +14,21 @@ config, weights and fingerprint are exactly those it had before per-layer heads 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import header, load_weights, save_weights
 from .errors import GrouterError
-from .loop import finished_checkpoint
+from .formats.grouter import GrouterConfig, check_fingerprint, fingerprint, load_grouter, save_grouter
+from .formats.run import finished_checkpoint
 from .model import Attention, RMSNorm, SwiGLU, register_rope
-from .routers import Heads, Routing, score_shape, topk_gating
+from .routers import Routing, score_shape, topk_gating
 
 LEAK_WARNING = ("this Grouter is bidirectional: the route of token t depends on later tokens, which leaks "
                 "the future into a causal language model; use it only to measure that leak")
-
-
-GROUTER_FORMAT = "grouter-router"
-GROUTER_VERSION = 3  # 2: the weights' checksum in config.json; 3: per-layer heads (written only for them)
-ONE_HEAD_VERSION = 2
-
-
-@dataclass
-class GrouterConfig:
-    vocab_size: int
-    n_experts: int
-    top_k: int  # the k that route() uses by default (the source model's)
-    d_model: int = 256
-    n_layers: int = 3
-    n_heads: int = 4
-    d_ff: int = 512
-    causal: bool = True
-    rope: bool = True
-    max_seq_len: int = 4096
-    norm_eps: float = 1e-6
-    score: str = "softmax"  # gating: softmax over the top-k logits, or "sigmoid"
-    scale: float = 1.0  # multiplies the gate weights (the authors used 2.5)
-    seed: int = 0
-    provenance: dict = field(default_factory=dict)  # source model, layer, fold map, tuning: where it came from
-    head_layers: list[int] = field(default_factory=list)  # per-layer heads: the source layer of each (none: one head)
-    source_layers: int = 0  # the source model's decoder layers (for mapping target layers to heads by depth)
-
-    @property
-    def heads(self) -> Heads | None:
-        """Where the per-layer heads come from (None: one shared head)."""
-        return Heads.of(self.head_layers, self.source_layers)
-
-    @property
-    def n_routing_heads(self) -> int:
-        """Routing heads: one per source layer, or 1 (a shared head); not the attention heads (``n_heads``)."""
-        return max(1, len(self.head_layers))
-
-    def to_dict(self) -> dict:
-        """The config as saved and fingerprinted: one head leaves out the per-layer fields, so such a
-        Grouter's config and fingerprint are those it had before they existed."""
-        d = asdict(self)
-        if not self.head_layers:
-            del d["head_layers"], d["source_layers"]
-        return d
-
-    def validate(self) -> "GrouterConfig":
-        if not 1 <= self.top_k <= self.n_experts:
-            raise GrouterError(f"top-k {self.top_k} must be between 1 and the number of experts ({self.n_experts})")
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise GrouterError(f"Grouter d_model {self.d_model} must split into {self.n_heads} heads of even size")
-        if self.score not in ("softmax", "sigmoid"):
-            raise GrouterError(f"unknown gating score {self.score!r}; use softmax or sigmoid")
-        if self.head_layers:  # two or more distinct source layers, in order, within the source
-            Heads(tuple(self.head_layers), self.source_layers)
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GrouterConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise GrouterError(f"Grouter config has unknown fields {sorted(unknown)}; written by a newer grouter?")
-        return cls(**d).validate()
 
 
 class EncoderBlock(nn.Module):
@@ -191,24 +126,16 @@ class Grouter(nn.Module):
 
     def fingerprint(self) -> str:
         """Hash of the weights and config (incl. fold map): a routing store is bound to exactly this."""
-        h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
-        for name, t in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return fingerprint(self.cfg, self.state_dict())
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
-        version = GROUTER_VERSION if self.cfg.heads is not None else ONE_HEAD_VERSION
-        save_weights(directory, self.state_dict(), {**header(GROUTER_FORMAT, version),
-                                                    "config": self.cfg.to_dict(), "fingerprint": self.fingerprint(),
-                                                    **(extra or {})})
+        save_grouter(directory, self.cfg, self.state_dict(), extra)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Grouter":
         """A Grouter directory (fold, tune), or a finished distillation run (its final checkpoint)."""
         directory = finished_checkpoint(Path(directory), "grouter distill")
-        meta, state = load_weights(directory, GROUTER_FORMAT, (ONE_HEAD_VERSION, GROUTER_VERSION), "Grouter",
-                                   "grouter distill, fold or tune")
+        meta, state = load_grouter(directory)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning is repeated by whoever uses it
             model = cls(GrouterConfig.from_dict(meta["config"]))
@@ -217,7 +144,5 @@ class Grouter(nn.Module):
         except RuntimeError as e:
             raise GrouterError(f"Grouter weights in {directory} do not match its config "
                                f"({str(e).strip().splitlines()[-1].strip()}); the file is corrupt") from None
-        if model.fingerprint() != meta.get("fingerprint"):
-            raise GrouterError(f"Grouter in {directory} does not match its recorded fingerprint: its weights or config "
-                               "were altered; re-create it with grouter distill, fold or tune")
+        check_fingerprint(directory, meta, model.fingerprint())
         return model.eval()

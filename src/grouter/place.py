@@ -110,24 +110,24 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import torch
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
-from torch.utils.data import Sampler
 
-from .artifacts import atomic_dir, atomic_write_bytes, encode_json, read_json, read_manifest, write_json
+from .artifacts import write_json
+from .chunking import row_chunks
 from .errors import GrouterError
-from .hardware import HardwareProfile, StepTraffic, load_profile, predict
-from .store import RoutingStore
+from .formats.plan import Plan
+from .formats.store import RoutingStore
+from .hardware import PROFILES, HardwareProfile, StepTraffic, load_profile, predict
+from .options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, check, option, path_input
+from .plots import figure
+from .runner import Output, Stage
 
-PLAN_FORMAT, PLAN_VERSION = "grouter-placement-plan", 1
 ALGORITHMS = ("balanced", "greedy")
 LEVELS = ("rank", "node")
 SCOPES = ("batch", "epoch")
@@ -141,7 +141,6 @@ DEFAULT_ENTROPY_FRACTION = 6.85 / 7
 # Above this many kept sequences k-means uses MiniBatchKMeans.
 MINIBATCH_ABOVE = 20_000
 # Ids per chunk when streaming the store (bounds the temporaries to a few tens of MB).
-CHUNK_IDS = 1 << 22
 # refine_grouping uses a random sample of at most this many sequences.
 REFINE_SAMPLE = 100_000
 # balanced_assignment works on this many sequences at a time (whole groups).
@@ -184,13 +183,6 @@ class LayerUnion:
         ids = np.asarray(ids)
         picked = ids if self._every_head_once else ids[:, :, self.layer_heads]
         return picked.reshape(len(ids), -1, ids.shape[-1])
-
-
-def row_chunks(n: int, per_seq: int, target: int = CHUNK_IDS) -> Iterator[tuple[int, int]]:
-    """Ranges ``[a, b)`` of ``n`` rows of ``per_seq`` values each, about ``target`` values at a time."""
-    step = max(1, target // max(per_seq, 1))
-    for a in range(0, n, step):
-        yield a, min(n, a + step)
 
 
 def _count_dtype(limit: int) -> np.dtype:
@@ -262,7 +254,9 @@ def _merge(centers: np.ndarray, n: int) -> np.ndarray:
     """Labels merging ``centers`` into ``n`` groups (Ward agglomerative; identity when equal)."""
     if len(centers) == n:
         return np.arange(n)
-    from sklearn.cluster import AgglomerativeClustering  # scikit-learn takes a second to import: on use
+    from sklearn.cluster import (
+        AgglomerativeClustering,  # scikit-learn takes a second to import: on use
+    )
 
     return AgglomerativeClustering(n_clusters=n, linkage="ward").fit_predict(centers)
 
@@ -273,7 +267,10 @@ def cluster_affinity(phi: np.ndarray, n_partitions: int, clusters: int = 100, se
     Returns ``{"centers" [K, E], "sizes" [K], "partition_of_cluster" [K], "centroids" [P, E],
     "method"}``; ``phi`` needs at least ``n_partitions`` rows.
     """
-    from sklearn.cluster import KMeans, MiniBatchKMeans  # scikit-learn takes a second to import: on use
+    from sklearn.cluster import (  # scikit-learn takes a second to import: on use
+        KMeans,
+        MiniBatchKMeans,
+    )
 
     n = len(phi)
     K = min(max(clusters, n_partitions), n)
@@ -465,12 +462,6 @@ def _permutation_from_ranks(rank_of_expert: np.ndarray, ranks: int) -> np.ndarra
     if not np.array_equal(perm // (E // ranks), rank_of_expert):
         raise AssertionError("every rank must hold exactly E/R experts")
     return perm
-
-
-def expert_ranks(permutation: np.ndarray, ranks: int) -> np.ndarray:
-    """Rank holding each logical expert under ``permutation`` (contiguous physical blocks)."""
-    permutation = np.asarray(permutation, dtype=np.int64)
-    return permutation // (len(permutation) // ranks)
 
 
 # -- traffic and cost models -------------------------------------------------------------------
@@ -760,200 +751,80 @@ def _regret_greedy(cost: np.ndarray, groups: np.ndarray, capacity: np.ndarray) -
     return out
 
 
-# -- the plan ----------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    """An EP placement plan: where experts live and which data-parallel rank trains which sequence.
-
-    ``permutation[logical] = physical`` expert id; rank r holds physical ids ``[r*E/R, (r+1)*E/R)``.
-    ``samples[r][b]``: sequence indices (of the store's split) data-parallel rank r trains in global
-    batch b, in order. ``dropped``: the < R sequences left out so every rank gets the same count.
-    """
-
-    n_experts: int
-    k: int
-    ranks: int
-    ranks_per_node: int | None
-    level: str
-    algorithm: str
-    scope: str
-    global_batch: int
-    seed: int
-    split: str
-    n_sequences: int
-    permutation: np.ndarray
-    samples: list[list[np.ndarray]]
-    dropped: np.ndarray
-    source: dict = field(default_factory=dict)
-    report: dict = field(default_factory=dict)
-    # What each rank sends per global batch, {"plan": ..., "random": ...} (grouter.hardware.StepTraffic), from
-    # plan_placement: for grouter.hardware.predict on other clusters. In memory only, not saved.
-    step_traffic: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def experts_per_rank(self) -> int:
-        return self.n_experts // self.ranks
-
-    @property
-    def rank_of_expert(self) -> np.ndarray:
-        """Rank holding each logical expert."""
-        return expert_ranks(self.permutation, self.ranks)
-
-    @property
-    def n_batches(self) -> int:
-        return len(self.samples[0]) if self.samples else 0
-
-    @property
-    def optimises(self) -> str:
-        return "node" if self.level == "node" else "deepep"
-
-    def to_json(self) -> dict:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "n_experts": self.n_experts, "k": self.k,
-                "ranks": self.ranks, "ranks_per_node": self.ranks_per_node, "level": self.level,
-                "algorithm": self.algorithm, "scope": self.scope, "optimises": self.optimises,
-                "global_batch": self.global_batch, "seed": self.seed, "split": self.split,
-                "n_sequences": self.n_sequences, "n_batches": self.n_batches, "source": self.source,
-                "experts_per_rank": self.experts_per_rank,
-                "permutation": self.permutation.tolist(),
-                "rank_experts": [np.flatnonzero(self.rank_of_expert == r).tolist() for r in range(self.ranks)],
-                "samples": [[b.tolist() for b in batches] for batches in self.samples],
-                "dropped": self.dropped.tolist()}
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``plan.json`` (compact: it lists every sequence) into directory ``path`` (or to file ``path``)."""
-        path = Path(path)
-        file = path if path.suffix == ".json" else path / "plan.json"
-        atomic_write_bytes(file, encode_json(self.to_json(), compact=True))
-        return file
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Plan":
-        """Read a plan from ``plan.json`` (or a file of another name) or the directory holding it,
-        with the ``report.json`` beside it when there is one."""
-        path = Path(path)
-        file = path / "plan.json" if path.is_dir() else path
-        d = read_manifest(path, "plan.json", PLAN_FORMAT, PLAN_VERSION, "placement plan", "grouter place",
-                          accept_file=True)
-        try:
-            plan = cls._from_json(d)
-        except (KeyError, TypeError, ValueError) as e:
-            raise GrouterError(f"placement plan {file} is corrupt ({e}); re-create it with `grouter place`") from None
-        report = file.parent / "report.json"
-        if report.is_file():
-            plan.report = read_json(report, "placement report")
-        return plan
-
-    @classmethod
-    def _from_json(cls, d: dict) -> "Plan":
-        """The plan :meth:`to_json` wrote; KeyError, TypeError or ValueError when it does not hold one."""
-        perm = np.asarray(d["permutation"], dtype=np.int64)
-        plan = cls(n_experts=int(d["n_experts"]), k=int(d["k"]), ranks=int(d["ranks"]),
-                   ranks_per_node=d["ranks_per_node"], level=d["level"], algorithm=d["algorithm"],
-                   scope=d.get("scope", "batch"), global_batch=int(d["global_batch"]), seed=int(d["seed"]),
-                   split=d["split"], n_sequences=int(d["n_sequences"]), permutation=perm,
-                   samples=[[np.asarray(b, dtype=np.int64) for b in batches] for batches in d["samples"]],
-                   dropped=np.asarray(d["dropped"], dtype=np.int64), source=d.get("source", {}))
-        if (len(perm) != plan.n_experts or not np.array_equal(np.sort(perm), np.arange(plan.n_experts))
-                or len(plan.samples) != plan.ranks or plan.n_experts % plan.ranks):
-            raise ValueError("inconsistent")
-        return plan
-
-
-def relabel(ids, permutation):
-    """Physical expert ids: ``permutation[ids]`` (numpy array or torch tensor, dtype kept).
-
-    After relabelling, rank r's experts are the contiguous block ``[r*E/R, (r+1)*E/R)`` that
-    Megatron / torch expert parallelism assign to rank r, so an unmodified engine realises the plan.
-    """
-    perm = np.asarray(permutation, dtype=np.int64)
-    if not np.array_equal(np.sort(perm), np.arange(len(perm))):
-        raise GrouterError("the expert permutation is not a permutation of 0..E-1; re-create the plan")
-    if isinstance(ids, torch.Tensor):
-        lut = torch.as_tensor(perm, dtype=torch.long, device=ids.device)
-        return lut[ids.long()].to(ids.dtype)
-    ids = np.asarray(ids)
-    return perm.astype(ids.dtype)[ids] if ids.dtype.kind in "iu" else perm[ids.astype(np.int64)]
-
-
-class PlanSampler(Sampler):
-    """Serves data-parallel rank ``rank`` the sequences of its group, global batch after global batch.
-
-    Indices are into the split the plan was made for. With the ``balanced`` algorithm every rank
-    yields the same number of indices (``global_batch / R`` per batch); a ``greedy`` plan gives
-    ranks unequal counts, which synchronous data parallelism cannot run as it is.
-    """
-
-    def __init__(self, plan: Plan | str | Path, rank: int, world_size: int):
-        if not isinstance(plan, Plan):
-            plan = Plan.load(plan)
-        if world_size != plan.ranks:
-            raise GrouterError(f"the plan is for {plan.ranks} data-parallel ranks but world_size is {world_size}; "
-                               f"make a plan with --ranks {world_size}")
-        if not 0 <= rank < world_size:
-            raise GrouterError(f"rank {rank} is outside 0..{world_size - 1}")
-        self.plan, self.rank, self.world_size = plan, rank, world_size
-        self._indices = (np.concatenate(plan.samples[rank]) if plan.samples[rank] else np.zeros(0, np.int64))
-
-    def batches(self) -> list[np.ndarray]:
-        """This rank's sequences of each global batch."""
-        return self.plan.samples[self.rank]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices.tolist())
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-
 # -- planning: the pipeline --------------------------------------------------------------------
-def plan_placement(store, ranks: int, ranks_per_node: int | None = None, algorithm: str = "balanced",
-                   global_batch: int | None = None, clusters: int = 100,
-                   entropy_fraction: float = DEFAULT_ENTROPY_FRACTION, seed: int = 0,
-                   max_sequences: int | None = None, *, level: str | None = None, scope: str = "batch",
-                   exact: bool = False, refine: int | None = None, split: str = "train",
-                   load_tolerance: float | None = DEFAULT_LOAD_TOLERANCE,
-                   hardware: HardwareProfile | str | Path | None = None, lp_bound: bool | None = None,
-                   target_layers: int | None = None) -> Plan:
-    """Plan expert and sample placement for ``ranks`` EP ranks from the routing in ``store``.
+@dataclass
+class Options:
+    """What to plan for, and how (see the module docstring; the fields without a flag are for Python)."""
 
-    ``store``: a :class:`~grouter.store.RoutingStore` (or any object with ``ids(split)``,
-    ``n_experts`` and ``k``). ``ranks_per_node`` G: nodes of G ranks; ``level`` ("rank" or "node",
-    default node when 1 < G < ranks): what the partitions are, and so what the plan optimises
-    (``deepep`` at rank level, ``node`` then ``deepep`` at node level). ``global_batch``: sequences
-    per global batch (multiple of ``ranks``; default 16 per rank). ``max_sequences``: plan only the
-    first this many sequences of the split. ``scope``: "batch" (default; batches are a seeded random
-    shuffle and the plan only decides which rank trains which sequence of each batch) or "epoch"
-    (the capacity holds over the whole split: each rank gets n/R sequences, then every batch takes
-    ``global_batch / R`` from every rank's queue, dealt so that batches get like loads: batches are
-    stratified by group rather than random). ``exact``: optimal per-batch assignment
-    (``linear_sum_assignment``) instead of the vectorised greedy; batch scope only. ``refine``:
-    rounds of :func:`refine_grouping` on up to ``REFINE_SAMPLE`` sequences (default 10 for
-    ``balanced``, 0 for ``greedy``). ``load_tolerance``: every rank's (and node's) experts take at
-    most ``1 + load_tolerance`` times the mean token-slots of the split (None: no cap, the paper's
-    grouping). ``hardware``: a :class:`~grouter.hardware.HardwareProfile`, a built-in profile's
-    name or a JSON file; it sets the ranks per node and adds the predicted step times
-    (``report["step_time"]``). ``lp_bound``: compute the balanced-LP bound (None: when it is cheap).
+    ranks: int = option(help="expert-parallel ranks (must divide the experts)", range=POSITIVE_INT)
+    ranks_per_node: int | None = option(None, "GPUs per node, for node-level cost", range=POSITIVE_INT)
+    algorithm: str = option("balanced", "balanced: equal sequences per rank per global batch; greedy: the paper's "
+                            "Algorithm 1 (no capacity constraint: ranks get unequal work)", choices=ALGORITHMS)
+    level: str | None = option(None, "optimise rank-level (DeepEP) or node-level traffic (default: node when "
+                               "1 < G < R)", choices=LEVELS)
+    global_batch: int | None = option(None, "sequences per global batch (default 16×R)", range=POSITIVE_INT)
+    scope: str = option("batch", "where the equal-share constraint holds", choices=SCOPES)
+    exact: bool = option(False, "optimal per-batch assignment (slower) instead of the greedy")
+    load_tolerance: float = option(DEFAULT_LOAD_TOLERANCE, "every rank's experts take at most 1 + this times the "
+                                   "mean token-slots", range=NON_NEGATIVE)
+    load_cap: bool = option(True, "group experts without the load cap (the paper's way)", flag="--no-load-cap")
+    lp_bound: bool = option(False, "compute the balanced-LP bound even when it is costly")
+    hardware: str | None = option(None, f"predict step times on a cluster: {', '.join(PROFILES)} or a JSON file "
+                                  "(docs/steptime.md)", metavar="PROFILE", file=True)
+    target_layers: int | None = option(None, "per-layer routing: the target's MoE layers, each head weighted by the "
+                                       "layers that route by it (default: every head of the store once)",
+                                       range=POSITIVE_INT, metavar="T")
+    seed: int = option(0, "batch membership and the random baseline", range=SEED)
+    clusters: int = option(100, range=POSITIVE_INT, cli=False)
+    entropy_fraction: float = option(DEFAULT_ENTROPY_FRACTION, range=POSITIVE, cli=False)
+    max_sequences: int | None = option(None, "plan only the first this many sequences", range=POSITIVE_INT, cli=False)
+    refine: int | None = option(None, "refinement rounds (default 10 for balanced, 0 for greedy)", range=COUNT,
+                                cli=False)
+    split: str = option("train", choices=("train", "val"), cli=False)
+    verify: bool = option(True, "check the store's checksums as it is read", cli=False, how=True)
+
+
+def plan_placement(store, o: Options) -> Plan:
+    """Plan expert and sample placement for ``o.ranks`` EP ranks from the routing in ``store``.
+
+    ``store``: a :class:`~grouter.formats.store.RoutingStore` (or any object with ``ids(split)``,
+    ``n_experts`` and ``k``). ``o.ranks_per_node`` G: nodes of G ranks; ``o.level`` ("rank" or
+    "node", default node when 1 < G < ranks): what the partitions are, and so what the plan
+    optimises (``deepep`` at rank level, ``node`` then ``deepep`` at node level). ``global_batch``:
+    sequences per global batch (multiple of ``ranks``; default 16 per rank). ``max_sequences``: plan
+    only the first this many sequences of the split. ``scope``: "batch" (default; batches are a seeded
+    random shuffle and the plan only decides which rank trains which sequence of each batch) or
+    "epoch" (the capacity holds over the whole split: each rank gets n/R sequences, then every batch
+    takes ``global_batch / R`` from every rank's queue, dealt so that batches get like loads: batches
+    are stratified by group rather than random). ``exact``: optimal per-batch assignment
+    (``linear_sum_assignment``) instead of the vectorised greedy; batch scope only. ``refine``: rounds
+    of :func:`refine_grouping` on up to ``REFINE_SAMPLE`` sequences. ``load_tolerance``: every rank's
+    (and node's) experts take at most ``1 + load_tolerance`` times the mean token-slots of the split
+    (``load_cap`` False: no cap, the paper's grouping). ``hardware``: a built-in profile's name or a
+    JSON file; it sets the ranks per node and adds the predicted step times (``report["step_time"]``).
+    ``lp_bound``: compute the balanced-LP bound even when it is costly (else: when it is cheap).
     ``target_layers``: with per-layer routing, the target's MoE layers (each head weighted by the
     layers that route by it; None: every head once); see the module docstring.
     """
+    check(o)
     timer = _Timer()
-    if hardware is not None and getattr(store, "heads", None) is not None:
+    if o.hardware is not None and getattr(store, "heads", None) is not None:
         raise GrouterError("the step-time model (--hardware) assumes one routing in every layer, and this store has "
                            "per-layer heads; plan without --hardware")
-    profile = None if hardware is None else load_profile(hardware)
+    profile = None if o.hardware is None else load_profile(o.hardware)
+    ranks_per_node = o.ranks_per_node
     if profile is not None:
-        G = profile.layout(ranks, ranks_per_node)
-        ranks_per_node = G if G < ranks else None  # one node: no node cost model
-    ids, s = _setup(store, split, max_sequences, ranks, ranks_per_node, algorithm, level, scope, global_batch,
-                    exact, seed, load_tolerance, target_layers)
+        G = profile.layout(o.ranks, ranks_per_node)
+        ranks_per_node = G if G < o.ranks else None  # one node: no node cost model
+    ids, s = _setup(store, o, ranks_per_node)
     counts = affinity_counts(ids, s.E)  # 1. affinity (as counts: L * φ)
     timer.tick("affinity")
-    kept = _EntropyFilter.apply(counts, entropy_fraction, s)  # 2. entropy filter
+    kept = _EntropyFilter.apply(counts, o.entropy_fraction, s)  # 2. entropy filter
     timer.tick("entropy")
-    cl = _cluster(counts, kept.rows, s, clusters)  # 3. clustering
+    cl = _cluster(counts, kept.rows, s, o.clusters)  # 3. clustering
     timer.tick("clustering")
-    batches, dropped = _batches(s.n, s.gb, s.R, np.random.default_rng(seed))  # membership of the global batches
-    refine = (10 if algorithm == "balanced" else 0) if refine is None else int(refine)
+    batches, dropped = _batches(s.n, s.gb, s.R, np.random.default_rng(o.seed))  # membership of the global batches
+    refine = (10 if o.algorithm == "balanced" else 0) if o.refine is None else o.refine
     rank_of_expert, refinement, inner_split = _expert_placement(ids, counts, cl, s, refine, batches)  # 4., 4b.
     timer.tick("expert_grouping")
     tr = traffic(ids, rank_of_expert, s.R, s.G, counts)  # the plan's experts
@@ -966,15 +837,15 @@ def plan_placement(store, ranks: int, ranks_per_node: int | None = None, algorit
     report = {**_report_header(s, len(batches), placed, dropped),
               "cost_models": _cost_models(tr, base, rank, base_rank, placed, s)}
     timer.tick("cost_models")
-    report["balanced_bound"] = _bound_report(tr, rank, batches, s, lp_bound, report["cost_models"])
+    report["balanced_bound"] = _bound_report(tr, rank, batches, s, o.lp_bound or None, report["cost_models"])
     timer.tick("balanced_bound")
     step = {"plan": step_traffic(tr, samples, s.seq_len), "random": step_traffic(base, base_samples, s.seq_len)}
     report.update(_load_and_time(step, s, profile), entropy_filter=kept.report(s), refinement=refinement,
                   clustering=_clustering_report(cl, s, kept.rows, inner_split))
     timer.tick("report")
     report["timings_s"], report["cpu_s"] = timer.total(), timer.cpu
-    return Plan(n_experts=s.E, k=s.k, ranks=s.R, ranks_per_node=s.G, level=s.level, algorithm=algorithm,
-                scope=scope, global_batch=s.gb, seed=seed, split=split, n_sequences=s.n,
+    return Plan(n_experts=s.E, k=s.k, ranks=s.R, ranks_per_node=s.G, level=s.level, algorithm=o.algorithm,
+                scope=o.scope, global_batch=s.gb, seed=o.seed, split=o.split, n_sequences=s.n,
                 permutation=_permutation_from_ranks(rank_of_expert, s.R), samples=samples, dropped=dropped,
                 source={**_source(store), **s.layers}, report=report, step_traffic=step)
 
@@ -1005,32 +876,26 @@ class _Setup:
         return None if self.tol is None else (1 + self.tol) * float(load.sum()) / partitions
 
 
-def _setup(store, split: str, max_sequences: int | None, R: int, G: int | None, algorithm: str,
-           level: str | None, scope: str, global_batch: int | None, exact: bool,
-           seed: int, tol: float | None, target_layers: int | None = None) -> tuple[np.ndarray, _Setup]:
+def _setup(store, o: Options, G: int | None) -> tuple[np.ndarray, _Setup]:
     """The ids ``[n, L, k]`` of the split's first ``max_sequences`` sequences (of every layer, side by
     side, with per-layer routing: :class:`LayerUnion`), and the checked options."""
-    ids, seq_len, layers = _layer_union(store, split, target_layers)
-    E, k = int(store.n_experts), int(store.k)
+    ids, seq_len, layers = _layer_union(store, o.split, o.target_layers)
+    E, k, R = int(store.n_experts), int(store.k), o.ranks
     if ids.ndim != 3 or ids.shape[2] != k:
-        raise GrouterError(f"routing ids of split {split!r} have shape {ids.shape}, expected [n, seq_len, {k}]")
-    n = ids.shape[0] if max_sequences is None else min(ids.shape[0], int(max_sequences))
-    level, gb = _check(n, E, R, G, algorithm, level, scope, global_batch)
-    if exact and scope == "epoch":
+        raise GrouterError(f"routing ids of split {o.split!r} have shape {ids.shape}, expected [n, seq_len, {k}]")
+    n = ids.shape[0] if o.max_sequences is None else min(ids.shape[0], o.max_sequences)
+    level, gb = _check(n, E, R, G, o.level, o.global_batch)
+    if o.exact and o.scope == "epoch":
         raise GrouterError("an exact assignment is only available per global batch (scope batch)")
-    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
-        raise GrouterError(f"the load tolerance must be a finite number >= 0 (e.g. 0.05), got {tol!r}")
+    tol = o.load_tolerance if o.load_cap else None
     N = R // G if level == "node" else R
-    return ids[:n], _Setup(n, ids.shape[1], k, E, R, G, level, N, algorithm, scope, exact, gb, seed,
-                           None if tol is None else float(tol), seq_len, layers)
+    return ids[:n], _Setup(n, ids.shape[1], k, E, R, G, level, N, o.algorithm, o.scope, o.exact, gb, o.seed, tol,
+                           seq_len, layers)
 
 
 def _layer_union(store, split: str, target_layers: int | None) -> tuple[np.ndarray, int, dict]:
     """The ids to plan on, the tokens per sequence, and (per-layer routing) which heads make the union."""
     ids, heads = store.ids(split), getattr(store, "heads", None)
-    if target_layers is not None and (isinstance(target_layers, bool) or not isinstance(target_layers, int)
-                                      or target_layers < 1):
-        raise GrouterError(f"the target's layers must be a positive integer, got {target_layers!r}")
     if heads is None:
         return ids, ids.shape[1], {}
     layer_heads = list(heads.for_target(target_layers)) if target_layers else list(range(len(heads)))
@@ -1038,24 +903,15 @@ def _layer_union(store, split: str, target_layers: int | None) -> tuple[np.ndarr
     return LayerUnion(ids, layer_heads), ids.shape[1], layers
 
 
-def _check(n: int, E: int, R: int, G: int | None, algorithm: str, level: str | None, scope: str,
-           global_batch: int | None) -> tuple[str, int]:
-    if algorithm not in ALGORITHMS:
-        raise GrouterError(f"unknown placement algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
-    if scope not in SCOPES:
-        raise GrouterError(f"unknown placement scope {scope!r}; use one of {', '.join(SCOPES)}")
-    if not isinstance(R, (int, np.integer)) or R < 1:
-        raise GrouterError(f"the number of ranks must be a positive integer, got {R!r}")
+def _check(n: int, E: int, R: int, G: int | None, level: str | None, global_batch: int | None) -> tuple[str, int]:
     if E % R:
         divisors = [d for d in range(1, E + 1) if E % d == 0]
         raise GrouterError(f"{R} ranks cannot each hold the same number of the {E} experts; use a number of "
                            f"ranks that divides {E} ({', '.join(map(str, divisors))})")
-    if G is not None and (not isinstance(G, (int, np.integer)) or G < 1 or R % G):
+    if G is not None and R % G:
         raise GrouterError(f"--ranks-per-node {G} must be a positive divisor of the {R} ranks")
     if level is None:
         level = "node" if G is not None and 1 < G < R else "rank"
-    if level not in LEVELS:
-        raise GrouterError(f"unknown placement level {level!r}; use rank or node")
     if level == "node" and (G is None or R // G < 2):
         raise GrouterError("node-level placement needs --ranks-per-node G with at least two nodes (G < ranks); "
                            "use rank level otherwise")
@@ -1063,7 +919,7 @@ def _check(n: int, E: int, R: int, G: int | None, algorithm: str, level: str | N
         raise GrouterError(f"only {n} sequences for {R} ranks: every rank needs at least one; "
                            "use fewer ranks or route more data")
     gb = 16 * R if global_batch is None else global_batch
-    if not isinstance(gb, (int, np.integer)) or gb < R or gb % R:
+    if gb < R or gb % R:
         raise GrouterError(f"the global batch ({global_batch!r} sequences) must be a positive multiple of the "
                            f"{R} ranks")
     return level, int(gb)
@@ -1581,8 +1437,7 @@ def _md_steps(r: dict) -> list[str]:
 def plot_report(report: dict, path: Path) -> None:
     """Remote volume per cost model (random / plan / bound) and per-rank loads."""
     cm = report["cost_models"]
-    fig = Figure(figsize=(15, 4))
-    axes = fig.subplots(1, 3)
+    fig, axes = figure((15, 4), 1, 3)
     ax = axes[0]
     names = list(cm)
     bars = [("random", "random"), ("plan_experts_random_samples", "plan experts only"), ("plan", "plan"),
@@ -1611,36 +1466,31 @@ def plot_report(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def place(routing_dir: str | Path, out: str | Path, ranks: int, ranks_per_node: int | None = None,
-          algorithm: str = "balanced", global_batch: int | None = None, seed: int = 0, overwrite: bool = False,
-          *, level: str | None = None, scope: str = "batch", exact: bool = False, clusters: int = 100,
-          entropy_fraction: float = DEFAULT_ENTROPY_FRACTION, max_sequences: int | None = None,
-          refine: int | None = None, verify: bool = True, load_tolerance: float | None = DEFAULT_LOAD_TOLERANCE,
-          hardware: HardwareProfile | str | Path | None = None, lp_bound: bool | None = None,
-          target_layers: int | None = None) -> dict:
-    """Plan placement from the routing store ``routing_dir`` and write ``out`` (plan.json, report.*).
+@dataclass
+class Inputs:
+    routing: Path = path_input("a routing store (grouter dispatch)")
+
+
+def run(inputs: Inputs, o: Options, out: Output) -> dict:
+    """Plan placement from the routing store and write ``out`` (plan.json, report.json, .md, .png).
 
     Returns a summary: paths, level, algorithm, the optimised cost model, each model's plan / random
     ratio, the bounds, load imbalance, with ``hardware`` the predicted step times and speedups, and
-    seconds. ``verify``: check the store's checksums (reads it once more). The other options:
-    :func:`plan_placement`.
+    seconds.
     """
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise GrouterError(f"{out} already exists; choose another --out, or pass --overwrite")
-    store = RoutingStore.open(routing_dir, verify=verify)
-    plan = plan_placement(store, ranks, ranks_per_node, algorithm, global_batch, clusters, entropy_fraction, seed,
-                          max_sequences, level=level, scope=scope, exact=exact, refine=refine,
-                          load_tolerance=load_tolerance, hardware=hardware, lp_bound=lp_bound,
-                          target_layers=target_layers)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    store = RoutingStore.open(inputs.routing, verify=o.verify)  # the manifest only: a bad profile is refused next
+    plan = plan_placement(store, o)
+    with out.atomic() as tmp:
         plan.save(tmp)
         write_json(tmp / "report.json", plan.report)
         (tmp / "report.md").write_text(report_markdown(plan.report))
         plot_report(plan.report, tmp / "report.png")
-    return {"plan": str(out / "plan.json"), "report": str(out / "report.md"), "out": str(out),
+    return {"plan": str(out.path / "plan.json"), "report": str(out.path / "report.md"), "out": str(out.path),
             **summarize(plan.report), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+place = Stage("place", run, Inputs, Options)
 
 
 def summarize(r: dict) -> dict:

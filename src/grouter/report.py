@@ -6,63 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
-from .artifacts import atomic_dir, header, refuse_existing, write_json
+from .artifacts import header, write_json
 from .errors import GrouterError
-from .loop import read_metrics, read_run
+from .formats.run import read_metrics, read_run
 from .metrics import grad_norm_cv, topk_set_agreement
-
+from .options import path_input
+from .plots import figure
+from .runner import Output, Stage
 
 REPORT_FORMAT, REPORT_VERSION = "grouter-report", 1
-
-
-def figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1, **kw):
-    """A figure and its axes, drawn off-screen: matplotlib's object API, so importing grouter never
-    changes the backend of a notebook or application (no pyplot state)."""
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots(rows, cols, **kw)
-
-
-def per_head_paths(path: Path, head_layers: list[int]) -> list[Path]:
-    """One plot per head: ``path`` itself for a shared head, else ``NAME_layer{l}.EXT`` per source layer."""
-    if len(head_layers) <= 1:
-        return [path]
-    return [path.with_name(f"{path.stem}_layer{layer}{path.suffix}") for layer in head_layers]
-
-
-def plot_affinity(affinity: np.ndarray, groups: list[list[int]], path: Path, title: str) -> None:
-    """Co-activation heatmap with experts reordered by group and each group boxed."""
-    order = [e for g in groups for e in g]
-    fig, ax = figure((6.5, 5.5))
-    im = ax.imshow(affinity[np.ix_(order, order)], cmap="viridis")
-    start = 0
-    for g in groups:
-        ax.add_patch(Rectangle((start - 0.5, start - 0.5), len(g), len(g), fill=False, edgecolor="red", lw=1.2))
-        start += len(g)
-    ax.set_title(title)
-    ax.set_xlabel("source expert (grouped)")
-    ax.set_ylabel("source expert (grouped)")
-    fig.colorbar(im, ax=ax, label="P(i and j both in top-k)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def plot_loads(loads: dict[str, np.ndarray], path: Path, title: str) -> None:
-    """Share of token-slots per expert for several routings (e.g. before/after tuning)."""
-    fig, ax = figure((8, 3.8))
-    width = 0.8 / len(loads)
-    for i, (label, load) in enumerate(loads.items()):
-        share = np.asarray(load, dtype=float) / max(np.sum(load), 1)
-        ax.bar(np.arange(len(share)) + i * width, share, width=width, label=label)
-    ax.axhline(1 / len(next(iter(loads.values()))), color="black", ls="--", lw=1, label="perfect balance")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("share of token-slots")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 # -- comparing training runs (grouter report) --------------------------------------------------
@@ -269,21 +222,35 @@ def speedup_by_domain_table(by_domain: dict[str, dict]) -> str:
             "brackets; `all` is every validation sequence):\n\n" + "\n".join(lines) + "\n")
 
 
-def report(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
+@dataclass
+class Inputs:
+    runs: list[Path] = path_input("finished training runs (grouter train, source train)", many=True, positional=True,
+                                  metavar="RUN_DIR")
+
+
+@dataclass
+class Options:
+    """grouter report has no options: what it compares is its inputs."""
+
+
+def run(inputs: Inputs, o: Options, out: Output) -> dict:
     """Markdown + JSON tables and PNG plots comparing finished runs."""
-    refuse_existing(out, overwrite)
-    if not run_dirs:
+    if not inputs.runs:
         raise GrouterError("no run directories given; pass the --out directories of `grouter train` runs")
-    runs = [RunRecord.load(d) for d in run_dirs]
+    runs = [RunRecord.load(d) for d in inputs.runs]
     speed = speedups(runs)
     domains = sorted({d for r in runs for d in r.summary.get("val_loss_by_domain", {})})
     by_domain = {"all": speed, **{d: speedups(runs, d) for d in domains}}
     table = markdown_table(runs, speed) + speedup_by_domain_table(by_domain)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with out.atomic() as tmp:
         plots = _plot_runs(runs, tmp)
         (tmp / "report.md").write_text("# grouter report\n\n" + table + "\n" +
                                        "".join(f"![{p}]({p})\n" for p in plots))
-        write_json(tmp / "report.json", {**header(REPORT_FORMAT, REPORT_VERSION), "runs": {r.name: {"router": r.router, "path": str(r.path), **r.summary}
-                                                  for r in runs}, "speedup": speed, "speedup_by_domain": by_domain,
-                                                  "plots": plots})
-    return {"report": str(out), "table": table, "speedup": speed, "speedup_by_domain": by_domain}
+        write_json(tmp / "report.json", {**header(REPORT_FORMAT, REPORT_VERSION),
+                                         "runs": {r.name: {"router": r.router, "path": str(r.path), **r.summary}
+                                                  for r in runs},
+                                         "speedup": speed, "speedup_by_domain": by_domain, "plots": plots})
+    return {"report": str(out.path), "table": table, "speedup": speed, "speedup_by_domain": by_domain}
+
+
+report = Stage("report", run, Inputs, Options)

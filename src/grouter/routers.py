@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GrouterError
+from .losses import load_balancing_loss, z_loss
 
 ROUTER_KINDS = ("aux", "zloss", "auxfree", "hash", "random", "stablemoe", "none", "external")
 
@@ -169,22 +170,6 @@ def expert_counts_per_head(ids: torch.Tensor, n_experts: int, n_heads: int) -> t
     flat = ids.reshape(-1, n_heads, ids.shape[-1]).transpose(0, 1).reshape(n_heads, -1)
     offsets = torch.arange(n_heads, device=ids.device)[:, None] * n_experts
     return torch.bincount((flat + offsets).reshape(-1), minlength=n_heads * n_experts).view(n_heads, n_experts)
-
-
-def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Switch/GShard loss ``E * sum_i f_i * P_i``; equals 1 at perfect balance.
-
-    f_i: fraction of the token-slots routed to expert i (no gradient); P_i: mean softmax
-    probability of expert i (carries the gradient).
-    """
-    probs = logits.float().softmax(dim=-1).reshape(-1, n_experts)
-    f = expert_counts(ids, n_experts).to(probs.dtype) / ids.numel()
-    return n_experts * (f * probs.mean(dim=0)).sum()
-
-
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean squared log-partition, keeps logits small."""
-    return logits.float().logsumexp(dim=-1).square().mean()
 
 
 class LearnedRouter(nn.Module):

@@ -1,21 +1,24 @@
-"""Synthetic fixtures for tests and benchmarks: routing stores with known structure.
+"""Fixtures for tests and benchmarks: routing stores with known structure, real text, small runs.
 
-They are written by the same writer as ``grouter dispatch`` (:mod:`grouter.store`), so a change of
-the store's format reaches every test and benchmark at once.
+Synthetic stores are written by the same writer as ``grouter dispatch`` (:mod:`grouter.formats.store`),
+so a change of the store's format reaches every test and benchmark at once.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import math
+import sysconfig
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import SPLITS, PackedDataset
-from .place import row_chunks
+from .chunking import row_chunks
+from .formats.dataset import SPLITS, PackedDataset
+from .formats.store import write_store
 from .routers import Heads, Routing
-from .store import write_store
 
 
 def synthetic_routing(n_sequences: int, seq_len: int, n_experts: int, k: int, clusters: int, seed: int = 0,
@@ -72,3 +75,87 @@ def synthetic_store(data: PackedDataset | str | Path, out: str | Path, n_experts
         routing[name] = Routing(torch.from_numpy(ids.astype(np.int64)), synthetic_weights(ids.shape, seed * 31 + i),
                                 heads=heads)
     return write_store(out, routing, n_experts, data=data, grouter_fingerprint=f"synthetic-{clusters}-{seed}")
+
+
+def train_run(data: PackedDataset, out: str | Path, model_cfg, cfg, **kw) -> dict:
+    """The trainer itself (:func:`grouter.train.train_model`) on any model config and routing source,
+    outside the runner (no lock, no record): what the tests of training use."""
+    from .runner import Output
+    from .train import train_model
+
+    return train_model(data, Output(Path(out), {}, progress=False), model_cfg, cfg, **kw)
+
+
+def tiny_reproduction(**overrides):
+    """``grouter reproduce --scale smoke`` made smaller still: every stage of the experiments in seconds."""
+    from .experiments.reproduce import reproduce_config
+
+    return reproduce_config("smoke", **{**dict(max_mb_per_domain=0.1, vocab_size=512, seq_len=32, source_steps=10,
+                                                distill_steps=10, tune_tokens=3_000, target_steps=10, eval_every=5),
+                                        **overrides})
+
+
+# -- real text, and the command line, for the tests -------------------------------------------------
+STDLIB_MODULES = ["argparse", "json/decoder", "textwrap", "string", "fractions", "statistics", "csv", "calendar",
+                  "heapq", "bisect", "shlex", "difflib", "glob", "fnmatch", "queue", "sched"]
+# a tiny model and schedule for `grouter train` and `grouter source train`: seconds on a CPU
+SMALL_TRAIN = ["--preset", "tiny", "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--checkpoint-every", "3",
+               "--eval-sequences", "4"]
+
+
+def stdlib_documents() -> list:
+    """Real text that needs nothing but the interpreter: code from standard-library modules and prose
+    from their docstrings (two domains)."""
+    from .data import Document
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for name in STDLIB_MODULES:
+        source = (root / f"{name}.py").read_text()
+        docs.append(Document("code", name, source[:12_000]))  # keep fixtures small: tests stay fast
+        tree = ast.parse(source)
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        docs.append(Document("prose", name, "\n\n".join(d for n in nodes if (d := ast.get_docstring(n)))))
+    return docs
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``grouter ARGV...`` in this process: (exit code, stdout, stderr), captured by pytest's ``capsys``."""
+    from .cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, needle: str) -> None:
+    """A failed command: non-zero, its last stderr line ``error: ...`` holding ``needle``, no traceback."""
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and needle in lines[-1], err
+    assert "Traceback" not in err
+
+
+def last_json(out: str) -> dict:
+    """What ``--json`` printed: the last stdout line."""
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def assert_nothing_written(out: Path) -> None:
+    """Neither ``out`` nor a sibling of it (a ``.OUT.partial*`` scratch directory, the ``.OUT.lock``
+    a command holds while it writes ``out``) exists."""
+    assert not out.exists(), f"{out} was written"
+    siblings = out.parent.iterdir() if out.parent.exists() else []
+    leftovers = [p.name for p in siblings if p.name.startswith(f".{out.name}.")]
+    assert not leftovers, leftovers
+
+
+def tiny_demo(**overrides):
+    """``grouter demo``'s pipeline at a size that runs in seconds."""
+    from .experiments.demo import demo_config
+
+    model = dict(d_model=32, n_layers=2, n_heads=2, d_expert=16)
+    return demo_config(**{**dict(max_mb_per_domain=0.12, vocab_size=512, seq_len=32, source_steps=12, distill_steps=12,
+                                  source=dict(model, n_experts=16, top_k=2), tune_tokens=4_000, target=model,
+                                  grouter=dict(d_model=32, n_layers=1, n_heads=2, d_ff=64), target_experts=8,
+                                  target_steps=12, batch_size=8, ranks=4), **overrides})

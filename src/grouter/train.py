@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,15 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DataSplit, PackedDataset, batches_of
+from .chunking import batches_of
 from .device import check_fits, resolve_device
 from .errors import GrouterError
-from .loop import Run, Step, TrainConfig, build_optimizer, fit, prefetch, read_metrics
+from .formats.dataset import DataSplit, PackedDataset
+from .formats.run import read_metrics
+from .formats.store import RoutingStore
+from .loop import Hooks, Step, TrainConfig, build_optimizer, fit, prefetch
 from .metrics import grad_norm_cv, max_vio
-from .model import MoEConfig, MoELM
+from .model import ModelOptions, MoEConfig, MoELM
 from .network import Grouter
-from .routers import Heads, Routing
-from .store import RoutingStore
+from .options import POSITIVE_INT, option, path_input
+from .routers import ROUTER_KINDS, Heads, Routing
+from .runner import Output, Stage
 
 # Routing supplied with the batch for ``router="external"``: (split name, sequence indices) ->
 # Routing with ids/weights [B, L, k] aligned with the batch's input tokens ([B, L, H, k] with
@@ -139,16 +143,66 @@ def check_inputs(data: PackedDataset, model_cfg: MoEConfig, cfg: TrainConfig,
     check_fits(model_cfg.num_parameters(), logits, resolve_device(cfg.device), "this model")
 
 
-def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: TrainConfig,
-          routing_source: RoutingSource | None = None, routing_identity: dict | None = None,
-          overwrite: bool = False, stop_after: int | None = None, progress: bool = True) -> dict:
-    """Train (or resume) a run in ``out``; returns its summary.
+BASELINE_ROUTERS = tuple(r for r in ROUTER_KINDS if r != "external")
+ROUTER_HELP = ("aux: learned + load-balancing loss; zloss: + z-loss; auxfree: bias balancing; hash: balanced token-id "
+               "table; random: frozen random; stablemoe: learned, then distilled and frozen; none: learned, no balancing")
+
+
+@dataclass
+class SourceInputs:
+    data: Path = path_input("packed dataset")
+
+
+@dataclass
+class Inputs(SourceInputs):
+    # one of these or --router (an option): where the target's routing comes from
+    routing: Path | None = path_input("a routing store from `grouter dispatch` (no router compute)",
+                                      exclusive="routing")
+    grouter: Path | None = path_input("a Grouter, routing computed online every step", exclusive="routing")
+
+
+@dataclass
+class Options:
+    router: str | None = option(None, ROUTER_HELP, choices=BASELINE_ROUTERS, exclusive="routing")
+    model: ModelOptions = field(default_factory=ModelOptions)
+    schedule: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300))
+    stop_after: int | None = option(None, "leave after this step, as an interruption would", range=POSITIVE_INT,
+                                    cli=False, how=True)
+
+
+@dataclass
+class SourceOptions(Options):
+    router: str = option("aux", "the source's router: " + ROUTER_HELP, choices=BASELINE_ROUTERS)
+
+
+def run(inputs: SourceInputs, o: Options, out: Output) -> dict:
+    """Train a target (a baseline router, or Grouter routing stored or online) or a source MoE."""
+    data = PackedDataset.open(inputs.data)
+    stored, online = getattr(inputs, "routing", None), getattr(inputs, "grouter", None)
+    if (o.router is None) == (stored is None and online is None):
+        raise GrouterError("pass one of --routing, --grouter (Grouter routing) or --router (a baseline)")
+    if o.router is not None:
+        model_cfg = o.model.config(data.vocab_size, data.seq_len, o.router, o.schedule.seed)
+        return train_model(data, out, model_cfg, o.schedule, stop_after=o.stop_after)
+    source, identity, n_experts, k = external_routing(data, stored, online, o.schedule.device)
+    for flag, value, needed in (("--experts", o.model.n_experts, n_experts), ("--top-k", o.model.top_k, k)):
+        if value is not None and value != needed:
+            raise GrouterError(f"{flag} {value} contradicts the routing ({needed}); leave it out")
+    model = replace(o.model, n_experts=n_experts, top_k=k)
+    model_cfg = model.config(data.vocab_size, data.seq_len, "external", o.schedule.seed)
+    return train_model(data, out, model_cfg, o.schedule, routing_source=source, routing_identity=identity,
+                       stop_after=o.stop_after)
+
+
+def train_model(data: PackedDataset, out: Output, model_cfg: MoEConfig, cfg: TrainConfig,
+                routing_source: RoutingSource | None = None, routing_identity: dict | None = None,
+                stop_after: int | None = None) -> dict:
+    """Train (or resume) a run in ``out.path``; returns its summary.
 
     ``routing_identity`` names where external routing comes from (store or Grouter fingerprint),
     so a run is never resumed with other routing. ``stop_after`` ends the process early at that
-    step (after checkpointing), which is how the resume test simulates an interruption.
+    step (after checkpointing), which is how the resume tests simulate an interruption.
     """
-    out = Path(out)
     if model_cfg.router == "stablemoe" and model_cfg.stablemoe_stage1_steps == 0:  # the paper's 10 % of the run
         model_cfg = replace(model_cfg, stablemoe_stage1_steps=max(1, math.ceil(0.1 * cfg.steps)))
     check_inputs(data, model_cfg, cfg, routing_source)
@@ -156,10 +210,9 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
     schedule = {k: v for k, v in asdict(cfg).items() if k != "device"}  # where it runs is not what it is
     identity = {"model": asdict(model_cfg), "train": schedule, "data_fingerprint": data.fingerprint,
                 "routing": routing_identity}
-    run = Run(out, identity, overwrite)
-    if (done := run.completed_summary()) is not None:
-        return done
+    run = out.run(identity)
     resume_state = run.start()
+    path = out.path
 
     device = resolve_device(cfg.device)
     train_split, val_split = data.split("train"), data.split("val")
@@ -192,17 +245,17 @@ def train(data: PackedDataset, out: str | Path, model_cfg: MoEConfig, cfg: Train
         totals.add(record)
 
     def validate(step: int) -> dict:
-        save_routing_probe(model, val_split, device, routing_source, out / "probes" / f"step_{step:08d}.npy")
+        save_routing_probe(model, val_split, device, routing_source, path / "probes" / f"step_{step:08d}.npy")
         return {"tokens": step * tokens_per_step, **evaluate(model, val_split, cfg, device, routing_source)}
 
     t0 = time.perf_counter()
-    finished = fit(run, model, opt, cfg, start, prefetch(batches()), forward, evaluate=validate,
-                   state=totals.state, after_step=after_step, extra=checkpoint_extra(data),
-                   desc=f"train {out.name}", progress=progress, stop_after=stop_after)
+    hooks = Hooks(forward, evaluate=validate, state=totals.state, after_step=after_step, extra=checkpoint_extra(data))
+    finished = fit(run, model, opt, cfg, start, prefetch(batches()), hooks, f"train {path.name}", out.progress,
+                   stop_after)
     if not finished:
-        return {"out": str(out), "stopped_at": stop_after}
+        return {"out": str(path), "stopped_at": stop_after}
     timed = (cfg.steps - start) * tokens_per_step
-    summary = {**summarize(run.metrics_path, totals.loads, totals.grad_norms), "out": str(out), "steps": cfg.steps,
+    summary = {**summarize(run.metrics_path, totals.loads, totals.grad_norms), "out": str(path), "steps": cfg.steps,
                "tokens": cfg.steps * tokens_per_step,
                "tokens_per_second": timed / (time.perf_counter() - t0) if timed else None,
                "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active_only=True),
@@ -263,3 +316,7 @@ def summarize(metrics_path: Path, run_loads: np.ndarray, grad_norms: list[float]
         "max_vio_batch_mean": float(np.mean([r["max_vio"] for r in train_recs])) if train_recs else None,
         "grad_norm_cv50_mean": float(cv.mean()) if len(cv) else None,
     }
+
+
+train = Stage("train", run, Inputs, Options, writes="run")
+source_train = Stage("source train", run, SourceInputs, SourceOptions, writes="run")

@@ -25,45 +25,45 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import atomic_dir, refuse_existing, write_json
-from .data import DataSplit, PackedDataset, batches_of
+from .artifacts import write_json
+from .chunking import batches_of
 from .device import resolve_device
-from .distill import kl_loss
 from .errors import GrouterError
+from .formats.dataset import DataSplit, PackedDataset
+from .losses import kl_loss
+from .losses import load_balancing_loss
 from .metrics import max_vio, topk_recall, topk_set_agreement
 from .network import Grouter
-from .report import per_head_paths, plot_loads
-from .routers import expert_counts_per_head, load_balancing_loss
+from .options import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, option, path_input
+from .plots import per_head_paths, plot_loads
+from .routers import expert_counts_per_head
+from .runner import Output, Stage
 
 METHODS = ("gradient", "bias")
 
 
 @dataclass
-class TuneConfig:
-    tokens: int = 1_000_000  # target tokens to tune on (the paper: 50M of 30B)
-    batch_size: int = 16
-    lr: float = 3e-3  # on the embedded corpus: 1e-3 balances too little, 1e-2 rewrites most routes
-    method: str = "gradient"
-    bias_gamma: float = 1e-2
-    keep: float = 0.0  # gradient method: weight of KL(untuned || tuned) per token, which keeps routes (0: none)
-    domain: str | None = None  # tune and evaluate on one domain only
-    eval_sequences: int = 512  # held-out sequences for the before/after report
-    seed: int = 0
-    device: str = "auto"
+class Inputs:
+    grouter: Path = path_input("the (folded) Grouter to tune")
+    data: Path = path_input("the target's data")
 
-    def validate(self) -> "TuneConfig":
-        if self.method not in METHODS:
-            raise GrouterError(f"unknown tuning method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.tokens < 1 or self.batch_size < 1 or self.eval_sequences < 1:
-            raise GrouterError("--tokens, --batch-size and --eval-sequences must be positive")
-        for name in ("lr", "bias_gamma"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise GrouterError(f"--{name.replace('_', '-')} must be a finite positive number, got {getattr(self, name)}")
-        if not (math.isfinite(self.keep) and self.keep >= 0):
-            raise GrouterError(f"--keep must be a finite number, 0 or more, got {self.keep}")
-        if self.keep and self.method != "gradient":
-            raise GrouterError("--keep weighs a loss term: it needs --method gradient")
-        return self
+
+@dataclass
+class Options:
+    tokens: int = option(1_000_000, "target tokens to tune on (the paper: 50M of 30B)", range=POSITIVE_INT)
+    method: str = option("gradient", "gradient: train the head with the load-balancing loss; bias: selection bias "
+                         "by the sign rule", choices=METHODS)
+    # on the embedded corpus: 1e-3 balances too little, 1e-2 rewrites most routes
+    lr: float = option(3e-3, range=POSITIVE)
+    bias_gamma: float = option(1e-2, range=POSITIVE)
+    keep: float = option(0.0, "gradient method: add WEIGHT · KL(untuned || tuned) per token, keeping more of the "
+                         "untuned routing for less balance (default 0: balance only)", range=NON_NEGATIVE,
+                         metavar="WEIGHT")
+    batch_size: int = option(16, range=POSITIVE_INT)
+    domain: str | None = option(None, "tune and evaluate on one domain of the data only")
+    eval_sequences: int = option(512, "held-out sequences for the before/after report", range=POSITIVE_INT)
+    seed: int = option(0, range=SEED)
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", how=True)
 
 
 def domain_sequences(split: DataSplit, domain: str | None) -> np.ndarray:
@@ -108,7 +108,7 @@ def freeze_all_but_head(grouter: Grouter) -> None:
         p.requires_grad_(name == "head.weight")
 
 
-def tune_grouter(grouter: Grouter, split: DataSplit, cfg: TuneConfig, device, progress: bool = True) -> Grouter:
+def tune_grouter(grouter: Grouter, split: DataSplit, cfg: Options, device, progress: bool = True) -> Grouter:
     """Return a tuned copy; only ``head.weight`` (gradient) or ``selection_bias`` (bias) changes."""
     tuned = copy.deepcopy(grouter).to(device).eval()  # eval: no dropout; the head still gets gradients
     freeze_all_but_head(tuned)
@@ -157,18 +157,18 @@ def nudge_bias(tuned: Grouter, hidden: torch.Tensor, gamma: float) -> None:
     tuned.selection_bias += gamma * torch.sign(counts.mean(-1, keepdim=True) - counts)
 
 
-def tune(grouter_dir: str | Path, data: PackedDataset, out: str | Path, cfg: TuneConfig = TuneConfig(),
-         overwrite: bool = False, progress: bool = True) -> dict:
-    """Tune the Grouter in ``grouter_dir`` on ``data``; writes the tuned Grouter and a before/after report."""
-    refuse_existing(out, overwrite)
-    cfg.validate()
+def run(inputs: Inputs, cfg: Options, out: Output) -> dict:
+    """Tune the Grouter on the data; writes the tuned Grouter and a before/after report."""
+    if cfg.keep and cfg.method != "gradient":
+        raise GrouterError("--keep weighs a loss term: it needs --method gradient")
     device = resolve_device(cfg.device)
-    grouter = Grouter.from_pretrained(grouter_dir).to(device)
+    data = PackedDataset.open(inputs.data)
+    grouter = Grouter.from_pretrained(inputs.grouter).to(device)
     grouter.check_data(data)
     train_split, val_split = data.split("train"), data.split("val")
     held_out = domain_sequences(val_split, cfg.domain)[: cfg.eval_sequences]
     before = routing_report(grouter, val_split, held_out, cfg.batch_size, device)
-    tuned = tune_grouter(grouter, train_split, cfg, device, progress)
+    tuned = tune_grouter(grouter, train_split, cfg, device, out.progress)
     after = routing_report(tuned, val_split, held_out, cfg.batch_size, device)
     tuned.cfg.provenance = {**tuned.cfg.provenance, "tune": {**asdict(cfg), "device": None, "data": data.fingerprint}}
     report = {
@@ -179,12 +179,12 @@ def tune(grouter_dir: str | Path, data: PackedDataset, out: str | Path, cfg: Tun
         "topk_set_agreement_with_untuned": topk_set_agreement(before["ids"], after["ids"]),
         "topk_overlap_with_untuned": topk_recall(before["ids"], after["ids"]),
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with out.atomic() as tmp:
         tuned.cpu().save_pretrained(tmp)
         write_json(tmp / "tune_report.json", report)
         (tmp / "tune_report.md").write_text(tune_markdown(report))
         _plot_loads(before, after, tuned.cfg.head_layers, tmp / "loads.png", cfg.domain)
-    return {"grouter": str(out), "max_vio_global_before": before["max_vio_global"],
+    return {"grouter": str(out.path), "max_vio_global_before": before["max_vio_global"],
             "max_vio_global_after": after["max_vio_global"],
             "max_vio_batch_mean_before": before["max_vio_batch_mean"],
             "max_vio_batch_mean_after": after["max_vio_batch_mean"],
@@ -217,3 +217,6 @@ def tune_markdown(r: dict) -> str:
             f"Routing kept from the untuned Grouter: identical top-k set for "
             f"{r['topk_set_agreement_with_untuned']:.1%} of tokens; {r['topk_overlap_with_untuned']:.1%} of the "
             "untuned top-k experts still chosen\n")
+
+
+tune = Stage("tune", run, Inputs, Options)

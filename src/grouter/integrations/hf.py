@@ -681,7 +681,7 @@ def routing_collator(store=None, split: str = "train", *, index_key: str = "inde
     """A data collator for :class:`GrouterRoutedModel`: collates the examples (``collate_fn``,
     default ``transformers.default_data_collator``) and adds ``routing_ids`` / ``routing_weights``
     ``[B, L, k]`` (``[B, L, H, k]`` for per-layer routing) read from ``store.routing(split, indices)``
-    (a ``grouter.store.RoutingStore``).
+    (a ``grouter.RoutingStore``).
 
     Each example is a dict with ``input_ids`` (the store's sequence, as ``PackedDataset`` gives
     it: ``seq[:-1]``) and ``index_key``, its sequence index in ``split``; the index is not passed

@@ -22,7 +22,7 @@ own, unchanged. Recipe (``examples/megatron_train.py`` runs it; docs/megatron.md
 
 What the router returns. ``forward(hidden [s, b, h], padding_mask)`` returns ``probs [T, E]``
 float32 (the stored gate weights at the chosen experts, 0 elsewhere; with a plan, expert ids are
-relabelled by its permutation, :func:`grouter.place.relabel`, so rank r's experts are Megatron's
+relabelled by its permutation, :func:`grouter.formats.plan.relabel`, so rank r's experts are Megatron's
 contiguous block r) and ``routing_map [T, E]`` bool, with exactly ``k`` experts per token. Tokens
 are those of the layer's input, in Megatron's order: sequence-major (``[s, b]`` flattened), local to
 the rank: under context parallelism (CP) the rank's two chunks of the ``2·cp`` sequence chunks
@@ -93,11 +93,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import PackedDataset
 from ..errors import GrouterError
-from ..place import Plan, PlanSampler, relabel
+from ..formats.dataset import PackedDataset
+from ..formats.plan import Plan, PlanSampler, relabel
+from ..formats.store import RoutingStore
 from ..routers import Heads, Routing, token_shape
-from ..store import RoutingStore
 
 
 # -- the TransformerConfig -------------------------------------------------------------------------

@@ -82,11 +82,11 @@ from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.protocols.module import Module
 
-from ..data import DataSplit, PackedDataset
 from ..errors import GrouterError
-from ..place import Plan, PlanSampler, relabel
+from ..formats.dataset import DataSplit, PackedDataset
+from ..formats.plan import Plan, PlanSampler, relabel
+from ..formats.store import RoutingStore
 from ..routers import Heads, Routing, token_shape
-from ..store import RoutingStore
 
 ROUTING_IDS, ROUTING_WEIGHTS = "routing_ids", "routing_weights"
 
@@ -519,7 +519,7 @@ class GrouterDataLoader(ParallelAwareDataloader):
     "routing_weights": [B, L, k] float32}, labels [B, L])`` (``[B, L, H, k]`` from a store with
     per-layer heads); the sequence order is
     :class:`SequenceBatches`'s. With a plan, the routing's expert ids are relabelled by its
-    permutation (``grouter.place.relabel``), the plan must be for ``dp_world_size`` ranks (EP =
+    permutation (``grouter.formats.plan.relabel``), the plan must be for ``dp_world_size`` ranks (EP =
     data parallelism) and the local batch size must divide its per-rank share of a global batch.
     Without a store (online routing) the routing keys are left out.
     """

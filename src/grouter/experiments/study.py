@@ -1,38 +1,35 @@
 """``grouter reproduce --study NAME``: what the Grouter's gain depends on, one factor at a time.
 
-``grouter reproduce`` found the tuned Grouter 1.27× faster to the best baseline's loss than that
-baseline (a frozen random router), and 1.03× on the domain its source never saw (docs/RESULTS.md).
-This study varies one factor at a time around a base cell, reproduce's ``cpu`` sizes with half its
-target tokens, each cell's Grouter run against the baselines of the same target (``random``,
-``aux``, ``stablemoe``), at equal tokens and with the same data order (a seed fixes both):
+The study varies one factor at a time around a base cell (``configs/study.toml``: reproduce's sizes
+with its own target tokens and baselines), each cell's Grouter run against the baselines of the same
+target, at equal tokens and with the same data order (a seed fixes both):
 
-- ``source``: the source trained on 1× (base), 4× and 8× the target run's tokens, and a bigger
-  source (d 256, the base's tokens);
-- ``tuning``, read on the held-out domain: untuned, tuned on all target data (base), on the
-  held-out domain alone, balance-constrained (``keep``: a KL-to-untuned penalty), selection bias;
-  with the share of top-k sets each keeps from the untuned Grouter;
+- ``source``: the source trained on more tokens per target token (``source_ratios``), and a bigger
+  source (``big_source``, the base's tokens);
+- ``tuning``, read on the held-out domain: untuned, tuned on all target data (base), and the
+  ``tune_variants`` (on the held-out domain alone, balance-constrained with weight ``tune_keep``,
+  selection bias), with the share of top-k sets each keeps from the untuned Grouter;
 - ``heads``: one shared head (base) or a head per source layer, each with the base's source and
-  with the strongest (8×);
-- ``tokens``: 0.5×, 1× (base) and 2× the target tokens (2× is reproduce's budget), the source
-  and Grouter unchanged; and the same for the best heads cell (a head per layer, 8× source);
-- ``experts``: 16 experts top-4 (base) or 64 top-8 folded from a 128-expert top-8 source, experts
-  half as wide (d_expert 32) so that a token's active compute is the base's.
+  with the strongest;
+- ``tokens``: the target tokens times ``token_ratios``, the source and Grouter unchanged; and the
+  same for the head-per-layer cell with the strongest source;
+- ``experts``: the base's experts, or ``many_experts`` top-``many_top_k`` folded from a
+  ``many_source_experts`` source, experts narrower so that a token's active compute is the base's.
 
-The cells that decide the conclusion run 3 seeds (the base, the 8× source, the heads cells, and
-the best at 1× tokens); the others seed 0. Every stage is a
-:class:`grouter.demo.Stages` stage, reused or resumed when the study is rerun, and every target run
-is a resumable training run. Layout of ``--out``: ``data/``, ``data-source/`` (as reproduce);
-``pipelines/NAME/``: a source and its Grouters and routing stores (cells with the same source
-share one); ``runs/TARGET/RUN-sSEED``: every target run, named by what it depends on (a baseline
-by its target, tokens and seed only, so the cells of one target share its baselines);
+The ``seeded`` cells (and the base) run ``seeds`` seeds; the others seed 0. Every stage is a
+:class:`grouter.experiments.pipeline.Pipeline` stage, reused or resumed when the study is rerun, and
+every target run is a resumable training run. Layout of ``--out``: ``data/``, ``data-source/`` (as
+reproduce); ``pipelines/NAME/``: a source and its Grouters and routing stores (cells with the same
+source share one); ``runs/TARGET/RUN-sSEED``: every target run, named by what it depends on (a
+baseline by its target, tokens and seed only, so the cells of one target share its baselines);
 ``cells/FACTOR/CELL/``: the cell's results (``cell.json``) and a report of its seed-0 runs;
 ``study.json``, ``study.md`` and ``plots/``, rewritten after every finished cell. A cell whose
 ``cell.json`` has the seeds it asks for is finished and not run again (given more seeds, it runs
-only the new ones), so copying ``study-config.json`` and ``cells/`` into
-an empty ``--out`` continues a study on another machine (its finished cells are in docs/study/).
+only the new ones), so copying ``study-config.json`` and ``cells/`` into an empty ``--out``
+continues a study on another machine. The results: docs/study.md (cells in docs/study/).
 
-The plan at ``--scale cpu``, cell by cell with what it adds and its minutes (:func:`plan_rows`,
-from stage times measured on the idle 2-core machine), is in docs/study.md and in study.md.
+The plan, cell by cell with what it adds and its minutes (:func:`plan_rows`, from the stage times in
+the config file's ``[timings]``), is in docs/study.md and in study.md.
 """
 
 from __future__ import annotations
@@ -41,20 +38,19 @@ import itertools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_write_bytes, header, read_json, write_json
-from .data import PackedDataset
-from .demo import Stages
-from .errors import GrouterError
-from .loop import read_run
-from .metrics import topk_set_agreement
-from .report import RunRecord, figure, report, speedups
-from .reproduce import SCALES, ReproduceConfig, held_out_data
-from .store import RoutingStore
+from ..artifacts import atomic_write_bytes, header, read_json, write_json
+from ..errors import GrouterError
+from ..formats.dataset import PackedDataset
+from ..formats.store import RoutingStore
+from ..metrics import topk_set_agreement
+from ..plots import figure
+from ..report import RunRecord, report, speedups
+from .pipeline import Pipeline, PipelineConfig, held_out_data, load_config, scaled
 
 STUDY_FORMAT, STUDY_VERSION = "grouter-study", 1
 FACTORS = ("source", "tuning", "heads", "tokens", "experts")  # the order of `all`: the decisive ones first
@@ -67,23 +63,40 @@ TUNE_LABELS = {"untuned": "untuned", "": "all target data", "held-out": "the hel
 @dataclass
 class StudyConfig:
     """The base cell (reproduce's sizes; its ``baselines`` are every cell's) and how each factor
-    departs from it."""
+    departs from it; the values are ``configs/study.toml``'s."""
 
-    base: ReproduceConfig
-    seeds: int = 3  # of the base cell and of the cells in `seeded`; the others run seed 0
-    # with the base, what decides the conclusion: the strongest source, shared vs per-layer heads, the best
-    seeded: tuple[str, ...] = ("source/8x", "heads/shared-8x", "heads/per-layer", "heads/per-layer-8x",
-                               "tokens/1x-per-layer-8x")
-    source_ratios: tuple[float, ...] = (4.0, 8.0)  # source tokens per target token, beside the base's
-    big_source: dict = field(default_factory=lambda: dict(d_model=256, n_layers=4, n_heads=4, d_expert=128,
-                                                          n_experts=32, top_k=4))
-    token_ratios: tuple[float, ...] = (0.5, 2.0)  # target tokens per the base's
-    tune_variants: tuple[str, ...] = ("untuned", "held-out", "keep", "bias")  # beside the base's tuning
-    tune_keep: float = 1.0  # the keep variant's weight of KL(untuned || tuned)
-    many_experts: int = 64  # the experts cell: the target's experts and top-k, both models' expert width,
-    many_top_k: int = 8  # and the source's experts
-    many_d_expert: int = 32
-    many_source_experts: int = 128
+    base: PipelineConfig
+    seeds: int  # of the base cell and of the cells in `seeded`; the others run seed 0
+    seeded: tuple[str, ...]
+    source_ratios: tuple[float, ...]  # source tokens per target token, beside the base's
+    big_source: dict
+    token_ratios: tuple[float, ...]  # target tokens per the base's
+    tune_variants: tuple[str, ...]  # beside the base's tuning
+    tune_keep: float  # the keep variant's weight of KL(untuned || tuned)
+    many_experts: int  # the experts cell: the target's experts and top-k, both models' expert width,
+    many_top_k: int  # and the source's experts
+    many_d_expert: int
+    many_source_experts: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    """What the plan's minutes are made of (``configs/study.toml``'s ``[timings]``, measured at --scale
+    cpu on the idle 2-core machine)."""
+
+    step_seconds: dict[tuple[int, int, int, int], float]  # by (d_model, experts, top-k, d_expert)
+    distill_step_seconds: float
+    fold_seconds: float
+    seconds_per_million_tokens: dict[str, float]
+    data_tokens: int
+    source_tokens: int
+
+    @classmethod
+    def load(cls) -> "Timings":
+        t = load_config("study")["timings"]
+        steps = {(s["d_model"], s["n_experts"], s["top_k"], s["d_expert"]): s["seconds"] for s in t["step_seconds"]}
+        return cls(steps, t["distill_step_seconds"], t["fold_seconds"], t["seconds_per_million_tokens"],
+                   t["data_tokens"], t["source_tokens"])
 
 
 @dataclass
@@ -93,7 +106,7 @@ class Cell:
     factor: str
     key: str  # directory-safe: cells/FACTOR/KEY
     label: str  # as the tables show it
-    cfg: ReproduceConfig
+    cfg: PipelineConfig
     pipeline: str = "base"  # pipelines/NAME: its source and Grouters (cells with the same source share it)
     layers: str | None = None  # None: capture the first layer (a shared head); "all": a head per layer
     tune: str = ""  # "": the base's tuning; "untuned"; or one of StudyConfig.tune_variants
@@ -121,29 +134,26 @@ class Cell:
                 for seed in range(self.seeds)]
 
 
-STUDY_BASELINES = ("random", "aux", "stablemoe")  # random: the best at reproduce's scale; stablemoe: the closest peer
-# "cpu": reproduce's cpu sizes with half its target tokens (its 2× tokens cell is reproduce's budget),
-# the source trained on as many tokens as a target run; sized so that `all` takes about 3 hours on
-# the 2-core machine (the plan in docs/study.md). "smoke": every stage runs, in minutes.
-STUDY_SCALES: dict[str, StudyConfig] = {
-    "smoke": StudyConfig(base=replace(SCALES["smoke"], baselines=STUDY_BASELINES, fold_ablation=(), causal_ablation=False),
-                         big_source=dict(d_model=96, n_layers=2, n_heads=2, d_expert=48, n_experts=16, top_k=2),
-                         many_experts=16, many_top_k=4, many_d_expert=16, many_source_experts=32),
-    "cpu": StudyConfig(base=replace(SCALES["cpu"], target_steps=500, source_steps=500, baselines=STUDY_BASELINES,
-                                    fold_ablation=(), causal_ablation=False)),
-}
+SCALES = tuple(load_config("study")["scales"])
 
 
-def study_scaled(scale: str, **overrides) -> StudyConfig:
-    """A study scale with reproduce's options applied to its base cell; the source keeps its ratio of
-    tokens to the target's when ``target_steps`` changes."""
-    if scale not in STUDY_SCALES:
-        raise GrouterError(f"the study has scales {', '.join(STUDY_SCALES)}, not {scale!r}")
-    cfg = STUDY_SCALES[scale]
-    base = replace(cfg.base, **overrides)
+def study_config(scale: str, **overrides) -> StudyConfig:
+    """``configs/study.toml`` at ``scale``, with reproduce's options applied to its base cell; the source
+    keeps its ratio of tokens to the target's when ``target_steps`` changes."""
+    config = load_config("study")
+    scales = config.pop("scales")
+    config.pop("timings")
+    if scale not in scales:
+        raise GrouterError(f"the study has scales {', '.join(scales)}, not {scale!r}")
+    settings = {**config, **scales[scale]}
+    reproduce_scale, changes = settings.pop("reproduce_scale"), settings.pop("base")
+    base = PipelineConfig.from_dict(scaled(load_config("reproduce"), reproduce_scale, **changes,
+                                           baselines=settings.pop("baselines"), fold_ablation=[],
+                                           causal_ablation=False))
+    given = replace(base, **overrides)
     if "target_steps" in overrides:
-        base = replace(base, source_steps=round(cfg.base.source_steps * base.target_steps / cfg.base.target_steps))
-    return replace(cfg, base=base)
+        given = replace(given, source_steps=round(base.source_steps * given.target_steps / base.target_steps))
+    return StudyConfig(base=given, **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
 
 
 def plan(cfg: StudyConfig) -> list[Cell]:
@@ -151,7 +161,7 @@ def plan(cfg: StudyConfig) -> list[Cell]:
     b = cfg.base
     ratio = b.source_steps / b.target_steps  # source tokens per target token (same batch and length)
 
-    def cell(factor: str, key: str, label: str, c: ReproduceConfig = b, **kw) -> Cell:
+    def cell(factor: str, key: str, label: str, c: PipelineConfig = b, **kw) -> Cell:
         return Cell(factor, key, label, c, seeds=cfg.seeds if f"{factor}/{key}" in cfg.seeded else 1, **kw)
 
     def base(factor: str, key: str, label: str) -> Cell:
@@ -193,7 +203,7 @@ def many_experts(cfg: StudyConfig, cell) -> Cell:
 
 
 def tune_options(cfg: StudyConfig, variant: str) -> dict:
-    """The :class:`grouter.tune.TuneConfig` options of a tuning variant ("": the base's, the defaults)."""
+    """The :class:`grouter.tune.Options` of a tuning variant ("": the base's, the defaults)."""
     return {"": {}, "held-out": {"domain": cfg.base.held_out_domain}, "keep": {"keep": cfg.tune_keep},
             "bias": {"method": "bias"}}[variant]
 
@@ -203,7 +213,7 @@ def run_study(out: str | Path, name: str, cfg: StudyConfig) -> dict:
     """Run the cells ``name`` selects (:func:`selected`), each stage once: rerun to resume."""
     cells = selected(name, plan(cfg))
     t0, out = time.perf_counter(), Path(out)
-    root = Stages(out, cfg.base, "study")
+    root = Pipeline(out, cfg.base, "study")
     data, source_data = held_out_data(root, cfg.base)
     check_config(out, cfg)
     summary = write_study(out, cfg)  # the plan, before the first run: a skeleton of the results
@@ -255,13 +265,13 @@ def finished(out: Path, cell: Cell) -> bool:
 
 def run_cell(out: Path, cfg: StudyConfig, cell: Cell, data: PackedDataset, source_data: PackedDataset) -> None:
     """The cell's Grouter, its target runs (reused when another cell made them), its results in cell.json."""
-    pipe = Stages(out / "pipelines" / cell.pipeline, cell.cfg, f"study {cell.id}")
-    folded = pipe.folded(pipe.distilled(pipe.source_targets(source_data, cell.layers))[0], source_data)
+    pipe = Pipeline(out / "pipelines" / cell.pipeline, cell.cfg, f"study {cell.id}")
+    folded = pipe.folded(pipe.distilled(pipe.source_targets(source_data, bool(cell.layers)))[0], source_data)
     grouter = folded if cell.tune == "untuned" else pipe.tuned(folded, data, cell.tune, **tune_options(cfg, cell.tune))
     store = pipe.routing(grouter, data)
     seconds = {f"{pipe.out.relative_to(out)}/{k}": v for k, v in pipe.seconds.items()}
     for seed, names in enumerate(cell.run_names()):
-        stages = Stages(out, replace(cell.cfg, seed=seed), f"study {cell.id}, seed {seed}")
+        stages = Pipeline(out, replace(cell.cfg, seed=seed), f"study {cell.id}, seed {seed}")
         stages.train_target(data, names[0], store=store)
         for router, name in zip(cell.cfg.baselines, names[1:]):
             stages.train_target(data, name, router=router)
@@ -271,7 +281,7 @@ def run_cell(out: Path, cfg: StudyConfig, cell: Cell, data: PackedDataset, sourc
         result["routing_kept"] = routing_kept(pipe.routing(folded, data), store, data)
         result["tune_report"] = tune_summary(grouter)
     directory = out / "cells" / cell.factor / cell.key
-    report([out / "runs" / n for n in cell.run_names()[0]], directory / "report", overwrite=True)
+    report(directory / "report", overwrite=True, runs=[out / "runs" / n for n in cell.run_names()[0]])
     write_json(directory / "cell.json", {**header(STUDY_FORMAT, STUDY_VERSION), **describe(cell), **result,
                                          "stage_seconds": seconds})
 
@@ -488,52 +498,43 @@ def plot_factor(summary: dict, factor: str, out: Path) -> str | None:
 
 
 # -- the plan: what each cell adds, and how long it takes --------------------------------------------
-# Measured at --scale cpu on the idle 2-core machine (docs/study.md): seconds per training step of
-# 16 × 128 tokens (evaluations every 50 steps included) by model shape (d_model, experts, top-k,
-# d_expert), and the other stages' seconds per unit.
-STEP_SECONDS = {(128, 16, 4, 64): 0.40, (128, 64, 8, 32): 0.50, (128, 32, 4, 64): 0.40, (128, 128, 8, 32): 0.50,
-                (256, 32, 4, 128): 0.80}
-DISTILL_STEP_SECONDS = 0.05
-SECONDS_PER_MILLION_TOKENS = {"capture": 3.0, "tune": 40.0, "dispatch": 8.0}
-FOLD_SECONDS = 5.0
-
-
-def step_seconds(model: dict, n_experts: int, top_k: int, tokens_per_step: int) -> float:
-    """A training step's measured time for this shape, or the base target's scaled by the expert FLOPs."""
-    key = (model["d_model"], n_experts, top_k, model["d_expert"])
-    measured = STEP_SECONDS.get(key)
+def step_seconds(timings: Timings, model: dict, n_experts: int, top_k: int, tokens_per_step: int) -> float:
+    """A training step's measured time for this shape, or the first shape's scaled by the expert FLOPs."""
+    measured = timings.step_seconds.get((model["d_model"], n_experts, top_k, model["d_expert"]))
     if measured is None:
-        scale = (model["d_model"] * (model["d_expert"] * top_k + 2 * model["d_model"])) / (128 * (64 * 4 + 256))
-        measured = STEP_SECONDS[(128, 16, 4, 64)] * scale * model["n_layers"] / 4
+        (d, _, k, f), seconds = next(iter(timings.step_seconds.items()))
+        scale = (model["d_model"] * (model["d_expert"] * top_k + 2 * model["d_model"])) / (d * (f * k + 2 * d))
+        measured = seconds * scale * model["n_layers"] / 4
     return measured * tokens_per_step / (16 * 128)
 
 
-def cell_work(cell: Cell, data_tokens: int, source_tokens: int) -> list[tuple[str, str, float]]:
+def cell_work(cell: Cell, t: Timings) -> list[tuple[str, str, float]]:
     """(name under --out, what, seconds) of everything the cell needs, shared or not."""
     c, p = cell.cfg, f"pipelines/{cell.pipeline}"
     per_step = c.batch_size * c.seq_len
     layers = "-layers-all" if cell.layers else ""
     tuned = {"untuned": "-folded", "": ""}.get(cell.tune, f"-tune-{cell.tune}")
     work = [(f"{p}/source", f"source, {c.source_steps:,} steps",
-             c.source_steps * step_seconds(c.source, c.source["n_experts"], c.source["top_k"], per_step)),
-            (f"{p}/targets{layers}", "capture", SECONDS_PER_MILLION_TOKENS["capture"] * source_tokens / 1e6),
-            (f"{p}/grouter-distilled{layers}", "distill", c.distill_steps * DISTILL_STEP_SECONDS),
-            (f"{p}/grouter-folded{layers}", "fold", FOLD_SECONDS)]
+             c.source_steps * step_seconds(t, c.source, c.source["n_experts"], c.source["top_k"], per_step)),
+            (f"{p}/targets{layers}", "capture", t.seconds_per_million_tokens["capture"] * t.source_tokens / 1e6),
+            (f"{p}/grouter-distilled{layers}", "distill", c.distill_steps * t.distill_step_seconds),
+            (f"{p}/grouter-folded{layers}", "fold", t.fold_seconds)]
     if cell.tune != "untuned":
-        work.append((f"{p}/grouter{layers}{tuned}", "tune", SECONDS_PER_MILLION_TOKENS["tune"] * c.tune_tokens / 1e6))
+        work.append((f"{p}/grouter{layers}{tuned}", "tune", t.seconds_per_million_tokens["tune"] * c.tune_tokens / 1e6))
     stores = [f"{p}/routing{layers}{tuned}"] + ([f"{p}/routing-folded"] if cell.factor == "tuning" else [])
-    work += [(name, "dispatch", SECONDS_PER_MILLION_TOKENS["dispatch"] * data_tokens / 1e6) for name in stores]
-    run = c.target_steps * step_seconds(c.target, c.target_experts, c.source["top_k"], per_step)
+    work += [(name, "dispatch", t.seconds_per_million_tokens["dispatch"] * t.data_tokens / 1e6) for name in stores]
+    run = c.target_steps * step_seconds(t, c.target, c.target_experts, c.source["top_k"], per_step)
     return work + [(f"runs/{name}", "target run", run) for names in cell.run_names() for name in names]
 
 
-def plan_rows(cfg: StudyConfig, data_tokens: int = 5_830_000, source_tokens: int = 3_900_000) -> list[dict]:
+def plan_rows(cfg: StudyConfig) -> list[dict]:
     """Per cell, in the order ``all`` runs them: what it adds to the cells before it, and the minutes."""
-    done: set[str] = set()
+    timings, done = Timings.load(), set()
     rows = []
     for cell in plan(cfg):
-        new = [(what, seconds) for name, what, seconds in cell_work(cell, data_tokens, source_tokens) if name not in done]
-        done |= {name for name, _, _ in cell_work(cell, data_tokens, source_tokens)}
+        work = cell_work(cell, timings)
+        new = [(what, seconds) for name, what, seconds in work if name not in done]
+        done |= {name for name, _, _ in work}
         counts: dict[str, int] = {}
         for what, _ in new:
             counts[what] = counts.get(what, 0) + 1

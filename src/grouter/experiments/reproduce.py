@@ -16,57 +16,30 @@ Target runs, all at equal tokens and identical data order:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .artifacts import header, read_json, read_manifest, write_json
-from .data import PackedDataset, subset_domains
-from .demo import DemoConfig, Stages
-from .errors import GrouterError
-from .report import report
-
+from ..artifacts import header, read_json, read_manifest, write_json
+from ..formats.dataset import PackedDataset
+from ..options import POSITIVE_INT, option, path_input
+from ..report import report
+from ..runner import Output, Stage
+from .pipeline import Pipeline, PipelineConfig, held_out_data, load_config, scaled
+from .study import run_study, study_config
 
 REPRODUCE_FORMAT, REPRODUCE_VERSION = "grouter-reproduce", 1
+SCALES = tuple(load_config("reproduce")["scales"])
 
 
-@dataclass
-class ReproduceConfig(DemoConfig):
-    max_bytes_per_domain: int | None = 8_000_000  # the whole default corpus (prose has 7.2 MB)
-    vocab_size: int = 8192
-    source_steps: int = 1200
-    distill_steps: int = 1000
-    tune_tokens: int = 500_000
-    target_steps: int = 1000
-    baselines: tuple[str, ...] = ("aux", "zloss", "auxfree", "hash", "random", "stablemoe", "none")
-    held_out_domain: str = "code"
-    fold_ablation: tuple[str, ...] = ("random", "balance")
-    causal_ablation: bool = True
-    data: str | None = None  # a prepared dataset (`grouter data prepare/tokenize`) instead of the embedded corpus
+def reproduce_config(scale: str = "cpu", **overrides) -> PipelineConfig:
+    """``configs/reproduce.toml`` at ``scale`` ("smoke": every stage runs, in minutes; "cpu": sized for a
+    CPU machine; "gpu": one GPU), with ``overrides``."""
+    return PipelineConfig.from_dict(scaled(load_config("reproduce"), scale, **overrides))
 
 
-# Documented sizes. "cpu" is sized for a CPU machine (its time is in docs/RESULTS.md); "gpu"
-# scales models and tokens up for one GPU (16M tokens per target run, about 2.7 epochs of the
-# embedded corpus, so pass a bigger corpus with --data there); "smoke" checks that every stage runs.
-SCALES: dict[str, ReproduceConfig] = {
-    "smoke": ReproduceConfig(max_bytes_per_domain=300_000, vocab_size=2048, seq_len=64,
-                             source=dict(d_model=64, n_layers=2, n_heads=2, d_expert=32, n_experts=16, top_k=2),
-                             source_steps=60, grouter=dict(d_model=64, n_layers=1, n_heads=2, d_ff=128),
-                             distill_steps=60, target_experts=8, tune_tokens=20_000,
-                             target=dict(d_model=64, n_layers=2, n_heads=2, d_expert=32), target_steps=60,
-                             batch_size=8, eval_every=20),
-    "cpu": ReproduceConfig(),
-    "gpu": ReproduceConfig(seq_len=256, source=dict(d_model=512, n_layers=8, n_heads=8, d_expert=256, n_experts=64,
-                                                    top_k=8),
-                           source_steps=2000, grouter=dict(d_model=256, n_layers=3, n_heads=4, d_ff=512),
-                           distill_steps=3000, target_experts=32, tune_tokens=2_000_000,
-                           target=dict(d_model=384, n_layers=8, n_heads=6, d_expert=256), target_steps=2000,
-                           batch_size=32, eval_every=100),
-}
-
-
-def run_reproduce(out: str | Path, cfg: ReproduceConfig = SCALES["cpu"]) -> dict:
+def run_reproduce(out: str | Path, cfg: PipelineConfig) -> dict:
     t0 = time.perf_counter()
-    stages = Stages(Path(out), cfg, "reproduce")
+    stages = Pipeline(Path(out), cfg, "reproduce")
     data, source_data = held_out_data(stages, cfg)
     seen = source_data.domains
     targets = stages.source_targets(source_data)
@@ -85,7 +58,7 @@ def run_reproduce(out: str | Path, cfg: ReproduceConfig = SCALES["cpu"]) -> dict
         routed[f"grouter-raw-fold-{strategy}"] = stages.routing(folds[strategy], data)
 
     runs = stages.train_targets(data, routed, cfg.baselines)
-    result = report(runs, stages.out / "report", overwrite=True)
+    result = report(stages.out / "report", overwrite=True, runs=runs)
     summary = summarize(stages, cfg, data, seen, distilled_summaries, grouter, folds, result)
     summary["seconds_this_invocation"] = time.perf_counter() - t0
     write_json(stages.out / "reproduce.json", summary)
@@ -95,20 +68,7 @@ def run_reproduce(out: str | Path, cfg: ReproduceConfig = SCALES["cpu"]) -> dict
     return summary
 
 
-def held_out_data(stages: Stages, cfg: ReproduceConfig) -> tuple[PackedDataset, PackedDataset]:
-    """The targets' data (every domain) and the source's (every domain but the held-out one), each
-    prepared once under ``stages.out`` (the targets' is the user's ``cfg.data`` when given)."""
-    data = stages.data(Path(cfg.data) if cfg.data else None)
-    if cfg.held_out_domain not in data.domains or len(data.domains) < 2:
-        raise GrouterError(f"held-out domain {cfg.held_out_domain!r} must be one of the data's domains "
-                           f"({', '.join(data.domains)}), with at least one other left for the source")
-    seen = [d for d in data.domains if d != cfg.held_out_domain]
-    source_data = PackedDataset.open(stages.once("data-source", f"the source's data: {', '.join(seen)} only",
-                                                 lambda p: subset_domains(data, seen, p)))
-    return data, source_data
-
-
-def summarize(stages: Stages, cfg: ReproduceConfig, data: PackedDataset, seen: list[str], distilled: dict,
+def summarize(stages: Pipeline, cfg: PipelineConfig, data: PackedDataset, seen: list[str], distilled: dict,
               grouter: Path, folds: dict[str, Path], result: dict) -> dict:
     """Everything reproduce.md states, in one JSON-able dict (also reproduce.json)."""
     done = stages.out / "reproduce.json"
@@ -185,7 +145,30 @@ def reproduce_markdown(summary: dict, table: str) -> str:
     return "\n".join(text) + "\n"
 
 
-def scaled(scale: str, **overrides) -> ReproduceConfig:
-    if scale not in SCALES:
-        raise GrouterError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    return replace(SCALES[scale], **overrides)
+@dataclass
+class Inputs:
+    data: Path | None = path_input("a dataset from `grouter data prepare/tokenize` (default: the embedded corpus, "
+                                   "prepared in --out)", required=False)
+
+
+@dataclass
+class Options:
+    scale: str = option("cpu", "model and data sizes: smoke (minutes), cpu (CPU-sized), gpu (one GPU, not for "
+                        "--study); docs/RESULTS.md", choices=SCALES)
+    study: str | None = option(None, "vary one factor at a time around a base cell instead: source, tuning, heads, "
+                               "tokens, experts, all of them (about 3.7 h at --scale cpu), one cell (FACTOR/KEY) or "
+                               "several, comma-separated; docs/study.md", metavar="NAME")
+    held_out_domain: str | None = option(None, "the domain the source never sees (default: code)")
+    target_steps: int | None = option(None, "override the scale's target steps", range=POSITIVE_INT)
+
+
+def run(inputs: Inputs, o: Options, out: Output) -> dict:
+    """``grouter reproduce``, or with ``study`` the study (grouter.experiments.study)."""
+    overrides = {k: v for k, v in (("held_out_domain", o.held_out_domain), ("target_steps", o.target_steps),
+                                   ("data", inputs.data and str(inputs.data))) if v is not None}
+    if o.study:
+        return run_study(out.path or Path("study"), o.study, study_config(o.scale, **overrides))
+    return run_reproduce(out.path or Path("reproduce"), reproduce_config(o.scale, **overrides))
+
+
+reproduce = Stage("reproduce", run, Inputs, Options, writes="pipeline")

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import atomic_dir, read_manifest, write_json
-from .data import PackedDataset
-from .errors import GrouterError
-from .integrity import CheckedFile, file_checksum
-from .routers import Heads, Routing
+from ..artifacts import atomic_dir, read_manifest, write_json
+from ..errors import GrouterError
+from ..integrity import CheckedFile, file_checksum
+from ..routers import Heads, Routing
+from .dataset import PackedDataset
 
 ROUTING_FORMAT = "grouter-routing"
 ROUTING_VERSION = 3  # 2: per-chunk checksums, verified on read; 3: per-layer heads (written only for them)

@@ -1,0 +1,92 @@
+"""Checking every byte of an artifact against its checksums, now (``grouter verify``).
+
+Readers verify what they read as they read it (docs/method.md#integrity); this reads everything at
+once, e.g. after copying a routing store to another file system, before a long run starts. The
+artifact's kind is told by its manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..artifacts import read_json
+from ..errors import GrouterError
+from ..integrity import verify_file
+from .dataset import SPLITS, PackedDataset
+from .grouter import GROUTER_FORMAT, GrouterConfig, check_fingerprint, fingerprint, load_grouter
+from .model import MODEL_FORMAT, load_model
+from .plan import Plan
+from .run import read_run
+from .store import RoutingStore
+from .targets import Targets
+
+
+def _dataset(path: Path) -> int:
+    data = PackedDataset.open(path)
+    data.tokenizer()
+    for name in SPLITS:
+        split = data.split(name)  # verifies the index
+        if split.checked is not None:
+            split.checked.check_all()
+    return sum((path / f"{s}.tokens").stat().st_size for s in SPLITS)
+
+
+def _targets(path: Path) -> int:
+    Targets.open(path, verify=True)
+    return sum(f.stat().st_size for f in path.glob("*.logits"))
+
+
+def _store(path: Path) -> int:
+    RoutingStore.open(path).verify()
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".ids", ".weights"))
+
+
+def _model(path: Path) -> int:
+    fmt = read_json(path / "config.json", "model config").get("format")
+    if fmt == GROUTER_FORMAT:
+        meta, state = load_grouter(path)
+        check_fingerprint(path, meta, fingerprint(GrouterConfig.from_dict(meta["config"]), state))
+    elif fmt == MODEL_FORMAT:
+        load_model(path)
+    else:
+        raise GrouterError(f"{path} holds no grouter model (config.json format {fmt!r})")
+    return (path / "model.safetensors").stat().st_size
+
+
+def _run(path: Path) -> int:
+    read_run(path)
+    ckpt = path / "checkpoint"
+    if not ckpt.is_dir():
+        return 0
+    size = _model(ckpt)
+    trainer = read_json(ckpt / "trainer_state.json", "trainer state", checked=True)
+    verify_file(ckpt / "optimizer.safetensors", trainer.get("optimizer_sha256"), "optimizer state",
+                f"the checkpoint in {ckpt} is damaged: resume from an earlier copy, or --overwrite the run")
+    read_json(ckpt / "optimizer.json", "optimizer state", checked=True)
+    return size + (ckpt / "optimizer.safetensors").stat().st_size
+
+
+def _plan(path: Path) -> int:
+    Plan.load(path)
+    return (path / "plan.json").stat().st_size
+
+
+KINDS = {"meta.json": ("dataset", _dataset), "targets.json": ("targets", _targets),
+         "manifest.json": ("routing store", _store), "run.json": ("training run", _run),
+         "plan.json": ("placement plan", _plan), "config.json": ("model", _model)}
+
+
+def verify_artifact(path: str | Path) -> dict:
+    """Verify the artifact in ``path``; returns its kind, the bytes checked and the time it took."""
+    path = Path(path)
+    if not path.is_dir():
+        raise GrouterError(f"{path} is not a directory; pass a grouter artifact directory")
+    t0 = time.perf_counter()
+    for manifest, (kind, check) in KINDS.items():
+        if (path / manifest).is_file():
+            checked = check(path)
+            seconds = time.perf_counter() - t0
+            return {"path": str(path), "kind": kind, "ok": True, "bytes_checked": checked,
+                    "seconds": round(seconds, 3)}
+    raise GrouterError(f"{path} is not a grouter artifact (none of {', '.join(KINDS)} in it)")
