@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.grouter-installed
 CORPUS_STAMP := corpus/node_modules/.grouter-installed
 
-.PHONY: demo test install corpus clean bench
+.PHONY: demo test test-slow install corpus clean bench
 
 install: $(STAMP) $(CORPUS_STAMP)
 
@@ -36,8 +36,13 @@ corpus: $(CORPUS_STAMP)
 demo: install
 	$(VENV)/bin/grouter demo
 
+# The suite without the tests marked slow (whole experiments end to end, multi-process launches), which
+# `make test-slow` runs; CI (.ci/run) runs both.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 bench: install
 	$(PY) benchmarks/throughput.py

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from grouter.experiments.demo import run_demo
 from grouter.testing import tiny_demo
 
 
+@pytest.mark.slow
 def test_reduced_demo_end_to_end(tmp_path, capsys):
     summary = run_demo(tmp_path / "demo", tiny_demo())
     for key in ("data", "source", "grouter", "routing", "plan", "report"):

@@ -325,6 +325,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sharded_dispatch_killed_and_resumed_is_byte_identical(tiny_data, grouter_dir, store_dir, tmp_path):
     """torchrun with 2 gloo ranks, rank 0 killed right after its third checkpoint (torchrun ends the
     other rank) and relaunched: the store is byte-identical to a single-process one."""

@@ -179,6 +179,7 @@ def test_plan_sends_fewer_bytes_than_random(runs2):
     assert total["plan", "dedup"] <= total["plan", "slot"] and total["random", "dedup"] <= total["random", "slot"]
 
 
+@pytest.mark.slow
 def test_cli_torchrun_4_ranks(setup, tiny_data):
     """torchrun -m grouter.ep with 4 gloo processes: same losses and parameters as one process."""
     out = setup / "cli4"

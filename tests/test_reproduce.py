@@ -16,6 +16,7 @@ from grouter.testing import tiny_reproduction as tiny
 
 
 @pytest.mark.filterwarnings("ignore:this Grouter is bidirectional")
+@pytest.mark.slow
 def test_reduced_reproduction_end_to_end(tmp_path, capsys):
     out = tmp_path / "repro"
     summary = run_reproduce(out, tiny())

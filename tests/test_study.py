@@ -73,6 +73,7 @@ def cells(study) -> dict[str, dict]:
     return {c["id"]: c for c in study["summary"]["cells"]}
 
 
+@pytest.mark.slow
 def test_every_factor_runs_end_to_end(study):
     out, all_cells = study["out"], cells(study)
     domains = {"all", *PackedDataset.open(out / "data").domains}
@@ -92,6 +93,7 @@ def test_every_factor_runs_end_to_end(study):
     assert set(study["result"]["cells"]) == set(all_cells)
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_without_redoing_finished_runs(study):
     partial = {c["id"]: c["status"] for c in study["partial"]["cells"]}
     assert partial["source/1x"] == "done" and partial["source/2x"] == "pending"
@@ -100,6 +102,7 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(study):
     assert study["killed"] in after and study["killed"] not in study["before"]
 
 
+@pytest.mark.slow
 def test_cells_share_their_baselines_and_data_order(study):
     all_cells = cells(study)
     base_target = all_cells["source/1x"]["target"]
@@ -118,6 +121,7 @@ def test_cells_share_their_baselines_and_data_order(study):
         assert len({json.dumps(i["train"]) for i in identities}) == 1, "equal tokens and schedule"
 
 
+@pytest.mark.slow
 def test_tuning_variants_report_the_routing_they_keep(study):
     tuning = {c["key"]: c for c in cells(study).values() if c["factor"] == "tuning"}
     assert set(tuning) == {"untuned", "all", "held-out", "keep", "bias"}
@@ -132,6 +136,7 @@ def test_tuning_variants_report_the_routing_they_keep(study):
     assert "top-k sets kept (code)" in (study["out"] / "study.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_study_directory_holds_one_configuration(study):
     with pytest.raises(GrouterError, match="holds a study with another configuration"):
         run_study(study["out"], "heads", replace(tiny_study(), tune_keep=2.0))
@@ -139,6 +144,7 @@ def test_a_study_directory_holds_one_configuration(study):
         run_study(study["out"], "nonsense", tiny_study())
 
 
+@pytest.mark.slow
 def test_more_seeds_for_a_cell_run_only_the_new_seeds(study, tmp_path):
     """A study copied elsewhere and given another seed for one cell: the study reports the seeds still
     owed, trains only that seed's Grouter run (its baseline is the base cell's), and records the seeds."""
@@ -195,6 +201,7 @@ def test_cli_study_refuses_bad_input(capsys, tmp_path):
     assert_one_line_error(code, err, "the study has scales smoke, cpu, not 'gpu'")
 
 
+@pytest.mark.slow
 def test_cli_study_reuses_a_finished_study(capsys, monkeypatch, study):
     monkeypatch.setattr("grouter.experiments.reproduce.study_config", lambda scale, **overrides: replace(
         tiny_study(), base=replace(tiny_study().base, **overrides)))
