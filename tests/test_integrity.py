@@ -9,10 +9,13 @@ place, tiny sizes); every test works on copies of its artifacts.
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from grouter.routers import Routing
 from grouter.testing import train_run
 
 from grouter.testing import stdlib_documents
-from grouter.testing import SMALL_TRAIN, assert_one_line_error
+from grouter.testing import SMALL_TRAIN, assert_nothing_written, assert_one_line_error
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CORRUPT = r"corrupt|checksum|altered|modified"
@@ -264,13 +267,13 @@ def test_unfinished_runs_are_refused_downstream_until_resumed(capsys, pipeline, 
     cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=2,
                     n_heads=2, d_expert=16, n_experts=8, top_k=2)
     tcfg = TrainConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, eval_sequences=4, device="cpu")
-    train_run(tiny_data, tmp_path / "source", cfg, tcfg, stop_after=3)  # as if killed after step 3
+    train_run(tiny_data, tmp_path / "source", cfg, tcfg, command="source train", stop_after=3)  # killed after step 3
     code, _, err = run(capsys, "capture", "--source", str(tmp_path / "source"), "--data", d, "--out",
                        str(tmp_path / "t"))
     assert_one_line_error(code, err, "did not finish (checkpoint at step 3); rerun the same `grouter source train`")
     ok(capsys, "capture", "--source", str(tmp_path / "source" / "checkpoint"), "--data", d,  # on purpose
        "--out", str(tmp_path / "t-partial"))
-    train_run(tiny_data, tmp_path / "source", cfg, tcfg)  # the resume completes it
+    train_run(tiny_data, tmp_path / "source", cfg, tcfg, command="source train")  # the resume completes it
     ok(capsys, "capture", "--source", str(tmp_path / "source"), "--data", d, "--out", str(tmp_path / "t"))
 
     from grouter.distill import distill
@@ -287,7 +290,7 @@ def test_unfinished_runs_are_refused_downstream_until_resumed(capsys, pipeline, 
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--lr", "inf"], "--lr: expected a number greater than 0, got inf"),
+    (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--lr", "inf"], "--lr: expected a number greater than 0 and below 10, got inf"),
     (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--lr", "nan"], "--lr: expected a number greater than 0"),
     (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--method", "bias", "--bias-gamma", "nan"], "--bias-gamma"),
     (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--bias-gamma", "-0.1"], "--bias-gamma"),
@@ -364,3 +367,230 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
             "from grouter.__main__ import main; sys.exit(main())")
     proc = subprocess.run([sys.executable, "-c", code, SRC], capture_output=True, text=True)
     assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted"
+
+
+# -- every file a command reads is an input; every output is verified before it is reused --------------
+def test_out_may_not_lie_inside_an_input(capsys, pipeline, tiny_data, tmp_path):
+    """--out inside an input would be written into it (and --overwrite would replace part of it)."""
+    d = str(tiny_data.path)
+    grouter, source = copy(pipeline / "grouter", tmp_path / "g"), copy(pipeline / "source", tmp_path / "s")
+    before = {p: p.stat().st_mtime_ns for p in [*grouter.rglob("*"), *source.rglob("*")]}
+    for argv in (["fold", "--grouter", grouter, "--experts", "4", "--data", d, "--out", grouter / "checkpoint"],
+                 ["capture", "--source", source, "--data", d, "--out", source / "checkpoint"],
+                 ["report", source, "--out", source / "probes"]):
+        code, _, err = run(capsys, *map(str, argv), "--overwrite")
+        assert_one_line_error(code, err, "is also an input of this command, or holds or lies inside one")
+    assert {p: p.stat().st_mtime_ns for p in [*grouter.rglob("*"), *source.rglob("*")]} == before
+
+
+def option_fields(cls):
+    """Every leaf field of an options dataclass, nested groups included."""
+    from dataclasses import fields
+
+    from grouter.options import nested
+
+    for f in fields(cls):
+        sub = nested(cls, f)
+        yield from option_fields(sub) if sub is not None else [(cls, f)]
+
+
+def test_every_path_a_command_reads_is_an_input():
+    """Walk every command's options: a path-valued option must be an input (a name-or-file option is
+    one when it names a file), so that --out is checked against it and its content is part of the
+    command's identity; every field of the inputs is one."""
+    from dataclasses import fields
+
+    from grouter.cli import COMMANDS
+    from grouter.options import types_of
+
+    for stage in (c.stage for c in COMMANDS):
+        assert all(f.metadata.get("input") for f in fields(stage.inputs)), stage.name
+        for cls, f in option_fields(stage.options):
+            if "Path" in str(types_of(cls)[f.name]) or f.name in ("hardware", "tokenizer", "config"):
+                assert f.metadata.get("file"), f"{stage.name}: option {f.name} names a file but is not an input"
+
+
+def test_file_options_are_inputs_and_their_content_is_the_identity(capsys, pipeline, tiny_data, tmp_path):
+    tok_dir = copy(tiny_data.path, tmp_path / "Dt")
+    (tmp_path / "a.txt").write_text("some text " * 400)
+    tokenize = ["data", "tokenize", "--input", str(tmp_path / "a.txt"), "--seq-len", "16"]
+    code, _, err = run(capsys, *tokenize, "--tokenizer", str(tok_dir / "tokenizer.json"), "--out", str(tok_dir),
+                       "--overwrite")
+    assert_one_line_error(code, err, "is also an input")
+    assert (tok_dir / "train.tokens").exists()
+    profile = tmp_path / "Pw" / "h.json"
+    profile.parent.mkdir()
+    profile.write_text(json.dumps({"name": "mine", "gpus_per_node": 2, "flops": 1e15, "hbm_bandwidth": 3e12,
+                                   "nvlink_bandwidth": 4e11, "rdma_bandwidth": 5e10, "nvlink_latency": 3e-6,
+                                   "rdma_latency": 5e-6}))
+    code, _, err = run(capsys, "place", "--routing", str(pipeline / "routing"), "--ranks", "2", "--hardware",
+                       str(profile), "--out", str(profile.parent), "--overwrite")
+    assert_one_line_error(code, err, "is also an input")
+    assert profile.exists()
+    # the same command with another tokenizer file at the same path is another command
+    tok = tmp_path / "tok.json"
+    shutil.copy(tok_dir / "tokenizer.json", tok)
+    ok(capsys, *tokenize, "--tokenizer", str(tok), "--out", str(tmp_path / "t"))
+    from tokenizers import Tokenizer
+    other = Tokenizer.from_file(str(tok))
+    other.add_tokens(["an added token"])
+    other.save(str(tok))
+    code, _, err = run(capsys, *tokenize, "--tokenizer", str(tok), "--out", str(tmp_path / "t"))
+    assert_one_line_error(code, err, "already exists")
+
+
+def test_a_rerun_verifies_what_it_would_reuse(capsys, pipeline, tiny_data, tmp_path):
+    argv = ["dispatch", "--grouter", str(pipeline / "folded"), "--data", str(tiny_data.path), "--out",
+            str(tmp_path / "R")]
+    ok(capsys, *argv)
+    flip_byte(tmp_path / "R" / "train.ids", seed=3)
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, "holds this command's result, but damaged")
+    assert "rerun with --overwrite" in err
+    ok(capsys, *argv, "--overwrite")
+    (tmp_path / "R" / "val.ids").unlink()
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, "val.ids is missing or truncated")
+
+
+def test_place_checks_the_split_it_does_not_plan_on(capsys, pipeline, tmp_path):
+    store = copy(pipeline / "routing", tmp_path / "routing")
+    flip_byte(store / "val.weights", seed=2)
+    code, _, err = run(capsys, "place", "--routing", str(store), "--ranks", "2", "--out", str(tmp_path / "plan"))
+    assert_one_line_error(code, err, "val.weights is corrupt")
+    assert_nothing_written(tmp_path / "plan")
+
+
+def test_a_run_log_and_probes_carry_checksums(capsys, tiny_data, tmp_path):
+    run_dir = tmp_path / "r"
+    ok(capsys, "train", "--data", str(tiny_data.path), "--router", "aux", "--out", str(run_dir), *SMALL_TRAIN)
+    ok(capsys, "report", str(run_dir), "--out", str(tmp_path / "rep"))
+    log = run_dir / "metrics.jsonl"
+    last = json.loads(log.read_text().splitlines()[-1])
+    log.write_text(log.read_text().replace(json.dumps(last), json.dumps({**last, "val_loss": last["val_loss"] - 1})))
+    for argv in (["verify", str(run_dir)], ["report", str(run_dir), "--out", str(tmp_path / "rep2")]):
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, "metrics.jsonl does not match its checksum")
+    probe = sorted((run_dir / "probes").glob("*.npy"))[0]
+    log.write_text(log.read_text().replace(json.dumps({**last, "val_loss": last["val_loss"] - 1}), json.dumps(last)))
+    assert ok(capsys, "verify", str(run_dir))["status"] == "complete"
+    flip_byte(probe, seed=4)
+    code, _, err = run(capsys, "verify", str(run_dir))
+    assert_one_line_error(code, err, f"probes/{probe.name} does not match its checksum")
+
+
+def test_unfinished_runs_are_verified_and_said_so(capsys, tiny_data, tmp_path):
+    cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=1,
+                    n_heads=2, d_expert=16, n_experts=4, top_k=1)
+    tcfg = TrainConfig(steps=6, batch_size=4, eval_every=3, checkpoint_every=3, eval_sequences=4)
+    train_run(tiny_data, tmp_path / "u", cfg, tcfg, stop_after=3)
+    result = ok(capsys, "verify", str(tmp_path / "u"))
+    assert result["status"] == "unfinished" and "did not finish" in result["note"] and result["bytes_checked"] > 0
+    train_run(tiny_data, tmp_path / "u", cfg, tcfg)
+    assert ok(capsys, "verify", str(tmp_path / "u"))["status"] == "complete"
+
+
+def test_report_names_runs_it_cannot_compare_and_reads_past_a_torn_line(capsys, pipeline, tiny_data, tmp_path):
+    code, _, err = run(capsys, "report", str(pipeline / "grouter"), "--out", str(tmp_path / "rep"))
+    assert_one_line_error(code, err, "is a `grouter distill` run; report compares the training runs")
+    from grouter.formats.run import read_metrics
+    log = copy(pipeline / "source", tmp_path / "s") / "metrics.jsonl"
+    records = read_metrics(log)
+    with open(log, "a") as f:
+        f.write('{"kind": "train", "step": 7, "lo')  # what kill -9 leaves
+    assert read_metrics(log) == records
+    log.write_text(log.read_text().replace('"kind"', '"ki', 1) + "\n")
+    with pytest.raises(Exception, match="metrics.jsonl is corrupt at line 1"):
+        read_metrics(log)
+
+
+def test_a_killed_commands_scratch_is_cleaned_up_by_the_next(capsys, pipeline, tiny_data, tmp_path):
+    (tmp_path / ".f.partial-abc123").mkdir()  # what a killed fold leaves
+    (tmp_path / ".f.partial-abc123" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".f.lock").write_text("process 1 (`grouter fold`)")  # its lock file, the lock long released
+    ok(capsys, "fold", "--grouter", str(pipeline / "grouter"), "--experts", "4", "--top-k", "2", "--data",
+       str(tiny_data.path), "--max-sequences", "16", "--out", str(tmp_path / "f"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_bad_text_and_paths_get_their_line(capsys, tiny_data, tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "ok"}\n{"text": "half a pair \\ud800 here"}\n')
+    tok = str(tiny_data.path / "tokenizer.json")
+    code, _, err = run(capsys, "data", "tokenize", "--input", str(tmp_path / "s.jsonl"), "--tokenizer", tok,
+                       "--out", str(tmp_path / "d"))
+    assert_one_line_error(code, err, "s.jsonl:2: the text holds an unpaired surrogate")
+    code, _, err = run(capsys, "data", "tokenize", "--input", "/dev/null", "--tokenizer", tok, "--out",
+                       str(tmp_path / "d"))
+    assert_one_line_error(code, err, "/dev/null is not a regular file")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--lr", "-inf"], "--lr: expected a number greater than 0 and below 10, got -inf"),
+    (["tune", "--grouter", "g", "--data", "d", "--out", "o", "--lr", "1e38"], "--lr: expected a number greater than 0 and below 10"),
+    (["place", "--routing", "r", "--ranks", "2", "--out", "o", "--seed", "-1"], "--seed: expected a number at least 0"),
+    (["place", "--routing", "r", "--ranks", "2", "--out", "o", "--target-layers", "100000"], "--target-layers: expected a number at least 1 and below 1025"),
+])
+def test_out_of_range_values_are_refused_before_anything_runs(capsys, argv, needle):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert_one_line_error(code, err, needle)
+
+
+def test_a_global_batch_larger_than_the_data_is_refused(capsys, pipeline, tmp_path):
+    code, _, err = run(capsys, "place", "--routing", str(pipeline / "routing"), "--ranks", "2", "--global-batch",
+                       "1000000", "--out", str(tmp_path / "p"))
+    assert_one_line_error(code, err, "the global batch (1000000 sequences) is larger than the")
+
+
+def test_out_of_memory_names_what_memory_grows_with(capsys, monkeypatch, pipeline, tmp_path):
+    import grouter.network
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(grouter.network.Grouter, "__init__", no_memory)
+    code, _, err = run(capsys, "distill", "--targets", str(pipeline / "targets"), "--out", str(tmp_path / "g"),
+                       "--d-model", "200000", "--d-ff", "200000")
+    assert_one_line_error(code, err, "out of memory: lower what this command's memory grows with (--d-model 200000, "
+                                     "--layers 3, --d-ff 200000, --batch-size 16)")
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_bytes(capsys, monkeypatch, pipeline, tiny_data, tmp_path):
+    import errno
+    import os
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    code, _, err = run(capsys, "capture", "--source", str(pipeline / "source"), "--data", str(tiny_data.path), "--out",
+                       str(tmp_path / "t"))
+    assert_one_line_error(code, err, "no space left on the device of")
+    assert "train.logits: writing it needs" in err and "bytes" in err
+    monkeypatch.undo()
+
+    from safetensors import SafetensorError
+
+    def full_save(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr("grouter.artifacts.save_file", full_save)
+    code, _, err = run(capsys, "fold", "--grouter", str(pipeline / "grouter"), "--experts", "4", "--top-k", "2", "--data",
+                       str(tiny_data.path), "--max-sequences", "16", "--out", str(tmp_path / "f"))
+    assert_one_line_error(code, err, "model.safetensors: writing it needs")
+    assert_nothing_written(tmp_path / "f")
+
+
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line(tmp_path):
+    """The console script, interrupted while it loads: never a traceback (a few moments in the imports)."""
+    script = Path(sys.executable).with_name("grouter")
+    env = dict(os.environ, PYTHONPATH=SRC)
+    for delay in (0.05, 0.3, 0.6):
+        proc = subprocess.Popen([str(script), "dispatch", "--grouter", "g", "--data", "d", "--out", str(tmp_path / "o")],
+                                stderr=subprocess.PIPE, text=True, env=env)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, (delay, err)
+        assert proc.returncode in (130, 2), (delay, proc.returncode, err)  # 2: it had loaded and refused the paths
+        assert err.strip().splitlines()[-1].startswith("error: "), err

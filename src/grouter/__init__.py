@@ -10,7 +10,31 @@ rest load only when a name that needs them is touched).
 
 from __future__ import annotations
 
-import importlib
+import os
+import signal
+import sys
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    os.write(2, b"\nerror: interrupted\n")
+    os._exit(130)
+
+
+def _started_as_the_command() -> bool:
+    """The ``grouter`` console script, or ``python -m grouter`` / ``python -m grouter.cli``."""
+    if os.path.basename(sys.argv[0]) == "grouter":
+        return True
+    argv = getattr(sys, "orig_argv", [])
+    return "-m" in argv and argv[argv.index("-m") + 1:][:1] in (["grouter"], ["grouter.cli"])
+
+
+# Started as the command: a Ctrl-C while it loads (seconds of imports) ends it with one line, not a
+# traceback from inside an import; grouter.cli.main puts back the usual KeyboardInterrupt once the
+# command's own handling is in place.
+if _started_as_the_command():
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import importlib  # noqa: E402  (after the handler: it is the first thing the command does)
 
 __version__ = "0.1.0"
 

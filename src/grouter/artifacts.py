@@ -11,6 +11,7 @@ An output directory is locked while a command writes it (:func:`output_lock`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -116,14 +117,55 @@ def move_into_place(src: Path, out: Path) -> None:
         os.replace(src, out)
 
 
+def is_disk_full(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "no space left on device" in str(e).lower()
+
+
+def disk_full(path: Path, needed: int | None = None) -> GrouterError:
+    """The one line a full disk gets: the file, and the bytes it needs."""
+    size = f" needs {needed:,} bytes" if needed else " needs more space"
+    return GrouterError(f"no space left on the device of {path}: writing it{size}; free space, or choose an --out on "
+                        "another disk")
+
+
+def reserve(f, size: int, path: Path) -> None:
+    """Give the open file ``f`` its ``size`` bytes now, so that a full disk is this error, not a SIGBUS
+    when a memory map later writes into pages the file system cannot back."""
+    if not size:
+        return
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: truncate as before
+            f.truncate(size)
+        elif is_disk_full(e):
+            raise disk_full(path, size) from None
+        else:
+            raise
+
+
+def append_array(f, array, path: Path) -> None:
+    """``array.tofile(f)``; a full disk (which numpy reports as a short write) is :func:`disk_full`."""
+    try:
+        array.tofile(f)
+    except OSError as e:
+        if is_disk_full(e) or shutil.disk_usage(path.parent).free < array.nbytes:
+            raise disk_full(path, array.nbytes) from None
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so readers see either the old content or the new, never a torn write."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_full(path, len(data)) if is_disk_full(e) else e from None
     os.replace(tmp, path)
 
 
@@ -216,7 +258,13 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None
     """Save tensors atomically (tmp file + rename); shared storage is copied, as safetensors requires."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    try:
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    except (SafetensorError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path, sum(t.nbytes for t in tensors.values())) from None
+        raise
     os.replace(tmp, path)
 
 

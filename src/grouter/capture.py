@@ -228,7 +228,7 @@ class Options:
     layers: list[int] | str | None = option(None, "several MoE layers (or all of them): distill then gives one Grouter "
                                             "head per layer", parse=layer_list, metavar="L1,L2,...|all",
                                             exclusive="layers")
-    batch_size: int = option(16, range=POSITIVE_INT)
+    batch_size: int = option(16, range=POSITIVE_INT, memory=True)
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", how=True)
 
 

@@ -11,9 +11,10 @@ with its results as the last stdout line) and ``--debug`` (show tracebacks); use
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
+import re
+import signal
 import sys
 import traceback
 import warnings
@@ -21,7 +22,11 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+import grouter
+
+from .artifacts import is_disk_full
 from .data import data_prepare, data_subset, data_tokenize
 from .device import exit_now
 from .capture import capture
@@ -32,10 +37,10 @@ from .errors import GrouterError
 from .experiments.demo import demo
 from .experiments.reproduce import reproduce
 from .fold import fold
-from .options import build, defaults, flag_of, merged, nested, types_of
+from .options import build, defaults, flag_of, memory_flags, merged, nested, types_of
 from .place import place
 from .report import report
-from .runner import Stage, execute
+from .runner import Stage, execute, rank_zero
 from .train import source_train, train
 from .tune import tune
 from .verify import verify
@@ -212,26 +217,36 @@ def _values(cls, args, prefix: str = "") -> dict:
     return out
 
 
-def _failure(args, message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    if getattr(args, "json", False):
-        print(json.dumps({"error": message}))
+def _failure(args, message: str, code: int, everywhere: bool = False) -> int:
+    """One ``error:`` line on a line of its own (progress bars closed first), printed by rank 0 of a
+    launch only, unless ``everywhere`` (a bug may hit one rank alone)."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    if rank_zero() or everywhere:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": message}))
     return code
 
 
-def _system_failure(e: BaseException) -> str:
-    """A failure the user's machine or paths cause (permissions, a file in the way, a full disk,
-    memory), stated with its fix."""
+def _system_failure(e: BaseException, options) -> str | None:
+    """A failure the user's machine or paths cause (memory, a full disk, permissions, a file in the
+    way), stated with its fix; None for anything else (a bug)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or any(
+            s in str(e).lower() for s in ("out of memory", "can't allocate memory", "cannot allocate memory")):
+        sizes = ", ".join(memory_flags(options)) if options is not None else ""
+        return ("out of memory: lower what this command's memory grows with" + (f" ({sizes})" if sizes else "")
+                + ", or run it on a machine with more memory")
     where = getattr(e, "filename", None)
+    if is_disk_full(e):
+        return f"no space left on the device of {where or '--out'}: free space, or choose an --out on another disk"
     if isinstance(e, PermissionError):
         return f"permission denied on {where}: choose paths you can read and an --out you can write"
     if isinstance(e, (NotADirectoryError, FileExistsError)):
         return f"{where}: a file is in the way of a directory grouter needs; choose another --out"
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"no space left on the device of {where or '--out'}: free space or choose --out on another disk"
-    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-        return "out of memory: choose a smaller model (--preset, --d-model, --layers, --experts) or --batch-size"
-    return f"{type(e).__name__} on {where or 'a file'}: {getattr(e, 'strerror', None) or e} (rerun with --debug for details)"
+    if isinstance(e, OSError):
+        return f"{type(e).__name__} on {where or 'a file'}: {e.strerror or e} (rerun with --debug for details)"
+    return None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -240,7 +255,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def run_command(args) -> int:
     """Run the parsed command; print its result; the exit status."""
-    stage = args.command.stage
+    stage, options = args.command.stage, None
     try:
         inputs = stage.inputs(**_values(stage.inputs, args))
         options = build(stage.options, merged(stage.options, _values(stage.options, args)))
@@ -258,16 +273,14 @@ def run_command(args) -> int:
             traceback.print_exc()
         return _failure(args, str(e), 2)
     except KeyboardInterrupt:
-        print(file=sys.stderr)  # end the line a progress bar may have left open
         return _failure(args, "interrupted; rerun the same command to resume", 130)
-    except (OSError, MemoryError, torch.OutOfMemoryError) as e:  # the machine's limits, not grouter's: say which and what to do
+    except Exception as e:  # the machine's limits (memory, disk, paths), else a bug: one line unless --debug
         if args.debug:
             traceback.print_exc()
-        return _failure(args, _system_failure(e), 2)
-    except Exception as e:  # a bug, not bad input: still one line unless --debug
-        if args.debug:
-            traceback.print_exc()
-        return _failure(args, f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", 1)
+        if (message := _system_failure(e, options)) is not None:
+            return _failure(args, message, 2)
+        return _failure(args, f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", 1,
+                        everywhere=True)
     _print(args, result)
     return 0
 
@@ -285,8 +298,25 @@ def _print(args, result: dict | None) -> None:
             print(f"{key}: {value}")
 
 
+NUMBER = re.compile(r"-(inf(inity)?|nan|[0-9.]+(e[+-]?[0-9]+)?)", re.IGNORECASE)
+
+
+def _negative_values(argv: list[str]) -> list[str]:
+    """``--lr -inf`` as ``--lr=-inf``: argparse would take a value that starts with '-' (but for plain
+    negative numbers) for a flag and say "expected one argument"; this way the range check answers."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and NUMBER.fullmatch(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    if signal.getsignal(signal.SIGINT) is grouter._interrupted_while_starting:  # loaded: interrupts are ours now
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    argv = _negative_values(sys.argv[1:] if argv is None else list(argv))
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .artifacts import read_json, write_json
+from .artifacts import append_array, read_json, write_json
 from .errors import GrouterError
 from .formats.dataset import SPLITS, PackedDataset, write_meta, write_split
 from .integrity import file_sha256, fingerprint_of
@@ -198,8 +198,10 @@ def read_documents(paths: list[Path], domain: str | None = None, text_field: str
     for path in paths:
         if path.is_dir():
             raise GrouterError(f"{path} is a directory; pass the files inside it (e.g. {path}/*.jsonl)")
-        if not path.is_file():
+        if not path.exists():
             raise GrouterError(f"input file not found: {path}")
+        if not path.is_file():
+            raise GrouterError(f"{path} is not a regular file (a device or a pipe); pass .txt, .jsonl or .parquet files")
         if path.suffix.lower() not in _READERS:
             raise GrouterError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet")
     return itertools.chain.from_iterable(
@@ -240,7 +242,17 @@ def _read_jsonl(path: Path, domain: str, text_field: str) -> Iterator[Document]:
             text = record[text_field]
             if not isinstance(text, str):
                 raise GrouterError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
+            _check_unicode(text, f"{path}:{lineno}")
             yield Document(domain, f"{path}:{lineno}", text)
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """JSON may escape a lone surrogate (``\\ud800``), which is no Unicode text: a tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GrouterError(f"{where}: the text holds an unpaired surrogate ({text[e.start]!r} at character {e.start}), "
+                           "which is not Unicode text; fix or drop that record") from None
 
 
 def _read_parquet(path: Path, domain: str, text_field: str) -> Iterator[Document]:
@@ -465,7 +477,7 @@ def _tokenize_to_file(documents: Iterable[Document], tokenizer: Tokenizer, eos: 
             tokens[is_text] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(is_text.sum()))
             if len(tokens) and tokens.max() >= vocab_size:
                 raise GrouterError(f"the tokenizer produced id {tokens.max()} >= its vocabulary size {vocab_size}; it is inconsistent")
-            tokens.astype(dtype).tofile(f)
+            append_array(f, tokens.astype(dtype), path)
             doc_domain.extend(domain_ids.setdefault(d, len(domain_ids)) for d, _, e in batch if e)
             doc_end.extend((offset + bounds[ends]).tolist())
             offset += int(bounds[-1])
@@ -533,10 +545,10 @@ class PrepareInputs:
 
 @dataclass
 class PrepareOptions:
-    vocab_size: int = option(8192, "the trained tokenizer's vocabulary", range=Range(int, 257))
+    vocab_size: int = option(8192, "the trained tokenizer's vocabulary", range=Range(int, 257), memory=True)
     seq_len: int = option(256, "tokens per sequence", range=POSITIVE_INT)
     max_mb_per_domain: float | None = option(DEFAULT_MAX_BYTES_PER_DOMAIN / 1e6, "cap on raw text per domain, MB",
-                                             range=POSITIVE)
+                                             range=POSITIVE, memory=True)
     val_fraction: float = option(0.05, "share of each domain's tokens held out for validation", range=FRACTION)
     seed: int = option(0, "which documents go to validation", range=SEED)
 

@@ -152,7 +152,7 @@ class Inputs:
 class Options:
     k: int | None = option(None, "experts per token (default: the Grouter's top-k)", range=POSITIVE_INT)
     batch_size: int = option(16, "sequences per Grouter forward (small batches suit a CPU, use more on a GPU; "
-                             "docs/BENCHMARKS.md); resuming needs the same value", range=POSITIVE_INT)
+                             "docs/BENCHMARKS.md); resuming needs the same value", range=POSITIVE_INT, memory=True)
     weights_dtype: str = option("bfloat16", choices=tuple(sorted(WEIGHTS_DTYPES)))
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", how=True)
 

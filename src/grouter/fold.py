@@ -163,7 +163,7 @@ class Options:
     experts: int = option(help="target expert count (fewer than the Grouter's)", range=POSITIVE_INT)
     strategy: str = option("affinity", choices=STRATEGIES)
     top_k: int | None = option(None, "the target's top-k (default: the Grouter's)", range=POSITIVE_INT)
-    max_sequences: int = option(2000, "sequences to measure affinity on", range=POSITIVE_INT)
+    max_sequences: int = option(2000, "sequences to measure affinity on", range=POSITIVE_INT, memory=True)
     seed: int = option(0, "for the random strategy", range=SEED)
     batch_size: int = option(32, range=POSITIVE_INT, cli=False)
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", how=True)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .errors import GrouterError
 from .formats.run import Run
-from .options import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Range, check, option
+from .options import COUNT, FRACTION, LEARNING_RATE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Range, check, option
 
 
 @dataclass
@@ -29,8 +29,8 @@ class TrainConfig:
     """A training run's schedule and optimiser (AdamW, linear warm-up then cosine decay)."""
 
     steps: int = option(200, range=POSITIVE_INT)
-    batch_size: int = option(16, "sequences per step", range=POSITIVE_INT)
-    lr: float = option(3e-3, "peak learning rate", range=POSITIVE)
+    batch_size: int = option(16, "sequences per step", range=POSITIVE_INT, memory=True)
+    lr: float = option(3e-3, "peak learning rate", range=LEARNING_RATE)
     min_lr_ratio: float = option(0.1, "the cosine decays to this fraction of --lr", range=FRACTION)
     warmup_steps: int = option(20, range=COUNT)
     weight_decay: float = option(0.1, "AdamW's, on matrices", range=NON_NEGATIVE)
@@ -156,7 +156,8 @@ def _diverged(what: str, step: int, cfg: TrainConfig) -> None:
     """Stop before a non-finite update reaches the weights; the last checkpoint stays as it was."""
     last = step - step % cfg.checkpoint_every
     kept = f"the last good checkpoint (step {last}) is kept" if last else "no checkpoint was written yet"
-    raise GrouterError(f"{what} at step {step}; {kept}: lower --lr and rerun")
+    raise GrouterError(f"{what} at step {step}; {kept}: lower --lr and rerun with --overwrite (the run starts "
+                       "over) or with another --out")
 
 
 def _log_and_save(run: Run | None, cfg: TrainConfig, record: dict, evaluate, save) -> None:

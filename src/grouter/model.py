@@ -90,12 +90,14 @@ MODEL_PRESETS: dict[str, dict] = {
 class ModelOptions:
     """A model size for the command line: a preset, each field of which can be overridden."""
 
-    preset: str = option("small", "model size", choices=tuple(MODEL_PRESETS))
-    d_model: int | None = option(None, "override the preset's d_model", range=POSITIVE_INT)
-    n_layers: int | None = option(None, "override the preset's layers", flag="--layers", range=POSITIVE_INT)
+    preset: str = option("small", "model size", choices=tuple(MODEL_PRESETS), memory=True)
+    d_model: int | None = option(None, "override the preset's d_model", range=POSITIVE_INT, memory=True)
+    n_layers: int | None = option(None, "override the preset's layers", flag="--layers", range=POSITIVE_INT,
+                                  memory=True)
     n_heads: int | None = option(None, "override the preset's attention heads", flag="--heads", range=POSITIVE_INT)
-    d_expert: int | None = option(None, "override the preset's expert width", range=POSITIVE_INT)
-    n_experts: int | None = option(None, "override the preset's experts", flag="--experts", range=POSITIVE_INT)
+    d_expert: int | None = option(None, "override the preset's expert width", range=POSITIVE_INT, memory=True)
+    n_experts: int | None = option(None, "override the preset's experts", flag="--experts", range=POSITIVE_INT,
+                                   memory=True)
     top_k: int | None = option(None, "override the preset's top-k", range=POSITIVE_INT)
     n_shared_experts: int | None = option(None, "always-on experts", flag="--shared-experts", range=COUNT)
 

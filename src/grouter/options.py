@@ -29,8 +29,9 @@ class Range:
     high: float | None = None
 
     def describe(self) -> str:
-        bound = f"{'at least' if self.low_ok else 'greater than'} {self.low:g}"
-        return bound + (f" and below {self.high:g}" if self.high is not None else "")
+        show = (lambda v: f"{int(v)}") if self.kind is int else (lambda v: f"{v:g}")
+        bound = f"{'at least' if self.low_ok else 'greater than'} {show(self.low)}"
+        return bound + (f" and below {show(self.high)}" if self.high is not None else "")
 
     def accepts(self, value) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and
@@ -56,19 +57,23 @@ POSITIVE = Range(float, 0, False)  # learning rates, temperatures, sizes
 NON_NEGATIVE = Range(float, 0)
 FRACTION = Range(float, 0, True, 1)
 SEED = Range(int, 0, True, 2**32)  # what numpy and torch accept as a seed
+LEARNING_RATE = Range(float, 0, False, 10)  # beyond any that trains: a typo, or an overflow to come
+LAYERS = Range(int, 1, True, 1025)  # a model's layers
 
 
 def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, range: Range | None = None,
            choices: tuple | None = None, parse=None, metavar: str | None = None, how: bool = False,
-           exclusive: str | None = None, cli: bool = True, file: bool = False, default_factory=MISSING) -> Any:
+           exclusive: str | None = None, cli: bool = True, file: bool = False, memory: bool = False,
+           default_factory=MISSING) -> Any:
     """An option field. ``flag``: its command-line name (default ``--field-name``; a boolean whose
     default is True gets a ``--no-...`` flag); ``parse``: a text -> value function (ValueError on bad
     text); ``how``: it says how the command runs (device), not what it makes, so it is left out of the
     command's identity; ``exclusive``: the fields with the same name are alternatives; ``cli``:
     settable from Python and config files only; ``file``: a name or a file, an input when it names an
-    existing file (a hardware profile)."""
+    existing file (a hardware profile); ``memory``: what the command's memory grows with (an
+    out-of-memory error names these)."""
     meta = {"help": help, "flag": flag, "range": range, "choices": choices, "parse": parse, "metavar": metavar,
-            "how": how, "exclusive": exclusive, "cli": cli, "file": file}
+            "how": how, "exclusive": exclusive, "cli": cli, "file": file, "memory": memory}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -120,6 +125,11 @@ def check(obj):
         if meta.get("choices") and value not in meta["choices"]:
             raise GrouterError(f"{flag_of(f)} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
     return obj
+
+
+def memory_flags(obj) -> list[str]:
+    """``--flag value`` of every option marked as what memory grows with."""
+    return [f"{flag_of(f)} {value}" for _, f, value in walk(obj) if f.metadata.get("memory") and value is not None]
 
 
 def identity(obj) -> dict:

@@ -124,7 +124,7 @@ from .errors import GrouterError
 from .formats.plan import Plan
 from .formats.store import RoutingStore
 from .hardware import PROFILES, HardwareProfile, StepTraffic, load_profile, predict
-from .options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, check, option, path_input
+from .options import COUNT, LAYERS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, check, option, path_input
 from .plots import figure
 from .runner import Output, Stage
 
@@ -773,7 +773,7 @@ class Options:
                                   "(docs/steptime.md)", metavar="PROFILE", file=True)
     target_layers: int | None = option(None, "per-layer routing: the target's MoE layers, each head weighted by the "
                                        "layers that route by it (default: every head of the store once)",
-                                       range=POSITIVE_INT, metavar="T")
+                                       range=LAYERS, metavar="T")
     seed: int = option(0, "batch membership and the random baseline", range=SEED)
     clusters: int = option(100, range=POSITIVE_INT, cli=False)
     entropy_fraction: float = option(DEFAULT_ENTROPY_FRACTION, range=POSITIVE, cli=False)
@@ -919,6 +919,9 @@ def _check(n: int, E: int, R: int, G: int | None, level: str | None, global_batc
         raise GrouterError(f"only {n} sequences for {R} ranks: every rank needs at least one; "
                            "use fewer ranks or route more data")
     gb = 16 * R if global_batch is None else global_batch
+    if gb > n and global_batch is not None:
+        raise GrouterError(f"the global batch ({gb} sequences) is larger than the {n} sequences to plan; choose a "
+                           f"smaller --global-batch (a multiple of the {R} ranks)")
     if gb < R or gb % R:
         raise GrouterError(f"the global batch ({global_batch!r} sequences) must be a positive multiple of the "
                            f"{R} ranks")
@@ -1481,6 +1484,9 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
     t0 = time.perf_counter()
     store = RoutingStore.open(inputs.routing, verify=o.verify)  # the manifest only: a bad profile is refused next
     plan = plan_placement(store, o)
+    if o.verify:  # the plan is bound to the whole store: the splits it did not read are checked too
+        for split in set(store.manifest["splits"]) - {o.split}:
+            store.verify(split)
     with out.atomic() as tmp:
         plan.save(tmp)
         write_json(tmp / "report.json", plan.report)

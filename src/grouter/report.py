@@ -9,7 +9,7 @@ import numpy as np
 
 from .artifacts import header, write_json
 from .errors import GrouterError
-from .formats.run import read_metrics, read_run
+from .formats.run import checked_files, read_metrics, read_run
 from .metrics import grad_norm_cv, topk_set_agreement
 from .options import path_input
 from .plots import figure
@@ -34,10 +34,15 @@ class RunRecord:
     def load(cls, path: str | Path) -> "RunRecord":
         path = Path(path)
         run = read_run(path)
+        ident = run["identity"]
+        if "model" not in ident or "train" not in ident:
+            made = run.get("command") or ("distill" if "distill" in ident else "ep")
+            raise GrouterError(f"{path} is a `grouter {made}` run; report compares the training runs of `grouter train` "
+                               "(and `grouter source train`)")
         if run.get("status") != "complete":
             raise GrouterError(f"{path} is not a finished run (status {run.get('status')!r}); finish it first")
+        checked_files(path, run)
         records = read_metrics(path / "metrics.jsonl")
-        ident = run["identity"]
         router = ident["model"]["router"]
         if router == "external":
             routing = ident.get("routing") or {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
@@ -30,6 +31,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from .artifacts import ResumableDir, atomic_dir, output_lock, read_json, refuse_existing, write_json
 from .errors import GrouterError
 from .formats.run import Run
+from .formats.verify import verify_artifact
 from .integrity import file_sha256, fingerprint_of
 from .options import as_path, build, check, identity, input_paths, merged
 
@@ -76,6 +78,7 @@ class Output:
     identity: dict
     overwrite: bool = False
     progress: bool = True
+    command: str = "train"  # the stage's name, as a run directory records it
 
     def atomic(self) -> ContextManager[Path]:
         """A scratch directory that becomes ``path`` when the block finishes without error."""
@@ -88,7 +91,7 @@ class Output:
 
     def run(self, identity: dict) -> Run:
         """A training run directory; resumed when it holds a run of this ``identity``."""
-        return Run(self.path, identity, overwrite=self.overwrite)
+        return Run(self.path, identity, overwrite=self.overwrite, command=self.command)
 
 
 @dataclass
@@ -111,7 +114,7 @@ def execute(stage: Stage, inputs, options, out: str | Path | None, *, overwrite:
     out = None if out is None else Path(out)
     paths = input_paths(inputs, options)
     command = command_identity(stage, options, paths)
-    output = Output(out, command, overwrite, progress)
+    output = Output(out, command, overwrite, progress, stage.name)
     if out is None or stage.writes in ("pipeline", None):
         return Outcome(stage.run(inputs, options, output), False)
     refuse_out_among_inputs(out, paths)
@@ -120,6 +123,7 @@ def execute(stage: Stage, inputs, options, out: str | Path | None, *, overwrite:
     if stage.writes != "run":
         refuse_existing(out, overwrite)  # before any slow work
     with _locked(out):
+        _remove_scratch(out)
         result = stage.run(inputs, options, output)
         if result is not None and "stopped_at" not in result and out.is_dir() and rank_zero():
             write_json(out / DONE_RECORD, {"identity": command, "result": result})
@@ -157,12 +161,28 @@ def command_identity(stage: Stage, options, paths: list[tuple[str, Path]]) -> di
 
 
 def already_done(out: Path, command: dict) -> dict | None:
-    """The result of this very command if ``out`` holds it finished."""
+    """The result of this very command if ``out`` holds it finished, and intact: every byte of it is
+    verified before the command is called done (grouter.formats.verify)."""
     record = out / DONE_RECORD
     if not record.is_file():
         return None
     done = read_json(record, "command record")
-    return done.get("result") if done.get("identity") == command else None
+    if done.get("identity") != command:
+        return None
+    try:
+        verify_artifact(out)
+    except GrouterError as e:
+        raise GrouterError(f"{out} holds this command's result, but damaged: {e}; rerun with --overwrite to make it "
+                           "again") from None
+    return done.get("result")
+
+
+def _remove_scratch(out: Path) -> None:
+    """What a killed command left beside ``out`` (``.OUT.partial-*`` scratch directories, ``.OUT.old-*``
+    replaced outputs): with the lock held, no other writer owns them. A resumable work directory
+    (``.OUT.partial``) is kept: the same command resumes from it."""
+    for leftover in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def refuse_out_among_inputs(out: Path, paths: list[tuple[str, Path]]) -> None:

@@ -77,13 +77,14 @@ def synthetic_store(data: PackedDataset | str | Path, out: str | Path, n_experts
     return write_store(out, routing, n_experts, data=data, grouter_fingerprint=f"synthetic-{clusters}-{seed}")
 
 
-def train_run(data: PackedDataset, out: str | Path, model_cfg, cfg, **kw) -> dict:
+def train_run(data: PackedDataset, out: str | Path, model_cfg, cfg, command: str = "train", **kw) -> dict:
     """The trainer itself (:func:`grouter.train.train_model`) on any model config and routing source,
-    outside the runner (no lock, no record): what the tests of training use."""
+    outside the runner (no lock, no record): what the tests of training use. ``command``: the one the
+    run directory records (``source train`` for a source)."""
     from .runner import Output
     from .train import train_model
 
-    return train_model(data, Output(Path(out), {}, progress=False), model_cfg, cfg, **kw)
+    return train_model(data, Output(Path(out), {}, progress=False, command=command), model_cfg, cfg, **kw)
 
 
 def tiny_reproduction(**overrides):

@@ -34,7 +34,7 @@ from .losses import kl_loss
 from .losses import load_balancing_loss
 from .metrics import max_vio, topk_recall, topk_set_agreement
 from .network import Grouter
-from .options import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, option, path_input
+from .options import LEARNING_RATE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, option, path_input
 from .plots import per_head_paths, plot_loads
 from .routers import expert_counts_per_head
 from .runner import Output, Stage
@@ -50,18 +50,18 @@ class Inputs:
 
 @dataclass
 class Options:
-    tokens: int = option(1_000_000, "target tokens to tune on (the paper: 50M of 30B)", range=POSITIVE_INT)
+    tokens: int = option(1_000_000, "target tokens to tune on (the paper: 50M of 30B)", range=POSITIVE_INT, memory=True)
     method: str = option("gradient", "gradient: train the head with the load-balancing loss; bias: selection bias "
                          "by the sign rule", choices=METHODS)
     # on the embedded corpus: 1e-3 balances too little, 1e-2 rewrites most routes
-    lr: float = option(3e-3, range=POSITIVE)
+    lr: float = option(3e-3, range=LEARNING_RATE)
     bias_gamma: float = option(1e-2, range=POSITIVE)
     keep: float = option(0.0, "gradient method: add WEIGHT · KL(untuned || tuned) per token, keeping more of the "
                          "untuned routing for less balance (default 0: balance only)", range=NON_NEGATIVE,
                          metavar="WEIGHT")
-    batch_size: int = option(16, range=POSITIVE_INT)
+    batch_size: int = option(16, range=POSITIVE_INT, memory=True)
     domain: str | None = option(None, "tune and evaluate on one domain of the data only")
-    eval_sequences: int = option(512, "held-out sequences for the before/after report", range=POSITIVE_INT)
+    eval_sequences: int = option(512, "held-out sequences for the before/after report", range=POSITIVE_INT, memory=True)
     seed: int = option(0, range=SEED)
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", how=True)
 

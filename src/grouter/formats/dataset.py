@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from ..artifacts import read_manifest, write_json
+from ..artifacts import read_manifest, reserve, write_json
 from ..chunking import batches_of
 from ..errors import GrouterError
 from ..integrity import CheckedFile, file_checksum, file_sha256, fingerprint_of, verify_file
@@ -54,9 +54,14 @@ def _sha(entry) -> str:
 
 
 def write_split(raw: np.ndarray, ranges: list[np.ndarray], domains: list[str], L: int, out: Path, split: str) -> dict:
-    """Write ``{split}.tokens`` and ``{split}.index.npy``; return the split's entry for meta.json."""
+    """Write ``{split}.tokens`` (its bytes reserved first: a full disk is an error naming them) and
+    ``{split}.index.npy``; return the split's entry for meta.json."""
     offset, index_parts, per_domain = 0, [], {}
-    with open(out / f"{split}.tokens", "wb") as f:
+    sizes = [int((r[:, 1] - r[:, 0]).sum()) for r in ranges]
+    total = sum((n - 1) // L * L + 1 for n in sizes if n > L)  # what the loop below writes
+    path = out / f"{split}.tokens"
+    with open(path, "wb") as f:
+        reserve(f, total * raw.dtype.itemsize, path)
         for d, (name, r) in enumerate(zip(domains, ranges)):
             n_tokens = int((r[:, 1] - r[:, 0]).sum())
             n_seq = (n_tokens - 1) // L if n_tokens > L else 0

@@ -31,10 +31,10 @@ class Architecture:
     """The Grouter's trunk, as ``grouter distill`` chooses it (the rest of :class:`GrouterConfig`
     comes from the targets)."""
 
-    d_model: int = option(256, range=POSITIVE_INT)
-    n_layers: int = option(3, "Transformer blocks", flag="--layers", range=POSITIVE_INT)
+    d_model: int = option(256, range=POSITIVE_INT, memory=True)
+    n_layers: int = option(3, "Transformer blocks", flag="--layers", range=POSITIVE_INT, memory=True)
     n_heads: int = option(4, "attention heads", flag="--heads", range=POSITIVE_INT)
-    d_ff: int = option(512, range=POSITIVE_INT)
+    d_ff: int = option(512, range=POSITIVE_INT, memory=True)
     causal: bool = option(True, "bidirectional attention, as the authors' code: routes see later tokens (a leak)",
                           flag="--bidirectional-leaks-future")
     rope: bool = option(True, "no positional information", flag="--no-rope")

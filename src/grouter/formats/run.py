@@ -6,6 +6,12 @@
   replaced atomically, so a killed run resumes from the last complete checkpoint;
 - ``probes/``: routing probes of target runs (``step_N.npy``), for the consistency metric.
 
+A finished run's ``run.json`` records the SHA-256 of ``metrics.jsonl`` and of every probe
+(``files``), which its readers verify (:func:`checked_files`): a changed digit in a loss is found
+like a changed byte in a weights file. It also names the command that made the run, so that advice
+about an unfinished run names the command that resumes it. A log whose last line was torn by a kill
+(no newline) reads without that line, and resuming rewrites it.
+
 :class:`Run` writes one, :func:`read_run`, :func:`read_metrics` and :func:`finished_checkpoint`
 read it. The training loop that fills it is :mod:`grouter.loop`.
 """
@@ -17,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_dir, header, load_safetensors, read_json, read_manifest, save_safetensors, write_json
+from ..artifacts import (atomic_dir, atomic_write_bytes, header, load_safetensors, read_json, read_manifest,
+                         save_safetensors, write_json)
 from ..errors import GrouterError
-from ..integrity import file_sha256
+from ..integrity import file_sha256, verify_file
 
 RUN_FORMAT, RUN_VERSION = "grouter-run", 1
 
@@ -40,10 +47,37 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics log; a last line torn by a kill (no newline at the end) is left out."""
     path = Path(path)
     if not path.is_file():
         raise GrouterError(f"metrics log {path} is missing; is this a grouter run directory?")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    lines = path.read_text().split("\n")[:-1]  # after the last newline: nothing, or a line torn by a kill
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise GrouterError(f"metrics log {path} is corrupt at line {number} (not a JSON record); re-create the "
+                               "run with --overwrite, or resume it from its last checkpoint") from None
+    return records
+
+
+def checked_files(run_dir: Path, run: dict) -> int:
+    """Verify a finished run's log and probes against the checksums its run.json records; the bytes read."""
+    redo = f"the run in {run_dir} was changed after it finished; re-create it with --overwrite"
+    checked = 0
+    for name, sha in run.get("files", {}).items():
+        verify_file(run_dir / name, sha, "run file", redo)
+        checked += (run_dir / name).stat().st_size
+    return checked
+
+
+def run_files(run_dir: Path) -> dict[str, str]:
+    """``files`` of a finished run.json: the log and the probes, by SHA-256."""
+    names = ["metrics.jsonl"] + [f"probes/{p.name}" for p in sorted((run_dir / "probes").glob("*.npy"))]
+    return {name: file_sha256(run_dir / name) for name in names if (run_dir / name).is_file()}
 
 
 def read_run(path: str | Path) -> dict:
@@ -54,7 +88,8 @@ def read_run(path: str | Path) -> dict:
 def finished_checkpoint(path: Path, command: str) -> Path:
     """The model directory to load for ``path``: ``path`` itself, or, for a run directory, its final
     checkpoint, which only a finished run has. An unfinished run is refused (saying how to resume it,
-    or to pass ``RUN/checkpoint`` to use its last checkpoint on purpose)."""
+    with the command its run.json names, else ``command``, or to pass ``RUN/checkpoint`` to use its
+    last checkpoint on purpose)."""
     if (path / "config.json").exists() or not (path / "run.json").exists():
         return path
     run = read_run(path)
@@ -62,16 +97,16 @@ def finished_checkpoint(path: Path, command: str) -> Path:
         state = path / "checkpoint" / "trainer_state.json"
         step = read_json(state, "trainer state").get("step") if state.exists() else 0
         raise GrouterError(f"{path} is a run that did not finish (checkpoint at step {step}); rerun the same "
-                           f"`{command}` command to resume it, or pass {path / 'checkpoint'} to use that "
-                           "checkpoint on purpose")
+                           f"`grouter {run.get('command', command.removeprefix('grouter '))}` command to resume it, "
+                           f"or pass {path / 'checkpoint'} to use that checkpoint on purpose")
     return path / "checkpoint"
 
 
 class Run:
     """A run directory: identity, metrics log, checkpoints (any model with ``save_pretrained``)."""
 
-    def __init__(self, out: Path, identity: dict, overwrite: bool = False):
-        self.out, self.identity = Path(out), identity
+    def __init__(self, out: Path, identity: dict, overwrite: bool = False, command: str = "train"):
+        self.out, self.identity, self.command = Path(out), identity, command
         self.metrics_path = self.out / "metrics.jsonl"
         self.checkpoint_dir = self.out / "checkpoint"
         if overwrite and self.out.exists():
@@ -80,13 +115,6 @@ class Run:
 
     def _record(self) -> dict | None:
         return read_run(self.out) if (self.out / "run.json").exists() else None
-
-    def completed_summary(self) -> dict | None:
-        """The summary of this very run if it already finished (rerunning it is a no-op)."""
-        existing = self._record()
-        if existing and existing.get("identity") == self.identity and existing.get("status") == "complete":
-            return existing["summary"]
-        return None
 
     def start(self) -> dict | None:
         """Create the run, or check that an existing one is this run. Returns its trainer state
@@ -106,7 +134,8 @@ class Run:
         return None
 
     def _header(self, status: str, **more) -> dict:
-        return {**header(RUN_FORMAT, RUN_VERSION), "identity": self.identity, "status": status, **more}
+        return {**header(RUN_FORMAT, RUN_VERSION), "command": self.command, "identity": self.identity, "status": status,
+                **more}
 
     def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict | None) -> int:
         """Load the checkpoint when ``state`` says we resume; drop later log records. Returns the step."""
@@ -121,8 +150,8 @@ class Run:
         """Drop log records past the checkpoint we resume from, so the log matches an uninterrupted run."""
         if not self.metrics_path.exists():
             return
-        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [r for r in read_metrics(self.metrics_path) if r["step"] <= step]
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def log(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
@@ -152,4 +181,4 @@ class Run:
                                "it is corrupt: remove it, or use --overwrite to start over") from None
 
     def finish(self, summary: dict) -> None:
-        write_json(self.out / "run.json", self._header("complete", summary=summary))
+        write_json(self.out / "run.json", self._header("complete", summary=summary, files=run_files(self.out)))

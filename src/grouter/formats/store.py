@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import atomic_dir, read_manifest, write_json
+from ..artifacts import atomic_dir, read_manifest, reserve, write_json
 from ..errors import GrouterError
 from ..integrity import CheckedFile, file_checksum
 from ..routers import Heads, Routing
@@ -117,6 +117,7 @@ class StoreWriter:
             kept = kept and path.is_file() and path.stat().st_size == size
             with open(path, "r+b" if path.exists() else "wb") as f:
                 f.truncate(size)
+                reserve(f, size, path)
         return kept
 
     def maps(self, split: str, lo: int, hi: int) -> tuple[np.memmap, np.memmap] | None:
@@ -237,10 +238,11 @@ class RoutingStore:
                                f"{m['grouter_fingerprint'][:12]}, expected {grouter_fingerprint[:12]}); "
                                "run `grouter dispatch` with this Grouter")
 
-    def verify(self) -> None:
-        """Check every byte of the store against its checksums now (``grouter verify``)."""
-        for checked in self._files.values():
-            checked.check_all()
+    def verify(self, split: str | None = None) -> None:
+        """Check every byte of the store (of one split) against its checksums now (``grouter verify``)."""
+        for (name, _), checked in self._files.items():
+            if split in (None, name):
+                checked.check_all()
 
     def _checked(self, split: str, kind: str, idx: np.ndarray | None, itemsize: int) -> None:
         """Verify the rows about to be read (all of them when ``idx`` is None)."""

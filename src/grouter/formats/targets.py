@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import read_manifest, write_json
+from ..artifacts import read_manifest, reserve, write_json
 from .dataset import PackedDataset
 from ..errors import GrouterError
 from ..integrity import CheckedFile, file_checksum
@@ -46,9 +46,13 @@ def layer_fields(layers: list[int], source_layers: int) -> dict:
 
 
 def logits_map(path: Path, n: int, seq_len: int, layers: int, n_experts: int, resume: bool) -> np.memmap:
-    """The writable ``{split}.logits`` of ``n`` sequences (kept as it is when ``resume``)."""
-    return np.memmap(path, dtype=np.float16, mode="r+" if resume else "w+",
-                     shape=(n, seq_len, *score_shape(layers, n_experts)))
+    """The writable ``{split}.logits`` of ``n`` sequences (kept as it is when ``resume``), its bytes
+    reserved on disk first."""
+    shape = (n, seq_len, *score_shape(layers, n_experts))
+    if not resume:
+        with open(path, "wb") as f:
+            reserve(f, math.prod(shape) * 2, path)
+    return np.memmap(path, dtype=np.float16, mode="r+", shape=shape)
 
 
 def split_entry(path: Path, n: int) -> dict:
@@ -87,7 +91,12 @@ class Targets:
         path = Path(path)
         m = read_manifest(path, "targets.json", TARGETS_FORMAT, (ONE_LAYER_VERSION, TARGETS_VERSION), "targets directory",
                           "grouter capture")
-        data = data or PackedDataset.open(m["dataset_path"])
+        if data is None:
+            try:
+                data = PackedDataset.open(m["dataset_path"])
+            except GrouterError as e:
+                raise GrouterError(f"targets in {path} were captured for the dataset at {m['dataset_path']}, which is "
+                                   f"gone or damaged ({e}); restore it there, or capture again") from None
         if data.fingerprint != m["dataset_fingerprint"]:
             raise GrouterError(f"targets in {path} were captured for another dataset (fingerprint "
                                f"{m['dataset_fingerprint'][:12]}, this one {data.fingerprint[:12]}); capture again")

@@ -17,32 +17,32 @@ from .dataset import SPLITS, PackedDataset
 from .grouter import GROUTER_FORMAT, GrouterConfig, check_fingerprint, fingerprint, load_grouter
 from .model import MODEL_FORMAT, load_model
 from .plan import Plan
-from .run import read_run
+from .run import checked_files, read_run
 from .store import RoutingStore
 from .targets import Targets
 
 
-def _dataset(path: Path) -> int:
+def _dataset(path: Path) -> tuple[int, dict]:
     data = PackedDataset.open(path)
     data.tokenizer()
     for name in SPLITS:
         split = data.split(name)  # verifies the index
         if split.checked is not None:
             split.checked.check_all()
-    return sum((path / f"{s}.tokens").stat().st_size for s in SPLITS)
+    return sum((path / f"{s}.tokens").stat().st_size for s in SPLITS), {}
 
 
-def _targets(path: Path) -> int:
+def _targets(path: Path) -> tuple[int, dict]:
     Targets.open(path, verify=True)
-    return sum(f.stat().st_size for f in path.glob("*.logits"))
+    return sum(f.stat().st_size for f in path.glob("*.logits")), {}
 
 
-def _store(path: Path) -> int:
+def _store(path: Path) -> tuple[int, dict]:
     RoutingStore.open(path).verify()
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".ids", ".weights"))
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".ids", ".weights")), {}
 
 
-def _model(path: Path) -> int:
+def _model(path: Path) -> tuple[int, dict]:
     fmt = read_json(path / "config.json", "model config").get("format")
     if fmt == GROUTER_FORMAT:
         meta, state = load_grouter(path)
@@ -51,42 +51,57 @@ def _model(path: Path) -> int:
         load_model(path)
     else:
         raise GrouterError(f"{path} holds no grouter model (config.json format {fmt!r})")
-    return (path / "model.safetensors").stat().st_size
+    return (path / "model.safetensors").stat().st_size, {}
 
 
-def _run(path: Path) -> int:
-    read_run(path)
+def _run(path: Path) -> tuple[int, dict]:
+    """A run: its checkpoint (or an EP run's gathered model), and a finished run's log and probes."""
+    run = read_run(path)
+    size = sum(_model(path / name)[0] for name in ("model",) if (path / name / "config.json").is_file())
     ckpt = path / "checkpoint"
-    if not ckpt.is_dir():
-        return 0
-    size = _model(ckpt)
-    trainer = read_json(ckpt / "trainer_state.json", "trainer state", checked=True)
-    verify_file(ckpt / "optimizer.safetensors", trainer.get("optimizer_sha256"), "optimizer state",
-                f"the checkpoint in {ckpt} is damaged: resume from an earlier copy, or --overwrite the run")
-    read_json(ckpt / "optimizer.json", "optimizer state", checked=True)
-    return size + (ckpt / "optimizer.safetensors").stat().st_size
+    if ckpt.is_dir():
+        size += _model(ckpt)[0]
+        trainer = read_json(ckpt / "trainer_state.json", "trainer state", checked=True)
+        verify_file(ckpt / "optimizer.safetensors", trainer.get("optimizer_sha256"), "optimizer state",
+                    f"the checkpoint in {ckpt} is damaged: resume from an earlier copy, or --overwrite the run")
+        read_json(ckpt / "optimizer.json", "optimizer state", checked=True)
+        size += (ckpt / "optimizer.safetensors").stat().st_size
+    if run.get("status") == "complete":
+        return size + checked_files(path, run), {"status": "complete"}
+    command = f"grouter {run.get('command', 'train')}"
+    return size, {"status": "unfinished", "note": f"a `{command}` run that did not finish: what it wrote is intact; "
+                                                  "rerun the same command to resume it"}
 
 
-def _plan(path: Path) -> int:
+def _plan(path: Path) -> tuple[int, dict]:
     Plan.load(path)
-    return (path / "plan.json").stat().st_size
+    return (path / "plan.json").stat().st_size, {}
 
 
+def _report(path: Path) -> tuple[int, dict]:
+    read_json(path / "report.json", "report", checked=True)
+    return (path / "report.json").stat().st_size, {}
+
+
+# By the manifest a directory holds: its kind, and the check (which returns the bytes it read and what
+# else to report).
 KINDS = {"meta.json": ("dataset", _dataset), "targets.json": ("targets", _targets),
          "manifest.json": ("routing store", _store), "run.json": ("training run", _run),
-         "plan.json": ("placement plan", _plan), "config.json": ("model", _model)}
+         "plan.json": ("placement plan", _plan), "config.json": ("model", _model),
+         "report.json": ("report", _report)}
 
 
 def verify_artifact(path: str | Path) -> dict:
-    """Verify the artifact in ``path``; returns its kind, the bytes checked and the time it took."""
+    """Verify the artifact in ``path``; returns its kind, the bytes checked and the time it took (and for
+    a run, whether it finished)."""
     path = Path(path)
     if not path.is_dir():
         raise GrouterError(f"{path} is not a directory; pass a grouter artifact directory")
     t0 = time.perf_counter()
     for manifest, (kind, check) in KINDS.items():
         if (path / manifest).is_file():
-            checked = check(path)
+            checked, more = check(path)
             seconds = time.perf_counter() - t0
-            return {"path": str(path), "kind": kind, "ok": True, "bytes_checked": checked,
+            return {"path": str(path), "kind": kind, "ok": True, **more, "bytes_checked": checked,
                     "seconds": round(seconds, 3)}
     raise GrouterError(f"{path} is not a grouter artifact (none of {', '.join(KINDS)} in it)")
