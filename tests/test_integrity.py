@@ -406,8 +406,11 @@ def test_every_path_a_command_reads_is_an_input():
     for stage in (c.stage for c in COMMANDS):
         assert all(f.metadata.get("input") for f in fields(stage.inputs)), stage.name
         for cls, f in option_fields(stage.options):
-            if "Path" in str(types_of(cls)[f.name]) or f.name in ("hardware", "tokenizer", "config"):
-                assert f.metadata.get("file"), f"{stage.name}: option {f.name} names a file but is not an input"
+            if "Path" in str(types_of(cls)[f.name]):
+                assert f.metadata.get("file"), f"{stage.name}: option {f.name} is a path but not an input"
+    from grouter.place import Options as PlaceOptions
+
+    assert [f.metadata["file"] for _, f in option_fields(PlaceOptions) if f.name == "hardware"] == [True]
 
 
 def test_file_options_are_inputs_and_their_content_is_the_identity(capsys, pipeline, tiny_data, tmp_path):
