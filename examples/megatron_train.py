@@ -9,8 +9,8 @@ routing) and, with ``--plan``, the sample placement (:func:`plan_data_loader`) a
 of an EP placement plan. Prints one JSON line per step (rank 0's loss and tokens, seconds) and checks
 that every pushed routing was used.
 
-CPU (gloo; megatron-core's hard-coded CUDA calls are replaced by the stubs of
-tests/test_integration_megatron.py, so this needs the repository checkout and pytest):
+CPU (gloo; megatron-core's hard-coded CUDA calls are replaced by the stand-ins of
+``grouter.integrations.megatron.cpu``):
 
     python examples/megatron_train.py --data demo/data --routing demo/routing --steps 5
     grouter place --routing demo/routing --ranks 2 --out demo/plan2
@@ -40,20 +40,15 @@ Pipeline parallelism is not wired in this example: with Megatron's pipeline sche
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 import warnings
 from functools import partial
-from pathlib import Path
 
 import torch
 
 warnings.filterwarnings("ignore", module="megatron")
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,10 +85,9 @@ def start(args) -> None:
     if pg.device.type == "cuda":
         torch.cuda.set_device(pg.device)
     else:
-        spec = importlib.util.spec_from_file_location("_cpu_stubs", ROOT / "tests" / "test_integration_megatron.py")
-        stubs = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(stubs)
-        stubs.cpu_stubs(setattr)
+        from grouter.integrations.megatron.cpu import cpu_stubs
+
+        cpu_stubs(setattr)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, context_parallel_size=args.cp,
                                              expert_model_parallel_size=args.ep)
     if pg.device.type == "cuda":

@@ -1,12 +1,11 @@
 """grouter.integrations.megatron: Megatron-core MoE layers driven by stored or online Grouter routing.
 
 Megatron-core runs here on the CPU (one gloo process, or gloo process groups of 2 ranks), with the
-few CUDA calls it makes unconditionally replaced by :func:`cpu_stubs` (each stub names the Megatron
-line it stands in for). Models are tiny: hidden 32, 2 layers, 8 experts top-2, 32-token sequences of
+few CUDA calls it makes unconditionally replaced by ``grouter.integrations.megatron.cpu.cpu_stubs``
+(each stub names the Megatron line it stands in for). Models are tiny: hidden 32, 2 layers, 8 experts top-2, 32-token sequences of
 ``tiny_data``. The CUDA/NCCL variants at the end skip without GPUs.
 """
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -26,17 +25,18 @@ pytest.importorskip("megatron.core", reason="megatron-core is an optional extra:
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron's import-time notices: no Apex / Transformer Engine here
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import random as mg_random
     from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
-    from megatron.core.transformer.moe import token_dispatcher
     from megatron.core.transformer.transformer_config import TransformerConfig
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from grouter.integrations.megatron.compat import cp_split
 
+    from grouter.integrations.megatron.cpu import cpu_stubs
     from grouter.integrations.megatron import (GrouterGPTDataset, GrouterRouter, RankLayout, RoutingFeed,
-                                               grouter_gpt_model, plan_data_loader, with_grouter_router)
+                                               grouter_gpt_model, plan_data_loader, plan_order,
+                                               with_grouter_router)
 from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from grouter.device import free_port, spawn  # noqa: E402
+from grouter.integrations.megatron.router import _with_router  # noqa: E402
 from grouter.errors import GrouterError  # noqa: E402
 from grouter.network import Grouter, GrouterConfig  # noqa: E402
 from grouter.place import Plan, plan_placement, relabel  # noqa: E402
@@ -51,62 +51,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron"),
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # megatron_bytes (spawned ranks inherit sys.path)
 E, K, HIDDEN, SEQ = 8, 2, 32, 32
-
-
-# -- CPU stand-ins for the CUDA calls megatron-core 0.16.1 makes unconditionally -----------------------
-class _NoStream:
-    """Stands in for a torch.cuda.Stream and its Event: on the CPU every copy is already synchronous."""
-
-    def wait_stream(self, stream) -> None:
-        pass
-
-    def record_event(self, event=None) -> "_NoStream":
-        return self
-
-    def synchronize(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _no_rng_fork(self, name=None):
-    yield
-
-
-def _splits_to_numpy(tensor, as_numpy: bool = False, record_stream: bool = False):
-    """moe_utils.maybe_move_tensor_to_cpu as it behaves for CUDA tensors: split sizes come back as numpy."""
-    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
-
-
-def cpu_stubs(patch) -> None:
-    """Let Megatron's CPU/gloo code paths run: ``patch(obj, name, value)`` is pytest's
-    ``monkeypatch.setattr`` (undone after the tests) or ``setattr`` (a spawned worker, the benchmark).
-
-    Nothing computed changes: the stubs synchronise nothing (CPU work is synchronous), allocate on the
-    CPU and keep no CUDA RNG (dropout is 0 here). Not stubbed: transformer/utils.py:35
-    (get_default_causal_mask builds its mask with device="cuda"); we pass ``attention_mask`` instead
-    (``GrouterGPTDataset(create_attention_mask=True)``, as Megatron's GPTDataset can).
-    """
-    stream = _NoStream()
-    # transformer/moe/token_dispatcher.py:445: MoEAlltoAllTokenDispatcher.__init__ creates torch.cuda.Stream()
-    # for its device-to-host copies; :871-:895 (_maybe_dtoh_and_synchronize) call torch.cuda.current_stream(),
-    # torch.cuda.stream(s), Stream.record_event() and Event.synchronize().
-    patch(torch.cuda, "Stream", lambda *a, **k: stream)
-    patch(torch.cuda, "current_stream", lambda *a, **k: stream)
-    patch(torch.cuda, "stream", lambda s=None: contextlib.nullcontext())
-    # tensor_parallel/mappings.py:91, :141, :148, :181, :442 allocate collective outputs (all-gather,
-    # reduce-scatter, the all-to-all of the dispatcher) on device=torch.cuda.current_device().
-    patch(torch.cuda, "current_device", lambda: "cpu")
-    # transformer/moe/moe_utils.py:1093: maybe_move_tensor_to_cpu converts only CUDA tensors, so on the CPU the
-    # all-to-all split sizes that token_dispatcher.py:879-:885 ask for "as_numpy" stay tensors, which
-    # torch.distributed.all_to_all_single (tensor_parallel/mappings.py:444) refuses as split sizes.
-    patch(token_dispatcher, "maybe_move_tensor_to_cpu", _splits_to_numpy)
-    # tensor_parallel/random.py:243: CudaRNGStatesTracker.fork swaps the CUDA RNG state around attention
-    # dropout (transformer/dot_product_attention.py:217); no CUDA generator exists.
-    patch(mg_random.CudaRNGStatesTracker, "fork", _no_rng_fork)
-    # tensor_parallel/random.py:41 and :72 (_get/_set_cuda_rng_state): CheckpointFunction (:514, :552) saves and
-    # restores the CUDA RNG state around activation recompute.
-    patch(mg_random, "_get_cuda_rng_state", lambda *a, **k: None)
-    patch(mg_random, "_set_cuda_rng_state", lambda *a, **k: None)
 
 
 def init_megatron(world: int = 1, **parallel) -> None:
@@ -151,6 +95,13 @@ def config(**overrides) -> TransformerConfig:
 def build(feed: RoutingFeed, vocab: int = 512, **overrides):
     torch.manual_seed(0)
     return grouter_gpt_model(config(**overrides), feed, vocab, SEQ)
+
+
+def moe_submodules(spec) -> list:
+    """The MoESubmodules of a spec (the adapter's own walk over ModuleSpecs, dataclasses and partials)."""
+    found: list = []
+    _with_router(spec, None, found)
+    return found
 
 
 def routers(model) -> list[GrouterRouter]:
@@ -401,13 +352,23 @@ class FakeGroup:
         return self._rank
 
 
+def _size_and_rank_of_fakes(monkeypatch) -> None:
+    """torch.distributed's size and rank of a group answer for FakeGroups too (megatron-core 0.18+ asks them)."""
+    for name, method in (("get_world_size", "size"), ("get_rank", "rank")):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda group=None, real=real, method=method: getattr(group, method)()
+                            if isinstance(group, FakeGroup) else real(group))
+
+
 def megatrons_tokens(x: torch.Tensor, tp: FakeGroup, cp: FakeGroup, sequence_parallel: bool) -> tuple:
     """What Megatron gives a rank of ``x [b, L, k]``: its CP split of the batch (get_batch_on_this_cp_rank),
     then, as hidden states ``[s, b, ...]``, the SP scatter (scatter_to_sequence_parallel_region), flattened."""
-    cp_part = get_batch_on_this_cp_rank({"routing_ids": x.clone()}, cp_group=cp)["routing_ids"]
-    sb = cp_part.transpose(0, 1).contiguous()
-    if sequence_parallel:
-        sb = scatter_to_sequence_parallel_region(sb, group=tp)
+    with pytest.MonkeyPatch.context() as mp:
+        _size_and_rank_of_fakes(mp)
+        cp_part = cp_split({"routing_ids": x.clone()}, cp_group=cp)["routing_ids"]
+        sb = cp_part.transpose(0, 1).contiguous()
+        if sequence_parallel:
+            sb = scatter_to_sequence_parallel_region(sb, group=tp)
     return cp_part, sb.reshape(-1, x.shape[-1])
 
 
@@ -457,9 +418,9 @@ def test_mtp_layers_take_the_routing_too(megatron_cpu, store, tiny_data):
 
     plain = get_gpt_mtp_block_spec(config(mtp_num_layers=1), get_gpt_layer_local_spec(num_experts=E), False)
     ours = with_grouter_router(plain, config(mtp_num_layers=1), feed)
-    moe = ours.layer_specs[0].submodules.transformer_layer.submodules.mlp.submodules
+    (moe,), (before,) = moe_submodules(ours), moe_submodules(plain)  # wherever the release nests them
     assert moe.router.func is GrouterRouter and moe.router.keywords["feed"] is feed
-    assert plain.layer_specs[0].submodules.transformer_layer.submodules.mlp.submodules.router is not moe.router
+    assert before.router is not moe.router
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
@@ -521,12 +482,34 @@ def test_plan_data_loader_serves_each_rank_its_plan_share(store, tiny_data, plan
         seen = [b["tokens"] for _, b in zip(range(4), loader)]
         idx = np.concatenate(plan2.samples[rank][:2])
         assert torch.equal(torch.cat(seen), tiny_data.split("train").batch(idx)["input_ids"])
+        resumed = plan_data_loader(dataset, plan2, rank, 2, micro_batch_size=2, consumed_samples=8)  # 1 global batch
+        assert torch.equal(next(iter(resumed))["tokens"], seen[2])
     with pytest.raises(GrouterError, match="micro batches of 3 must divide"):
         plan_data_loader(dataset, plan2, 0, 2, micro_batch_size=3)
-    with pytest.raises(GrouterError, match="the plan is for 2 data-parallel ranks but world_size is 4"):
-        plan_data_loader(dataset, plan2, 0, 4, micro_batch_size=2)
+    with pytest.raises(GrouterError, match="the plan is for 2 data-parallel ranks but world_size is 3"):
+        plan_data_loader(dataset, plan2, 0, 3, micro_batch_size=2)
+    with pytest.raises(GrouterError, match="consumed_samples=6 is not a whole number of micro-steps of 4"):
+        plan_data_loader(dataset, plan2, 0, 2, micro_batch_size=2, consumed_samples=6)
     with pytest.raises(GrouterError, match="split 'train', the dataset has .* of 'val'"):
         plan_data_loader(GrouterGPTDataset(tiny_data, split="val"), plan2, 0, 2, micro_batch_size=2)
+
+
+def test_expert_parallel_smaller_than_data_parallel_deals_whole_plan_batches(store, tiny_data, plan2):
+    """DP 4, EP 2 (a plan for 2 ranks): expert-parallel group g (DP ranks 2g, 2g+1) runs plan batch 2b+g of
+    Megatron global batch b, so each group's expert placement is the plan's, exactly; plan_order is the
+    index stream whose micro-steps Megatron's pretraining sampler deals to the DP ranks in that way."""
+    dataset = GrouterGPTDataset(tiny_data, store)
+    for dp_rank in range(4):
+        group, ep_rank = divmod(dp_rank, 2)
+        loader = plan_data_loader(dataset, plan2, dp_rank, 4, micro_batch_size=2)
+        seen = [b["tokens"] for _, b in zip(range(4), loader)]  # 2 micro-batches per global batch
+        idx = np.concatenate([plan2.samples[ep_rank][2 * b + group] for b in range(2)])
+        assert torch.equal(torch.cat(seen), tiny_data.split("train").batch(idx)["input_ids"])
+    order = plan_order(plan2, 2, 4)
+    full = sum(len(b) == plan2.global_batch // 2 for b in plan2.samples[0])  # the short last batch is left out
+    assert len(order) == (full // 2) * 2 * plan2.global_batch and len(set(order.tolist())) == len(order)
+    micro_step = order[:8].reshape(4, 2)  # first micro-step: DP rank d's micro-batch
+    assert all(np.array_equal(micro_step[d], plan2.samples[d % 2][d // 2][:2]) for d in range(4))
 
 
 # -- GPU variants (CUDA, NCCL, Transformer Engine): skipped on this CPU-only machine ------------------------

@@ -85,19 +85,19 @@ from functools import partial
 import numpy as np
 import torch
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec, get_gpt_decoder_layer_specs,
+                                                      get_gpt_mtp_block_spec)
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
-from torch.utils.data import DataLoader, Dataset
 
-from ..data import PackedDataset
-from ..errors import GrouterError
-from ..place import Plan, PlanSampler, relabel
-from ..routers import Heads, Routing, token_shape
-from ..store import RoutingStore
+from ...errors import GrouterError
+from ...place import Plan, relabel
+from ...routers import Heads, Routing, token_shape
+from ...store import RoutingStore
+from .compat import SUPPORTED, megatron_version
 
 
 # -- the TransformerConfig -------------------------------------------------------------------------
@@ -115,6 +115,12 @@ _CONFIG_RULES = [
     ("moe_router_force_load_balancing", lambda v: not v, "random routing would replace the stored routes; set False"),
     ("moe_router_topk_scaling_factor", lambda v: v in (None, 1.0), "gate weights are served as stored; set None"),
     ("moe_router_group_topk", lambda v: v is None, "group-limited routing does not apply to stored routes; set None"),
+    ("moe_enable_routing_replay", lambda v: not v, "replay drives Megatron's own TopKRouter, not this one; set False "
+     "(or use the ids-only ReplayFeed, docs/megatron.md)"),
+    ("cuda_graph_impl", lambda v: v in (None, "none"), "a captured graph would replay one micro-batch's routing for "
+     "every later one; set cuda_graph_impl='none' (--cuda-graph-impl none)"),
+    ("enable_cuda_graph", lambda v: not v, "a captured graph would replay one micro-batch's routing; set False"),
+    ("external_cuda_graph", lambda v: not v, "a captured graph would replay one micro-batch's routing; set False"),
 ]
 
 
@@ -127,7 +133,7 @@ def check_config(config: TransformerConfig, n_experts: int, k: int) -> None:
         raise GrouterError(f"TransformerConfig.moe_router_topk is {config.moe_router_topk} but the routing has "
                            f"k={k}; set moe_router_topk={k}")
     for name, accepted, why in _CONFIG_RULES:
-        value = getattr(config, name)
+        value = getattr(config, name, None)
         if not accepted(value):
             raise GrouterError(f"TransformerConfig.{name}={value!r} does not go with Grouter routing: {why}")
 
@@ -326,8 +332,10 @@ class GrouterRouter(MegatronModule):
     ``partial(GrouterRouter, feed=feed)`` there).
     """
 
-    def __init__(self, config: TransformerConfig, pg_collection=None, *, feed: RoutingFeed):
+    def __init__(self, config: TransformerConfig, pg_collection=None, is_mtp_layer: bool = False, *,
+                 feed: RoutingFeed):
         super().__init__(config)
+        self.is_mtp_layer = is_mtp_layer  # passed by megatron-core 0.17+ (compat.ROUTER_IS_MTP_LAYER)
         check_config(config, feed.n_experts, feed.k)
         pg = pg_collection if pg_collection is not None else get_default_pg_collection()
         self.layout = RankLayout(get_pg_size(pg.tp), get_pg_rank(pg.tp), get_pg_size(pg.cp), get_pg_rank(pg.cp),
@@ -347,7 +355,7 @@ class GrouterRouter(MegatronModule):
         if self.feed.heads is None:
             return None
         n = self.config.num_layers
-        return self.feed.heads.for_target(n)[min(self.layer_number, n) - 1]
+        return self.feed.heads.for_target(n)[n - 1 if self.is_mtp_layer else min(self.layer_number, n) - 1]
 
     def _take(self) -> _Entry:
         """The routing of the micro-batch now running: the next pushed one, or for a recompute the oldest
@@ -380,6 +388,9 @@ def _with_router(node, builder, found: list):
         return dataclasses.replace(node, router=builder)
     if isinstance(node, (list, tuple)):
         return type(node)(_with_router(n, builder, found) for n in node)
+    if isinstance(node, partial):  # megatron-core 0.18+ specs: partial(MoELayer, submodules=MoESubmodules(...))
+        return partial(node.func, *(_with_router(a, builder, found) for a in node.args),
+                       **{k: _with_router(v, builder, found) for k, v in node.keywords.items()})
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         return dataclasses.replace(node, **{f.name: _with_router(getattr(node, f.name), builder, found)
                                             for f in dataclasses.fields(node) if f.init})
@@ -399,81 +410,29 @@ def with_grouter_router(spec, config: TransformerConfig, feed: RoutingFeed, allo
 
 
 def grouter_gpt_model(config: TransformerConfig, feed: RoutingFeed, vocab_size: int, max_sequence_length: int,
-                      transformer_engine: bool = False, vp_stage: int | None = None, **gpt_kwargs) -> GPTModel:
+                      transformer_engine: bool = False, vp_stage: int | None = None, normalization: str | None = None,
+                      qk_l2_norm: bool = False, **gpt_kwargs) -> GPTModel:
     """Megatron's GPTModel (decoder block spec, MTP block when ``config.mtp_num_layers``) with Grouter routing.
 
-    ``transformer_engine``: TE layer specs (GPU) instead of Megatron's local ones; ``gpt_kwargs`` go to
-    GPTModel (``pre_process``, ``post_process``, ``position_embedding_type``, ...).
+    ``transformer_engine``: TE layer specs (GPU) instead of Megatron's local ones; ``normalization`` and
+    ``qk_l2_norm`` go to Megatron's spec functions, ``gpt_kwargs`` to GPTModel (``pre_process``,
+    ``post_process``, ``position_embedding_type``, ``pg_collection``, ...). Refuses a model in which
+    Megatron built any MoE layer with another router (a spec layout this adapter does not know).
     """
-    block = with_grouter_router(get_gpt_decoder_block_spec(config, transformer_engine, vp_stage=vp_stage),
-                                config, feed, allow_no_moe=True)
-    mtp = (get_gpt_mtp_block_spec(config, block, transformer_engine, vp_stage=vp_stage)
-           if config.mtp_num_layers else None)
-    return GPTModel(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
-                    max_sequence_length=max_sequence_length, mtp_block_spec=mtp, vp_stage=vp_stage, **gpt_kwargs)
-
-
-# -- data ------------------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class GrouterGPTDataset(Dataset):
-    """Sequence i of a split as Megatron's GPTDataset yields items, plus its stored routing.
-
-    Keys: ``tokens``, ``labels`` (long ``[L]``), ``loss_mask`` (float ``[L]``; 0 at end-of-document
-    tokens with ``eod_mask_loss``), ``position_ids``, ``attention_mask`` (bool ``[1, L, L]``, True =
-    masked, with ``create_attention_mask``; Megatron's local attention on the CPU needs it) and, with a
-    ``store``, ``routing_ids`` (long ``[L, k]``) and ``routing_weights`` (float32 ``[L, k]``); both
-    ``[L, H, k]`` from a store with per-layer heads.
-    """
-
-    data: PackedDataset
-    store: RoutingStore | None = None
-    split: str = "train"
-    create_attention_mask: bool = False
-    eod_mask_loss: bool = False
-
-    def __post_init__(self):
-        self.source = self.data.split(self.split)
-        if self.store is None:
-            return
-        if self.store.manifest["dataset_fingerprint"] != self.data.fingerprint:
-            raise GrouterError(f"routing store {self.store.path} was made for another dataset; run `grouter "
-                               "dispatch` on this one")
-        if self.store.seq_len != self.data.seq_len or self.store.n_sequences(self.split) != len(self.source):
-            raise GrouterError(f"routing store {self.store.path} does not match the dataset's {self.split} split")
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        seq = torch.from_numpy(self.source.sequences([i])[0])
-        tokens, labels = seq[:-1], seq[1:]
-        length = len(tokens)
-        item = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(length, dtype=torch.float32),
-                "position_ids": torch.arange(length)}
-        if self.eod_mask_loss:
-            item["loss_mask"][tokens == self.data.eos_id] = 0.0
-        if self.create_attention_mask:
-            item["attention_mask"] = torch.ones(1, length, length, dtype=torch.bool).triu(1)
-        if self.store is not None:
-            routing = self.store.routing(self.split, [i])
-            item["routing_ids"], item["routing_weights"] = routing.ids[0], routing.weights[0]
-        return item
-
-
-def plan_data_loader(dataset: GrouterGPTDataset, plan: Plan, dp_rank: int, dp_size: int, micro_batch_size: int,
-                     **loader_kwargs) -> DataLoader:
-    """Micro-batches of the sequences the plan gives data-parallel rank ``dp_rank``, global batch after
-    global batch (``global_batch / dp_size`` per rank per batch: ``num_microbatches`` = that / micro batch)."""
-    sampler = PlanSampler(plan, dp_rank, dp_size)
-    if plan.split != dataset.split or plan.n_sequences > len(dataset):
-        raise GrouterError(f"the plan is for {plan.n_sequences} sequences of split {plan.split!r}, the dataset has "
-                           f"{len(dataset)} of {dataset.split!r}; make the plan from this dataset's routing")
-    fp = plan.source.get("dataset_fingerprint")
-    if fp is not None and fp != dataset.data.fingerprint:
-        raise GrouterError("the plan was made from routing of another dataset; make it from this dataset's routing")
-    share = plan.global_batch // plan.ranks
-    if plan.algorithm != "balanced" or share % micro_batch_size:
-        raise GrouterError(f"each rank trains {share} sequences per global batch of the plan, which micro batches of "
-                           f"{micro_batch_size} must divide (and the plan must be balanced); pick a micro batch size "
-                           "that divides it")
-    return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, **loader_kwargs)
+    specs = dict(normalization=normalization, qk_l2_norm=qk_l2_norm, vp_stage=vp_stage)
+    block = with_grouter_router(get_gpt_decoder_block_spec(config, transformer_engine, **specs), config, feed,
+                                allow_no_moe=True)
+    mtp = None
+    if config.mtp_num_layers:  # MTP layers copy the last decoder layer's spec, as Megatron's gpt_builder does
+        last = get_gpt_decoder_layer_specs(config, transformer_engine, **specs)[-1]
+        mtp = with_grouter_router(get_gpt_mtp_block_spec(config, last, transformer_engine, vp_stage=vp_stage),
+                                  config, feed, allow_no_moe=True)
+    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
+                     max_sequence_length=max_sequence_length, mtp_block_spec=mtp, vp_stage=vp_stage, **gpt_kwargs)
+    others = sorted({type(m.router).__name__ for m in model.modules()
+                     if isinstance(m, BaseMoELayer) and not isinstance(m.router, GrouterRouter)})
+    if others:
+        raise GrouterError(f"megatron-core {megatron_version()} built MoE layers with {', '.join(others)}, not "
+                           "GrouterRouter: its spec layout is not one this adapter knows; use a supported release "
+                           f"({SUPPORTED})")
+    return model

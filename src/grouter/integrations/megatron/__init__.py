@@ -1,0 +1,20 @@
+"""Megatron with Grouter routing: megatron-core's MoE layer, Megatron's trainer, routing replay.
+
+* :mod:`.router`: :class:`GrouterRouter` (Megatron's ``MoESubmodules.router``, no parameters) and the
+  :class:`RoutingFeed` that serves it each micro-batch's stored or online routing; the spec helpers.
+* :mod:`.data`: GPTDataset-style items with routing, and an EP placement plan's sample order for
+  Megatron's data loader (resumable at its consumed samples).
+* :mod:`.pretrain`: the entry point, Megatron's own ``pretrain()`` with grouter's providers
+  (``python -m grouter.integrations.megatron.pretrain``, as ``pretrain_gpt.py``).
+* :mod:`.compat`: what differs between the megatron-core releases the adapter supports.
+
+docs/megatron.md explains it all; ``pip install grouter[megatron]``.
+"""
+
+from .data import GrouterGPTDataset, OrderedSamples, check_plan_layout, plan_data_loader, plan_order
+from .router import (GrouterRouter, RankLayout, RoutingFeed, check_config, context_parallel_chunk, grouter_gpt_model,
+                     sequence_parallel_chunk, with_grouter_router)
+
+__all__ = ["GrouterGPTDataset", "GrouterRouter", "OrderedSamples", "RankLayout", "RoutingFeed", "check_config",
+           "check_plan_layout", "context_parallel_chunk", "grouter_gpt_model", "plan_data_loader", "plan_order",
+           "sequence_parallel_chunk", "with_grouter_router"]
