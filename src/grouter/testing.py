@@ -7,6 +7,7 @@ the store's format reaches every test and benchmark at once.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,16 @@ def synthetic_store(data: PackedDataset | str | Path, out: str | Path, n_experts
         routing[name] = Routing(torch.from_numpy(ids.astype(np.int64)), synthetic_weights(ids.shape, seed * 31 + i),
                                 heads=heads)
     return write_store(out, routing, n_experts, data=data, grouter_fingerprint=f"synthetic-{clusters}-{seed}")
+
+
+# megatron-core releases `make install` puts beside the one the `megatron` extra installs (0.16 on Python 3.11),
+# each in its own pip --target directory: the tests of the release boundaries and of Megatron's trainer use them.
+MEGATRON_RELEASES = ("0.17.1", "0.18.2", "0.19.2")
+
+
+def megatron_release(version: str) -> Path:
+    """The directory holding megatron-core ``version`` (put it first on ``sys.path`` / ``PYTHONPATH``)."""
+    path = Path(sys.prefix) / "megatron-releases" / version
+    if not (path / "megatron" / "core").is_dir():
+        raise FileNotFoundError(f"megatron-core {version} is not installed in {path}; run `make install`")
+    return path

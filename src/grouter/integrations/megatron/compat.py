@@ -27,6 +27,10 @@ MOE_SPEC_IS_PARTIAL = (0, 18)
 # ``megatron.core.utils.get_batch_on_this_cp_rank(batch, cp_group)`` takes a required ``is_hybrid_cp``
 # from 0.18 (before ``cp_group``): :func:`cp_split` passes it.
 CP_SPLIT_IS_HYBRID = (0, 18)
+# ``megatron.training.pretrain()`` parses the arguments itself up to 0.17; from 0.18 the caller parses them
+# (``parse_and_validate_args``) and passes a config container built from them first, and from 0.19 the
+# model provider is a keyword argument: :func:`run_pretrain` calls each release its way.
+PRETRAIN_TAKES_CONFIG = (0, 18)
 
 
 def megatron_version() -> str:
@@ -67,3 +71,46 @@ def cp_split(batch: dict, cp_group=None) -> dict:
     if version_tuple() >= CP_SPLIT_IS_HYBRID:
         return get_batch_on_this_cp_rank(batch, False, cp_group=cp_group)
     return get_batch_on_this_cp_rank(batch, cp_group=cp_group)
+
+
+def prebuilt_dataset_helpers() -> bool:
+    """Let ``pretrain()`` start from a megatron-core wheel: its initialisation runs ``make`` in
+    ``megatron/core/datasets`` to build the C++ dataset helpers, and exits when that fails; the wheel
+    ships them compiled (``helpers_cpp*.so``) but without the Makefile. When there is no Makefile and
+    the compiled helpers import, the rebuild is skipped (True); a source checkout builds as usual."""
+    import importlib
+    from pathlib import Path
+
+    from megatron.core.datasets import utils
+
+    if (Path(utils.__file__).parent / "Makefile").exists():
+        return False
+    try:
+        importlib.import_module("megatron.core.datasets.helpers_cpp")
+    except ImportError:
+        return False
+    utils.compile_helpers = lambda: None
+    return True
+
+
+def run_pretrain(datasets_provider, model_provider, forward_step, extra_args_provider, args_defaults: dict) -> None:
+    """Megatron's ``pretrain()`` for a GPT-style model with these providers, whatever the release."""
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+
+    model_type = ModelType.encoder_or_decoder
+    if version_tuple() < PRETRAIN_TAKES_CONFIG:
+        pretrain(datasets_provider, model_provider, model_type, forward_step, extra_args_provider=extra_args_provider,
+                 args_defaults=args_defaults)
+        return
+    import warnings
+
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider, args_defaults=args_defaults)
+    with warnings.catch_warnings():  # "a ModelConfig is recommended": a provider is what adds our router
+        warnings.simplefilter("ignore", UserWarning)
+        config = pretrain_cfg_container_from_args(args)
+    pretrain(config, datasets_provider, model_type=model_type, forward_step_func=forward_step,
+             model_provider=model_provider)

@@ -19,9 +19,12 @@ CUDA random state to save (dropout is 0 in these runs). On GPUs none of this is 
 from __future__ import annotations
 
 import contextlib
+import queue
 import sys
+import typing
 
 import torch
+import typing_extensions
 from torch.overrides import TorchFunctionMode
 
 
@@ -99,12 +102,15 @@ def _on_cpu(device) -> bool:
 
 
 class _CudaIsCpu(TorchFunctionMode):
-    """Allocations and copies to CUDA stay on the CPU (``device="cuda"``, ``.cuda()``, ``.to("cuda")``)."""
+    """Allocations and copies to CUDA stay on the CPU (``device="cuda"``, ``.cuda()``, ``.to("cuda")``), and
+    ``tensor.type()`` names CUDA types (optimizer/clip_grads.py asserts ``torch.cuda.FloatTensor``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if _on_cpu(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _on_cpu(args[1]):
@@ -119,12 +125,14 @@ def _memory_stats(*a, **k) -> dict:
 def trainer_on_cpu() -> None:
     """:func:`cpu_stubs` plus what Megatron's trainer needs on the CPU, for the rest of the process
     (megatron-core 0.17+ with ``megatron.training``; see the module docstring)."""
+    if not hasattr(typing, "override"):  # megatron.training 0.18+ imports typing.override (Python 3.12)
+        typing.override = typing_extensions.override
     cpu_stubs(setattr)
     patches = {
         # training/initialize.py:61 asserts torch.cuda.is_available() before anything runs.
         "is_available": lambda: True,
-        # initialize.py:_initialize_distributed: device_count() > 0 would bind a CUDA device.
-        "device_count": lambda: 0,
+        # initialize.py:_initialize_distributed sets up Megatron's parallel state only if device_count() > 0.
+        "device_count": lambda: 1,
         # training.py, timers.py, schedules.py, checkpointing.py: synchronise before timing or saving.
         "synchronize": lambda *a, **k: None,
         "set_device": lambda *a, **k: None,
@@ -141,6 +149,16 @@ def trainer_on_cpu() -> None:
     for name, value in patches.items():
         setattr(torch.cuda, name, value)
     torch.nn.Module.cuda = lambda self, device=None: self
+    # dist_checkpointing/strategies/filesystem_async.py:53: the first checkpoint save starts a multiprocessing
+    # Manager process for its results queue ("spawn": it re-imports the program, 5 s on 2 cores). A synchronous
+    # save writes with threads of this process (write_preloaded_data_multithread), so a plain queue serves
+    # (not --async-save, which writes from another process).
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    results = queue.Queue()
+    filesystem_async.get_write_results_queue = lambda *a, **k: results
+    # Megatron's fused kernels (jit_fuser = torch.compile) would ask Triton for CUDA devices; run them eagerly.
+    torch._dynamo.config.disable = True
     _CudaIsCpu().__enter__()  # stays active for the whole process
 
 

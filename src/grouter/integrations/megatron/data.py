@@ -99,6 +99,16 @@ def check_plan_layout(plan: Plan, micro_batch_size: int, dp_size: int) -> int:
     return groups
 
 
+def check_plan_data(plan: Plan, dataset: GrouterGPTDataset) -> None:
+    """Refuse a plan made for another split or dataset than ``dataset``'s."""
+    if plan.split != dataset.split or plan.n_sequences > len(dataset):
+        raise GrouterError(f"the plan is for {plan.n_sequences} sequences of split {plan.split!r}, the dataset has "
+                           f"{len(dataset)} of {dataset.split!r}; make the plan from this dataset's routing")
+    fp = plan.source.get("dataset_fingerprint")
+    if fp is not None and fp != dataset.data.fingerprint:
+        raise GrouterError("the plan was made from routing of another dataset; make it from this dataset's routing")
+
+
 @dataclass(eq=False)
 class OrderedSamples(Dataset):
     """Sample ``i`` is item ``order[i mod len(order)]`` of ``dataset``, for ``n_samples`` samples (epochs
@@ -127,12 +137,7 @@ def plan_data_loader(dataset: GrouterGPTDataset, plan: Plan, dp_rank: int, dp_si
     of all ranks already trained (Megatron's ``consumed_train_samples``), to resume where a run stopped."""
     if not 0 <= dp_rank < dp_size:
         raise GrouterError(f"rank {dp_rank} is outside 0..{dp_size - 1}")
-    if plan.split != dataset.split or plan.n_sequences > len(dataset):
-        raise GrouterError(f"the plan is for {plan.n_sequences} sequences of split {plan.split!r}, the dataset has "
-                           f"{len(dataset)} of {dataset.split!r}; make the plan from this dataset's routing")
-    fp = plan.source.get("dataset_fingerprint")
-    if fp is not None and fp != dataset.data.fingerprint:
-        raise GrouterError("the plan was made from routing of another dataset; make it from this dataset's routing")
+    check_plan_data(plan, dataset)
     order = plan_order(plan, micro_batch_size, dp_size)
     step = micro_batch_size * dp_size
     if consumed_samples % step or not 0 <= consumed_samples <= len(order):
