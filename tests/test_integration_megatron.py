@@ -36,6 +36,7 @@ with warnings.catch_warnings():
 from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from grouter.device import free_port, spawn  # noqa: E402
+from grouter.integrations.megatron.arguments import _REFUSED_ARGS, check_args, check_sources  # noqa: E402
 from grouter.integrations.megatron.router import _with_router  # noqa: E402
 from grouter.errors import GrouterError  # noqa: E402
 from grouter.network import Grouter, GrouterConfig  # noqa: E402
@@ -58,19 +59,6 @@ def init_megatron(world: int = 1, **parallel) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=world)
     parallel_state.initialize_model_parallel(**parallel)
-
-
-@pytest.fixture(scope="module")
-def megatron_cpu():
-    """One gloo process, Megatron parallel state (all sizes 1) and the CPU stubs; all undone afterwards."""
-    created = not dist.is_initialized()
-    with pytest.MonkeyPatch.context() as mp:
-        cpu_stubs(mp.setattr)
-        init_megatron()
-        yield
-        parallel_state.destroy_model_parallel()
-        if created:
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +293,9 @@ def test_alltoall_dispatcher_bytes_equal_the_megatron_cost_model(ep2):
     (dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid"), "expert bias"),
     (dict(moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor"),
     (dict(moe_input_jitter_eps=0.01), "moe_input_jitter_eps"),
+    (dict(moe_enable_routing_replay=True), "moe_enable_routing_replay=True .* the ids-only ReplayFeed"),
+    (dict(cuda_graph_impl="local"), "cuda_graph_impl='local' .* replay one micro-batch's routing for every later"),
+    (dict(enable_cuda_graph=True), "cuda_graph_impl='local'"),  # Megatron turns the old flag into the new
 ])
 def test_config_that_disagrees_with_the_routing_is_refused(megatron_cpu, store, overrides, match):
     feed = RoutingFeed.from_store(store)
@@ -336,6 +327,58 @@ def test_feed_refuses_bad_use(megatron_cpu, store, plan2):
     with pytest.raises(GrouterError, match="no MoE layer"):
         with_grouter_router([], config(), feed)
     assert RoutingFeed.of(model) is feed
+
+
+# -- the entry point's arguments: one-line refusals -------------------------------------------------------
+def megatron_args(**overrides) -> SimpleNamespace:
+    """The Megatron arguments check_args reads, as parse_args leaves them for a plain MoE run."""
+    base = dict(grouter_data="d", grouter_routing="s", grouter_online=None, num_experts=E, seq_length=SEQ,
+                padded_vocab_size=512, expert_model_parallel_size=2, context_parallel_size=1,
+                tensor_model_parallel_size=1, expert_tensor_parallel_size=1, micro_batch_size=2, global_batch_size=8,
+                rampup_batch_size=None, dataloader_type="single")
+    return SimpleNamespace(**{**{name: None for name, _ in _REFUSED_ARGS}, **base, **overrides})
+
+
+@pytest.mark.parametrize("overrides,dp,match", [
+    (dict(data_path=["corpus_text_document"]), 2, "--data-path is not supported .* give the tokens as --grouter-data"),
+    (dict(use_legacy_models=True), 2, "--use-legacy-models is not supported"),
+    (dict(sft=True), 2, "--sft is not supported"),
+    (dict(num_experts=None), 2, "has no MoE layer: pass --num-experts"),
+    (dict(seq_length=64), 2, "--seq-length 64 differs from the dataset's 32-token sequences"),
+    (dict(padded_vocab_size=128), 2, r"vocabulary \(\d+\) exceeds the model's \(128\)"),
+    (dict(expert_model_parallel_size=4), 4, "plan is for 2 expert-parallel ranks but --expert-model-parallel-size "
+                                            "is 4; make it with grouter place --ranks 4"),
+    (dict(context_parallel_size=2), 2, "context parallelism, .* the plan would be approximate"),
+    (dict(tensor_model_parallel_size=2), 2, "expert tensor-parallel size other than the tensor-parallel size"),
+    (dict(), 3, "the plan is for 2 data-parallel ranks but world_size is 3"),
+    (dict(global_batch_size=8), 4, r"--global-batch-size must be the plan's 8 x 2 expert-parallel group\(s\) = 16"),
+    (dict(dataloader_type="cyclic"), 2, "--dataloader-type cyclic would reorder the plan's samples"),
+])
+def test_entry_point_refuses_in_one_line(store, tiny_data, plan2, overrides, dp, match):
+    """What the entry point cannot run as asked is refused before Megatron builds anything; with EP = 2 and
+    DP = 4 (EP < DP) and the global batch of two plan batches, the plan is accepted (and dealt exactly)."""
+    run = SimpleNamespace(data=tiny_data, plan=plan2)
+    with pytest.raises(GrouterError, match=match) as err:
+        check_args(megatron_args(**overrides), run, dp)
+    assert "\n" not in str(err.value)
+    check_args(megatron_args(global_batch_size=16), run, 4)
+    for sources in (dict(grouter_routing=None), dict(grouter_online="g"), dict(grouter_data=None)):
+        with pytest.raises(GrouterError, match="give --grouter-data DIR and one of --grouter-routing"):
+            check_sources(megatron_args(**sources))
+
+
+def test_entry_point_needs_megatrons_trainer(megatron_cpu):
+    """megatron-core 0.16 has no megatron.training (it ships in the wheel from 0.17): a one-line hint, not a
+    traceback into Megatron (this suite's .venv has 0.16.1; test_megatron_pretrain runs the newest release)."""
+    from grouter.integrations.megatron.compat import TRAINER_IN_WHEEL, version_tuple
+
+    if version_tuple() >= TRAINER_IN_WHEEL:
+        pytest.fail("this test checks the 0.16 boundary; .venv should hold megatron-core 0.16 (make install)")
+    sys.modules.pop("grouter.integrations.megatron.pretrain", None)
+    with pytest.raises(GrouterError, match=r"megatron-core 0\.16\.\d+ has no megatron.training \(it ships from "
+                                           r"0\.17\): put a Megatron-LM checkout") as err:
+        importlib.import_module("grouter.integrations.megatron.pretrain")
+    assert "\n" not in str(err.value)
 
 
 # -- tokens local to a rank: sequence and context parallelism --------------------------------------------

@@ -39,8 +39,16 @@ _REFUSED_ARGS = [
 ]
 
 
+def check_sources(args) -> None:
+    """The data and exactly one routing source: a store, or a Grouter to route online."""
+    if not args.grouter_data or bool(args.grouter_routing) == bool(args.grouter_online):
+        raise GrouterError("give --grouter-data DIR and one of --grouter-routing STORE (stored routing) or "
+                           "--grouter-online GROUTER_DIR (online routing)")
+
+
 def check_args(args, run, dp: int) -> None:
-    """Refuse, in one line each, Megatron arguments that do not go with grouter's data, routing or plan."""
+    """Refuse, in one line each, Megatron arguments that do not go with grouter's data, routing or plan
+    (``run``: the opened inputs, with ``data`` and ``plan``; ``dp``: the data-parallel size)."""
     for name, why in _REFUSED_ARGS:
         if getattr(args, name, None):
             raise GrouterError(f"--{name.replace('_', '-')} is not supported with Grouter routing: {why}")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ...errors import GrouterError
-from .arguments import add_grouter_args, check_args, data_defaults
+from .arguments import add_grouter_args, check_args, check_sources, data_defaults
 from .compat import cp_split, prebuilt_dataset_helpers, run_pretrain, trainer_import_hint
 
 try:
@@ -62,9 +62,7 @@ class GrouterInputs:
         from ...place import Plan
         from ...store import RoutingStore
 
-        if not args.grouter_data or bool(args.grouter_routing) == bool(args.grouter_online):
-            raise GrouterError("give --grouter-data DIR and one of --grouter-routing STORE (stored routing) or "
-                               "--grouter-online GROUTER_DIR (online routing)")
+        check_sources(args)
         data = PackedDataset.open(args.grouter_data)
         store = RoutingStore.open(args.grouter_routing, data=data) if args.grouter_routing else None
         grouter = None
