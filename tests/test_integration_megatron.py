@@ -555,6 +555,104 @@ def test_expert_parallel_smaller_than_data_parallel_deals_whole_plan_batches(sto
     assert all(np.array_equal(micro_step[d], plan2.samples[d % 2][d // 2][:2]) for d in range(4))
 
 
+# -- ids only: Megatron's own router replaying stored ids; a replay log as routed_experts -----------------
+def megatron_routed(**overrides):
+    """Megatron's GPTModel with its own TopKRouter and routing replay enabled (no grouter router)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    cfg = config(moe_enable_routing_replay=True, **overrides)
+    torch.manual_seed(0)
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_decoder_block_spec(cfg, False), vocab_size=512,
+                    max_sequence_length=SEQ)
+
+
+def test_router_replay_serves_stored_ids_with_the_live_routers_weights(megatron_cpu, store, tiny_data, plan2):
+    """drive_router_replay: every TopKRouter routes each micro-batch to exactly its stored experts (relabelled by
+    the plan), with weights from its own gate (a softmax over those k scores, so its weights learn); under full
+    recompute, two checkpointed forwards then both backwards give the gradients of plain forward/backward pairs."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from grouter.integrations.megatron.replay import drive_router_replay
+
+    dataset = GrouterGPTDataset(tiny_data, store, create_attention_mask=True)
+    batches = [default_collate([dataset[i] for i in idx]) for idx in ([0, 1], [2, 3])]
+    model = megatron_routed()
+    feed = drive_router_replay(model, RoutingFeed.from_store(store, plan2))
+    served = []
+    for router in (m for m in model.modules() if isinstance(m, TopKRouter)):
+        router.register_forward_hook(lambda mod, args, out: served.append([t.detach() for t in out]))
+    feed.push(batches[0])
+    lm_loss(model, batches[0]).backward()
+    feed.check_drained()
+    want = dense(relabel(batches[0]["routing_ids"], plan2.permutation), torch.ones(2, SEQ, K)) > 0
+    assert len(served) == 2 and all(torch.equal(routing_map, want) for _, routing_map in served)
+    for probs, routing_map in served:
+        assert bool((probs[~routing_map] == 0).all()) and torch.allclose(probs.sum(1), torch.ones(len(probs)))
+    assert all(r.weight.grad is not None and bool(r.weight.grad.abs().sum() > 0)
+               for r in model.modules() if isinstance(r, TopKRouter))
+
+    def grads(schedule: str) -> list[torch.Tensor]:
+        model = megatron_routed(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        feed, losses = drive_router_replay(model, RoutingFeed.from_store(store)), {}
+        for op, i in zip(schedule[::2], map(int, schedule[1::2])):
+            if op == "F":
+                feed.push(batches[i])
+                losses[i] = lm_loss(model, batches[i])
+            else:
+                losses[i].backward()
+        feed.check_drained()
+        return [p.grad for p in model.parameters()]
+
+    for got, ref in zip(grads("F0F1B0B1"), grads("F0B0F1B1")):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    with pytest.raises(GrouterError, match="moe_enable_routing_replay=True"):
+        drive_router_replay(build(RoutingFeed.from_store(store)), RoutingFeed.from_store(store))
+
+
+def test_a_replay_log_becomes_a_store_that_plans_and_exports_back(megatron_cpu, store, tiny_data, tmp_path):
+    """Megatron's routers record their own top-k (RECORD); recorded_routed_experts gives [b, seq, layers, k];
+    saved (.npy, .safetensors), imported through write_store (ids only: weights 1/k, flagged), planned by
+    plan_placement, exported back unchanged. A store exports as routed_experts per layer, per-layer heads too."""
+    from grouter.integrations.megatron.replay import record_router_replay, recorded_routed_experts
+    from grouter.integrations.routed_experts import (IDS_ONLY, export_routed_experts, import_routed_experts,
+                                                     load_routed_experts, save_routed_experts)
+
+    dataset = GrouterGPTDataset(tiny_data, create_attention_mask=True)
+    batch = default_collate([dataset[i] for i in range(8)])
+    model = megatron_routed()
+    record_router_replay(model)
+    chosen = []
+    for router in (m for m in model.modules() if type(m).__name__ == "TopKRouter"):
+        router.register_forward_hook(lambda mod, args, out: chosen.append(out[1].detach()))
+    with torch.no_grad():
+        model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    log = recorded_routed_experts(model, 8, SEQ)
+    assert log.shape == (8, SEQ, 2, K)
+    for layer, routing_map in enumerate(chosen):  # the ids are the experts Megatron's router chose
+        assert torch.equal(dense(log[:, :, layer], torch.ones(8, SEQ, K)) > 0, routing_map)
+    for name in ("log.npy", "log.safetensors"):
+        assert np.array_equal(load_routed_experts(save_routed_experts(tmp_path / name, log.numpy())), log.numpy())
+    imported = RoutingStore.open(import_routed_experts(tmp_path / "store", {"train": log.numpy()}, E))
+    assert imported.manifest["grouter_fingerprint"] == IDS_ONLY and len(imported.heads) == 2
+    assert np.array_equal(export_routed_experts(imported), log.numpy())
+    assert torch.equal(imported.routing("train", [0]).weights, torch.full((1, SEQ, 2, K), 1 / K))
+    plan = plan_placement(imported, 2, global_batch=4, clusters=2, seed=0)
+    assert plan.n_experts == E and sorted(np.concatenate([np.concatenate(b) for b in plan.samples]).tolist()) == \
+        list(range(8))
+    three = export_routed_experts(store, "val", n_layers=3, idx=[0, 1])  # one-head store: every layer the same
+    assert three.shape == (2, SEQ, 3, K) and all(np.array_equal(three[:, :, i], store.ids("val")[[0, 1]])
+                                                for i in range(3))
+    bad = log.numpy().copy()
+    bad[0, 0, 0] = bad[0, 0, 0, ::-1][0]
+    for arrays, match in (({"train": log.numpy()[..., 0]}, r"\[batch, seq, layers, k\]"),
+                          ({"train": log.numpy() + E}, "outside 0..7"), ({"train": bad}, "expert twice")):
+        with pytest.raises(GrouterError, match=match):
+            import_routed_experts(tmp_path / "bad", arrays, E)
+    with pytest.raises(GrouterError, match="the dataset has .* sequences of 32"):
+        import_routed_experts(tmp_path / "bad", {"train": log.numpy()}, E, data=tiny_data)
+
+
 # -- GPU variants (CUDA, NCCL, Transformer Engine): skipped on this CPU-only machine ------------------------
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 NEEDS_GPU_TE = pytest.mark.skipif(GPUS < 1 or importlib.util.find_spec("transformer_engine") is None,

@@ -6,15 +6,19 @@
   Megatron's data loader (resumable at its consumed samples).
 * :mod:`.pretrain`: the entry point, Megatron's own ``pretrain()`` with grouter's providers
   (``python -m grouter.integrations.megatron.pretrain``, as ``pretrain_gpt.py``).
+* :mod:`.replay`: ids only: Megatron's own router replaying stored expert ids (``RouterReplay``), and
+  its recorded ids as ``routed_experts`` (:mod:`grouter.integrations.routed_experts`).
 * :mod:`.compat`: what differs between the megatron-core releases the adapter supports.
 
 docs/megatron.md explains it all; ``pip install grouter[megatron]``.
 """
 
 from .data import GrouterGPTDataset, OrderedSamples, check_plan_layout, plan_data_loader, plan_order
+from .replay import drive_router_replay, record_router_replay, recorded_routed_experts
 from .router import (GrouterRouter, RankLayout, RoutingFeed, check_config, context_parallel_chunk, grouter_gpt_model,
                      sequence_parallel_chunk, with_grouter_router)
 
 __all__ = ["GrouterGPTDataset", "GrouterRouter", "OrderedSamples", "RankLayout", "RoutingFeed", "check_config",
-           "check_plan_layout", "context_parallel_chunk", "grouter_gpt_model", "plan_data_loader", "plan_order",
+           "check_plan_layout", "context_parallel_chunk", "drive_router_replay", "grouter_gpt_model",
+           "plan_data_loader", "plan_order", "record_router_replay", "recorded_routed_experts",
            "sequence_parallel_chunk", "with_grouter_router"]

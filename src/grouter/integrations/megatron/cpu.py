@@ -69,7 +69,7 @@ def cpu_stubs(patch) -> None:
     Megatron's GPTDataset can). Lines are megatron-core 0.16.1's.
     """
     from megatron.core.tensor_parallel import random as mg_random
-    from megatron.core.transformer.moe import token_dispatcher
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     stream = _NoStream()
     # transformer/moe/token_dispatcher.py:445: MoEAlltoAllTokenDispatcher.__init__ creates torch.cuda.Stream()
@@ -92,6 +92,11 @@ def cpu_stubs(patch) -> None:
     # restores the CUDA RNG state around activation recompute.
     patch(mg_random, "_get_cuda_rng_state", lambda *a, **k: None)
     patch(mg_random, "_set_cuda_rng_state", lambda *a, **k: None)
+    # transformer/moe/moe_utils.py:1192: Megatron's own router gate (RouterGatingLinearFunction) reads
+    # te_general_gemm, which 0.16.1 defines only when Transformer Engine imports (0.17 sets it to None, as here,
+    # for the rest of the process: the name is missing, not replaced).
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _on_cpu(device) -> bool:

@@ -201,15 +201,19 @@ class _Entry:
         """``probs [T, E]`` float32 and ``routing_map [T, E]`` of this rank's tokens (per-layer routing:
         ``head``'s). The slice is cut once per micro-batch; the dense tensors are new for every layer
         (Megatron may pad the map in place)."""
+        ids, weights = self.local_routing(layout, s_local, b, device, head)
+        probs = torch.zeros(len(ids), n_experts, dtype=torch.float32, device=device).scatter_(1, ids, weights)
+        routing_map = torch.zeros(len(ids), n_experts, dtype=torch.bool, device=device).scatter_(1, ids, True)
+        return probs, routing_map
+
+    def local_routing(self, layout: RankLayout, s_local: int, b: int, device,
+                      head: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ids and weights ``[T, k]`` (per-layer routing: ``head``'s), cut once per micro-batch."""
         key = (layout, s_local, b, str(device))
         if key not in self.local:
             self.local[key] = tuple(t.to(device, non_blocking=True) for t in self._local(layout, s_local, b))
         ids, weights = self.local[key]
-        if head is not None:
-            ids, weights = ids[:, head], weights[:, head]
-        probs = torch.zeros(len(ids), n_experts, dtype=torch.float32, device=device).scatter_(1, ids, weights)
-        routing_map = torch.zeros(len(ids), n_experts, dtype=torch.bool, device=device).scatter_(1, ids, True)
-        return probs, routing_map
+        return (ids, weights) if head is None else (ids[:, head], weights[:, head])
 
     def _local(self, layout: RankLayout, s_local: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length = self.ids.shape[:2]
@@ -315,6 +319,29 @@ class RoutingFeed:
             router.replay.clear()
 
 
+def next_entry(layer, training: bool) -> _Entry:
+    """The routing of the micro-batch ``layer`` (a router with ``pending`` and ``replay`` queues) runs now:
+    the next pushed one, kept for the recompute when this is a checkpointed forward (training, gradients
+    off), or for the recompute itself (gradients on, something kept) the oldest kept one."""
+    if torch.is_grad_enabled() and layer.replay:
+        return layer.replay.popleft()
+    if not layer.pending:
+        raise GrouterError(f"no routing for this micro-batch at MoE layer {layer.layer_number}: call RoutingFeed."
+                           "push(batch) before the model runs each micro-batch, on every pipeline stage")
+    entry = layer.pending.popleft()
+    if training and not torch.is_grad_enabled():
+        layer.replay.append(entry)
+    return entry
+
+
+def layer_head(heads: Heads | None, num_layers: int, layer_number: int, is_mtp_layer: bool) -> int | None:
+    """Per-layer routing: the head of decoder layer ``layer_number`` (1-based, of ``num_layers``); an MTP
+    layer, past the last, takes the last layer's (0.17+ numbers MTP layers from 1 and flags them)."""
+    if heads is None:
+        return None
+    return heads.for_target(num_layers)[num_layers - 1 if is_mtp_layer else min(layer_number, num_layers) - 1]
+
+
 def _permutation(plan: Plan | None, n_experts: int, k: int) -> np.ndarray | None:
     if plan is None:
         return None
@@ -352,23 +379,12 @@ class GrouterRouter(MegatronModule):
     def head(self) -> int | None:
         """Per-layer routing: the head of this decoder layer (1-based global ``layer_number`` of
         ``config.num_layers``); an MTP layer, past the last, takes the last layer's."""
-        if self.feed.heads is None:
-            return None
-        n = self.config.num_layers
-        return self.feed.heads.for_target(n)[n - 1 if self.is_mtp_layer else min(self.layer_number, n) - 1]
+        return layer_head(self.feed.heads, self.config.num_layers, self.layer_number, self.is_mtp_layer)
 
     def _take(self) -> _Entry:
         """The routing of the micro-batch now running: the next pushed one, or for a recompute the oldest
         checkpointed one (see the module docstring)."""
-        if torch.is_grad_enabled() and self.replay:
-            return self.replay.popleft()
-        if not self.pending:
-            raise GrouterError(f"no routing for this micro-batch at MoE layer {self.layer_number}: call RoutingFeed."
-                               "push(batch) before the model runs each micro-batch, on every pipeline stage")
-        entry = self.pending.popleft()
-        if self.training and not torch.is_grad_enabled():
-            self.replay.append(entry)
-        return entry
+        return next_entry(self, self.training)
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """``input [s, b, h]`` -> ``probs [s·b, E]`` float32 and ``routing_map [s·b, E]`` bool."""
