@@ -365,6 +365,8 @@ def test_entry_point_refuses_in_one_line(store, tiny_data, plan2, overrides, dp,
     for sources in (dict(grouter_routing=None), dict(grouter_online="g"), dict(grouter_data=None)):
         with pytest.raises(GrouterError, match="give --grouter-data DIR and one of --grouter-routing"):
             check_sources(megatron_args(**sources))
+    with pytest.raises(GrouterError, match="--grouter-replay replays stored expert ids: give --grouter-routing"):
+        check_sources(megatron_args(grouter_routing=None, grouter_online="g", grouter_replay=True))
 
 
 def test_entry_point_needs_megatrons_trainer(megatron_cpu):

@@ -11,7 +11,9 @@ for (--grouter-trace), which is what the tests compare. Processes are few becaus
 * one process: the uninterrupted run (checkpoints at 2 and 4), then the killed run resumed;
 * two processes: pipeline parallelism 2 (1F1B, selective MoE recompute) and virtual pipeline 2
   (interleaved, full recompute), each from the uninterrupted run's checkpoint at iteration 2 (Megatron's
-  distributed checkpoint reshards it), then EP = DP = 2 with a placement plan.
+  distributed checkpoint reshards it), then EP = DP = 2 with a placement plan, then DP = 2 with
+  --grouter-replay (Megatron's own routers replaying the stored ids; tests/test_integration_megatron.py
+  checks what they serve).
 """
 
 import json
@@ -108,7 +110,7 @@ def runs(tiny_data, tmp_path_factory):
     plan = plan_placement(RoutingStore.open(store, data=tiny_data), 2, global_batch=GLOBAL_BATCH, clusters=16, seed=0)
     (root / "plan2").mkdir()
     plan.save(root / "plan2")
-    d = {name: root / name for name in ("full", "killed", "pp2", "vpp2", "plan")}
+    d = {name: root / name for name in ("full", "killed", "pp2", "vpp2", "plan", "replay")}
     args = {name: megatron_args(tiny_data.path, store, d[name] / "trace") for name in d}
     killed = _killed_after_checkpoint(args["killed"] + ["--save", str(d["killed"] / "ckpt"), "--save-interval", "2"],
                                       d["killed"] / "ckpt", d["killed"] / "trace", release)
@@ -121,7 +123,8 @@ def runs(tiny_data, tmp_path_factory):
         args["vpp2"] + from_two + ["--num-layers-per-virtual-pipeline-stage", "1", "--recompute-granularity", "full",
                                    "--recompute-method", "uniform", "--recompute-num-layers", "1"],
         args["plan"] + ["--expert-model-parallel-size", "2", "--grouter-plan", str(root / "plan2"),
-                        "--train-iters", "2", "--eval-iters", "0"]]))
+                        "--train-iters", "2", "--eval-iters", "0"],
+        args["replay"] + ["--grouter-replay", "--train-iters", "2", "--eval-iters", "0"]]))
     return {**d, "resumed": root / "resumed", "killed_run": killed, "plan_object": plan}
 
 
@@ -173,3 +176,13 @@ def test_each_data_parallel_rank_trains_the_plans_sequences(runs):
         for it in range(2):
             seen = [s for r in records if (r["dp_rank"], r["iteration"]) == (rank, it) for s in r["sequences"]]
             assert seen == plan.samples[rank][it].tolist()
+
+
+def test_ids_only_replay_trains_with_megatrons_own_routers(runs, tiny_data):
+    """--grouter-replay: Megatron's TopKRouters (moe_enable_routing_replay) replay the stored ids; the run trains
+    its 2 iterations on both data-parallel ranks, the sequences of Megatron's sampler in grouter's seeded order."""
+    train = by_iteration(read_trace(runs["replay"] / "trace"))
+    order = np.random.default_rng(1234).permutation(len(tiny_data.split("train")))
+    assert sorted(train) == [0, 1]
+    assert all(sorted(train[it]) == sorted(order[it * GLOBAL_BATCH:(it + 1) * GLOBAL_BATCH].tolist()) for it in (0, 1))
+    assert all(np.isfinite(loss) for seqs in train.values() for loss, _ in seqs.values())

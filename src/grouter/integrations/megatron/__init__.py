@@ -2,6 +2,7 @@
 
 * :mod:`.router`: :class:`GrouterRouter` (Megatron's ``MoESubmodules.router``, no parameters) and the
   :class:`RoutingFeed` that serves it each micro-batch's stored or online routing; the spec helpers.
+* :mod:`.model`: Megatron's GPTModel with those routers (or, ids only, its own routers replaying ids).
 * :mod:`.data`: GPTDataset-style items with routing, and an EP placement plan's sample order for
   Megatron's data loader (resumable at its consumed samples).
 * :mod:`.pretrain`: the entry point, Megatron's own ``pretrain()`` with grouter's providers
@@ -14,8 +15,9 @@ docs/megatron.md explains it all; ``pip install grouter[megatron]``.
 """
 
 from .data import GrouterGPTDataset, OrderedSamples, check_plan_layout, plan_data_loader, plan_order
+from .model import grouter_gpt_model
 from .replay import drive_router_replay, record_router_replay, recorded_routed_experts
-from .router import (GrouterRouter, RankLayout, RoutingFeed, check_config, context_parallel_chunk, grouter_gpt_model,
+from .router import (GrouterRouter, RankLayout, RoutingFeed, check_config, context_parallel_chunk,
                      sequence_parallel_chunk, with_grouter_router)
 
 __all__ = ["GrouterGPTDataset", "GrouterRouter", "OrderedSamples", "RankLayout", "RoutingFeed", "check_config",

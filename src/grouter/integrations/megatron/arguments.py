@@ -19,6 +19,9 @@ def add_grouter_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group.add_argument("--grouter-online", help="a Grouter directory: route each micro-batch online instead")
     group.add_argument("--grouter-plan", help="an EP placement plan (grouter place --ranks <EP size>): sample order "
                                               "and expert permutation")
+    group.add_argument("--grouter-replay", action="store_true",
+                       help="ids only: Megatron's own routers replay the stored expert ids (RouterReplay), their gates "
+                            "computing the weights (RL routing replay); needs --grouter-routing")
     group.add_argument("--grouter-trace", help="a directory: each rank writes the sequences and per-sequence losses "
                                                "of every micro-batch it computes a loss for (rank<N>.jsonl)")
     return parser
@@ -44,6 +47,8 @@ def check_sources(args) -> None:
     if not args.grouter_data or bool(args.grouter_routing) == bool(args.grouter_online):
         raise GrouterError("give --grouter-data DIR and one of --grouter-routing STORE (stored routing) or "
                            "--grouter-online GROUTER_DIR (online routing)")
+    if getattr(args, "grouter_replay", False) and not args.grouter_routing:
+        raise GrouterError("--grouter-replay replays stored expert ids: give --grouter-routing STORE")
 
 
 def check_args(args, run, dp: int) -> None:

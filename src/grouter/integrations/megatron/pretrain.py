@@ -100,14 +100,14 @@ def inputs() -> GrouterInputs:
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None, config=None,
                    pg_collection=None):
     """Megatron's GPTModel for this pipeline stage (and virtual stage) with a GrouterRouter in every MoE layer."""
-    from .router import grouter_gpt_model
+    from .model import grouter_gpt_model
 
     args, run = get_args(), inputs()
     config = config if config is not None else core_transformer_config_from_args(args)
     extra = {"pg_collection": pg_collection} if pg_collection is not None else {}
     return grouter_gpt_model(
         config, run.new_feed(vp_stage), args.padded_vocab_size, args.max_position_embeddings,
-        transformer_engine=args.transformer_impl == "transformer_engine", vp_stage=vp_stage,
+        transformer_engine=args.transformer_impl == "transformer_engine", vp_stage=vp_stage, replay=args.grouter_replay,
         normalization=args.normalization, qk_l2_norm=args.qk_l2_norm, pre_process=pre_process,
         post_process=post_process, fp16_lm_cross_entropy=args.fp16_lm_cross_entropy, parallel_output=True,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,

@@ -74,6 +74,9 @@ def drive_router_replay(model: torch.nn.Module, feed: RoutingFeed) -> RoutingFee
                            f"the routing is top-{feed.k} of {feed.n_experts}; build the model for the routing")
     if feed.grouter is not None:
         raise GrouterError("routing replay takes stored ids; build the feed with RoutingFeed.from_store")
+    if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
+        raise GrouterError("a captured graph would replay one micro-batch's ids for every later one; set "
+                           "cuda_graph_impl='none' (--cuda-graph-impl none)")
     for router in routers:
         _ReplayDriver(router, feed)
     return feed

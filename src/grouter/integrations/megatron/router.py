@@ -84,11 +84,8 @@ from functools import partial
 
 import numpy as np
 import torch
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec, get_gpt_decoder_layer_specs,
-                                                      get_gpt_mtp_block_spec)
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
@@ -97,7 +94,6 @@ from ...errors import GrouterError
 from ...place import Plan, relabel
 from ...routers import Heads, Routing, token_shape
 from ...store import RoutingStore
-from .compat import SUPPORTED, megatron_version
 
 
 # -- the TransformerConfig -------------------------------------------------------------------------
@@ -423,32 +419,3 @@ def with_grouter_router(spec, config: TransformerConfig, feed: RoutingFeed, allo
     if not found and not allow_no_moe:
         raise GrouterError("the spec has no MoE layer; build it with num_experts (num_moe_experts) set")
     return spec
-
-
-def grouter_gpt_model(config: TransformerConfig, feed: RoutingFeed, vocab_size: int, max_sequence_length: int,
-                      transformer_engine: bool = False, vp_stage: int | None = None, normalization: str | None = None,
-                      qk_l2_norm: bool = False, **gpt_kwargs) -> GPTModel:
-    """Megatron's GPTModel (decoder block spec, MTP block when ``config.mtp_num_layers``) with Grouter routing.
-
-    ``transformer_engine``: TE layer specs (GPU) instead of Megatron's local ones; ``normalization`` and
-    ``qk_l2_norm`` go to Megatron's spec functions, ``gpt_kwargs`` to GPTModel (``pre_process``,
-    ``post_process``, ``position_embedding_type``, ``pg_collection``, ...). Refuses a model in which
-    Megatron built any MoE layer with another router (a spec layout this adapter does not know).
-    """
-    specs = dict(normalization=normalization, qk_l2_norm=qk_l2_norm, vp_stage=vp_stage)
-    block = with_grouter_router(get_gpt_decoder_block_spec(config, transformer_engine, **specs), config, feed,
-                                allow_no_moe=True)
-    mtp = None
-    if config.mtp_num_layers:  # MTP layers copy the last decoder layer's spec, as Megatron's gpt_builder does
-        last = get_gpt_decoder_layer_specs(config, transformer_engine, **specs)[-1]
-        mtp = with_grouter_router(get_gpt_mtp_block_spec(config, last, transformer_engine, vp_stage=vp_stage),
-                                  config, feed, allow_no_moe=True)
-    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
-                     max_sequence_length=max_sequence_length, mtp_block_spec=mtp, vp_stage=vp_stage, **gpt_kwargs)
-    others = sorted({type(m.router).__name__ for m in model.modules()
-                     if isinstance(m, BaseMoELayer) and not isinstance(m.router, GrouterRouter)})
-    if others:
-        raise GrouterError(f"megatron-core {megatron_version()} built MoE layers with {', '.join(others)}, not "
-                           "GrouterRouter: its spec layout is not one this adapter knows; use a supported release "
-                           f"({SUPPORTED})")
-    return model
