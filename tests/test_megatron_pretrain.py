@@ -24,8 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+import importlib.util
+
 import numpy as np
 import pytest
+import torch
 
 from grouter.device import free_port, spawn
 from grouter.place import plan_placement
@@ -37,19 +40,21 @@ ROOT = Path(__file__).resolve().parents[1]
 ITERS, GLOBAL_BATCH, MICRO_BATCH = 4, 8, 2
 
 
-def megatron_args(data: Path, store: Path, trace: Path, *extra: str) -> list[str]:
-    """Megatron's command line for the tiny model, grouter's flags first; ``extra`` last (they win)."""
+def megatron_args(data: Path, store: Path, trace: Path, *extra: str, cpu: bool = True) -> list[str]:
+    """Megatron's command line for the tiny model, grouter's flags first; ``extra`` last (they win);
+    ``cpu``: gloo, Megatron's local layers, no fused kernels."""
     model = ("--num-layers 4 --hidden-size 32 --num-attention-heads 2 --ffn-hidden-size 64 --moe-ffn-hidden-size 32 "
              "--num-experts 8 --moe-router-topk 2 --moe-aux-loss-coeff 0 --moe-token-dispatcher-type alltoall "
              "--untie-embeddings-and-output-weights --disable-bias-linear --attention-dropout 0 --hidden-dropout 0")
     training = (f"--micro-batch-size {MICRO_BATCH} --global-batch-size {GLOBAL_BATCH} --train-iters {ITERS} "
                 f"--lr 1e-2 --min-lr 1e-3 --lr-decay-style cosine --lr-warmup-iters 1 --lr-decay-iters {ITERS} "
-                "--seed 1234 --eval-interval 4 --eval-iters 1 --log-interval 1 --num-workers 0 --ckpt-format torch_dist")
-    cpu = ("--distributed-backend gloo --use-cpu-initialization --no-gradient-accumulation-fusion "
+                "--seed 1234 --eval-interval 4 --eval-iters 1 --log-interval 1 --num-workers 0 "
+                "--ckpt-format torch_dist")
+    on_cpu = ("--distributed-backend gloo --use-cpu-initialization --no-gradient-accumulation-fusion "
            "--transformer-impl local --no-masked-softmax-fusion --no-bias-dropout-fusion --no-rope-fusion "
            "--no-persist-layer-norm")
     return ["--grouter-data", str(data), "--grouter-routing", str(store), "--grouter-trace", str(trace),
-            *model.split(), *training.split(), *cpu.split(), *extra]
+            *model.split(), *training.split(), *(on_cpu.split() if cpu else ()), *extra]
 
 
 def _pretrain_runs(rank: int, world: int, release: str, runs: list[list[str]]) -> None:
@@ -159,7 +164,8 @@ def test_a_killed_run_resumes_with_the_sequences_and_losses_of_an_uninterrupted_
     sequences and losses of the run that was never interrupted."""
     killed = runs["killed_run"]
     assert killed.returncode != 0 and not (runs["killed"] / "ckpt" / "iter_0000004").exists(), killed.stdout[-2000:]
-    full, resumed = by_iteration(read_trace(runs["full"] / "trace")), by_iteration(read_trace(runs["resumed"] / "trace"))
+    full = by_iteration(read_trace(runs["full"] / "trace"))
+    resumed = by_iteration(read_trace(runs["resumed"] / "trace"))
     assert sorted(resumed) == [2, 3] and resumed == {it: full[it] for it in (2, 3)}
     before = by_iteration(read_trace(runs["killed"] / "trace"))
     assert {it: before[it] for it in (0, 1)} == {it: full[it] for it in (0, 1)}
@@ -186,3 +192,42 @@ def test_ids_only_replay_trains_with_megatrons_own_routers(runs, tiny_data):
     assert sorted(train) == [0, 1]
     assert all(sorted(train[it]) == sorted(order[it * GLOBAL_BATCH:(it + 1) * GLOBAL_BATCH].tolist()) for it in (0, 1))
     assert all(np.isfinite(loss) for seqs in train.values() for loss, _ in seqs.values())
+
+
+# -- on GPUs (benchmarks/gpu_check.sh runs this) ----------------------------------------------------------
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _trainer_path() -> list[str]:
+    """PYTHONPATH entries that give megatron.training: none if .venv's megatron-core has it, else the newest
+    release `make install` put beside it."""
+    if importlib.util.find_spec("megatron.training") is not None:
+        return []
+    return [str(megatron_release(RELEASE))]
+
+
+@pytest.mark.skipif(GPUS < 1 or importlib.util.find_spec("transformer_engine") is None,
+                    reason="needs a CUDA GPU with Transformer Engine (none here): Megatron's trainer with TE layers, "
+                           "bf16, NCCL; benchmarks/gpu_check.sh runs it")
+def test_entry_point_on_gpus(tiny_data, tmp_path):
+    """torchrun on min(2, GPUs) GPUs, as a Megatron user launches it: TE layers, grouped-GEMM experts, bf16, NCCL,
+    EP = number of GPUs, full activation recompute; 4 iterations with a checkpoint at 2, then a resume from it
+    sees the same sequences, with losses equal up to bf16 kernels' non-determinism (2 %)."""
+    n = min(2, GPUS)
+    store = synthetic_store(tiny_data, tmp_path / "store", 8, 2, clusters=4, seed=0, noise=0.1, decay=0.7)
+    gpu = ["--transformer-impl", "transformer_engine", "--bf16", "--moe-grouped-gemm", "--expert-model-parallel-size",
+           str(n), "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*_trainer_path(), str(ROOT / "src")]))
+    for name, extra in (("full", ["--save", str(tmp_path / "ckpt"), "--save-interval", "2"]),
+                        ("resumed", ["--load", str(tmp_path / "ckpt"), "--ckpt-step", "2"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(free_port()), "-m", "grouter.integrations.megatron.pretrain",
+               *megatron_args(tiny_data.path, store, tmp_path / name, *gpu, *extra, cpu=False)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    full, resumed = by_iteration(read_trace(tmp_path / "full")), by_iteration(read_trace(tmp_path / "resumed"))
+    mean = [sum(v[0] for v in full[it].values()) / sum(v[1] for v in full[it].values()) for it in range(ITERS)]
+    assert mean[-1] < mean[0] - 0.1, mean
+    for it in (2, 3):
+        assert sorted(resumed[it]) == sorted(full[it])
+        assert all(resumed[it][s][0] == pytest.approx(full[it][s][0], rel=0.02) for s in full[it])

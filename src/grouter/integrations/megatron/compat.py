@@ -33,6 +33,17 @@ CP_SPLIT_IS_HYBRID = (0, 18)
 PRETRAIN_TAKES_CONFIG = (0, 18)
 
 
+def typing_override_on_python311() -> None:
+    """``megatron.training`` 0.18+ imports ``typing.override`` (Python 3.12, which those releases declare);
+    on 3.11, where their cp311 wheels install with --ignore-requires-python, supply typing_extensions' one."""
+    import typing
+
+    if not hasattr(typing, "override"):
+        import typing_extensions
+
+        typing.override = typing_extensions.override
+
+
 def megatron_version() -> str:
     from megatron.core import package_info
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 import contextlib
 import queue
 import sys
-import typing
 
 import torch
-import typing_extensions
 from torch.overrides import TorchFunctionMode
 
 
@@ -130,8 +128,9 @@ def _memory_stats(*a, **k) -> dict:
 def trainer_on_cpu() -> None:
     """:func:`cpu_stubs` plus what Megatron's trainer needs on the CPU, for the rest of the process
     (megatron-core 0.17+ with ``megatron.training``; see the module docstring)."""
-    if not hasattr(typing, "override"):  # megatron.training 0.18+ imports typing.override (Python 3.12)
-        typing.override = typing_extensions.override
+    from .compat import typing_override_on_python311
+
+    typing_override_on_python311()
     cpu_stubs(setattr)
     patches = {
         # training/initialize.py:61 asserts torch.cuda.is_available() before anything runs.

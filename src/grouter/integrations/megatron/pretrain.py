@@ -33,8 +33,9 @@ import torch
 
 from ...errors import GrouterError
 from .arguments import add_grouter_args, check_args, check_sources, data_defaults
-from .compat import cp_split, prebuilt_dataset_helpers, run_pretrain, trainer_import_hint
+from .compat import cp_split, prebuilt_dataset_helpers, run_pretrain, trainer_import_hint, typing_override_on_python311
 
+typing_override_on_python311()
 try:
     from megatron.core import parallel_state
     from megatron.core.utils import get_attr_wrapped_model
@@ -167,7 +168,8 @@ def loss_func(loss_mask: torch.Tensor, sequences: torch.Tensor, training: bool, 
     run = inputs()
     if run.trace is not None:
         record = {"iteration": get_args().curr_iteration, "training": training,
-                  "dp_rank": parallel_state.get_data_parallel_rank(), "cp_rank": parallel_state.get_context_parallel_rank(),
+                  "dp_rank": parallel_state.get_data_parallel_rank(),
+                  "cp_rank": parallel_state.get_context_parallel_rank(),
                   "sequences": sequences.tolist(), "loss": per_sequence.tolist(), "tokens": tokens.tolist()}
         with open(run.trace / f"rank{torch.distributed.get_rank()}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
