@@ -2,7 +2,8 @@
 
 Megatron-core runs here on the CPU (one gloo process, or gloo process groups of 2 ranks), with the
 few CUDA calls it makes unconditionally replaced by ``grouter.integrations.megatron.cpu.cpu_stubs``
-(each stub names the Megatron line it stands in for). Models are tiny: hidden 32, 2 layers, 8 experts top-2, 32-token sequences of
+(each stub names the Megatron line it stands in for). Models are tiny: hidden 32, 2 layers, 8 experts
+top-2, 32-token sequences of
 ``tiny_data``. The CUDA/NCCL variants at the end skip without GPUs.
 """
 
@@ -107,6 +108,20 @@ def lm_loss(model, batch) -> torch.Tensor:
     return (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
 
 
+def scheduled_grads(model, feed: RoutingFeed, batches: list[dict], schedule: str) -> list[torch.Tensor]:
+    """Run forwards and backwards in ``schedule`` order ("F0F1B0B1": forward of batch 0, ..., backward of
+    batch 1), pushing each batch before its forward; the parameters' gradients."""
+    losses = {}
+    for op, i in zip(schedule[::2], map(int, schedule[1::2])):
+        if op == "F":
+            feed.push(batches[i])
+            losses[i] = lm_loss(model, batches[i])
+        else:
+            losses[i].backward()
+    feed.check_drained()
+    return [p.grad for p in model.parameters()]
+
+
 class Recorder:
     """The probs every GrouterRouter of a model serves, in call order."""
 
@@ -198,16 +213,7 @@ def test_activation_recompute_replays_the_same_routing(megatron_cpu, store, tiny
 
     def grads(schedule: str, **overrides) -> list[torch.Tensor]:
         feed = RoutingFeed.from_store(store)
-        model = build(feed, vocab=tiny_data.vocab_size, **overrides)
-        losses = {}
-        for op, i in zip(schedule[::2], map(int, schedule[1::2])):
-            if op == "F":
-                feed.push(batches[i])
-                losses[i] = lm_loss(model, batches[i])
-            else:
-                losses[i].backward()
-        feed.check_drained()
-        return [p.grad for p in model.parameters()]
+        return scheduled_grads(build(feed, vocab=tiny_data.vocab_size, **overrides), feed, batches, schedule)
 
     for got, ref in zip(grads("F0F1B0B1", **recompute), grads("F0B0F1B1")):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
@@ -596,15 +602,7 @@ def test_router_replay_serves_stored_ids_with_the_live_routers_weights(megatron_
 
     def grads(schedule: str) -> list[torch.Tensor]:
         model = megatron_routed(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        feed, losses = drive_router_replay(model, RoutingFeed.from_store(store)), {}
-        for op, i in zip(schedule[::2], map(int, schedule[1::2])):
-            if op == "F":
-                feed.push(batches[i])
-                losses[i] = lm_loss(model, batches[i])
-            else:
-                losses[i].backward()
-        feed.check_drained()
-        return [p.grad for p in model.parameters()]
+        return scheduled_grads(model, drive_router_replay(model, RoutingFeed.from_store(store)), batches, schedule)
 
     for got, ref in zip(grads("F0F1B0B1"), grads("F0B0F1B1")):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
