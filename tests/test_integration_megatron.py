@@ -37,7 +37,8 @@ with warnings.catch_warnings():
 from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from grouter.device import free_port, spawn  # noqa: E402
-from grouter.integrations.megatron.arguments import _REFUSED_ARGS, check_args, check_sources  # noqa: E402
+from grouter.integrations.megatron.arguments import (_REFUSED_ARGS, check_args, check_sources,  # noqa: E402
+                                                     refuse_early)
 from grouter.integrations.megatron.router import _with_router  # noqa: E402
 from grouter.errors import GrouterError  # noqa: E402
 from grouter.network import Grouter, GrouterConfig  # noqa: E402
@@ -373,6 +374,10 @@ def test_entry_point_refuses_in_one_line(store, tiny_data, plan2, overrides, dp,
             check_sources(megatron_args(**sources))
     with pytest.raises(GrouterError, match="--grouter-replay replays stored expert ids: give --grouter-routing"):
         check_sources(megatron_args(grouter_routing=None, grouter_online="g", grouter_replay=True))
+    for flags in (["--cuda-graph-impl", "local"], ["--enable-cuda-graph"], ["--external-cuda-graph"]):
+        with pytest.raises(GrouterError, match="CUDA graphs are not supported with Grouter routing"):
+            refuse_early(["--num-layers", "2", *flags])
+    refuse_early(["--cuda-graph-impl", "none"])
 
 
 def test_entry_point_needs_megatrons_trainer(megatron_cpu):

@@ -124,8 +124,9 @@ def expected(version: tuple[int, int]) -> dict:
     from_17 = version >= (0, 17)  # the MTP layer: flagged, and numbered from 1 again
     return {"routers": [[1, False], [2, False], [1, True] if from_17 else [3, False]], "heads": [0, 1, 1],
             "moe_spec": "partial" if from_18 else "ModuleSpec", "cp_split_is_hybrid": from_18,
-            "pretrain": ({"first": "cfg_container", "model_provider": "model", "train_valid_test_dataset_provider": "datasets",
-                          "forward_step_func": "forward_step"} if from_18 else
+            "pretrain": ({"first": "cfg_container", "model_provider": "model",
+                          "train_valid_test_dataset_provider": "datasets", "forward_step_func": "forward_step"}
+                         if from_18 else
                          {"first": "train_valid_test_dataset_provider", "train_valid_test_dataset_provider": "datasets",
                           "model_provider": "model", "forward_step_func": "forward_step",
                           "extra_args_provider": "extra_args"})}

@@ -39,6 +39,8 @@ _REFUSED_ARGS = [
     ("sft", "packed SFT sequences have no stored routing; pretraining only"),
     ("fim_data", "FIM rewrites sequences, which the stored routing would no longer match"),
     ("overlap_moe_expert_parallel_comm", "its schedule plan builds layers outside forward_step's feed"),
+    ("perform_rl_step", "Megatron's RL loop builds a second model, whose routers no feed serves; use "
+                        "--grouter-replay in a pretraining run, or drive_router_replay in your RL code"),
 ]
 
 
@@ -101,3 +103,15 @@ def data_defaults(argv: list[str]) -> dict:
     data = PackedDataset.open(known.grouter_data)
     return {"tokenizer_type": "NullTokenizer", "vocab_size": data.vocab_size, "seq_length": data.seq_len,
             "max_position_embeddings": data.seq_len}
+
+
+def refuse_early(argv: list[str]) -> None:
+    """Refusals that must come before Megatron's own initialisation, which acts on these flags first."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--cuda-graph-impl", default="none")
+    pre.add_argument("--enable-cuda-graph", action="store_true")
+    pre.add_argument("--external-cuda-graph", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    if known.cuda_graph_impl != "none" or known.enable_cuda_graph or known.external_cuda_graph:
+        raise GrouterError("CUDA graphs are not supported with Grouter routing: a captured graph would replay one "
+                           "micro-batch's routing for every later one; drop --cuda-graph-impl / --enable-cuda-graph")

@@ -169,9 +169,9 @@ def trainer_on_cpu() -> None:
 def main(argv: list[str] | None = None) -> int:
     """The Megatron entry point with grouter routing, on the CPU (see the module docstring)."""
     trainer_on_cpu()
-    from .pretrain import main as pretrain_main
+    from .pretrain import cli
 
-    return pretrain_main(argv)
+    return cli(argv)
 
 
 if __name__ == "__main__":

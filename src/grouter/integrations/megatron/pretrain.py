@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ...errors import GrouterError
-from .arguments import add_grouter_args, check_args, check_sources, data_defaults
+from .arguments import add_grouter_args, check_args, check_sources, data_defaults, refuse_early
 from .compat import cp_split, prebuilt_dataset_helpers, run_pretrain, trainer_import_hint, typing_override_on_python311
 
 typing_override_on_python311()
@@ -181,11 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     global _INPUTS
     _INPUTS = None  # opened again from this run's arguments
     argv = sys.argv[1:] if argv is None else list(argv)
+    refuse_early(argv)
     sys.argv = [sys.argv[0], *argv]  # Megatron's parser reads sys.argv
     prebuilt_dataset_helpers()
     run_pretrain(datasets_provider, model_provider, forward_step, add_grouter_args, data_defaults(argv))
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` for a command line: a refusal is one line on stderr and exit status 2, not a traceback."""
+    try:
+        return main(argv)
+    except GrouterError as e:
+        print(f"grouter: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
