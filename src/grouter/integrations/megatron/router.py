@@ -4,7 +4,8 @@ Megatron-core builds every MoE layer's router from ``MoESubmodules.router``; thi
 :class:`GrouterRouter` there. It has no parameters and computes nothing: it serves the routing of
 the micro-batch being run, which the data side hands to a :class:`RoutingFeed` once per micro-batch.
 Experts, dispatchers (``alltoall``, ``allgather``, ``flex``), attention and the rest are Megatron's
-own, unchanged. Recipe (``examples/megatron_train.py`` runs it; docs/megatron.md explains it)::
+own, unchanged. Megatron's own trainer runs it all through :mod:`.pretrain`; a loop of your own
+(``examples/megatron_train.py`` runs one; docs/megatron.md explains it)::
 
     store = RoutingStore.open("routing/", data=data)          # written by `grouter dispatch`
     plan = Plan.load("plan/")                                 # optional: `grouter place --ranks <EP>`
@@ -63,16 +64,14 @@ included (``get_gpt_mtp_block_spec`` copies the decoder's layer spec). An MTP la
 routing of its position ``t``, like the decoder's layers (its input mixes ``h_t`` with the embedding
 of token ``t + depth``); with per-layer heads it takes the last decoder layer's head.
 
-Data. :class:`GrouterGPTDataset` yields Megatron ``GPTDataset``-style items (``tokens``, ``labels``,
-``loss_mask``, ``position_ids``, optionally ``attention_mask``) plus ``routing_ids`` /
-``routing_weights`` ``[L, k]``, item i being sequence i of the split in the store's order;
-:func:`plan_data_loader` gives data-parallel rank r the plan's sequences (``PlanSampler``).
+Data (:mod:`.data`): :class:`GrouterGPTDataset` yields Megatron ``GPTDataset``-style items plus their
+routing; :func:`plan_data_loader` and :func:`plan_order` give each data-parallel rank the plan's sequences.
 
-Limits: the plan's expert placement is exact when each data-parallel replica is one expert-parallel
-rank: ``expert_model_parallel_size`` = DP size and, with tensor parallelism, expert TP = TP (Megatron's
-default; each SP shard then dispatches within its own EP group, whose rank r is replica r). With
-context parallelism, or EP folded over TP ranks, a sequence's tokens sit on several EP ranks and the
-plan is approximate. CUDA graphs of the router are not supported.
+Limits: the plan's expert placement is exact when every sequence sits on one expert-parallel rank and
+each EP group runs whole plan batches: EP = DP, or EP < DP with plan batches dealt to the groups
+(:func:`plan_order`); with tensor parallelism, expert TP = TP (Megatron's default; each SP shard then
+dispatches within its own EP group). Context parallelism, or EP folded over TP ranks, would make it
+approximate: the entry point refuses them with a plan. CUDA graphs are refused (:func:`check_config`).
 """
 
 from __future__ import annotations
