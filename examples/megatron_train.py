@@ -1,4 +1,9 @@
-"""Train a Megatron-core GPT MoE for a few steps with Grouter routing (grouter.integrations.megatron).
+"""Train a Megatron-core GPT MoE for a few steps with Grouter routing, in a loop of your own.
+
+To train with Megatron's own trainer (its schedules, pipeline parallelism, optimizer, LR schedule,
+checkpointing and resume) use the entry point instead, as ``pretrain_gpt.py`` (docs/megatron.md):
+``torchrun ... -m grouter.integrations.megatron.pretrain --grouter-data D --grouter-routing S <Megatron's args>``.
+This example shows the pieces underneath, for a training loop that is not Megatron's.
 
 Megatron's own pieces do the training: GPTModel (decoder and, with --mtp, MTP blocks), the alltoall
 token dispatcher, DistributedDataParallel with ``finalize_model_grads``, the Megatron optimizer (GPUs)
@@ -9,8 +14,8 @@ routing) and, with ``--plan``, the sample placement (:func:`plan_data_loader`) a
 of an EP placement plan. Prints one JSON line per step (rank 0's loss and tokens, seconds) and checks
 that every pushed routing was used.
 
-CPU (gloo; megatron-core's hard-coded CUDA calls are replaced by the stubs of
-tests/test_integration_megatron.py, so this needs the repository checkout and pytest):
+CPU (gloo; megatron-core's hard-coded CUDA calls are replaced by the stand-ins of
+``grouter.integrations.megatron.cpu``):
 
     python examples/megatron_train.py --data demo/data --routing demo/routing --steps 5
     grouter place --routing demo/routing --ranks 2 --out demo/plan2
@@ -33,27 +38,22 @@ over all of them (EP 8 = DP 8), a plan for 8 ranks with 16 sequences per rank pe
     Online routing instead of a store: `--grouter DIR`. Activation recompute: `--recompute full|moe`.
     Context parallelism: `--cp 2` (TE attention only; the plan is then approximate).
 
-Pipeline parallelism is not wired in this example: with Megatron's pipeline schedules every stage runs
-``forward_step``, so every stage must read the data iterator and push (docs/megatron.md).
+Pipeline parallelism is not wired in this example: the entry point above runs Megatron's pipeline
+schedules (every stage reads its data iterator and pushes; docs/megatron.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 import warnings
 from functools import partial
-from pathlib import Path
 
 import torch
 
 warnings.filterwarnings("ignore", module="megatron")
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +77,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--transformer-engine", action="store_true", help="TE layer specs (GPU)")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     return p.parse_args(argv)
 
 
@@ -90,14 +91,14 @@ def start(args) -> None:
     if pg.device.type == "cuda":
         torch.cuda.set_device(pg.device)
     else:
-        spec = importlib.util.spec_from_file_location("_cpu_stubs", ROOT / "tests" / "test_integration_megatron.py")
-        stubs = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(stubs)
-        stubs.cpu_stubs(setattr)
+        from grouter.integrations.megatron.cpu import cpu_stubs
+
+        cpu_stubs(setattr)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, context_parallel_size=args.cp,
                                              expert_model_parallel_size=args.ep)
+    torch.manual_seed(args.seed)  # the model's initial weights: the same every run
     if pg.device.type == "cuda":
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
 
 
 def transformer_config(args, n_experts: int, k: int):
@@ -136,7 +137,7 @@ def inputs(args):
         loader = plan_data_loader(dataset, plan, rank, dp, args.micro_batch_size)
         global_batch = plan.global_batch
     else:
-        sampler = DistributedSampler(dataset, dp, rank, shuffle=True, seed=0, drop_last=True)
+        sampler = DistributedSampler(dataset, dp, rank, shuffle=True, seed=args.seed, drop_last=True)
         loader = DataLoader(dataset, batch_size=args.micro_batch_size, sampler=sampler, drop_last=True)
         global_batch = args.global_batch or args.micro_batch_size * dp
     if args.global_batch not in (None, global_batch) or global_batch % (args.micro_batch_size * dp):

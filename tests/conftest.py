@@ -27,3 +27,25 @@ def _seeded():
 
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(scope="module")
+def megatron_cpu():
+    """One gloo process, Megatron's parallel state (all sizes 1) and the CPU stubs of
+    grouter.integrations.megatron.cpu, for megatron-core in this process; all undone afterwards."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from grouter.device import free_port
+    from grouter.integrations.megatron.cpu import cpu_stubs
+
+    created = not dist.is_initialized()
+    with pytest.MonkeyPatch.context() as mp:
+        cpu_stubs(mp.setattr)
+        if created:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel()
+        yield
+        parallel_state.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()

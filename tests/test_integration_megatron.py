@@ -1,12 +1,12 @@
 """grouter.integrations.megatron: Megatron-core MoE layers driven by stored or online Grouter routing.
 
 Megatron-core runs here on the CPU (one gloo process, or gloo process groups of 2 ranks), with the
-few CUDA calls it makes unconditionally replaced by :func:`cpu_stubs` (each stub names the Megatron
-line it stands in for). Models are tiny: hidden 32, 2 layers, 8 experts top-2, 32-token sequences of
+few CUDA calls it makes unconditionally replaced by ``grouter.integrations.megatron.cpu.cpu_stubs``
+(each stub names the Megatron line it stands in for). Models are tiny: hidden 32, 2 layers, 8 experts
+top-2, 32-token sequences of
 ``tiny_data``. The CUDA/NCCL variants at the end skip without GPUs.
 """
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -26,14 +26,14 @@ pytest.importorskip("megatron.core", reason="megatron-core is an optional extra:
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron's import-time notices: no Apex / Transformer Engine here
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import random as mg_random
     from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
-    from megatron.core.transformer.moe import token_dispatcher
     from megatron.core.transformer.transformer_config import TransformerConfig
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from grouter.integrations.megatron.compat import cp_split
 
     from grouter.integrations.megatron import (GrouterGPTDataset, GrouterRouter, RankLayout, RoutingFeed,
-                                               grouter_gpt_model, plan_data_loader, with_grouter_router)
+                                               grouter_gpt_model, plan_data_loader, plan_order,
+                                               with_grouter_router)
+    from grouter.integrations.megatron.cpu import cpu_stubs
 from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from grouter.device import free_port, spawn  # noqa: E402
@@ -41,6 +41,9 @@ from grouter.errors import GrouterError  # noqa: E402
 from grouter.formats.grouter import GrouterConfig  # noqa: E402
 from grouter.formats.plan import Plan, relabel  # noqa: E402
 from grouter.formats.store import RoutingStore  # noqa: E402
+from grouter.integrations.megatron.arguments import (_REFUSED_ARGS, check_args, check_sources,  # noqa: E402
+                                                     refuse_early)
+from grouter.integrations.megatron.router import _with_router  # noqa: E402
 from grouter.network import Grouter  # noqa: E402
 from grouter.place import Options as PlaceOptions, plan_placement  # noqa: E402
 from grouter.routers import Routing  # noqa: E402
@@ -55,80 +58,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # megatron_bytes (spawned ranks in
 E, K, HIDDEN, SEQ = 8, 2, 32, 32
 
 
-# -- CPU stand-ins for the CUDA calls megatron-core 0.16.1 makes unconditionally -----------------------
-class _NoStream:
-    """Stands in for a torch.cuda.Stream and its Event: on the CPU every copy is already synchronous."""
-
-    def wait_stream(self, stream) -> None:
-        pass
-
-    def record_event(self, event=None) -> "_NoStream":
-        return self
-
-    def synchronize(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _no_rng_fork(self, name=None):
-    yield
-
-
-def _splits_to_numpy(tensor, as_numpy: bool = False, record_stream: bool = False):
-    """moe_utils.maybe_move_tensor_to_cpu as it behaves for CUDA tensors: split sizes come back as numpy."""
-    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
-
-
-def cpu_stubs(patch) -> None:
-    """Let Megatron's CPU/gloo code paths run: ``patch(obj, name, value)`` is pytest's
-    ``monkeypatch.setattr`` (undone after the tests) or ``setattr`` (a spawned worker, the benchmark).
-
-    Nothing computed changes: the stubs synchronise nothing (CPU work is synchronous), allocate on the
-    CPU and keep no CUDA RNG (dropout is 0 here). Not stubbed: transformer/utils.py:35
-    (get_default_causal_mask builds its mask with device="cuda"); we pass ``attention_mask`` instead
-    (``GrouterGPTDataset(create_attention_mask=True)``, as Megatron's GPTDataset can).
-    """
-    stream = _NoStream()
-    # transformer/moe/token_dispatcher.py:445: MoEAlltoAllTokenDispatcher.__init__ creates torch.cuda.Stream()
-    # for its device-to-host copies; :871-:895 (_maybe_dtoh_and_synchronize) call torch.cuda.current_stream(),
-    # torch.cuda.stream(s), Stream.record_event() and Event.synchronize().
-    patch(torch.cuda, "Stream", lambda *a, **k: stream)
-    patch(torch.cuda, "current_stream", lambda *a, **k: stream)
-    patch(torch.cuda, "stream", lambda s=None: contextlib.nullcontext())
-    # tensor_parallel/mappings.py:91, :141, :148, :181, :442 allocate collective outputs (all-gather,
-    # reduce-scatter, the all-to-all of the dispatcher) on device=torch.cuda.current_device().
-    patch(torch.cuda, "current_device", lambda: "cpu")
-    # transformer/moe/moe_utils.py:1093: maybe_move_tensor_to_cpu converts only CUDA tensors, so on the CPU the
-    # all-to-all split sizes that token_dispatcher.py:879-:885 ask for "as_numpy" stay tensors, which
-    # torch.distributed.all_to_all_single (tensor_parallel/mappings.py:444) refuses as split sizes.
-    patch(token_dispatcher, "maybe_move_tensor_to_cpu", _splits_to_numpy)
-    # tensor_parallel/random.py:243: CudaRNGStatesTracker.fork swaps the CUDA RNG state around attention
-    # dropout (transformer/dot_product_attention.py:217); no CUDA generator exists.
-    patch(mg_random.CudaRNGStatesTracker, "fork", _no_rng_fork)
-    # tensor_parallel/random.py:41 and :72 (_get/_set_cuda_rng_state): CheckpointFunction (:514, :552) saves and
-    # restores the CUDA RNG state around activation recompute.
-    patch(mg_random, "_get_cuda_rng_state", lambda *a, **k: None)
-    patch(mg_random, "_set_cuda_rng_state", lambda *a, **k: None)
-
-
 def init_megatron(world: int = 1, **parallel) -> None:
     """Megatron's parallel state on the current gloo group (a one-process group when none exists)."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=world)
     parallel_state.initialize_model_parallel(**parallel)
-
-
-@pytest.fixture(scope="module")
-def megatron_cpu():
-    """One gloo process, Megatron parallel state (all sizes 1) and the CPU stubs; all undone afterwards."""
-    created = not dist.is_initialized()
-    with pytest.MonkeyPatch.context() as mp:
-        cpu_stubs(mp.setattr)
-        init_megatron()
-        yield
-        parallel_state.destroy_model_parallel()
-        if created:
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +89,13 @@ def build(feed: RoutingFeed, vocab: int = 512, **overrides):
     return grouter_gpt_model(config(**overrides), feed, vocab, SEQ)
 
 
+def moe_submodules(spec) -> list:
+    """The MoESubmodules of a spec (the adapter's own walk over ModuleSpecs, dataclasses and partials)."""
+    found: list = []
+    _with_router(spec, None, found)
+    return found
+
+
 def routers(model) -> list[GrouterRouter]:
     return [m for m in model.modules() if isinstance(m, GrouterRouter)]
 
@@ -168,6 +109,20 @@ def dense(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def lm_loss(model, batch) -> torch.Tensor:
     per_token = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
     return (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+
+
+def scheduled_grads(model, feed: RoutingFeed, batches: list[dict], schedule: str) -> list[torch.Tensor]:
+    """Run forwards and backwards in ``schedule`` order ("F0F1B0B1": forward of batch 0, ..., backward of
+    batch 1), pushing each batch before its forward; the parameters' gradients."""
+    losses = {}
+    for op, i in zip(schedule[::2], map(int, schedule[1::2])):
+        if op == "F":
+            feed.push(batches[i])
+            losses[i] = lm_loss(model, batches[i])
+        else:
+            losses[i].backward()
+    feed.check_drained()
+    return [p.grad for p in model.parameters()]
 
 
 class Recorder:
@@ -261,16 +216,7 @@ def test_activation_recompute_replays_the_same_routing(megatron_cpu, store, tiny
 
     def grads(schedule: str, **overrides) -> list[torch.Tensor]:
         feed = RoutingFeed.from_store(store)
-        model = build(feed, vocab=tiny_data.vocab_size, **overrides)
-        losses = {}
-        for op, i in zip(schedule[::2], map(int, schedule[1::2])):
-            if op == "F":
-                feed.push(batches[i])
-                losses[i] = lm_loss(model, batches[i])
-            else:
-                losses[i].backward()
-        feed.check_drained()
-        return [p.grad for p in model.parameters()]
+        return scheduled_grads(build(feed, vocab=tiny_data.vocab_size, **overrides), feed, batches, schedule)
 
     for got, ref in zip(grads("F0F1B0B1", **recompute), grads("F0B0F1B1")):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
@@ -356,6 +302,9 @@ def test_alltoall_dispatcher_bytes_equal_the_megatron_cost_model(ep2):
     (dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid"), "expert bias"),
     (dict(moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor"),
     (dict(moe_input_jitter_eps=0.01), "moe_input_jitter_eps"),
+    (dict(moe_enable_routing_replay=True), "moe_enable_routing_replay=True .* the ids-only ReplayFeed"),
+    (dict(cuda_graph_impl="local"), "cuda_graph_impl='local' .* replay one micro-batch's routing for every later"),
+    (dict(enable_cuda_graph=True), "cuda_graph_impl='local'"),  # Megatron turns the old flag into the new
 ])
 def test_config_that_disagrees_with_the_routing_is_refused(megatron_cpu, store, overrides, match):
     feed = RoutingFeed.from_store(store)
@@ -389,6 +338,64 @@ def test_feed_refuses_bad_use(megatron_cpu, store, plan2):
     assert RoutingFeed.of(model) is feed
 
 
+# -- the entry point's arguments: one-line refusals -------------------------------------------------------
+def megatron_args(**overrides) -> SimpleNamespace:
+    """The Megatron arguments check_args reads, as parse_args leaves them for a plain MoE run."""
+    base = dict(grouter_data="d", grouter_routing="s", grouter_online=None, num_experts=E, seq_length=SEQ,
+                padded_vocab_size=512, expert_model_parallel_size=2, context_parallel_size=1,
+                tensor_model_parallel_size=1, expert_tensor_parallel_size=1, micro_batch_size=2, global_batch_size=8,
+                rampup_batch_size=None, dataloader_type="single")
+    return SimpleNamespace(**{**{name: None for name, _ in _REFUSED_ARGS}, **base, **overrides})
+
+
+@pytest.mark.parametrize("overrides,dp,match", [
+    (dict(data_path=["corpus_text_document"]), 2, "--data-path is not supported .* give the tokens as --grouter-data"),
+    (dict(use_legacy_models=True), 2, "--use-legacy-models is not supported"),
+    (dict(sft=True), 2, "--sft is not supported"),
+    (dict(num_experts=None), 2, "has no MoE layer: pass --num-experts"),
+    (dict(seq_length=64), 2, "--seq-length 64 differs from the dataset's 32-token sequences"),
+    (dict(padded_vocab_size=128), 2, r"vocabulary \(\d+\) exceeds the model's \(128\)"),
+    (dict(expert_model_parallel_size=4), 4, "plan is for 2 expert-parallel ranks but --expert-model-parallel-size "
+                                            "is 4; make it with grouter place --ranks 4"),
+    (dict(context_parallel_size=2), 2, "context parallelism, .* the plan would be approximate"),
+    (dict(tensor_model_parallel_size=2), 2, "expert tensor-parallel size other than the tensor-parallel size"),
+    (dict(), 3, "the plan is for 2 data-parallel ranks but world_size is 3"),
+    (dict(global_batch_size=8), 4, r"--global-batch-size must be the plan's 8 x 2 expert-parallel group\(s\) = 16"),
+    (dict(dataloader_type="cyclic"), 2, "--dataloader-type cyclic would reorder the plan's samples"),
+])
+def test_entry_point_refuses_in_one_line(store, tiny_data, plan2, overrides, dp, match):
+    """What the entry point cannot run as asked is refused before Megatron builds anything; with EP = 2 and
+    DP = 4 (EP < DP) and the global batch of two plan batches, the plan is accepted (and dealt exactly)."""
+    run = SimpleNamespace(data=tiny_data, plan=plan2)
+    with pytest.raises(GrouterError, match=match) as err:
+        check_args(megatron_args(**overrides), run, dp)
+    assert "\n" not in str(err.value)
+    check_args(megatron_args(global_batch_size=16), run, 4)
+    for sources in (dict(grouter_routing=None), dict(grouter_online="g"), dict(grouter_data=None)):
+        with pytest.raises(GrouterError, match="give --grouter-data DIR and one of --grouter-routing"):
+            check_sources(megatron_args(**sources))
+    with pytest.raises(GrouterError, match="--grouter-replay replays stored expert ids: give --grouter-routing"):
+        check_sources(megatron_args(grouter_routing=None, grouter_online="g", grouter_replay=True))
+    for flags in (["--cuda-graph-impl", "local"], ["--enable-cuda-graph"], ["--external-cuda-graph"]):
+        with pytest.raises(GrouterError, match="CUDA graphs are not supported with Grouter routing"):
+            refuse_early(["--num-layers", "2", *flags])
+    refuse_early(["--cuda-graph-impl", "none"])
+
+
+def test_entry_point_needs_megatrons_trainer(megatron_cpu):
+    """megatron-core 0.16 has no megatron.training (it ships in the wheel from 0.17): a one-line hint, not a
+    traceback into Megatron (this suite's .venv has 0.16.1; test_megatron_pretrain runs the newest release)."""
+    from grouter.integrations.megatron.compat import TRAINER_IN_WHEEL, version_tuple
+
+    if version_tuple() >= TRAINER_IN_WHEEL:
+        pytest.fail("this test checks the 0.16 boundary; .venv should hold megatron-core 0.16 (make install)")
+    sys.modules.pop("grouter.integrations.megatron.pretrain", None)
+    with pytest.raises(GrouterError, match=r"megatron-core 0\.16\.\d+ has no megatron.training \(it ships from "
+                                           r"0\.17\): put a Megatron-LM checkout") as err:
+        importlib.import_module("grouter.integrations.megatron.pretrain")
+    assert "\n" not in str(err.value)
+
+
 # -- tokens local to a rank: sequence and context parallelism --------------------------------------------
 class FakeGroup:
     """The size and rank of a process group: all that Megatron's slicing functions read from one."""
@@ -403,13 +410,23 @@ class FakeGroup:
         return self._rank
 
 
+def _size_and_rank_of_fakes(monkeypatch) -> None:
+    """torch.distributed's size and rank of a group answer for FakeGroups too (megatron-core 0.18+ asks them)."""
+    for name, method in (("get_world_size", "size"), ("get_rank", "rank")):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda group=None, real=real, method=method: getattr(group, method)()
+                            if isinstance(group, FakeGroup) else real(group))
+
+
 def megatrons_tokens(x: torch.Tensor, tp: FakeGroup, cp: FakeGroup, sequence_parallel: bool) -> tuple:
     """What Megatron gives a rank of ``x [b, L, k]``: its CP split of the batch (get_batch_on_this_cp_rank),
     then, as hidden states ``[s, b, ...]``, the SP scatter (scatter_to_sequence_parallel_region), flattened."""
-    cp_part = get_batch_on_this_cp_rank({"routing_ids": x.clone()}, cp_group=cp)["routing_ids"]
-    sb = cp_part.transpose(0, 1).contiguous()
-    if sequence_parallel:
-        sb = scatter_to_sequence_parallel_region(sb, group=tp)
+    with pytest.MonkeyPatch.context() as mp:
+        _size_and_rank_of_fakes(mp)
+        cp_part = cp_split({"routing_ids": x.clone()}, cp_group=cp)["routing_ids"]
+        sb = cp_part.transpose(0, 1).contiguous()
+        if sequence_parallel:
+            sb = scatter_to_sequence_parallel_region(sb, group=tp)
     return cp_part, sb.reshape(-1, x.shape[-1])
 
 
@@ -459,9 +476,9 @@ def test_mtp_layers_take_the_routing_too(megatron_cpu, store, tiny_data):
 
     plain = get_gpt_mtp_block_spec(config(mtp_num_layers=1), get_gpt_layer_local_spec(num_experts=E), False)
     ours = with_grouter_router(plain, config(mtp_num_layers=1), feed)
-    moe = ours.layer_specs[0].submodules.transformer_layer.submodules.mlp.submodules
+    (moe,), (before,) = moe_submodules(ours), moe_submodules(plain)  # wherever the release nests them
     assert moe.router.func is GrouterRouter and moe.router.keywords["feed"] is feed
-    assert plain.layer_specs[0].submodules.transformer_layer.submodules.mlp.submodules.router is not moe.router
+    assert before.router is not moe.router
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
@@ -523,12 +540,124 @@ def test_plan_data_loader_serves_each_rank_its_plan_share(store, tiny_data, plan
         seen = [b["tokens"] for _, b in zip(range(4), loader)]
         idx = np.concatenate(plan2.samples[rank][:2])
         assert torch.equal(torch.cat(seen), tiny_data.split("train").batch(idx)["input_ids"])
+        resumed = plan_data_loader(dataset, plan2, rank, 2, micro_batch_size=2, consumed_samples=8)  # 1 global batch
+        assert torch.equal(next(iter(resumed))["tokens"], seen[2])
     with pytest.raises(GrouterError, match="micro batches of 3 must divide"):
         plan_data_loader(dataset, plan2, 0, 2, micro_batch_size=3)
-    with pytest.raises(GrouterError, match="the plan is for 2 data-parallel ranks but world_size is 4"):
-        plan_data_loader(dataset, plan2, 0, 4, micro_batch_size=2)
+    with pytest.raises(GrouterError, match="the plan is for 2 data-parallel ranks but world_size is 3"):
+        plan_data_loader(dataset, plan2, 0, 3, micro_batch_size=2)
+    with pytest.raises(GrouterError, match="consumed_samples=6 is not a whole number of micro-steps of 4"):
+        plan_data_loader(dataset, plan2, 0, 2, micro_batch_size=2, consumed_samples=6)
     with pytest.raises(GrouterError, match="split 'train', the dataset has .* of 'val'"):
         plan_data_loader(GrouterGPTDataset(tiny_data, split="val"), plan2, 0, 2, micro_batch_size=2)
+
+
+def test_expert_parallel_smaller_than_data_parallel_deals_whole_plan_batches(store, tiny_data, plan2):
+    """DP 4, EP 2 (a plan for 2 ranks): expert-parallel group g (DP ranks 2g, 2g+1) runs plan batch 2b+g of
+    Megatron global batch b, so each group's expert placement is the plan's, exactly; plan_order is the
+    index stream whose micro-steps Megatron's pretraining sampler deals to the DP ranks in that way."""
+    dataset = GrouterGPTDataset(tiny_data, store)
+    for dp_rank in range(4):
+        group, ep_rank = divmod(dp_rank, 2)
+        loader = plan_data_loader(dataset, plan2, dp_rank, 4, micro_batch_size=2)
+        seen = [b["tokens"] for _, b in zip(range(4), loader)]  # 2 micro-batches per global batch
+        idx = np.concatenate([plan2.samples[ep_rank][2 * b + group] for b in range(2)])
+        assert torch.equal(torch.cat(seen), tiny_data.split("train").batch(idx)["input_ids"])
+    order = plan_order(plan2, 2, 4)
+    full = sum(len(b) == plan2.global_batch // 2 for b in plan2.samples[0])  # the short last batch is left out
+    assert len(order) == (full // 2) * 2 * plan2.global_batch and len(set(order.tolist())) == len(order)
+    micro_step = order[:8].reshape(4, 2)  # first micro-step: DP rank d's micro-batch
+    assert all(np.array_equal(micro_step[d], plan2.samples[d % 2][d // 2][:2]) for d in range(4))
+
+
+# -- ids only: Megatron's own router replaying stored ids; a replay log as routed_experts -----------------
+def megatron_routed(**overrides):
+    """Megatron's GPTModel with its own TopKRouter and routing replay enabled (no grouter router)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    cfg = config(moe_enable_routing_replay=True, **overrides)
+    torch.manual_seed(0)
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_decoder_block_spec(cfg, False), vocab_size=512,
+                    max_sequence_length=SEQ)
+
+
+def test_router_replay_serves_stored_ids_with_the_live_routers_weights(megatron_cpu, store, tiny_data, plan2):
+    """drive_router_replay: every TopKRouter routes each micro-batch to exactly its stored experts (relabelled by
+    the plan), with weights from its own gate (a softmax over those k scores, so its weights learn); under full
+    recompute, two checkpointed forwards then both backwards give the gradients of plain forward/backward pairs."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from grouter.integrations.megatron.replay import drive_router_replay
+
+    dataset = GrouterGPTDataset(tiny_data, store, create_attention_mask=True)
+    batches = [default_collate([dataset[i] for i in idx]) for idx in ([0, 1], [2, 3])]
+    model = megatron_routed()
+    feed = drive_router_replay(model, RoutingFeed.from_store(store, plan2))
+    served = []
+    for router in (m for m in model.modules() if isinstance(m, TopKRouter)):
+        router.register_forward_hook(lambda mod, args, out: served.append([t.detach() for t in out]))
+    feed.push(batches[0])
+    lm_loss(model, batches[0]).backward()
+    feed.check_drained()
+    want = dense(relabel(batches[0]["routing_ids"], plan2.permutation), torch.ones(2, SEQ, K)) > 0
+    assert len(served) == 2 and all(torch.equal(routing_map, want) for _, routing_map in served)
+    for probs, routing_map in served:
+        assert bool((probs[~routing_map] == 0).all()) and torch.allclose(probs.sum(1), torch.ones(len(probs)))
+    assert all(r.weight.grad is not None and bool(r.weight.grad.abs().sum() > 0)
+               for r in model.modules() if isinstance(r, TopKRouter))
+
+    def grads(schedule: str) -> list[torch.Tensor]:
+        model = megatron_routed(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        return scheduled_grads(model, drive_router_replay(model, RoutingFeed.from_store(store)), batches, schedule)
+
+    for got, ref in zip(grads("F0F1B0B1"), grads("F0B0F1B1")):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    with pytest.raises(GrouterError, match="moe_enable_routing_replay=True"):
+        drive_router_replay(build(RoutingFeed.from_store(store)), RoutingFeed.from_store(store))
+
+
+def test_a_replay_log_becomes_a_store_that_plans_and_exports_back(megatron_cpu, store, tiny_data, tmp_path):
+    """Megatron's routers record their own top-k (RECORD); recorded_routed_experts gives [b, seq, layers, k];
+    saved (.npy, .safetensors), imported through write_store (ids only: weights 1/k, flagged), planned by
+    plan_placement, exported back unchanged. A store exports as routed_experts per layer, per-layer heads too."""
+    from grouter.integrations.megatron.replay import record_router_replay, recorded_routed_experts
+    from grouter.integrations.routed_experts import (IDS_ONLY, export_routed_experts, import_routed_experts,
+                                                     load_routed_experts, save_routed_experts)
+
+    dataset = GrouterGPTDataset(tiny_data, create_attention_mask=True)
+    batch = default_collate([dataset[i] for i in range(8)])
+    model = megatron_routed()
+    record_router_replay(model)
+    chosen = []
+    for router in (m for m in model.modules() if type(m).__name__ == "TopKRouter"):
+        router.register_forward_hook(lambda mod, args, out: chosen.append(out[1].detach()))
+    with torch.no_grad():
+        model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    log = recorded_routed_experts(model, 8, SEQ)
+    assert log.shape == (8, SEQ, 2, K)
+    for layer, routing_map in enumerate(chosen):  # the ids are the experts Megatron's router chose
+        assert torch.equal(dense(log[:, :, layer], torch.ones(8, SEQ, K)) > 0, routing_map)
+    for name in ("log.npy", "log.safetensors"):
+        assert np.array_equal(load_routed_experts(save_routed_experts(tmp_path / name, log.numpy())), log.numpy())
+    imported = RoutingStore.open(import_routed_experts(tmp_path / "store", {"train": log.numpy()}, E))
+    assert imported.manifest["grouter_fingerprint"] == IDS_ONLY and len(imported.heads) == 2
+    assert np.array_equal(export_routed_experts(imported), log.numpy())
+    assert torch.equal(imported.routing("train", [0]).weights, torch.full((1, SEQ, 2, K), 1 / K))
+    plan = plan_placement(imported, PlaceOptions(ranks=2, global_batch=4, clusters=2, seed=0))
+    assert plan.n_experts == E and sorted(np.concatenate([np.concatenate(b) for b in plan.samples]).tolist()) == \
+        list(range(8))
+    three = export_routed_experts(store, "val", n_layers=3, idx=[0, 1])  # one-head store: every layer the same
+    assert three.shape == (2, SEQ, 3, K) and all(np.array_equal(three[:, :, i], store.ids("val")[[0, 1]])
+                                                for i in range(3))
+    bad = log.numpy().copy()
+    bad[0, 0, 0] = bad[0, 0, 0, ::-1][0]
+    for arrays, match in (({"train": log.numpy()[..., 0]}, r"\[batch, seq, layers, k\]"),
+                          ({"train": log.numpy() + E}, "outside 0..7"), ({"train": bad}, "expert twice")):
+        with pytest.raises(GrouterError, match=match):
+            import_routed_experts(tmp_path / "bad", arrays, E)
+    with pytest.raises(GrouterError, match="the dataset has .* sequences of 32"):
+        import_routed_experts(tmp_path / "bad", {"train": log.numpy()}, E, data=tiny_data)
 
 
 # -- GPU variants (CUDA, NCCL, Transformer Engine): skipped on this CPU-only machine ------------------------

@@ -6,6 +6,7 @@ concept, functions that fit a screen) so that they hold after every change, not 
 
 import ast
 import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -163,10 +164,13 @@ def unresolved(name: str) -> bool:
     """Whether a dotted name (grouter.a.b.c) names no module or attribute of the package."""
     parts = name.split(".")
     for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
         try:
-            obj = importlib.import_module(".".join(parts[:cut]))
+            obj = importlib.import_module(module)
         except ImportError:
             continue
+        except Exception:  # it exists, but refuses to load here (an engine entry point needing a newer engine)
+            return importlib.util.find_spec(module) is None
         for attr in parts[cut:]:
             if not hasattr(obj, attr):
                 return True

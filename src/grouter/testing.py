@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -160,3 +161,16 @@ def tiny_demo(**overrides):
                                   source=dict(model, n_experts=16, top_k=2), tune_tokens=4_000, target=model,
                                   grouter=dict(d_model=32, n_layers=1, n_heads=2, d_ff=64), target_experts=8,
                                   target_steps=12, batch_size=8, ranks=4), **overrides})
+
+
+# megatron-core releases `make install` puts beside the one the `megatron` extra installs (0.16 on Python 3.11),
+# each in its own pip --target directory: the tests of the release boundaries and of Megatron's trainer use them.
+MEGATRON_RELEASES = ("0.17.1", "0.18.2", "0.19.2")
+
+
+def megatron_release(version: str) -> Path:
+    """The directory holding megatron-core ``version`` (put it first on ``sys.path`` / ``PYTHONPATH``)."""
+    path = Path(sys.prefix) / "megatron-releases" / version
+    if not (path / "megatron" / "core").is_dir():
+        raise FileNotFoundError(f"megatron-core {version} is not installed in {path}; run `make install`")
+    return path

@@ -4,7 +4,8 @@ Megatron-core builds every MoE layer's router from ``MoESubmodules.router``; thi
 :class:`GrouterRouter` there. It has no parameters and computes nothing: it serves the routing of
 the micro-batch being run, which the data side hands to a :class:`RoutingFeed` once per micro-batch.
 Experts, dispatchers (``alltoall``, ``allgather``, ``flex``), attention and the rest are Megatron's
-own, unchanged. Recipe (``examples/megatron_train.py`` runs it; docs/megatron.md explains it)::
+own, unchanged. Megatron's own trainer runs it all through :mod:`.pretrain`; a loop of your own
+(``examples/megatron_train.py`` runs one; docs/megatron.md explains it)::
 
     store = RoutingStore.open("routing/", data=data)          # written by `grouter dispatch`
     plan = Plan.load("plan/")                                 # optional: `grouter place --ranks <EP>`
@@ -63,16 +64,14 @@ included (``get_gpt_mtp_block_spec`` copies the decoder's layer spec). An MTP la
 routing of its position ``t``, like the decoder's layers (its input mixes ``h_t`` with the embedding
 of token ``t + depth``); with per-layer heads it takes the last decoder layer's head.
 
-Data. :class:`GrouterGPTDataset` yields Megatron ``GPTDataset``-style items (``tokens``, ``labels``,
-``loss_mask``, ``position_ids``, optionally ``attention_mask``) plus ``routing_ids`` /
-``routing_weights`` ``[L, k]``, item i being sequence i of the split in the store's order;
-:func:`plan_data_loader` gives data-parallel rank r the plan's sequences (``PlanSampler``).
+Data (:mod:`.data`): :class:`GrouterGPTDataset` yields Megatron ``GPTDataset``-style items plus their
+routing; :func:`plan_data_loader` and :func:`plan_order` give each data-parallel rank the plan's sequences.
 
-Limits: the plan's expert placement is exact when each data-parallel replica is one expert-parallel
-rank: ``expert_model_parallel_size`` = DP size and, with tensor parallelism, expert TP = TP (Megatron's
-default; each SP shard then dispatches within its own EP group, whose rank r is replica r). With
-context parallelism, or EP folded over TP ranks, a sequence's tokens sit on several EP ranks and the
-plan is approximate. CUDA graphs of the router are not supported.
+Limits: the plan's expert placement is exact when every sequence sits on one expert-parallel rank and
+each EP group runs whole plan batches: EP = DP, or EP < DP with plan batches dealt to the groups
+(:func:`plan_order`); with tensor parallelism, expert TP = TP (Megatron's default; each SP shard then
+dispatches within its own EP group). Context parallelism, or EP folded over TP ranks, would make it
+approximate: the entry point refuses them with a plan. CUDA graphs are refused (:func:`check_config`).
 """
 
 from __future__ import annotations
@@ -84,20 +83,16 @@ from functools import partial
 
 import numpy as np
 import torch
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
-from torch.utils.data import DataLoader, Dataset
 
-from ..errors import GrouterError
-from ..formats.dataset import PackedDataset
-from ..formats.plan import Plan, PlanSampler, relabel
-from ..formats.store import RoutingStore
-from ..routers import Heads, Routing, token_shape
+from ...errors import GrouterError
+from ...formats.plan import Plan, relabel
+from ...formats.store import RoutingStore
+from ...routers import Heads, Routing, token_shape
 
 
 # -- the TransformerConfig -------------------------------------------------------------------------
@@ -115,6 +110,12 @@ _CONFIG_RULES = [
     ("moe_router_force_load_balancing", lambda v: not v, "random routing would replace the stored routes; set False"),
     ("moe_router_topk_scaling_factor", lambda v: v in (None, 1.0), "gate weights are served as stored; set None"),
     ("moe_router_group_topk", lambda v: v is None, "group-limited routing does not apply to stored routes; set None"),
+    ("moe_enable_routing_replay", lambda v: not v, "replay drives Megatron's own TopKRouter, not this one; set False "
+     "(or use the ids-only ReplayFeed, docs/megatron.md)"),
+    ("cuda_graph_impl", lambda v: v in (None, "none"), "a captured graph would replay one micro-batch's routing for "
+     "every later one; set cuda_graph_impl='none' (--cuda-graph-impl none)"),
+    ("enable_cuda_graph", lambda v: not v, "a captured graph would replay one micro-batch's routing; set False"),
+    ("external_cuda_graph", lambda v: not v, "a captured graph would replay one micro-batch's routing; set False"),
 ]
 
 
@@ -127,7 +128,7 @@ def check_config(config: TransformerConfig, n_experts: int, k: int) -> None:
         raise GrouterError(f"TransformerConfig.moe_router_topk is {config.moe_router_topk} but the routing has "
                            f"k={k}; set moe_router_topk={k}")
     for name, accepted, why in _CONFIG_RULES:
-        value = getattr(config, name)
+        value = getattr(config, name, None)
         if not accepted(value):
             raise GrouterError(f"TransformerConfig.{name}={value!r} does not go with Grouter routing: {why}")
 
@@ -195,15 +196,19 @@ class _Entry:
         """``probs [T, E]`` float32 and ``routing_map [T, E]`` of this rank's tokens (per-layer routing:
         ``head``'s). The slice is cut once per micro-batch; the dense tensors are new for every layer
         (Megatron may pad the map in place)."""
+        ids, weights = self.local_routing(layout, s_local, b, device, head)
+        probs = torch.zeros(len(ids), n_experts, dtype=torch.float32, device=device).scatter_(1, ids, weights)
+        routing_map = torch.zeros(len(ids), n_experts, dtype=torch.bool, device=device).scatter_(1, ids, True)
+        return probs, routing_map
+
+    def local_routing(self, layout: RankLayout, s_local: int, b: int, device,
+                      head: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ids and weights ``[T, k]`` (per-layer routing: ``head``'s), cut once per micro-batch."""
         key = (layout, s_local, b, str(device))
         if key not in self.local:
             self.local[key] = tuple(t.to(device, non_blocking=True) for t in self._local(layout, s_local, b))
         ids, weights = self.local[key]
-        if head is not None:
-            ids, weights = ids[:, head], weights[:, head]
-        probs = torch.zeros(len(ids), n_experts, dtype=torch.float32, device=device).scatter_(1, ids, weights)
-        routing_map = torch.zeros(len(ids), n_experts, dtype=torch.bool, device=device).scatter_(1, ids, True)
-        return probs, routing_map
+        return (ids, weights) if head is None else (ids[:, head], weights[:, head])
 
     def _local(self, layout: RankLayout, s_local: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length = self.ids.shape[:2]
@@ -309,6 +314,29 @@ class RoutingFeed:
             router.replay.clear()
 
 
+def next_entry(layer, training: bool) -> _Entry:
+    """The routing of the micro-batch ``layer`` (a router with ``pending`` and ``replay`` queues) runs now:
+    the next pushed one, kept for the recompute when this is a checkpointed forward (training, gradients
+    off), or for the recompute itself (gradients on, something kept) the oldest kept one."""
+    if torch.is_grad_enabled() and layer.replay:
+        return layer.replay.popleft()
+    if not layer.pending:
+        raise GrouterError(f"no routing for this micro-batch at MoE layer {layer.layer_number}: call RoutingFeed."
+                           "push(batch) before the model runs each micro-batch, on every pipeline stage")
+    entry = layer.pending.popleft()
+    if training and not torch.is_grad_enabled():
+        layer.replay.append(entry)
+    return entry
+
+
+def layer_head(heads: Heads | None, num_layers: int, layer_number: int, is_mtp_layer: bool) -> int | None:
+    """Per-layer routing: the head of decoder layer ``layer_number`` (1-based, of ``num_layers``); an MTP
+    layer, past the last, takes the last layer's (0.17+ numbers MTP layers from 1 and flags them)."""
+    if heads is None:
+        return None
+    return heads.for_target(num_layers)[num_layers - 1 if is_mtp_layer else min(layer_number, num_layers) - 1]
+
+
 def _permutation(plan: Plan | None, n_experts: int, k: int) -> np.ndarray | None:
     if plan is None:
         return None
@@ -326,8 +354,10 @@ class GrouterRouter(MegatronModule):
     ``partial(GrouterRouter, feed=feed)`` there).
     """
 
-    def __init__(self, config: TransformerConfig, pg_collection=None, *, feed: RoutingFeed):
+    def __init__(self, config: TransformerConfig, pg_collection=None, is_mtp_layer: bool = False, *,
+                 feed: RoutingFeed):
         super().__init__(config)
+        self.is_mtp_layer = is_mtp_layer  # passed by megatron-core 0.17+ (compat.ROUTER_IS_MTP_LAYER)
         check_config(config, feed.n_experts, feed.k)
         pg = pg_collection if pg_collection is not None else get_default_pg_collection()
         self.layout = RankLayout(get_pg_size(pg.tp), get_pg_rank(pg.tp), get_pg_size(pg.cp), get_pg_rank(pg.cp),
@@ -344,23 +374,12 @@ class GrouterRouter(MegatronModule):
     def head(self) -> int | None:
         """Per-layer routing: the head of this decoder layer (1-based global ``layer_number`` of
         ``config.num_layers``); an MTP layer, past the last, takes the last layer's."""
-        if self.feed.heads is None:
-            return None
-        n = self.config.num_layers
-        return self.feed.heads.for_target(n)[min(self.layer_number, n) - 1]
+        return layer_head(self.feed.heads, self.config.num_layers, self.layer_number, self.is_mtp_layer)
 
     def _take(self) -> _Entry:
         """The routing of the micro-batch now running: the next pushed one, or for a recompute the oldest
         checkpointed one (see the module docstring)."""
-        if torch.is_grad_enabled() and self.replay:
-            return self.replay.popleft()
-        if not self.pending:
-            raise GrouterError(f"no routing for this micro-batch at MoE layer {self.layer_number}: call RoutingFeed."
-                               "push(batch) before the model runs each micro-batch, on every pipeline stage")
-        entry = self.pending.popleft()
-        if self.training and not torch.is_grad_enabled():
-            self.replay.append(entry)
-        return entry
+        return next_entry(self, self.training)
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """``input [s, b, h]`` -> ``probs [s·b, E]`` float32 and ``routing_map [s·b, E]`` bool."""
@@ -380,6 +399,9 @@ def _with_router(node, builder, found: list):
         return dataclasses.replace(node, router=builder)
     if isinstance(node, (list, tuple)):
         return type(node)(_with_router(n, builder, found) for n in node)
+    if isinstance(node, partial):  # megatron-core 0.18+ specs: partial(MoELayer, submodules=MoESubmodules(...))
+        return partial(node.func, *(_with_router(a, builder, found) for a in node.args),
+                       **{k: _with_router(v, builder, found) for k, v in node.keywords.items()})
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         return dataclasses.replace(node, **{f.name: _with_router(getattr(node, f.name), builder, found)
                                             for f in dataclasses.fields(node) if f.init})
@@ -396,84 +418,3 @@ def with_grouter_router(spec, config: TransformerConfig, feed: RoutingFeed, allo
     if not found and not allow_no_moe:
         raise GrouterError("the spec has no MoE layer; build it with num_experts (num_moe_experts) set")
     return spec
-
-
-def grouter_gpt_model(config: TransformerConfig, feed: RoutingFeed, vocab_size: int, max_sequence_length: int,
-                      transformer_engine: bool = False, vp_stage: int | None = None, **gpt_kwargs) -> GPTModel:
-    """Megatron's GPTModel (decoder block spec, MTP block when ``config.mtp_num_layers``) with Grouter routing.
-
-    ``transformer_engine``: TE layer specs (GPU) instead of Megatron's local ones; ``gpt_kwargs`` go to
-    GPTModel (``pre_process``, ``post_process``, ``position_embedding_type``, ...).
-    """
-    block = with_grouter_router(get_gpt_decoder_block_spec(config, transformer_engine, vp_stage=vp_stage),
-                                config, feed, allow_no_moe=True)
-    mtp = (get_gpt_mtp_block_spec(config, block, transformer_engine, vp_stage=vp_stage)
-           if config.mtp_num_layers else None)
-    return GPTModel(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
-                    max_sequence_length=max_sequence_length, mtp_block_spec=mtp, vp_stage=vp_stage, **gpt_kwargs)
-
-
-# -- data ------------------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class GrouterGPTDataset(Dataset):
-    """Sequence i of a split as Megatron's GPTDataset yields items, plus its stored routing.
-
-    Keys: ``tokens``, ``labels`` (long ``[L]``), ``loss_mask`` (float ``[L]``; 0 at end-of-document
-    tokens with ``eod_mask_loss``), ``position_ids``, ``attention_mask`` (bool ``[1, L, L]``, True =
-    masked, with ``create_attention_mask``; Megatron's local attention on the CPU needs it) and, with a
-    ``store``, ``routing_ids`` (long ``[L, k]``) and ``routing_weights`` (float32 ``[L, k]``); both
-    ``[L, H, k]`` from a store with per-layer heads.
-    """
-
-    data: PackedDataset
-    store: RoutingStore | None = None
-    split: str = "train"
-    create_attention_mask: bool = False
-    eod_mask_loss: bool = False
-
-    def __post_init__(self):
-        self.source = self.data.split(self.split)
-        if self.store is None:
-            return
-        if self.store.manifest["dataset_fingerprint"] != self.data.fingerprint:
-            raise GrouterError(f"routing store {self.store.path} was made for another dataset; run `grouter "
-                               "dispatch` on this one")
-        if self.store.seq_len != self.data.seq_len or self.store.n_sequences(self.split) != len(self.source):
-            raise GrouterError(f"routing store {self.store.path} does not match the dataset's {self.split} split")
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        seq = torch.from_numpy(self.source.sequences([i])[0])
-        tokens, labels = seq[:-1], seq[1:]
-        length = len(tokens)
-        item = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(length, dtype=torch.float32),
-                "position_ids": torch.arange(length)}
-        if self.eod_mask_loss:
-            item["loss_mask"][tokens == self.data.eos_id] = 0.0
-        if self.create_attention_mask:
-            item["attention_mask"] = torch.ones(1, length, length, dtype=torch.bool).triu(1)
-        if self.store is not None:
-            routing = self.store.routing(self.split, [i])
-            item["routing_ids"], item["routing_weights"] = routing.ids[0], routing.weights[0]
-        return item
-
-
-def plan_data_loader(dataset: GrouterGPTDataset, plan: Plan, dp_rank: int, dp_size: int, micro_batch_size: int,
-                     **loader_kwargs) -> DataLoader:
-    """Micro-batches of the sequences the plan gives data-parallel rank ``dp_rank``, global batch after
-    global batch (``global_batch / dp_size`` per rank per batch: ``num_microbatches`` = that / micro batch)."""
-    sampler = PlanSampler(plan, dp_rank, dp_size)
-    if plan.split != dataset.split or plan.n_sequences > len(dataset):
-        raise GrouterError(f"the plan is for {plan.n_sequences} sequences of split {plan.split!r}, the dataset has "
-                           f"{len(dataset)} of {dataset.split!r}; make the plan from this dataset's routing")
-    fp = plan.source.get("dataset_fingerprint")
-    if fp is not None and fp != dataset.data.fingerprint:
-        raise GrouterError("the plan was made from routing of another dataset; make it from this dataset's routing")
-    share = plan.global_batch // plan.ranks
-    if plan.algorithm != "balanced" or share % micro_batch_size:
-        raise GrouterError(f"each rank trains {share} sequences per global batch of the plan, which micro batches of "
-                           f"{micro_batch_size} must divide (and the plan must be balanced); pick a micro batch size "
-                           "that divides it")
-    return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, **loader_kwargs)
