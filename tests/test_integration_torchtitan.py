@@ -471,3 +471,31 @@ def test_folded_batches_per_layer_and_online(setup, tmp_path):
     one_line_error(lambda: chunk(tokens.flatten()), "positions that restart at 0")
     one_line_error(lambda: chunk(tokens.flatten()[:50], positions=positions[:50]), "positions that restart at 0")
     online.remove()
+
+
+def test_activation_checkpoint_recompute_takes_its_own_forwards_routing(setup):
+    """Two forwards, then their backwards (a pipeline stage's order under 1F1B): with torchtitan's full
+    activation checkpointing each backward's recompute runs with its own forward's routing, so the
+    gradients equal those of each micro-batch alone without checkpointing."""
+    from torchtitan.distributed.activation_checkpoint import FullAC
+
+    cfg = convert(tiny(), setup.store_dir)
+    plain, checkpointed = torchtitan_bytes.built(cfg), torchtitan_bytes.built(cfg)  # the same weights
+    FullAC(FullAC.Config()).apply(checkpointed)
+    gt.attach(plain)
+    handle = gt.attach(checkpointed)
+    loader = gt.GrouterDataLoader.Config(data=str(setup.data.path), routing=str(setup.store_dir), seed=2).build(
+        dp_world_size=1, dp_rank=0, seq_len=SEQ, local_batch_size=2)
+    mbs = [b for b, _ in zip(loader, range(2))]
+    assert not torch.equal(mbs[0][0][gt.ROUTING_IDS], mbs[1][0][gt.ROUTING_IDS])
+    losses = [gt.lm_loss(checkpointed, inputs, labels) for inputs, labels in mbs]  # forward 0, forward 1
+    for (inputs, labels), loss in zip(mbs, losses):  # backward 0 (recomputing 0 after forward 1), backward 1
+        loss.backward()
+        got = {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in checkpointed.named_parameters()}
+        gt.lm_loss(plain, inputs, labels).backward()
+        for n, p in plain.named_parameters():
+            assert torch.allclose(got[n], p.grad, rtol=1e-4, atol=1e-6), n
+        checkpointed.zero_grad()
+        plain.zero_grad()
+    handle.remove()
+    assert not handle._hooks and all(r.block_routing is None for r in handle.routers)
