@@ -4,29 +4,10 @@ Prose comes from the docstrings of standard-library modules and code from their 
 fixture needs nothing but the interpreter.
 """
 
-import ast
-import sysconfig
-from pathlib import Path
-
 import pytest
 
-from grouter.data import Document, PackConfig, pack_documents, train_tokenizer
-
-MODULES = ["argparse", "json/decoder", "textwrap", "string", "fractions", "statistics", "csv",
-           "calendar", "heapq", "bisect", "shlex", "difflib", "glob", "fnmatch", "queue", "sched"]
-
-
-def stdlib_documents() -> list[Document]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for name in MODULES:
-        source = (root / f"{name}.py").read_text()
-        docs.append(Document("code", name, source[:12_000]))  # keep the fixture small: tests stay fast
-        tree = ast.parse(source)
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-        prose = "\n\n".join(d for n in nodes if (d := ast.get_docstring(n)))
-        docs.append(Document("prose", name, prose))
-    return docs
+from grouter.data import PackConfig, pack_documents, train_tokenizer
+from grouter.testing import stdlib_documents
 
 
 @pytest.fixture(scope="session")

@@ -72,3 +72,57 @@ def synthetic_store(data: PackedDataset | str | Path, out: str | Path, n_experts
         routing[name] = Routing(torch.from_numpy(ids.astype(np.int64)), synthetic_weights(ids.shape, seed * 31 + i),
                                 heads=heads)
     return write_store(out, routing, n_experts, data=data, grouter_fingerprint=f"synthetic-{clusters}-{seed}")
+
+
+# -- demo-shaped artifacts and documented commands, for the integration tests and benchmarks/gpu_check.sh --
+STDLIB_MODULES = ["argparse", "json/decoder", "textwrap", "string", "fractions", "statistics", "csv",
+                  "calendar", "heapq", "bisect", "shlex", "difflib", "glob", "fnmatch", "queue", "sched"]
+
+
+def stdlib_documents() -> list:
+    """Real text with no download: prose from the docstrings of standard-library modules, code from
+    their source (the first 12,000 characters of each, to stay small)."""
+    import ast
+    import sysconfig
+
+    from .data import Document
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for name in STDLIB_MODULES:
+        source = (root / f"{name}.py").read_text()
+        docs.append(Document("code", name, source[:12_000]))
+        tree = ast.parse(source)
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        docs.append(Document("prose", name, "\n\n".join(d for n in nodes if (d := ast.get_docstring(n)))))
+    return docs
+
+
+def demo_like(root: str | Path, ranks: int = 4, seq_len: int = 32) -> Path:
+    """``root/data``, ``root/routing`` and ``root/plan`` shaped like ``grouter demo``'s (a store of 16
+    experts, top-4; a plan for ``ranks`` ranks), small: the stdlib text, vocabulary 512, synthetic
+    clustered routing."""
+    from .data import PackConfig, pack_documents, train_tokenizer
+    from .place import plan_placement
+    from .store import RoutingStore
+
+    root = Path(root)
+    docs = stdlib_documents()
+    pack_documents(docs, train_tokenizer((d.text for d in docs), vocab_size=512), root / "data",
+                   PackConfig(seq_len=seq_len, val_fraction=0.1, seed=0))
+    data = PackedDataset.open(root / "data")
+    synthetic_store(data, root / "routing", 16, 4, 4, seed=0, noise=0.1, decay=0.7)
+    (root / "plan").mkdir()
+    plan_placement(RoutingStore.open(root / "routing", data=data), ranks, clusters=16, seed=0).save(root / "plan")
+    return root
+
+
+def documented_command(doc: str | Path, *needles: str) -> str:
+    """The one fenced ``bash`` block of ``doc`` that holds every one of ``needles``, as written."""
+    import re
+
+    blocks = re.findall(r"```bash\n(.*?)```", Path(doc).read_text(), flags=re.S)
+    found = [b for b in blocks if all(n in b for n in needles)]
+    if len(found) != 1:
+        raise ValueError(f"{doc} has {len(found)} bash blocks with {needles}, not one")
+    return found[0]
