@@ -499,3 +499,14 @@ def test_activation_checkpoint_recompute_takes_its_own_forwards_routing(setup):
         plain.zero_grad()
     handle.remove()
     assert not handle._hooks and all(r.block_routing is None for r in handle.routers)
+
+
+def test_a_pipeline_stage_takes_the_heads_of_its_layers_depth_in_the_whole_model(setup):
+    """A stage holding decoder layer 1 of 2 (torchtitan's split keeps the layer's name) takes the head of
+    depth 1 of 2, not of its own single layer; grouter_model_spec passes the whole model's layer count."""
+    heads = Heads((0, 1), 2)
+    stage = torchtitan_bytes.built(convert(tiny(), setup.store_dir))
+    del stage.layers["0"]  # what pipeline_llm's split leaves on the second stage
+    handle = gt.attach(stage, heads=heads, n_layers=2)
+    assert [r.head for r in handle.routers] == [heads.for_target(2)[1]] == [1]
+    handle.remove()

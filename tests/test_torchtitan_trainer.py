@@ -303,3 +303,33 @@ def test_two_pipeline_stages_train_as_one_with_activation_checkpointing(demo_lik
 
 def latest_weights(out: Path, rank: int) -> dict:
     return json.loads((out / f"latest{rank}.json").read_text())["weights"]
+
+
+def test_the_environment_holds_together():
+    """make installs torchtitan with --no-deps and what its Trainer imports (the Makefile says why): every
+    requirement of the packages around it is met, so nothing was downgraded under transformers; of
+    torchtitan's own, only its datasets<4.8 and wandb (imported only with --metrics.enable_wandb) are not."""
+    import torchtitan.train  # noqa: F401  (tensorboard, torch_checkpointing, datasets, ...)
+
+    for dist in ("transformers", "huggingface_hub", "datasets", "tensorboard", "torch_checkpointing", "accelerate",
+                 "tokenizers", "fsspec"):
+        assert not unmet(dist), unmet(dist)
+    assert sorted(req.name for req in unmet("torchtitan")) == ["datasets", "wandb"]
+
+
+def unmet(dist: str) -> list:
+    """The requirements of the installed distribution ``dist`` that the installed versions do not meet."""
+    from importlib.metadata import PackageNotFoundError, distribution, version
+
+    from packaging.requirements import Requirement
+
+    out = []
+    for req in map(Requirement, distribution(dist).requires or []):
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            if not req.specifier.contains(version(req.name), prereleases=True):
+                out.append(req)
+        except PackageNotFoundError:
+            out.append(req)
+    return out

@@ -4,7 +4,8 @@ The routers of every MoE layer are replaced by :class:`GrouterRouter`, which com
 returns the routing of the batch: stored (a routing store written by ``grouter dispatch``, relabelled
 with a placement plan's expert permutation when there is one) or online (a frozen Grouter run on the
 batch's tokens). Experts, attention, embeddings and norms train as usual; no router parameter exists,
-so nothing of the routing trains or receives a gradient. Written for torchtitan 0.3.0.
+so nothing of the routing trains or receives a gradient. Written for torchtitan 0.3.0; the router
+and the hook also take its main branch's folded batches (router input ``[T, D]``, docs/torchtitan.md#versions).
 
 The recipe::
 
@@ -16,8 +17,8 @@ The recipe::
     spec = gt.grouter_model_spec(spec, routing=STORE)     # routers swapped, config checked against the store
     dataloader = gt.GrouterDataLoader.Config(data=DATA, routing=STORE, plan=PLAN)
 
-and a torchtitan ``Trainer.Config`` with that ``model_spec`` and ``dataloader`` (launch settings:
-``examples/torchtitan_train.py``). Outside the Trainer: build the converted config, then
+and a torchtitan ``Trainer.Config`` with that ``model_spec`` and ``dataloader``
+(:mod:`grouter.integrations.torchtitan_trainer`; launch: ``examples/torchtitan_train.py``). Outside the Trainer: build the converted config, then
 ``routing = attach(model, heads=store.heads)`` and call ``model(tokens, routing_ids=ids,
 routing_weights=w)``.
 
@@ -34,9 +35,13 @@ routing_weights=w)``.
    on the model that takes ``routing_ids`` / ``routing_weights`` out of those keyword arguments
    (online: routes ``tokens`` with the Grouter) and holds them in a :class:`GrouterRouting` that
    every router of the model reads. So the stock Trainer runs unchanged: :func:`grouter_model_spec`
-   wraps the model spec's ``parallelize_fn`` to call :func:`attach` once the model is parallelised.
-   The routing stays active until the next forward starts, so activation checkpointing's recompute
-   (during the backward of the same microbatch) sees the same routing.
+   wraps the model spec's ``parallelize_fn`` to call :func:`attach` once the model is parallelised
+   (under pipeline parallelism torchtitan calls it once per stage, and passes the batch's keys to
+   every stage).
+   Activation checkpointing recomputes a block's forward during its backward, which under a
+   pipeline schedule comes after other micro-batches' forwards: each checkpointed block keeps the
+   routing of its forwards by input tensor, and the recompute (called with that same tensor) takes
+   it back (docs/torchtitan.md#pipeline-parallelism-and-activation-checkpointing).
 3. **Data.** :class:`GrouterDataLoader` (a torchtitan ``ParallelAwareDataloader``) reads grouter's
    packed dataset and adds each sequence's stored routing, in exactly the order its sampler serves
    the sequences: a placement plan's order for this data-parallel rank (``PlanSampler``), or
@@ -56,9 +61,9 @@ routing_weights=w)``.
    dispatcher sends one copy per (token, expert) pair on another rank: grouter's ``megatron`` cost
    model (benchmarks/torchtitan_bytes.py measures it).
 
-Not supported: tensor and pipeline parallelism (refused by :func:`grouter_model_spec`); online
-routing under context parallelism (the Grouter must see whole sequences) or with a placement plan
-(its permutation relabels stored ids): dispatch a store for those.
+Not supported: tensor parallelism (refused by :func:`grouter_model_spec`); online routing under
+context or pipeline parallelism (the Grouter must see whole sequences of tokens) or with a
+placement plan (its permutation relabels stored ids): dispatch a store for those.
 FlexAttention has no backward on the CPU; :func:`qwen3_moe_config` builds SDPA attention there.
 """
 
