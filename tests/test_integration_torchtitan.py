@@ -25,10 +25,10 @@ from grouter.device import spawn
 from grouter.errors import GrouterError
 from grouter.integrations import torchtitan as gt
 from grouter.network import Grouter, GrouterConfig
-from grouter.place import Plan, plan_placement, relabel
+from grouter.place import Plan, relabel
 from grouter.routers import Heads, Routing
 from grouter.store import RoutingStore
-from grouter.testing import synthetic_store
+from grouter.testing import store_and_plan, synthetic_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import torchtitan_bytes  # noqa: E402  (the EP worker and its byte count)
@@ -48,10 +48,7 @@ def convert(cfg, store_dir):
 @pytest.fixture(scope="module")
 def setup(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("torchtitan")
-    synthetic_store(tiny_data, root / "store", E, K, 4, seed=0, noise=0.1, decay=0.7)
-    store = RoutingStore.open(root / "store", data=tiny_data)
-    (root / "plan").mkdir()
-    plan_placement(store, 2, global_batch=8, clusters=16, seed=0).save(root / "plan")
+    store = store_and_plan(tiny_data, root / "store", root / "plan", E, K, ranks=2, global_batch=8)
     return SimpleNamespace(root=root, data=tiny_data, store=store, store_dir=root / "store", plan_dir=root / "plan")
 
 

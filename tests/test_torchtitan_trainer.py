@@ -32,10 +32,10 @@ from torchtitan.models.common.moe import MoE
 from grouter.data import PackedDataset
 from grouter.device import spawn
 from grouter.integrations import torchtitan as gt
-from grouter.place import Plan, plan_placement, relabel
+from grouter.place import Plan, relabel
 from grouter.store import RoutingStore
 from grouter.testing import demo_like as demo_shaped
-from grouter.testing import documented_command, synthetic_store
+from grouter.testing import documented_command, store_and_plan
 
 E, K = 16, 4
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +47,7 @@ CPU_BACKEND = {"spmd_backend": "partial_dtensor"}
 @pytest.fixture(scope="module")
 def demo_like(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
-    synthetic_store(tiny_data, root / "store", E, K, 4, seed=0, noise=0.1, decay=0.7)
-    store = RoutingStore.open(root / "store", data=tiny_data)
-    (root / "plan").mkdir()
-    plan_placement(store, 2, global_batch=8, clusters=16, seed=0).save(root / "plan")
+    store_and_plan(tiny_data, root / "store", root / "plan", E, K, ranks=2, global_batch=8)
     return SimpleNamespace(root=root, data=str(tiny_data.path), routing=str(root / "store"), plan=str(root / "plan"))
 
 

@@ -103,18 +103,27 @@ def demo_like(root: str | Path, ranks: int = 4, seq_len: int = 32) -> Path:
     experts, top-4; a plan for ``ranks`` ranks), small: the stdlib text, vocabulary 512, synthetic
     clustered routing."""
     from .data import PackConfig, pack_documents, train_tokenizer
-    from .place import plan_placement
-    from .store import RoutingStore
 
     root = Path(root)
     docs = stdlib_documents()
     pack_documents(docs, train_tokenizer((d.text for d in docs), vocab_size=512), root / "data",
                    PackConfig(seq_len=seq_len, val_fraction=0.1, seed=0))
-    data = PackedDataset.open(root / "data")
-    synthetic_store(data, root / "routing", 16, 4, 4, seed=0, noise=0.1, decay=0.7)
-    (root / "plan").mkdir()
-    plan_placement(RoutingStore.open(root / "routing", data=data), ranks, clusters=16, seed=0).save(root / "plan")
+    store_and_plan(PackedDataset.open(root / "data"), root / "routing", root / "plan", 16, 4, ranks)
     return root
+
+
+def store_and_plan(data: PackedDataset, store_dir: Path, plan_dir: Path, n_experts: int, k: int, ranks: int,
+                   global_batch: int | None = None):
+    """A clustered synthetic store for ``data`` (4 clusters, little noise) and a placement plan of it for
+    ``ranks`` ranks; returns the opened store."""
+    from .place import plan_placement
+    from .store import RoutingStore
+
+    synthetic_store(data, store_dir, n_experts, k, 4, seed=0, noise=0.1, decay=0.7)
+    store = RoutingStore.open(store_dir, data=data)
+    Path(plan_dir).mkdir()
+    plan_placement(store, ranks, global_batch=global_batch, clusters=16, seed=0).save(plan_dir)
+    return store
 
 
 def documented_command(doc: str | Path, *needles: str) -> str:
