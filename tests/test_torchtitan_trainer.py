@@ -302,6 +302,31 @@ def latest_weights(out: Path, rank: int) -> dict:
     return json.loads((out / f"latest{rank}.json").read_text())["weights"]
 
 
+# -- the launch docs/torchtitan.md gives, run as written ------------------------------------------------
+def test_the_documented_launch_runs_to_where_it_needs_a_gpu(tmp_path):
+    """The one-GPU launch of docs/torchtitan.md, exactly as written, in a folder holding demo-shaped
+    ``demo/`` artifacts: torchtitan imports everything it needs, finds grouter's config in
+    ``examples.torchtitan_train`` and builds it (converted model checked against the store, grouter's
+    dataloader); on this CPU it then stops, with grouter's one-line refusal of a torch without
+    ``set_timeout`` or with torchtitan's need of CUDA. benchmarks/gpu_check.sh runs it to the end."""
+    command = documented_command(REPO / "docs" / "torchtitan.md", "--nproc_per_node 1", "grouter_qwen3_moe_small")
+    demo_shaped(tmp_path / "demo", ranks=4)
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    log = done.stdout + done.stderr
+    assert "ModuleNotFoundError" not in log and "ImportError" not in log, log[-3000:]
+    if torch.cuda.is_available() and hasattr(torch.distributed, "set_timeout"):
+        assert done.returncode == 0, log[-3000:]
+        return
+    assert done.returncode != 0
+    if not hasattr(torch.distributed, "set_timeout"):  # refused after the config was built, before training
+        assert "GrouterError: torchtitan 0.3.0's Trainer calls torch.distributed.set_timeout" in log, log[-3000:]
+    else:
+        assert "CUDA" in log, log[-3000:]
+
+
 def test_the_environment_holds_together():
     """make installs torchtitan with --no-deps and what its Trainer imports (the Makefile says why): every
     requirement of the packages around it is met, so nothing was downgraded under transformers; of
