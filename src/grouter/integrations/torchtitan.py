@@ -82,8 +82,8 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
 from torch.distributed.tensor import DTensor
-from torch.utils.weak import WeakTensorKeyDictionary
 from torch.utils.data import Dataset, Sampler
+from torch.utils.weak import WeakTensorKeyDictionary
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.models.common.attention import ScaledDotProductAttention
 from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ..data import PackedDataset
 from ..errors import GrouterError
 from ..place import Plan
