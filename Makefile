@@ -23,11 +23,15 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test,megatron]"
-	# torchtitan without its training-script dependencies (datasets, wandb, tensorboard: they would
-	# downgrade huggingface_hub under transformers); the modules grouter uses need only these.
+	$(PIP) install --quiet -e ".[test,megatron,torchtitan-trainer]"
+	# torchtitan 0.3.0 goes in --no-deps: it declares datasets<4.8, and every datasets before 5.0
+	# caps huggingface_hub below 2.0 and fsspec at 2026.2.0, while transformers 5.2x needs
+	# huggingface_hub>=2.4: the resolver would downgrade huggingface_hub (breaking transformers) and
+	# fsspec. The torchtitan-trainer extra (above) lists what its Trainer imports instead, with
+	# datasets==5.2.0, the first release that accepts huggingface_hub 2.x and fsspec 2026.9 (torchtitan
+	# only imports load_dataset / split_dataset_by_node from it; grouter's dataloader replaces them).
+	# wandb is left out: torchtitan imports it only with --metrics.enable_wandb.
 	$(PIP) install --quiet --no-deps "torchtitan==0.3.0"
-	$(PIP) install --quiet "spmd_types==0.2.3" tyro einops torchdata triton
 	for v in $(MEGATRON_RELEASES); do test -d $(VENV)/megatron-releases/$$v/megatron || $(PIP) install --quiet \
 		--no-deps --ignore-requires-python --target $(VENV)/megatron-releases/$$v "megatron-core==$$v" || exit 1; done
 	touch $@

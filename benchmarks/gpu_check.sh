@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, for a machine that has one: every GPU-only test (they skip on the CPU, with
-# the reason) and Megatron's trainer with grouter routing on GPUs. Each section is a function named
+# the reason), Megatron's trainer and torchtitan's Trainer with grouter routing on GPUs. Each section is a function named
 # <name>_checks; with no argument every section runs (alphabetical order), else those named:
 #
 #     bash benchmarks/gpu_check.sh              # all sections
-#     bash benchmarks/gpu_check.sh megatron     # one
+#     bash benchmarks/gpu_check.sh megatron     # one (core, megatron, torchtitan)
 #
 # Needs `make install` done (the .venv; on a GPU machine install its CUDA torch into .venv first) and, for
 # the Megatron section, Transformer Engine importable in .venv. A section fails when any of its tests fails
@@ -50,6 +50,56 @@ megatron_checks() {
     fi
     run_tests 360 "${tests[@]}"
 }
+
+# -- torchtitan (docs/torchtitan.md) ------------------------------------------------------------
+# 1. the tests that skip without CUDA (FlexAttention's backward);
+# 2. the one-GPU launch of docs/torchtitan.md, exactly as written, on demo-shaped data: torchtitan's
+#    whole Trainer (CUDA device, spmd_types backend, FSDP over NCCL, full activation checkpointing),
+#    whose config the CPU tests build in parts (tests/test_torchtitan_trainer.py);
+# 3. the same launch with --checkpoint.enable, stopped at step 10 and resumed to 20: the losses
+#    of steps 11-20 must equal the uninterrupted run's.
+# torchtitan 0.3.0 needs a torch with torch.distributed.set_timeout (docs/torchtitan.md#versions).
+torchtitan_checks() (
+    set -e  # a subshell: the first failing step fails the section, and the next sections still run
+    export PATH="$(dirname "$PY"):$PATH"
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torchtitan_checks: no CUDA device')"
+    "$PY" -c "import torch.distributed as d, sys; sys.exit(0 if hasattr(d, 'set_timeout') else \
+'torchtitan_checks: this torch lacks torch.distributed.set_timeout, which torchtitan 0.3.0 needs')"
+    echo "== torchtitan: GPU-only tests"
+    run_tests 240 tests/test_integration_torchtitan.py -k gpu
+
+    local work
+    work=$(mktemp -d)
+    "$PY" -c "from grouter.testing import demo_like; demo_like('$work/demo', ranks=1)"
+    ln -s "$PWD/examples" "$work/examples"
+    local launch
+    launch=$("$PY" -c "from grouter.testing import documented_command as c; \
+print(c('docs/torchtitan.md', '--nproc_per_node 1', 'grouter_qwen3_moe_small'))")
+    echo "== torchtitan: the documented launch, as written"
+    echo "$launch"
+    (cd "$work" && bash -c "$launch" 2>&1 | tee "$work/launch.log" | tail -5)
+    grep -q "Training completed" "$work/launch.log"
+
+    echo "== torchtitan: checkpoint and resume through the Trainer"
+    # an interrupted job leaves its step-10 checkpoint: resume from a copy of it, to step 20
+    local args="--training.steps 20 --checkpoint.enable --checkpoint.interval 10 --metrics.log_freq 1 \
+--metrics.disable_color_printing"
+    (cd "$work" && bash -c "$launch $args --dump_folder $work/whole" > "$work/whole.log" 2>&1)
+    mkdir -p "$work/resumed/checkpoint"
+    cp -r "$work/whole/checkpoint/step-10" "$work/resumed/checkpoint/"
+    (cd "$work" && bash -c "$launch $args --dump_folder $work/resumed" > "$work/resumed.log" 2>&1)
+    "$PY" - "$work/whole.log" "$work/resumed.log" <<'EOF'
+import re, sys
+def losses(path):
+    return {int(s): l for s, l in re.findall(r"step:\s*(\d+)\s.*?loss:\s*([0-9.]+)", open(path).read())}
+whole, resumed = losses(sys.argv[1]), losses(sys.argv[2])
+steps = sorted(s for s in resumed if s > 10)
+assert steps == list(range(11, 21)), steps
+assert all(resumed[s] == whole[s] for s in steps), [(s, whole[s], resumed[s]) for s in steps]
+print("resumed == uninterrupted for steps 11-20")
+EOF
+    rm -rf "$work"
+)
 
 main() {
     if [ "$GPUS" -lt 1 ]; then

@@ -17,28 +17,33 @@ directory, so the example runs with a dataset alone. The recipe, step by step (s
    forward's keyword arguments, exactly as torchtitan's Trainer passes the batch;
 4. ``GrouterDataLoader``: grouter's packed sequences with their stored routing, in the sampler's order.
 
-Multi-GPU, with torchtitan's Trainer (a full torchtitan install, with its training dependencies
-such as tensorboard, and CUDA; run from the repository root so ``examples`` is importable)::
+With torchtitan's Trainer (``torchtitan.train``; CUDA, and a torch that has
+``torch.distributed.set_timeout``, see docs/torchtitan.md), from the repository root so that
+``examples`` is importable. The demo's data, routing store and plan, on a small Qwen3-MoE sized
+from them (``grouter_qwen3_moe_small``: the store's experts and k, the dataset's vocabulary and
+sequence length; the dataset's own tokenizer as ``hf_assets_path``)::
 
-    GROUTER_DATA=data/ GROUTER_ROUTING=store128/ GROUTER_PLAN=plan8/ \\
-    torchrun --nproc_per_node 8 -m torchtitan.train \\
-        --module examples.torchtitan_train --config grouter_qwen3_30b_a3b \\
+    GROUTER_DATA=demo/data GROUTER_ROUTING=demo/routing GROUTER_PLAN=demo/plan \
+    torchrun --nproc_per_node 4 -m torchtitan.train \
+        --module examples.torchtitan_train --config grouter_qwen3_moe_small \
+        --parallelism.data_parallel_shard_degree 4 --parallelism.expert_parallel_degree 4
+
+and Qwen3-30B-A3B (``grouter_qwen3_30b_a3b``: torchtitan's ``qwen3_30b_a3b``; 128 experts, top-8,
+so a store from a Grouter folded to 128 experts and dispatched with k=8, on a dataset tokenized with
+the Qwen3 tokenizer; ``--hf_assets_path`` names that tokenizer's folder)::
+
+    GROUTER_DATA=data/ GROUTER_ROUTING=store128/ GROUTER_PLAN=plan8/ \
+    torchrun --nproc_per_node 8 -m torchtitan.train \
+        --module examples.torchtitan_train --config grouter_qwen3_30b_a3b \
         --parallelism.data_parallel_shard_degree 8 --parallelism.expert_parallel_degree 8
 
-``grouter_qwen3_30b_a3b`` (below) is torchtitan's ``qwen3_30b_a3b`` Trainer config with the model
-spec from ``grouter_model_spec`` (routers converted; ``parallelize_fn`` attaches the routing) and
-``GrouterDataLoader`` (and CUDA graphs off, which torchtitan requires for expert parallelism
-with its all-to-all dispatcher). Qwen3-30B-A3B has 128 experts, top-8: the store must come from a Grouter
-folded to 128 experts, dispatched with k=8, on a dataset tokenized with the Qwen3 tokenizer
-(``grouter data tokenize --tokenizer Qwen/Qwen3-30B-A3B``); the config refuses anything else.
-With ``GROUTER_PLAN`` (``grouter place --routing STORE --ranks 8``) the plan must be for as many
-ranks as data parallelism has, with expert parallelism over the same ranks (EP = DP = 8 above);
-the global batch is the plan's, and the local batch size must divide the plan's per-rank share
-(gradient accumulation makes up the rest). ``training.seq_len`` is set to the dataset's. Tensor
-and pipeline parallelism are refused; context parallelism (``--parallelism.context_parallel_degree``)
-shards the routing like the tokens. Online routing instead of a store: ``grouter_model_spec(spec,
-grouter=G)`` and a ``GrouterDataLoader`` without ``routing`` (nor a plan, nor context
-parallelism).
+Both configs come from ``grouter.integrations.torchtitan_trainer``: routers converted and checked
+against the store, ``GrouterDataLoader`` serving the plan's sequences, ``training.seq_len`` the
+dataset's, the global batch the plan's, CUDA graphs off. The plan must be for as many ranks as data
+parallelism has, expert parallelism over the same ranks, and the local batch size must divide the
+plan's per-rank share (gradient accumulation makes up the rest). Pipeline parallelism
+(``--parallelism.pipeline_parallel_degree``) and context parallelism work with stored routing;
+tensor parallelism is refused.
 """
 
 from __future__ import annotations
@@ -58,31 +63,29 @@ from grouter.formats.store import RoutingStore
 from grouter.integrations import torchtitan as gt
 
 
-def grouter_qwen3_30b_a3b():
-    """torchtitan Trainer config: Qwen3-30B-A3B on a grouter dataset with stored routing.
+def _paths() -> tuple[str, str, str]:
+    return tuple(os.environ.get(k, "") for k in ("GROUTER_DATA", "GROUTER_ROUTING", "GROUTER_PLAN"))
 
-    Paths from the environment (torchtitan calls this function without arguments, before its
-    command line is parsed): GROUTER_DATA, GROUTER_ROUTING and optionally GROUTER_PLAN.
-    """
+
+def grouter_qwen3_moe_small():
+    """torchtitan Trainer config: a small Qwen3-MoE (dim 128, 4 MoE layers) sized for GROUTER_DATA
+    and GROUTER_ROUTING (the store's experts and k), optionally GROUTER_PLAN; the dataset's
+    tokenizer as ``hf_assets_path`` (torchtitan calls this function without arguments, before its
+    command line is parsed, so the paths come from the environment)."""
+    from grouter.integrations.torchtitan_trainer import small_trainer_config
+
+    return small_trainer_config(*_paths())
+
+
+def grouter_qwen3_30b_a3b():
+    """torchtitan Trainer config: Qwen3-30B-A3B (128 experts, top-8) on GROUTER_DATA with the stored
+    routing GROUTER_ROUTING and optionally the plan GROUTER_PLAN; ``hf_assets_path`` stays
+    torchtitan's ``./assets/hf/Qwen3-30B-A3B`` (``--hf_assets_path`` to change it)."""
     from torchtitan.models.qwen3.config_registry import qwen3_30b_a3b
 
-    from grouter.formats.plan import Plan
+    from grouter.integrations.torchtitan_trainer import with_grouter_routing
 
-    data, routing, plan = (os.environ.get(k, "") for k in ("GROUTER_DATA", "GROUTER_ROUTING", "GROUTER_PLAN"))
-    config = qwen3_30b_a3b()
-    dataset = PackedDataset.open(data)
-    if dataset.vocab_size > config.model_spec.model.vocab_size:
-        raise GrouterError(f"the dataset's vocabulary ({dataset.vocab_size}) exceeds the model's; tokenize it "
-                           "with the model's tokenizer (`grouter data tokenize --tokenizer ...`)")
-    gt.turn_off_balancing(config.model_spec.model)
-    config.model_spec = gt.grouter_model_spec(config.model_spec, routing=routing)
-    config.dataloader = gt.GrouterDataLoader.Config(data=data, routing=routing, plan=plan)
-    config.training.seq_len = dataset.seq_len
-    # torchtitan refuses CUDA graphs with the all-to-all dispatcher (it syncs with the host) under EP.
-    config.training.disable_cuda_graphs = True
-    if plan:
-        config.training.global_batch_size = Plan.load(plan).global_batch
-    return config
+    return with_grouter_routing(qwen3_30b_a3b(), *_paths())
 
 
 def build_model(data: PackedDataset, store_dir: str, dim: int, layers: int):

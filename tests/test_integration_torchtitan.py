@@ -28,9 +28,8 @@ from grouter.formats.plan import Plan, relabel
 from grouter.formats.store import RoutingStore
 from grouter.integrations import torchtitan as gt
 from grouter.network import Grouter
-from grouter.place import Options as PlaceOptions, plan_placement
 from grouter.routers import Heads, Routing
-from grouter.testing import synthetic_store
+from grouter.testing import store_and_plan, synthetic_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import torchtitan_bytes  # noqa: E402  (the EP worker and its byte count)
@@ -50,10 +49,7 @@ def convert(cfg, store_dir):
 @pytest.fixture(scope="module")
 def setup(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("torchtitan")
-    synthetic_store(tiny_data, root / "store", E, K, 4, seed=0, noise=0.1, decay=0.7)
-    store = RoutingStore.open(root / "store", data=tiny_data)
-    (root / "plan").mkdir()
-    plan_placement(store, PlaceOptions(ranks=2, global_batch=8, clusters=16, seed=0)).save(root / "plan")
+    store = store_and_plan(tiny_data, root / "store", root / "plan", E, K, ranks=2, global_batch=8)
     return SimpleNamespace(root=root, data=tiny_data, store=store, store_dir=root / "store", plan_dir=root / "plan")
 
 
@@ -250,16 +246,15 @@ def test_bad_routing_at_forward_is_refused(setup):
     one_line_error(lambda: gt.attach(model), "already attached")
 
 
-def test_model_spec_attaches_after_parallelize_and_refuses_pp_tp(setup):
+def test_model_spec_attaches_after_parallelize_and_refuses_tp(setup):
     spec = ModelSpec(name="qwen3", flavor="tiny", model=tiny(), parallelize_fn=lambda model, **kw: model,
                      pipelining_fn=None, post_optimizer_build_fn=None, state_dict_adapter=None)
     spec = gt.grouter_model_spec(spec, routing=str(setup.store_dir))
     dims = SimpleNamespace(pp_enabled=False, tp_enabled=False)
     model = spec.parallelize_fn(spec.model.build(), parallel_dims=dims, training=None)
     assert all(layer.moe.router.routing is not None for layer in model.layers.values())
-    for pp, tp, name in ((True, False, "pipeline"), (False, True, "tensor")):
-        one_line_error(lambda: spec.parallelize_fn(model, parallel_dims=SimpleNamespace(pp_enabled=pp, tp_enabled=tp)),
-                       f"{name} parallelism is not supported")
+    one_line_error(lambda: spec.parallelize_fn(model, parallel_dims=SimpleNamespace(pp_enabled=False, tp_enabled=True)),
+                   "tensor parallelism is not supported")
 
 
 # -- context and expert parallelism: 2 gloo processes ---------------------------------------------
@@ -303,7 +298,7 @@ def model_follows_cp_shard(mesh, run: dict) -> bool:
     with torch.no_grad():
         model(tokens, positions=kw["positions"], routing_ids=inputs[gt.ROUTING_IDS],
               routing_weights=inputs[gt.ROUTING_WEIGHTS])
-    weights, ids = handle.current(tokens)
+    weights, ids = handle.current(torch.empty(*tokens.shape, DIM))  # the routing a [B, L', D] MoE input gets
     (want_ids, want_w), _ = cp_shard(mesh, (inputs[gt.ROUTING_IDS], inputs[gt.ROUTING_WEIGHTS]), None, "headtail")
     counts = torch.bincount(want_ids.flatten(), minlength=store.n_experts).float()
     return (torch.equal(ids, want_ids) and torch.equal(weights, want_w)
@@ -394,3 +389,122 @@ def test_per_layer_routing_drives_each_layer_by_its_head(setup, tmp_path):
     online.remove()
     stored.remove()
     one_line_error(lambda: gt.attach(model.layers["0"].moe, heads=heads), "not inside model.layers")
+
+
+# -- torchtitan main's router contract: folded batches, router input [T, D] (pytorch/torchtitan#4121) --------
+class FoldedChunk(torch.nn.Module):
+    """Called as torchtitan main calls a decoder, ``chunk(tokens [T], positions=[T], **batch keys)``, with
+    two MoE routers fed ``[T, D]`` as main's ``MoE.forward`` feeds them (its layers cannot be imported here:
+    CI has torchtitan 0.3.0 alone)."""
+
+    def __init__(self, n_layers: int = 2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, DIM)
+        router = gt.GrouterRouter.Config(num_experts=E, top_k=K, gate=tiny().layers[0].moe.router.gate)
+        self.layers = torch.nn.ModuleDict({str(i): torch.nn.ModuleDict({"router": router.build()})
+                                           for i in range(n_layers)})
+
+    def forward(self, tokens, positions=None):
+        x_TD = self.embed(tokens)
+        assert x_TD.ndim == 2
+        return [layer["router"](x_TD) for layer in self.layers.values()]
+
+
+def test_router_serves_both_contracts(setup):
+    """0.3.0 passes the router [B, L, D] and reads [B, L, K]; main passes [T, D] and reads [T, K]: the same
+    routing either way, whether the batch brings it as [B, L, k] or folded as [T, k]."""
+    r = setup.store.routing("train", [4, 7, 9])
+    tokens = setup.data.split("train").batch([4, 7, 9])["input_ids"]
+    B, L = tokens.shape
+    router = convert(tiny(), setup.store_dir).layers[0].moe.router.build()
+    handle = gt.GrouterRouting(E, K)
+    router.routing = handle
+    handle._active = handle._checked(r)
+    w, ids, scores = router(torch.randn(B, L, DIM))  # 0.3.0's contract
+    assert torch.equal(ids, r.ids) and torch.equal(w, r.weights) and scores.shape == (B, L, E)
+    w, ids, scores = router(torch.randn(B * L, DIM))  # main's, from [B, L] routing
+    assert torch.equal(ids, r.ids.flatten(0, 1)) and torch.equal(w, r.weights.flatten(0, 1))
+    assert scores.shape == (B * L, E) and torch.equal(scores.gather(-1, ids), w)
+    # main's MoE counts tokens per expert from the [T, E] routing map it scatters from ids
+    counts = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, ids, True).sum(dim=0)
+    assert torch.equal(counts, torch.bincount(r.ids.flatten(), minlength=E))
+
+    chunk = FoldedChunk()
+    gt.attach(chunk)
+    folded = dict(positions=torch.arange(L).repeat(B), routing_ids=r.ids.flatten(0, 1),
+                  routing_weights=r.weights.flatten(0, 1))
+    for w, ids, _ in chunk(tokens.flatten(), **folded):  # a folded batch: tokens, positions [T], routing [T, k]
+        assert torch.equal(ids, r.ids.flatten(0, 1)) and torch.equal(w, r.weights.flatten(0, 1))
+    for w, ids, _ in chunk(tokens.flatten(), routing_ids=r.ids, routing_weights=r.weights):  # [B, L, k] too
+        assert torch.equal(ids, r.ids.flatten(0, 1))
+    one_line_error(lambda: chunk(tokens.flatten()[:40], **folded), r"routing covers 96 tokens.*holds 40; context par")
+    one_line_error(lambda: chunk(tokens.flatten(), routing_ids=r.ids[:1].flatten(0, 1),
+                                 routing_weights=r.weights[:1].flatten(0, 1)), r"covers 32 tokens.*holds 96; pass the routing")
+    one_line_error(lambda: chunk(tokens.flatten(), routing_ids=r.ids[..., :1].flatten(0, 1),
+                                 routing_weights=r.weights[..., :1].flatten(0, 1)), r"\[tokens, k=2\]")
+
+
+def test_folded_batches_per_layer_and_online(setup, tmp_path):
+    """Main's contract with per-layer heads ([T, H, k]: layer i takes its head) and with online routing
+    (the Grouter routes the folded tokens sequence by sequence, found from where positions restart)."""
+    heads = Heads((0, 1), 2)
+    synthetic_store(setup.data, tmp_path / "heads", E, K, 4, heads=heads)
+    r = RoutingStore.open(tmp_path / "heads", data=setup.data).routing("train", [1, 2])
+    tokens = setup.data.split("train").batch([1, 2])["input_ids"]
+    chunk = FoldedChunk()
+    handle = gt.attach(chunk, heads=heads)
+    positions = torch.arange(SEQ).repeat(2)
+    out = chunk(tokens.flatten(), positions=positions, routing_ids=r.ids.flatten(0, 1),
+                routing_weights=r.weights.flatten(0, 1))
+    for (w, ids, _), h in zip(out, heads.for_target(2)):
+        assert torch.equal(ids, r.ids[:, :, h].flatten(0, 1)) and torch.equal(w, r.weights[:, :, h].flatten(0, 1))
+    handle.remove()
+
+    g = Grouter(GrouterConfig(vocab_size=VOCAB, n_experts=E, top_k=K, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                              max_seq_len=SEQ))
+    online = gt.attach(chunk, g)
+    routed = g.route(tokens, k=K)
+    for w, ids, _ in chunk(tokens.flatten(), positions=positions):
+        assert torch.equal(ids, routed.ids.flatten(0, 1)) and torch.equal(w, routed.weights.flatten(0, 1))
+    one_line_error(lambda: chunk(tokens.flatten()), "positions that restart at 0")
+    one_line_error(lambda: chunk(tokens.flatten()[:50], positions=positions[:50]), "positions that restart at 0")
+    online.remove()
+
+
+def test_activation_checkpoint_recompute_takes_its_own_forwards_routing(setup):
+    """Two forwards, then their backwards (a pipeline stage's order under 1F1B): with torchtitan's full
+    activation checkpointing each backward's recompute runs with its own forward's routing, so the
+    gradients equal those of each micro-batch alone without checkpointing."""
+    from torchtitan.distributed.activation_checkpoint import FullAC
+
+    cfg = convert(tiny(), setup.store_dir)
+    plain, checkpointed = torchtitan_bytes.built(cfg), torchtitan_bytes.built(cfg)  # the same weights
+    FullAC(FullAC.Config()).apply(checkpointed)
+    gt.attach(plain)
+    handle = gt.attach(checkpointed)
+    loader = gt.GrouterDataLoader.Config(data=str(setup.data.path), routing=str(setup.store_dir), seed=2).build(
+        dp_world_size=1, dp_rank=0, seq_len=SEQ, local_batch_size=2)
+    mbs = [b for b, _ in zip(loader, range(2))]
+    assert not torch.equal(mbs[0][0][gt.ROUTING_IDS], mbs[1][0][gt.ROUTING_IDS])
+    losses = [gt.lm_loss(checkpointed, inputs, labels) for inputs, labels in mbs]  # forward 0, forward 1
+    for (inputs, labels), loss in zip(mbs, losses):  # backward 0 (recomputing 0 after forward 1), backward 1
+        loss.backward()
+        got = {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in checkpointed.named_parameters()}
+        gt.lm_loss(plain, inputs, labels).backward()
+        for n, p in plain.named_parameters():
+            assert torch.allclose(got[n], p.grad, rtol=1e-4, atol=1e-6), n
+        checkpointed.zero_grad()
+        plain.zero_grad()
+    handle.remove()
+    assert not handle._hooks and all(r.block_routing is None for r in handle.routers)
+
+
+def test_a_pipeline_stage_takes_the_heads_of_its_layers_depth_in_the_whole_model(setup):
+    """A stage holding decoder layer 1 of 2 (torchtitan's split keeps the layer's name) takes the head of
+    depth 1 of 2, not of its own single layer; grouter_model_spec passes the whole model's layer count."""
+    heads = Heads((0, 1), 2)
+    stage = torchtitan_bytes.built(convert(tiny(), setup.store_dir))
+    del stage.layers["0"]  # what pipeline_llm's split leaves on the second stage
+    handle = gt.attach(stage, heads=heads, n_layers=2)
+    assert [r.head for r in handle.routers] == [heads.for_target(2)[1]] == [1]
+    handle.remove()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from .chunking import row_chunks
 from .formats.dataset import SPLITS, PackedDataset
-from .formats.store import write_store
+from .formats.store import RoutingStore, write_store
 from .routers import Heads, Routing
 
 
@@ -174,3 +175,40 @@ def megatron_release(version: str) -> Path:
     if not (path / "megatron" / "core").is_dir():
         raise FileNotFoundError(f"megatron-core {version} is not installed in {path}; run `make install`")
     return path
+
+
+# -- demo-shaped artifacts and documented commands, for the integration tests and benchmarks/gpu_check.sh --
+def demo_like(root: str | Path, ranks: int = 4, seq_len: int = 32) -> Path:
+    """``root/data``, ``root/routing`` and ``root/plan`` shaped like ``grouter demo``'s (a store of 16
+    experts, top-4; a plan for ``ranks`` ranks), small: the stdlib text, vocabulary 512, synthetic
+    clustered routing."""
+    from .data import PackConfig, pack_documents, train_tokenizer
+
+    root = Path(root)
+    docs = stdlib_documents()
+    pack_documents(docs, train_tokenizer((d.text for d in docs), vocab_size=512), root / "data",
+                   PackConfig(seq_len=seq_len, val_fraction=0.1, seed=0))
+    store_and_plan(PackedDataset.open(root / "data"), root / "routing", root / "plan", 16, 4, ranks)
+    return root
+
+
+def store_and_plan(data: PackedDataset, store_dir: Path, plan_dir: Path, n_experts: int, k: int, ranks: int,
+                   global_batch: int | None = None):
+    """A clustered synthetic store for ``data`` (4 clusters, little noise) and a placement plan of it for
+    ``ranks`` ranks; returns the opened store."""
+    from .place import Options, plan_placement
+
+    synthetic_store(data, store_dir, n_experts, k, 4, seed=0, noise=0.1, decay=0.7)
+    store = RoutingStore.open(store_dir, data=data)
+    Path(plan_dir).mkdir()
+    plan_placement(store, Options(ranks=ranks, global_batch=global_batch, clusters=16, seed=0)).save(plan_dir)
+    return store
+
+
+def documented_command(doc: str | Path, *needles: str) -> str:
+    """The one fenced ``bash`` block of ``doc`` that holds every one of ``needles``, as written."""
+    blocks = re.findall(r"```bash\n(.*?)```", Path(doc).read_text(), flags=re.S)
+    found = [b for b in blocks if all(n in b for n in needles)]
+    if len(found) != 1:
+        raise ValueError(f"{doc} has {len(found)} bash blocks with {needles}, not one")
+    return found[0]

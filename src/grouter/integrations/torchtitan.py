@@ -4,7 +4,8 @@ The routers of every MoE layer are replaced by :class:`GrouterRouter`, which com
 returns the routing of the batch: stored (a routing store written by ``grouter dispatch``, relabelled
 with a placement plan's expert permutation when there is one) or online (a frozen Grouter run on the
 batch's tokens). Experts, attention, embeddings and norms train as usual; no router parameter exists,
-so nothing of the routing trains or receives a gradient. Written for torchtitan 0.3.0.
+so nothing of the routing trains or receives a gradient. Written for torchtitan 0.3.0; the router
+and the hook also take its main branch's folded batches (router input ``[T, D]``, docs/torchtitan.md#versions).
 
 The recipe::
 
@@ -16,8 +17,8 @@ The recipe::
     spec = gt.grouter_model_spec(spec, routing=STORE)     # routers swapped, config checked against the store
     dataloader = gt.GrouterDataLoader.Config(data=DATA, routing=STORE, plan=PLAN)
 
-and a torchtitan ``Trainer.Config`` with that ``model_spec`` and ``dataloader`` (launch settings:
-``examples/torchtitan_train.py``). Outside the Trainer: build the converted config, then
+and a torchtitan ``Trainer.Config`` with that ``model_spec`` and ``dataloader``
+(:mod:`grouter.integrations.torchtitan_trainer`; launch: ``examples/torchtitan_train.py``). Outside the Trainer: build the converted config, then
 ``routing = attach(model, heads=store.heads)`` and call ``model(tokens, routing_ids=ids,
 routing_weights=w)``.
 
@@ -34,9 +35,13 @@ routing_weights=w)``.
    on the model that takes ``routing_ids`` / ``routing_weights`` out of those keyword arguments
    (online: routes ``tokens`` with the Grouter) and holds them in a :class:`GrouterRouting` that
    every router of the model reads. So the stock Trainer runs unchanged: :func:`grouter_model_spec`
-   wraps the model spec's ``parallelize_fn`` to call :func:`attach` once the model is parallelised.
-   The routing stays active until the next forward starts, so activation checkpointing's recompute
-   (during the backward of the same microbatch) sees the same routing.
+   wraps the model spec's ``parallelize_fn`` to call :func:`attach` once the model is parallelised
+   (under pipeline parallelism torchtitan calls it once per stage, and passes the batch's keys to
+   every stage).
+   Activation checkpointing recomputes a block's forward during its backward, which under a
+   pipeline schedule comes after other micro-batches' forwards: each checkpointed block keeps the
+   routing of its forwards by input tensor, and the recompute (called with that same tensor) takes
+   it back (docs/torchtitan.md#pipeline-parallelism-and-activation-checkpointing).
 3. **Data.** :class:`GrouterDataLoader` (a torchtitan ``ParallelAwareDataloader``) reads grouter's
    packed dataset and adds each sequence's stored routing, in exactly the order its sampler serves
    the sequences: a placement plan's order for this data-parallel rank (``PlanSampler``), or
@@ -56,16 +61,18 @@ routing_weights=w)``.
    dispatcher sends one copy per (token, expert) pair on another rank: grouter's ``megatron`` cost
    model (benchmarks/torchtitan_bytes.py measures it).
 
-Not supported: tensor and pipeline parallelism (refused by :func:`grouter_model_spec`); online
-routing under context parallelism (the Grouter must see whole sequences) or with a placement plan
-(its permutation relabels stored ids): dispatch a store for those.
+Not supported: tensor parallelism (refused by :func:`grouter_model_spec`); online routing under
+context or pipeline parallelism (the Grouter must see whole sequences of tokens) or with a
+placement plan (its permutation relabels stored ids): dispatch a store for those.
 FlexAttention has no backward on the CPU; :func:`qwen3_moe_config` builds SDPA attention there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -73,8 +80,10 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
 from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset, Sampler
+from torch.utils.weak import WeakTensorKeyDictionary
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.models.common.attention import ScaledDotProductAttention
 from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter
@@ -108,12 +117,14 @@ def _refuse_reselection(where: str, router) -> None:
 
 # -- the router ---------------------------------------------------------------------------------
 class GrouterRouter(TokenChoiceTopKRouter):
-    """Stands in for ``TokenChoiceTopKRouter``: returns the routing of the forward in progress.
+    """Stands in for ``TokenChoiceTopKRouter``: returns the routing of the micro-batch it runs.
 
-    Same outputs as the original: ``(top_scores [B, L, K] float32, expert_ids [B, L, K] long,
-    scores [B, L, E] float32)``, ``scores`` holding the gate weights at the routed experts and 0
-    elsewhere. No parameter and no compute: the gate's config stays in :class:`Config` (torchtitan's
-    sharding code annotates it) but is never built.
+    Same outputs as the original, for either router contract (docs/torchtitan.md#versions):
+    torchtitan 0.3.0 passes ``x [B, L, D]`` and gets ``(top_scores [B, L, K] float32, expert_ids
+    [B, L, K] long, scores [B, L, E] float32)``; its main branch passes ``x [T, D]`` and gets ``[T, K]``
+    and ``[T, E]``. ``scores`` holds the gate weights at the routed experts and 0 elsewhere. No
+    parameter and no compute: the gate's config stays in :class:`Config` (torchtitan's sharding code
+    annotates it) but is never built.
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -127,16 +138,23 @@ class GrouterRouter(TokenChoiceTopKRouter):
         self.num_experts, self.top_k = config.num_experts, config.top_k
         self.routing: GrouterRouting | None = None  # set by attach()
         self.head: int | None = None  # per-layer routing: the head this layer takes (set by attach())
+        self.block_routing: Routing | None = None  # in an activation-checkpointed block: set by its pre-hook
 
-    def forward(self, x_BLD: torch.Tensor, expert_bias_E: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, expert_bias_E: torch.Tensor | None = None):
         if expert_bias_E is not None:
             raise GrouterError("this MoE layer has an expert bias, which would re-select the supplied experts; "
                                "build it with load_balance_coeff=None")
         if self.routing is None:
             raise GrouterError("this GrouterRouter has no routing; call grouter.integrations.torchtitan.attach(model)")
-        weights, ids = self.routing.current(x_BLD, self.head)
+        weights, ids = self.routing.current(x, self)
         scores = torch.zeros(*ids.shape[:-1], self.num_experts, device=ids.device).scatter_(-1, ids, weights)
         return weights, ids, scores
+
+    def take(self) -> Routing:
+        """The routing of the micro-batch this layer now runs (docs/torchtitan.md#pipeline-parallelism):
+        in an activation-checkpointed block, the one its block's pre-hook found for the block's input
+        (the recompute during backward included); elsewhere the one its model chunk's pre-hook set."""
+        return self.block_routing if self.block_routing is not None else self.routing.active()
 
     def extra_repr(self) -> str:
         return f"grouter routing, experts={self.num_experts}, top_k={self.top_k}"
@@ -146,6 +164,12 @@ class GrouterRouter(TokenChoiceTopKRouter):
 def _local(t):
     """A DTensor's local tensor (the Trainer's full_dtensor backend wraps every batch tensor)."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _token_dims(t: torch.Tensor) -> tuple[int, ...]:
+    """The token dimensions of a model input: token ids ``[B, L]`` / ``[T]``, or a later pipeline
+    stage's hidden states ``[B, L, D]`` / ``[T, D]``."""
+    return tuple(t.shape) if not t.dtype.is_floating_point else tuple(t.shape[:-1])
 
 
 def shard_like_tokens(routing: Routing, positions: torch.Tensor) -> Routing:
@@ -171,50 +195,64 @@ class GrouterRouting:
 
     Stored mode: each forward brings its routing, as ``routing_ids`` / ``routing_weights`` keyword
     arguments or through :meth:`set` before it. Online mode (a Grouter was given): each forward is
-    routed from its ``tokens``, with no gradient. Per-layer routing (``heads`` set) has a routing
-    per head, ``[B, L, H, k]``; each router takes its layer's head.
+    routed from its ``tokens``, with no gradient. Routing is ``[B, L, k]`` (torchtitan 0.3.0's
+    batches) or ``[T, k]`` (its main branch's folded batches); per-layer routing (``heads`` set) has
+    a routing per head, ``[B, L, H, k]`` or ``[T, H, k]``, and each router takes its layer's head.
     """
 
     def __init__(self, n_experts: int, k: int, grouter=None, heads: Heads | None = None):
         self.n_experts, self.k, self.grouter, self.heads = n_experts, k, grouter, heads
         self.routers: list[GrouterRouter] = []
         self._next: Routing | None = None  # set for the next forward
-        self._active: Routing | None = None  # the forward in progress (and its recompute)
-        self._hook = None
+        self._active: Routing | None = None  # the forward in progress
+        self._hooks: list = []
+        # each checkpointed block's input -> the routing its forward ran with, for the recompute: under
+        # pipeline schedules a stage runs other micro-batches' forwards between a forward and its backward
+        self._by_block_input = WeakTensorKeyDictionary()
 
     @property
     def mode(self) -> str:
         return "online" if self.grouter is not None else "stored"
 
     def set(self, routing: Routing) -> None:
-        """Stored routing ``[B, L, k]`` (per-layer ``[B, L, H, k]``; ids in ``[0, E)``, distinct per
-        token) for the next forward."""
+        """Stored routing ``[B, L, k]`` or ``[T, k]`` (per-layer ``[B, L, H, k]`` / ``[T, H, k]``; ids in
+        ``[0, E)``, distinct per token) for the next forward."""
         if self.grouter is not None:
             raise GrouterError("this model routes online with its Grouter; attach it without a Grouter to "
                                "supply stored routing")
         self._next = self._checked(Routing(_local(routing.ids), _local(routing.weights)))
 
-    def current(self, x_BLD: torch.Tensor, head: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weights float32, ids long)`` ``[B, L, k]`` for a router's input ``[B, L, D]``: per-layer
-        routing's ``head``."""
-        r = self._active
-        if r is None:
+    def active(self) -> Routing:
+        """The routing the model chunk's last forward pre-hook set."""
+        if self._active is None:
             raise GrouterError("no routing for this forward: call the model (its forward pre-hook sets it), "
                                "not its MoE layers alone")
-        if tuple(r.ids.shape[:2]) != tuple(x_BLD.shape[:2]):
-            raise GrouterError(f"the routing covers {list(r.ids.shape[:2])} tokens but this MoE layer sees "
-                               f"{list(x_BLD.shape[:2])}; tensor parallelism is not supported, and under context "
+        return self._active
+
+    def current(self, x: torch.Tensor, router: GrouterRouter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights float32, ids long)`` for a router's input: ``[B, L, k]`` for ``x [B, L, D]``,
+        ``[T, k]`` for ``x [T, D]``; per-layer routing: ``router``'s head (None: the active routing)."""
+        r = router.take() if router is not None else self.active()
+        ids, weights = r.ids, r.weights
+        head = router.head if router is not None else None
+        if head is not None:
+            ids, weights = ids[..., head, :], weights[..., head, :]
+        lead = tuple(ids.shape[:-1])
+        if x.ndim == 2 and len(lead) == 2:  # [B, L] routing for main's folded [T, D] input
+            ids, weights, lead = ids.flatten(0, 1), weights.flatten(0, 1), (lead[0] * lead[1],)
+        if lead != tuple(x.shape[:-1]):
+            raise GrouterError(f"the routing covers {list(lead)} tokens but this MoE layer sees "
+                               f"{list(x.shape[:-1])}; tensor parallelism is not supported, and under context "
                                "parallelism the model needs positions")
-        ids, weights = (r.ids, r.weights) if head is None else (r.ids[:, :, head], r.weights[:, :, head])
-        return weights.to(x_BLD.device, torch.float32).contiguous(), ids.to(x_BLD.device).contiguous()
+        return weights.to(x.device, torch.float32).contiguous(), ids.to(x.device).contiguous()
 
     def remove(self) -> None:
         """Detach: the hook is removed and the routers have no routing any more."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for r in self.routers:
-            r.routing = None
+            r.routing = r.block_routing = None
         self._next = self._active = None
 
     def _checked(self, routing: Routing) -> Routing:
@@ -222,10 +260,12 @@ class GrouterRouting:
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or not w.dtype.is_floating_point:
             raise GrouterError(f"routing needs integer ids and floating weights, got {ids.dtype} and {w.dtype}")
         heads = "" if self.heads is None else f"H={len(self.heads)}, "  # per-layer: a routing per head
-        if ids.ndim < 3 or tuple(ids.shape[2:]) != token_shape(self.heads, self.k) or w.shape != ids.shape:
+        per_token = token_shape(self.heads, self.k)
+        if ids.ndim - len(per_token) not in (1, 2) or tuple(ids.shape[-len(per_token):]) != per_token \
+                or w.shape != ids.shape:
             raise GrouterError(f"routing ids {list(ids.shape)} and weights {list(w.shape)} must both be "
-                               f"[batch, seq, {heads}k={self.k}] (k: the model's top_k); attach with the heads of the "
-                               "store the routing comes from")
+                               f"[batch, seq, {heads}k={self.k}] or [tokens, {heads}k={self.k}] (k: the model's "
+                               "top_k); attach with the heads of the store the routing comes from")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_experts):
             raise GrouterError(f"routing ids must lie in [0, {self.n_experts}); a store for another number of "
                                "experts?")
@@ -245,10 +285,29 @@ class GrouterRouting:
             routing = self._route_online(tokens, positions)
         else:
             routing = self._take_stored(ids, weights)
-        if positions is not None and routing.ids.shape[1] != tokens.shape[1]:
+        lead = routing.ids.shape[:routing.ids.ndim - len(token_shape(self.heads, self.k))]
+        held = _token_dims(tokens)
+        if positions is not None and len(lead) == 2 and len(held) == 2 and lead[1] != held[1]:
             routing = shard_like_tokens(routing, positions)  # context parallelism
+        elif len(held) == 1 and held[0] != math.prod(lead):
+            why = ("context parallelism over torchtitan's folded [T] batches is not supported (their positions "
+                   "restart in every sequence, so they do not name a token's routing row)" if held[0] < math.prod(lead)
+                   else "pass the routing of every token of the batch")
+            raise GrouterError(f"the routing covers {math.prod(lead)} tokens but the forward holds {held[0]}; {why}")
         self._active = routing.to(tokens.device)
         return args, kwargs
+
+    def _block_pre_hook(self, routers: list[GrouterRouter], block: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Before an activation-checkpointed block runs: its forward records the routing for its input
+        tensor; the recompute in backward, called with that same tensor, takes it back."""
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        if torch._C._current_graph_task_id() == -1:  # a forward
+            routing = self._by_block_input[x] = self.active()
+        elif (routing := self._by_block_input.get(x)) is None:
+            raise GrouterError("an activation-checkpoint recompute found no routing for its block's input; "
+                               "attach the routing after activation checkpointing is applied")
+        for r in routers:
+            r.block_routing = routing
 
     def _take_stored(self, ids, weights) -> Routing:
         if (ids is None) != (weights is None):
@@ -265,24 +324,41 @@ class GrouterRouting:
         if tokens is None or tokens.dtype.is_floating_point:
             raise GrouterError("online routing needs the model's token ids; pipeline stages after the first "
                                "see hidden states: use stored routing")
-        if positions is not None and not torch.equal(positions.to(tokens.device),
-                                                     torch.arange(tokens.shape[1], device=tokens.device)
-                                                     .expand_as(tokens)):
+        seqs = tokens if tokens.ndim == 2 else _sequences(tokens, positions)
+        if positions is not None and not torch.equal(positions.to(tokens.device).reshape(seqs.shape),
+                                                     torch.arange(seqs.shape[1], device=tokens.device)
+                                                     .expand_as(seqs)):
             raise GrouterError("online routing needs whole sequences, but these tokens are a context-parallel "
                                "shard; dispatch a routing store (`grouter dispatch`) and use stored routing")
         self.grouter.to(tokens.device)
         with torch.no_grad():
-            return self.grouter.route(tokens, k=self.k)
+            routing = self.grouter.route(seqs, k=self.k)
+        if tokens.ndim == 1:  # main's folded batch: one routing row per token of [T]
+            routing = Routing(routing.ids.flatten(0, 1), routing.weights.flatten(0, 1), heads=routing.heads)
+        return routing
 
 
-def attach(model: nn.Module, grouter=None, heads: Heads | None = None) -> GrouterRouting:
+def _sequences(tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """Folded tokens ``[T]`` as ``[B, L]``: ``positions`` restart at 0 with every sequence."""
+    starts = [] if positions is None else (positions.reshape(-1) == 0).nonzero().flatten().tolist()
+    n = starts[1] if len(starts) > 1 else tokens.numel()
+    if not starts or starts[0] != 0 or tokens.numel() % n:
+        raise GrouterError("online routing of folded [T] tokens needs positions that restart at 0 with each of "
+                           "equally long sequences (GrouterDataLoader's); use stored routing otherwise")
+    return tokens.reshape(-1, n)
+
+
+def attach(model: nn.Module, grouter=None, heads: Heads | None = None, n_layers: int | None = None) -> GrouterRouting:
     """Give the :class:`GrouterRouter` modules of ``model`` their routing; returns the handle.
 
     Registers a forward pre-hook on ``model`` (see the module docstring). ``grouter``: a
     ``grouter.network.Grouter`` to route online (frozen, eval mode, not a submodule of the model:
     neither saved, sharded nor optimised); None: stored routing comes with each forward, per-layer
     when ``heads`` (the store's ``heads``) is given. With per-layer routing (a Grouter's or a store's
-    heads), decoder layer ``i`` of ``model.layers`` takes the head nearest in relative depth.
+    heads), decoder layer ``i`` of ``model.layers`` takes the head nearest in relative depth among
+    ``n_layers`` (default ``len(model.layers)``; a pipeline stage holds only some of the model's layers).
+    Call it after activation checkpointing is applied: a checkpointed block keeps the routing of
+    each of its forwards for that forward's recompute.
     """
     routers = [m for m in model.modules() if isinstance(m, GrouterRouter)]
     if not routers:
@@ -302,15 +378,30 @@ def attach(model: nn.Module, grouter=None, heads: Heads | None = None) -> Groute
         grouter.requires_grad_(False).eval()
     handle = GrouterRouting(n_experts, k, grouter, heads)
     handle.routers = routers
-    for r, head in zip(routers, _layer_heads(model, routers, heads)):
+    for r, head in zip(routers, _layer_heads(model, routers, heads, n_layers)):
         r.routing, r.head = handle, head
-    handle._hook = model.register_forward_pre_hook(handle._pre_hook, with_kwargs=True)
+    handle._hooks.append(model.register_forward_pre_hook(handle._pre_hook, with_kwargs=True))
+    for block, inner in _checkpointed_blocks(model, routers).items():
+        hook = functools.partial(handle._block_pre_hook, inner)
+        handle._hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     return handle
 
 
-def _layer_heads(model: nn.Module, routers: list[GrouterRouter], heads: Heads | None) -> list[int | None]:
+def _checkpointed_blocks(model: nn.Module, routers: list[GrouterRouter]) -> dict[nn.Module, list[GrouterRouter]]:
+    """The activation-checkpointed blocks of ``model`` (the modules torch's ``checkpoint_wrapper``
+    wraps: torchtitan's AC wraps whole decoder layers) and the routers inside each."""
+    out: dict[nn.Module, list[GrouterRouter]] = {}
+    for wrapper in (m for m in model.modules() if isinstance(m, ActivationWrapper)):
+        inner = [r for r in wrapper.modules() if isinstance(r, GrouterRouter)]
+        if inner:
+            out.setdefault(wrapper._checkpoint_wrapped_module, []).extend(inner)
+    return out
+
+
+def _layer_heads(model: nn.Module, routers: list[GrouterRouter], heads: Heads | None,
+                 n_layers: int | None = None) -> list[int | None]:
     """Each router's head: that of its decoder layer (``layers.<i>.`` in its name) among the model's
-    ``len(model.layers)``, by relative depth; None for one-head routing."""
+    ``n_layers`` (default ``len(model.layers)``), by relative depth; None for one-head routing."""
     if heads is None:
         return [None] * len(routers)
     names = {id(m): n for n, m in model.named_modules()}
@@ -318,7 +409,7 @@ def _layer_heads(model: nn.Module, routers: list[GrouterRouter], heads: Heads | 
     if not all(found) or not hasattr(model, "layers"):
         raise GrouterError("per-layer routing maps decoder layers to heads, but these routers are not inside "
                            "model.layers.<i>; attach the whole model")
-    return [heads.for_target(len(model.layers))[int(m.group(1))] for m in found]
+    return [heads.for_target(n_layers or len(model.layers))[int(m.group(1))] for m in found]
 
 
 # -- the model config ---------------------------------------------------------------------------
@@ -394,20 +485,25 @@ def turn_off_balancing(model_config):
 def grouter_model_spec(spec: ModelSpec, routing: str = "", grouter: str = "") -> ModelSpec:
     """``spec`` with Grouter routing, for torchtitan's Trainer: the model config converted
     (:class:`GrouterRouterConverter`), and ``parallelize_fn`` followed by :func:`attach` (with the
-    Grouter loaded from ``grouter`` for online routing)."""
+    Grouter loaded from ``grouter`` for online routing). Under pipeline parallelism torchtitan calls
+    ``parallelize_fn`` once per model chunk, so every stage gets its own routing handle."""
     config = GrouterRouterConverter.Config(routing=routing, grouter=grouter)
     model_config = config.build().convert(spec.model)
-    inner = spec.parallelize_fn
+    inner, n_layers = spec.parallelize_fn, len(model_config.layers)
 
     def parallelize(model, *, parallel_dims, **kwargs):
-        for name, on in (("pipeline", parallel_dims.pp_enabled), ("tensor", parallel_dims.tp_enabled)):
-            if on:
-                raise GrouterError(f"{name} parallelism is not supported with Grouter routing; set its degree to 1")
+        if parallel_dims.tp_enabled:
+            raise GrouterError("tensor parallelism is not supported with Grouter routing (torchtitan's MoE hands "
+                               "the router DTensor activations, sequence-sharded under SP, which grouter does not "
+                               "shard its routing for); set tensor_parallel_degree 1: FSDP, EP, CP and PP work")
+        if parallel_dims.pp_enabled and grouter:
+            raise GrouterError("online routing needs token ids, which pipeline stages after the first do not see; "
+                               "dispatch a routing store (`grouter dispatch`) and pass routing=")
         model = inner(model, parallel_dims=parallel_dims, **kwargs)
         if grouter:
             attach(model, _load_grouter(grouter))
         else:
-            attach(model, heads=RoutingStore.open(routing, verify=False).heads)
+            attach(model, heads=RoutingStore.open(routing, verify=False).heads, n_layers=n_layers)
         return model
 
     return dataclasses.replace(spec, model=model_config, parallelize_fn=parallelize)
