@@ -54,7 +54,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron"),
               pytest.mark.filterwarnings("ignore::UserWarning:megatron"),
               pytest.mark.filterwarnings("ignore::FutureWarning:torch.distributed")]
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))  # megatron_bytes (spawned ranks inherit sys.path)
 E, K, HIDDEN, SEQ = 8, 2, 32, 32
 
 
@@ -243,8 +242,8 @@ def _served_under_plan(rank: int, world: int, data, store, plan: Plan) -> list[b
 
 def _expert_parallel_rank(rank: int, world: int, data_path: str, store_path: str, plan: Plan, out: str) -> None:
     """One gloo rank of Megatron expert parallelism (EP = DP = world): served routing, and the all-to-all
-    bytes of benchmarks/megatron_bytes.py (plan and random placement) with their prediction."""
-    import megatron_bytes
+    bytes of grouter.integrations.megatron.measure (plan and random placement) with their prediction."""
+    from grouter.integrations.megatron import measure
     from grouter.formats.dataset import PackedDataset
 
     cpu_stubs(setattr)
@@ -252,7 +251,7 @@ def _expert_parallel_rank(rank: int, world: int, data_path: str, store_path: str
     data = PackedDataset.open(data_path)
     store = RoutingStore.open(store_path, data=data, verify=False)
     job = dict(world=world, steps=2, layers=2, hidden=HIDDEN, cuda=False)
-    records = [r for p in ("plan", "random") for r in megatron_bytes.run_placement(rank, job, p, data, store, plan)]
+    records = [r for p in ("plan", "random") for r in measure.run_placement(rank, job, p, data, store, plan)]
     result = {"served_equal": _served_under_plan(rank, world, data, store, plan), "bytes": records}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     parallel_state.destroy_model_parallel()

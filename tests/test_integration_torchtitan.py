@@ -4,12 +4,11 @@ context-parallel sharding and expert parallelism (gloo), driven by stored or onl
 Tiny models throughout (dim 64, 2 layers, 8 experts top-2, SDPA attention: FlexAttention has no
 backward on the CPU). One spawn of 2 gloo processes checks context-parallel sharding against
 torchtitan's ``cp_shard`` and runs torchtitan's expert parallelism with the plan
-(benchmarks/torchtitan_bytes.py's worker). GPU-only paths (FlexAttention / varlen backward, the
+(benchmarks/torchtitan_measure.py's worker). GPU-only paths (FlexAttention / varlen backward, the
 Trainer with FSDP and NCCL, DeepEP dispatchers) are not exercised here.
 """
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,12 +26,11 @@ from grouter.formats.grouter import GrouterConfig
 from grouter.formats.plan import Plan, relabel
 from grouter.formats.store import RoutingStore
 from grouter.integrations import torchtitan as gt
+from grouter.integrations import torchtitan_measure
 from grouter.network import Grouter
 from grouter.routers import Heads, Routing
 from grouter.testing import store_and_plan, synthetic_store
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import torchtitan_bytes  # noqa: E402  (the EP worker and its byte count)
 
 E, K, DIM, SEQ, VOCAB = 8, 2, 64, 32, 512
 
@@ -117,7 +115,7 @@ def test_online_grouter_routing_equals_the_same_routing_stored(setup, tmp_path):
                                     d_ff=64, max_seq_len=SEQ))
     grouter.save_pretrained(tmp_path / "g")
     cfg = gt.GrouterRouterConverter.Config(grouter=str(tmp_path / "g")).build().convert(tiny())
-    model = torchtitan_bytes.built(cfg)
+    model = torchtitan_measure.built(cfg)
     tokens = setup.data.split("train").batch([1, 2, 3])["input_ids"]
     online = gt.attach(model, grouter)
     logits = model(tokens)
@@ -137,7 +135,7 @@ def test_online_grouter_routing_equals_the_same_routing_stored(setup, tmp_path):
 
 # -- the whole model and the dataloader -------------------------------------------------------------
 def test_qwen3_moe_trains_with_stored_routing(setup):
-    model = torchtitan_bytes.built(convert(tiny(), setup.store_dir))
+    model = torchtitan_measure.built(convert(tiny(), setup.store_dir))
     gt.attach(model)
     loader = gt.GrouterDataLoader.Config(data=str(setup.data.path), routing=str(setup.store_dir), seed=1)
     loader = loader.build(dp_world_size=1, dp_rank=0, seq_len=SEQ, local_batch_size=8)
@@ -232,7 +230,7 @@ def test_other_refusals(setup):
 
 
 def test_bad_routing_at_forward_is_refused(setup):
-    model = torchtitan_bytes.built(convert(tiny(), setup.store_dir))
+    model = torchtitan_measure.built(convert(tiny(), setup.store_dir))
     handle = gt.attach(model)
     tokens = setup.data.split("train").batch([0, 1])["input_ids"]
     r = setup.store.routing("train", [0, 1])
@@ -259,7 +257,7 @@ def test_model_spec_attaches_after_parallelize_and_refuses_tp(setup):
 
 # -- context and expert parallelism: 2 gloo processes ---------------------------------------------
 def two_ranks(rank: int, world: int, run: dict) -> None:
-    """CP: our sharding of routing vs torchtitan's of the same tensors; EP: torchtitan_bytes.run_ep."""
+    """CP: our sharding of routing vs torchtitan's of the same tensors; EP: torchtitan_measure.run_ep."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.nn.attention.flex_attention import create_block_mask
     from torchtitan.distributed.context_parallel.api import cp_shard, prepare_context_parallel_input
@@ -281,7 +279,7 @@ def two_ranks(rank: int, world: int, run: dict) -> None:
     out["model"] = model_follows_cp_shard(mesh, run)
     Path(run["out"]).mkdir(parents=True, exist_ok=True)
     (Path(run["out"]) / f"cp{rank}.json").write_text(json.dumps(out))
-    torchtitan_bytes.run_ep(rank, world, run)
+    torchtitan_measure.run_ep(rank, world, run)
 
 
 def model_follows_cp_shard(mesh, run: dict) -> bool:
@@ -289,7 +287,7 @@ def model_follows_cp_shard(mesh, run: dict) -> bool:
     from torchtitan.distributed.context_parallel.api import cp_shard, prepare_context_parallel_input
 
     store = RoutingStore.open(run["routing"], verify=False)
-    model = torchtitan_bytes.built(convert(tiny(), run["routing"]))
+    model = torchtitan_measure.built(convert(tiny(), run["routing"]))
     handle = gt.attach(model)
     split = PackedDataset.open(run["data"]).split("train")
     inputs, _ = gt.RoutedSequences(split, store, None)[np.array([3, 4])]
@@ -321,7 +319,7 @@ def test_context_parallel_routing_is_sharded_like_torchtitan_shards_the_tokens(r
 
 def test_torchtitan_expert_parallelism_sends_what_the_planner_predicts(ranks2, setup):
     plan = Plan.load(setup.plan_dir)
-    counted = torchtitan_bytes.measured_and_predicted(ranks2, setup.store, plan, 2)
+    counted = torchtitan_measure.measured_and_predicted(ranks2, setup.store, plan, 2)
     assert counted["exact"] and counted["rows"] > 0 and counted["row_bytes"] == DIM * 4
     for rank in range(2):
         for rec in json.loads((ranks2 / f"rank{rank}.json").read_text()):
@@ -333,7 +331,7 @@ def test_torchtitan_expert_parallelism_sends_what_the_planner_predicts(ranks2, s
 def test_flex_attention_model_trains_on_gpu(setup):
     cfg = gt.qwen3_moe_config(vocab_size=VOCAB, dim=DIM, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                               moe_hidden_dim=DIM, n_experts=E, top_k=K, max_seq_len=SEQ, attention="flex")
-    model = torchtitan_bytes.built(convert(cfg, setup.store_dir)).cuda()
+    model = torchtitan_measure.built(convert(cfg, setup.store_dir)).cuda()
     gt.attach(model)
     loader = gt.GrouterDataLoader.Config(data=str(setup.data.path), routing=str(setup.store_dir)).build(
         dp_world_size=1, dp_rank=0, seq_len=SEQ, local_batch_size=8)
@@ -350,7 +348,7 @@ def test_per_layer_routing_drives_each_layer_by_its_head(setup, tmp_path):
     heads = Heads((0, 1), 2)
     synthetic_store(setup.data, tmp_path / "heads", E, K, 4, heads=heads)
     store = RoutingStore.open(tmp_path / "heads", data=setup.data)
-    model = torchtitan_bytes.built(convert(tiny(), tmp_path / "heads"))
+    model = torchtitan_measure.built(convert(tiny(), tmp_path / "heads"))
     handle = gt.attach(model, heads=store.heads)
     seen = {}
     for i, layer in model.layers.items():
@@ -378,7 +376,7 @@ def test_per_layer_routing_drives_each_layer_by_its_head(setup, tmp_path):
     g = Grouter(GrouterConfig(vocab_size=VOCAB, n_experts=E, top_k=K, d_model=32, n_layers=1, n_heads=2, d_ff=64,
                               max_seq_len=SEQ, head_layers=[0, 1], source_layers=2))
     g.save_pretrained(tmp_path / "g")
-    online_model = torchtitan_bytes.built(gt.GrouterRouterConverter.Config(grouter=str(tmp_path / "g")).build()
+    online_model = torchtitan_measure.built(gt.GrouterRouterConverter.Config(grouter=str(tmp_path / "g")).build()
                                           .convert(tiny()))  # the same weights as model's (seed 0)
     online = gt.attach(online_model, g)
     routed = g.route(tokens, k=K)
@@ -478,7 +476,7 @@ def test_activation_checkpoint_recompute_takes_its_own_forwards_routing(setup):
     from torchtitan.distributed.activation_checkpoint import FullAC
 
     cfg = convert(tiny(), setup.store_dir)
-    plain, checkpointed = torchtitan_bytes.built(cfg), torchtitan_bytes.built(cfg)  # the same weights
+    plain, checkpointed = torchtitan_measure.built(cfg), torchtitan_measure.built(cfg)  # the same weights
     FullAC(FullAC.Config()).apply(checkpointed)
     gt.attach(plain)
     handle = gt.attach(checkpointed)
@@ -503,7 +501,7 @@ def test_a_pipeline_stage_takes_the_heads_of_its_layers_depth_in_the_whole_model
     """A stage holding decoder layer 1 of 2 (torchtitan's split keeps the layer's name) takes the head of
     depth 1 of 2, not of its own single layer; grouter_model_spec passes the whole model's layer count."""
     heads = Heads((0, 1), 2)
-    stage = torchtitan_bytes.built(convert(tiny(), setup.store_dir))
+    stage = torchtitan_measure.built(convert(tiny(), setup.store_dir))
     del stage.layers["0"]  # what pipeline_llm's split leaves on the second stage
     handle = gt.attach(stage, heads=heads, n_layers=2)
     assert [r.head for r in handle.routers] == [heads.for_target(2)[1]] == [1]
