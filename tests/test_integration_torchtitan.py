@@ -311,12 +311,14 @@ def ranks2(setup):
     return Path(run["out"])
 
 
+@pytest.mark.slow
 def test_context_parallel_routing_is_sharded_like_torchtitan_shards_the_tokens(ranks2):
     for rank in range(2):
         assert json.loads((ranks2 / f"cp{rank}.json").read_text()) == {"headtail": True, "None": True, "ptrr": True,
                                                                        "model": True}
 
 
+@pytest.mark.slow
 def test_torchtitan_expert_parallelism_sends_what_the_planner_predicts(ranks2, setup):
     plan = Plan.load(setup.plan_dir)
     counted = torchtitan_measure.measured_and_predicted(ranks2, setup.store, plan, 2)

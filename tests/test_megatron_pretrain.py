@@ -134,6 +134,7 @@ def runs(tiny_data, tmp_path_factory):
     return {**d, "resumed": root / "resumed", "killed_run": killed, "plan_object": plan}
 
 
+@pytest.mark.slow
 def test_megatrons_trainer_trains_grouter_routed_moe(runs, tiny_data):
     """pretrain() with grouter's providers: 4 iterations of 4 micro-batches, the sequences Megatron's sampler
     deals from grouter's seeded order, the loss going down, an evaluation, Megatron's checkpoints."""
@@ -149,6 +150,7 @@ def test_megatrons_trainer_trains_grouter_routed_moe(runs, tiny_data):
     assert sorted(p.name for p in (runs["full"] / "ckpt").glob("iter_*")) == ["iter_0000002", "iter_0000004"]
 
 
+@pytest.mark.slow
 def test_pipeline_and_virtual_pipeline_give_the_losses_of_one_stage(runs):
     """From the same checkpoint (iteration 2), pipeline parallelism 2 (1F1B) and virtual pipeline 2 (interleaved),
     with activation recompute, train iterations 3 and 4 on the same sequences with the same per-sequence losses
@@ -160,6 +162,7 @@ def test_pipeline_and_virtual_pipeline_give_the_losses_of_one_stage(runs):
         assert by_iteration(trace, training=False) == by_iteration(full, training=False), name
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_the_sequences_and_losses_of_an_uninterrupted_one(runs):
     """SIGKILL after the checkpoint at iteration 2, then --load: iterations 3 and 4 (and the evaluation) see the
     sequences and losses of the run that was never interrupted."""
@@ -174,6 +177,7 @@ def test_a_killed_run_resumes_with_the_sequences_and_losses_of_an_uninterrupted_
             == by_iteration(read_trace(runs["full"] / "trace"), training=False))
 
 
+@pytest.mark.slow
 def test_each_data_parallel_rank_trains_the_plans_sequences(runs):
     """EP = DP = 2 with a placement plan: Megatron's sampler gives DP rank r exactly the plan's sequences of rank r,
     global batch after global batch, in micro-batches of 2."""
@@ -185,6 +189,7 @@ def test_each_data_parallel_rank_trains_the_plans_sequences(runs):
             assert seen == plan.samples[rank][it].tolist()
 
 
+@pytest.mark.slow
 def test_ids_only_replay_trains_with_megatrons_own_routers(runs, tiny_data):
     """--grouter-replay: Megatron's TopKRouters (moe_enable_routing_replay) replay the stored ids; the run trains
     its 2 iterations on both data-parallel ranks, the sequences of Megatron's sampler in grouter's seeded order."""

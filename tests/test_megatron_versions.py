@@ -138,6 +138,7 @@ def routing_store(tiny_data, tmp_path_factory):
     return SimpleNamespace(data=tiny_data, path=path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", MEGATRON_RELEASES)
 def test_release_boundaries(version, routing_store, tmp_path):
     from grouter.integrations.megatron.compat import version_tuple

@@ -229,6 +229,7 @@ def fsdp_ep_runs(rank: int, world: int, run: dict) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({"whole": whole, "resumed": resumed}))
 
 
+@pytest.mark.slow
 def test_trainer_trains_with_the_stores_routing_and_resumes_exactly(demo_like):
     run = dict(data=demo_like.data, routing=demo_like.routing, plan=demo_like.plan, batch=4,
                out=str(demo_like.root / "fsdp_ep"))
@@ -271,6 +272,7 @@ def pipeline_runs(rank: int, world: int, run: dict) -> None:
         (out / f"{name}{rank}.json").write_text(json.dumps(got))
 
 
+@pytest.mark.slow
 def test_two_pipeline_stages_train_as_one_with_activation_checkpointing(demo_like):
     """Under 1F1B, stage 0 runs the forwards of micro-batches 0 and 1 before the backward of 0, whose
     activation-checkpoint recompute must take micro-batch 0's routing (each checkpointed block keeps
@@ -303,6 +305,7 @@ def latest_weights(out: Path, rank: int) -> dict:
 
 
 # -- the launch docs/torchtitan.md gives, run as written ------------------------------------------------
+@pytest.mark.slow
 def test_the_documented_launch_runs_to_where_it_needs_a_gpu(tmp_path):
     """The one-GPU launch of docs/torchtitan.md, exactly as written, in a folder holding demo-shaped
     ``demo/`` artifacts: torchtitan imports everything it needs, finds grouter's config in
