@@ -229,7 +229,6 @@ def fsdp_ep_runs(rank: int, world: int, run: dict) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({"whole": whole, "resumed": resumed}))
 
 
-@pytest.mark.slow
 def test_trainer_trains_with_the_stores_routing_and_resumes_exactly(demo_like):
     run = dict(data=demo_like.data, routing=demo_like.routing, plan=demo_like.plan, batch=4,
                out=str(demo_like.root / "fsdp_ep"))
