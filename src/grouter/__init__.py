@@ -10,8 +10,8 @@ rest load only when a name that needs them is touched).
 
 from __future__ import annotations
 
+import _signal  # the C module: `import signal` loads enum first, long enough to be interrupted
 import os
-import signal
 import sys
 
 
@@ -32,7 +32,7 @@ def _started_as_the_command() -> bool:
 # traceback from inside an import; grouter.cli.main puts back the usual KeyboardInterrupt once the
 # command's own handling is in place.
 if _started_as_the_command():
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    _signal.signal(_signal.SIGINT, _interrupted_while_starting)
 
 import importlib  # noqa: E402  (after the handler: it is the first thing the command does)
 
