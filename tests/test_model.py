@@ -75,6 +75,29 @@ def test_grouped_experts_equal_per_token_reference():
     assert counts.tolist() == torch.bincount(routing.ids.flatten(), minlength=6).tolist()
 
 
+def test_experts_backward_is_bitwise_repeatable_with_threads():
+    """The same step twice gives the same gradients: the tokens' gather into expert order must not
+    accumulate its backward with atomic adds across threads (CPU advanced indexing does), which made
+    two identical runs drift apart from their first steps (docs/RESULTS.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        experts = Experts(n_experts=16, d_model=64, d_expert=32)
+        torch.nn.init.normal_(experts.w_in)
+        torch.nn.init.normal_(experts.w_out)
+        x = torch.randn(2048, 64)
+        routing = topk_gating(torch.randn(2048, 16), 4)
+        grads = []
+        for _ in range(4):
+            xi = x.clone().requires_grad_()
+            experts(xi, routing)[0].square().sum().backward()
+            grads.append(xi.grad)
+        assert all(torch.equal(g, grads[0]) for g in grads[1:])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_model_is_causal():
     model = tiny_model(router="aux").eval()
     x = torch.randint(0, 100, (2, 16))

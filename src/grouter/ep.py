@@ -270,7 +270,7 @@ class EPExperts(Experts):
         recv_per_expert = _exchange_counts(per_expert, ep)  # block s: slots rank s sends to each of our experts
         send_l = per_expert.view(ep.world, per).sum(1).tolist()
         recv_l = recv_per_expert.view(ep.world, per).sum(1).tolist()
-        x_recv = _AllToAll.apply(x[token_of_slot], send_l, recv_l, ep, "dispatch", "dispatch_backward")
+        x_recv = _AllToAll.apply(x.index_select(0, token_of_slot), send_l, recv_l, ep, "dispatch", "dispatch_backward")
         local_ids = torch.arange(per, device=x.device).repeat(ep.world).repeat_interleave(recv_per_expert)
         y_recv = self._local(x_recv, local_ids, torch.ones(len(local_ids), device=x.device))
         y_back = _AllToAll.apply(y_recv, recv_l, send_l, ep, "combine", "combine_backward")

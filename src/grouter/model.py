@@ -196,7 +196,9 @@ class Experts(nn.Module):
         else:  # precomputed by the data loader (routing known ahead of the step)
             order, counts = routing.order, routing.counts
         token_of_slot = order // k
-        xs = x[token_of_slot]
+        # index_select, not x[token_of_slot]: the latter's backward adds each token's k slots with
+        # atomic adds across CPU threads, so two identical runs would differ in the last bits
+        xs = x.index_select(0, token_of_slot)
         outputs = []
         # unbind once: indexing w_in[e] per expert would make autograd build a full-size zero
         # gradient for every expert (E^2 memory traffic); unbind's backward is a single stack.
