@@ -122,6 +122,28 @@ def stdlib_documents() -> list:
     return docs
 
 
+def megatron_indexed_dataset(documents: list, tokenizer, prefix: str | Path, eod: int,
+                             sentences: bool = False) -> Path:
+    """A Megatron indexed dataset made as Megatron's ``tools/preprocess_data.py`` makes one (``--append-eod``):
+    each document tokenized, the end-of-document id appended to its last item, written with Megatron's own
+    ``IndexedDatasetBuilder`` in the dtype it picks for the vocabulary. ``sentences``: each paragraph is an
+    item of its own (what ``--split-sentences`` does with sentences; GPTDataset shuffles items)."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(tokenizer.get_vocab_size()))
+    for doc in documents:
+        parts = [p for p in doc.text.split("\n\n") if p.strip()] if sentences else [doc.text]
+        ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in parts]
+        ids = [x for x in ids if x]
+        if ids:
+            ids[-1].append(eod)
+            builder.add_document([t for x in ids for t in x], [len(x) for x in ids])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """``grouter ARGV...`` in this process: (exit code, stdout, stderr), captured by pytest's ``capsys``."""
     from .cli import main

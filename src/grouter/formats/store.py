@@ -73,6 +73,14 @@ def weight_bits(weights: torch.Tensor, weights_dtype: str) -> np.ndarray:
     return weights.to(WEIGHTS_DTYPES[weights_dtype]).view(torch.int16).cpu().numpy().view(np.uint16)
 
 
+def check_expert_ids(ids: torch.Tensor, n_experts: int, where: str | None = None) -> None:
+    """Refuse expert ids outside ``0..n_experts-1``: routing to write (``where`` None), or read from ``where``."""
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < n_experts:
+        if where is None:
+            raise GrouterError(f"routing holds expert ids outside 0..{n_experts - 1}; it cannot be stored")
+        raise GrouterError(f"{where} holds expert id {int(ids.max())} for {n_experts} experts (corrupt)")
+
+
 def row_shape(seq_len: int, k: int, heads: Heads | None) -> tuple[int, ...]:
     """The shape of one sequence's ids or weights in a store."""
     return (seq_len, k) if heads is None else (seq_len, len(heads), k)
@@ -136,8 +144,7 @@ class StoreWriter:
         if tuple(routing.ids.shape[1:]) != self.row_shape or routing.heads != self.heads:
             raise GrouterError(f"routing of shape {list(routing.ids.shape)} (heads {routing.heads}) does not fit a store "
                                f"of rows {list(self.row_shape)} (heads {self.heads})")
-        if routing.ids.numel() and not 0 <= int(routing.ids.min()) <= int(routing.ids.max()) < self.n_experts:
-            raise GrouterError(f"routing holds expert ids outside 0..{self.n_experts - 1}; it cannot be stored")
+        check_expert_ids(routing.ids, self.n_experts)
         ids[at:at + b] = routing.ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
         bits[at:at + b] = weight_bits(routing.weights, self.weights_dtype)
 
