@@ -305,3 +305,86 @@ def span_rows(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
     first = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
     return first + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+class StreamSamples:
+    """A stream read as samples the way GPTDataset makes them, for planning (``grouter place``): documents in a
+    seeded random order, concatenated, cut every ``seq_len`` tokens (the last partial sample dropped).
+    Megatron's own samples use its own shuffle, so these are a draw from the same distribution, not its
+    samples. Reads like a routing store's ids ``[n, seq_len, k]`` (``[n, seq_len, H, k]``), lazily: a slice
+    stays lazy, an index array or ``np.asarray`` gathers those samples' rows."""
+
+    def __init__(self, stream: RoutingStream, seq_len: int, seed: int, rows: slice = slice(None)):
+        self.stream, self.seq_len, self.seed = stream, int(seq_len), int(seed)
+        offsets = stream.offsets()
+        self.order = np.random.default_rng(self.seed).permutation(stream.n_documents)
+        lengths = np.diff(offsets)[self.order]
+        self.first_row, self.ends = offsets[:-1][self.order], np.cumsum(lengths)
+        self.starts = self.ends - lengths  # each (shuffled) document's first position in the concatenation
+        self.index = np.arange(stream.n_tokens // self.seq_len)[rows]
+        self.ids_map = stream.ids()
+        self.shape = (len(self.index), self.seq_len, *stream.token_shape)
+        self.ndim, self.dtype = len(self.shape), stream.ids_dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        if isinstance(rows, slice):
+            view = StreamSamples.__new__(StreamSamples)
+            view.__dict__.update(self.__dict__, index=self.index[rows])
+            view.shape = (len(view.index), *self.shape[1:])
+            return view
+        return self._read(self.index[rows])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._read(self.index)
+        return out if dtype is None else out.astype(dtype)
+
+    def rows(self, samples: np.ndarray) -> np.ndarray:
+        """Stream rows ``[len(samples), seq_len]`` of these samples' tokens."""
+        position = np.asarray(samples, dtype=np.int64)[:, None] * self.seq_len + np.arange(self.seq_len)
+        j = np.searchsorted(self.ends, position, side="right")  # the document (in the shuffled order) of each
+        return self.first_row[j] + position - self.starts[j]
+
+    def _read(self, samples: np.ndarray) -> np.ndarray:
+        return np.asarray(self.ids_map[self.rows(np.atleast_1d(samples)).reshape(-1)]).reshape(
+            len(np.atleast_1d(samples)), self.seq_len, *self.stream.token_shape)
+
+
+@dataclass
+class StreamPlanning:
+    """What ``grouter place`` reads of a routing store, from a stream: :class:`StreamSamples` as the ``train``
+    split, E, k, heads, and where the routing came from (``kind`` "stream": only the plan's expert placement
+    applies to Megatron's own samples)."""
+
+    stream: RoutingStream
+    seq_len: int
+    seed: int
+    kind: str = "stream"
+
+    def ids(self, split: str) -> StreamSamples:
+        if split != "train":
+            raise GrouterError("a routing stream has one split: its samples are cut at training time (use train)")
+        return StreamSamples(self.stream, self.seq_len, self.seed)
+
+    @property
+    def path(self) -> Path:
+        return self.stream.path
+
+    @property
+    def n_experts(self) -> int:
+        return self.stream.n_experts
+
+    @property
+    def k(self) -> int:
+        return self.stream.k
+
+    @property
+    def heads(self) -> Heads | None:
+        return self.stream.heads
+
+    @property
+    def manifest(self) -> dict:
+        m = self.stream.manifest
+        return {"dataset_fingerprint": m["prefix"]["idx_sha256"], "grouter_fingerprint": m["grouter_fingerprint"]}
