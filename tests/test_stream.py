@@ -11,50 +11,21 @@ import torch
 from grouter.cli import main
 from grouter.dispatch import dispatch
 from grouter.errors import GrouterError
-from grouter.formats.grouter import GrouterConfig
 from grouter.formats.plan import Plan
 from grouter.formats.stream import RoutingStream, StreamSamples, document_windows, prefix_files
 from grouter.formats.verify import verify_artifact
 from grouter.network import Grouter
 from grouter.place import place
 from grouter.routers import Heads
-from grouter.testing import assert_one_line_error, run_cli
+from grouter.testing import assert_one_line_error, document_routing, indexed_items, run_cli, small_grouter
 
 BF16_TOL = 2 ** -8
 WINDOW, OVERLAP = 64, 16
 
 
-def make_grouter(path, vocab: int = 512, heads: Heads | None = None, distilled_seq_len: int | None = WINDOW):
-    """A small random Grouter whose routes vary; it records the sequence length it was "distilled" on."""
-    cfg = GrouterConfig(vocab_size=vocab, n_experts=16, top_k=4, d_model=32, n_layers=1, n_heads=2, d_ff=64,
-                        max_seq_len=128, head_layers=list(heads.layers) if heads else [],
-                        source_layers=heads.source_layers if heads else 0,
-                        provenance={"distilled_seq_len": distilled_seq_len} if distilled_seq_len else {})
-    g = Grouter(cfg)
-    with torch.no_grad():
-        g.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
-    g.save_pretrained(path)
-    return path
-
-
-def reference_routing(g: Grouter, tokens: np.ndarray, window: int, overlap: int, k: int = 4):
-    """The rule of docs/method.md, computed directly: token t of a document is routed with the context
-    [s(t), t], s(t) = 0 below the window, else the largest multiple of (window - overlap) with t - s >= overlap."""
-    t = np.arange(len(tokens))
-    stride = window - overlap
-    s = np.where(t < window, 0, (t - overlap) // stride * stride)
-    ids, weights = [], []
-    for start in np.unique(s):
-        last = int(t[s == start].max())
-        r = g.route(torch.from_numpy(tokens[start:last + 1].astype(np.int64))[None], k)
-        keep = t[s == start] - start
-        ids.append(r.ids[0, keep]), weights.append(r.weights[0, keep])
-    return torch.cat(ids), torch.cat(weights)
-
-
 @pytest.fixture(scope="module")
 def grouter_dir(tmp_path_factory):
-    return make_grouter(tmp_path_factory.mktemp("grouter") / "g")
+    return small_grouter(tmp_path_factory.mktemp("grouter") / "g")
 
 
 @pytest.fixture(scope="module")
@@ -67,27 +38,19 @@ def stream_dir(megatron_text, grouter_dir, tmp_path_factory):
     return out
 
 
-def items(prefix):
-    """Each item's tokens, read with Megatron's own IndexedDataset."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    index = IndexedDataset(str(prefix))
-    return [np.array(index.get(i)) for i in range(len(index))]  # copies: the views die with the reader
-
-
 def test_every_token_is_routed_from_its_documents_start(megatron_text, grouter_dir, stream_dir):
     """Row p of the stream is token p of PREFIX.bin, routed by the Grouter over its own item only, from the item's
     start (longer items in windows of 64 re-reading 16 tokens): equal, token by token, to the rule computed
     directly, for every item."""
     stream = RoutingStream.open(stream_dir, prefix=megatron_text["paragraphs"])
     g = Grouter.from_pretrained(grouter_dir)
-    offsets, docs = stream.offsets(), items(megatron_text["paragraphs"])
+    offsets, docs = stream.offsets(), indexed_items(megatron_text["paragraphs"])
     assert len(docs) == stream.n_documents and offsets[-1] == stream.n_tokens == sum(map(len, docs))
     lengths = np.diff(offsets)
     assert (lengths <= WINDOW).sum() > 50 and (lengths > 3 * WINDOW).sum() > 3  # short ones, and several windows
     for d, tokens in enumerate(docs):
         stored = stream.rows(np.arange(offsets[d], offsets[d + 1]))
-        ids, weights = reference_routing(g, tokens, WINDOW, OVERLAP)
+        ids, weights = document_routing(g, tokens, WINDOW, OVERLAP)
         assert torch.equal(stored.ids, ids), d
         assert torch.allclose(stored.weights, weights, rtol=BF16_TOL, atol=1e-6), d
     assert len(torch.unique(stream.rows(np.arange(stream.n_tokens)).ids)) == 16  # the routes vary
@@ -107,15 +70,15 @@ def test_windows_route_every_token_once_with_a_context_from_its_document():
 
 def test_per_layer_heads_are_streamed_per_head(megatron_text, tmp_path):
     heads = Heads((0, 3), 6)
-    make_grouter(tmp_path / "g", heads=heads)
+    small_grouter(tmp_path / "g", heads=heads)
     dispatch(tmp_path / "s", grouter=tmp_path / "g", megatron_data=megatron_text["paragraphs"], progress=False)
     stream = RoutingStream.open(tmp_path / "s")
     assert stream.heads == heads and stream.manifest["context"] == {"rule": "document", "window": 64, "overlap": 32}
     g, offsets = Grouter.from_pretrained(tmp_path / "g"), stream.offsets()
-    for d, tokens in list(enumerate(items(megatron_text["paragraphs"])))[:40]:
+    for d, tokens in list(enumerate(indexed_items(megatron_text["paragraphs"])))[:40]:
         stored = stream.rows(np.arange(offsets[d], offsets[d + 1]))
         assert stored.ids.shape == (len(tokens), 2, 4) and stored.heads == heads
-        assert torch.equal(stored.ids, reference_routing(g, tokens, 64, 32)[0])
+        assert torch.equal(stored.ids, document_routing(g, tokens, 64, 32)[0])
 
 
 def test_a_stream_is_bound_to_its_prefix_and_its_bytes_are_checked_as_read(megatron_text, stream_dir, tmp_path):
@@ -152,11 +115,11 @@ def test_dispatch_refuses_what_it_cannot_route(capsys, megatron_text, grouter_di
     assert_one_line_error(code, err, "is not a Megatron indexed dataset")
     code, _, err = run_cli(capsys, *args, "--data", tiny_data.path, "--window", "32")
     assert_one_line_error(code, err, "--window and --overlap are for --megatron-data")
-    make_grouter(tmp_path / "small", vocab=300)
+    small_grouter(tmp_path / "small", vocab=300)
     code, _, err = run_cli(capsys, "dispatch", "--grouter", tmp_path / "small", "--megatron-data",
                            megatron_text["paragraphs"], "--out", tmp_path / "o")
     assert_one_line_error(code, err, "beyond the Grouter's vocabulary of 300")
-    make_grouter(tmp_path / "old", distilled_seq_len=None)
+    small_grouter(tmp_path / "old", distilled_seq_len=None)
     code, _, err = run_cli(capsys, "dispatch", "--grouter", tmp_path / "old", "--megatron-data",
                            megatron_text["paragraphs"], "--out", tmp_path / "o")
     assert_one_line_error(code, err, "pass --window")
