@@ -45,9 +45,7 @@ from .device import ProcessGroup
 from .errors import GrouterError
 from .formats.dataset import SPLITS, DataSplit, PackedDataset
 from .formats.store import WEIGHTS_DTYPES, StoreWriter, bytes_per_token
-from .formats.stream import StreamWriter, check_prefix, document_windows, prefix_files, prefix_fingerprint, window_order
-from .integrity import CheckedFile
-from .chunking import row_chunks
+from .formats.stream import MegatronPrefix, StreamWriter, document_windows, window_order
 from .routers import Routing
 from .network import LEAK_WARNING, Grouter
 from .options import COUNT, POSITIVE_INT, option, path_input
@@ -166,42 +164,6 @@ def _route_shard(model: Grouter, split: DataSplit, writer: StoreWriter, progress
 
 
 # -- a Megatron indexed dataset: a routing stream (docs/method.md#routing-streams-for-megatron-indexed-datasets)
-@dataclass
-class _Prefix:
-    """A Megatron indexed dataset opened for routing: its documents (Megatron's IndexedDataset reads the
-    index), its tokens memory-mapped, their chunks verified as read, their largest id."""
-
-    path: Path
-    offsets: np.ndarray  # int64 [n_documents + 1]: document i is tokens [offsets[i], offsets[i + 1]) of .bin
-    tokens: np.ndarray
-    checked: CheckedFile
-    max_token_id: int
-
-    @classmethod
-    def open(cls, prefix: Path) -> "_Prefix":
-        prefix = check_prefix(prefix)
-        try:
-            from megatron.core.datasets.indexed_dataset import IndexedDataset
-        except ImportError as e:
-            raise GrouterError(f"reading a Megatron indexed dataset needs megatron-core (pip install "
-                               f"'grouter[megatron]'): {e}") from None
-        index = IndexedDataset(str(prefix), multimodal=False, mmap=True)
-        lengths, dtype = np.asarray(index.sequence_lengths, dtype=np.int64), np.dtype(index.index.dtype)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        pointers = np.asarray(index.index.sequence_pointers, dtype=np.int64)
-        bin_path = prefix_files(prefix)[1]
-        if bin_path.stat().st_size != offsets[-1] * dtype.itemsize or not np.array_equal(
-                pointers, offsets[:-1] * dtype.itemsize):
-            raise GrouterError(f"{bin_path} does not hold its documents back to back as its .idx says (as "
-                               "Megatron's IndexedDatasetBuilder writes them); rebuild it with preprocess_data.py")
-        checked = CheckedFile(bin_path, prefix_fingerprint(prefix)["bin"], "Megatron dataset file",
-                              f"{bin_path} changed while it was read; run the command again")
-        tokens = np.memmap(bin_path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
-        checked.check_all()
-        top = max((int(tokens[a:b].max()) for a, b in row_chunks(len(tokens), 1) if b > a), default=-1)
-        return cls(prefix, offsets, tokens, checked, top)
-
-
 def _window(model: Grouter, o: "Options") -> tuple[int, int]:
     """The context window for long documents (default: the sequence length the Grouter was distilled on)
     and the overlap of consecutive windows (default: half of it)."""
@@ -217,7 +179,7 @@ def _window(model: Grouter, o: "Options") -> tuple[int, int]:
     return int(window), int(overlap)
 
 
-def _route_windows(model: Grouter, prefix: _Prefix, writer: StreamWriter, k: int, windows: tuple, device):
+def _route_windows(model: Grouter, prefix: MegatronPrefix, writer: StreamWriter, k: int, windows: tuple, device):
     """``route(a, b, lo, maps)`` of :func:`_shard_loop` over the windows ``(document, start, stop, emit)``:
     one forward of windows a..b-1, right-padded (the Grouter is causal: padding changes no earlier
     position), and the routing of each window's kept tokens written at their rows of the stream."""
@@ -245,7 +207,7 @@ def _route_windows(model: Grouter, prefix: _Prefix, writer: StreamWriter, k: int
 
 def _dispatch_stream(inputs: "Inputs", o: "Options", out: Output, t0: float) -> dict | None:
     """Route every document of a Megatron indexed dataset from its start into a routing stream."""
-    prefix = _Prefix.open(inputs.megatron_data)
+    prefix = MegatronPrefix.open(inputs.megatron_data)
     model, fingerprint, k = _load_grouter(inputs.grouter, None, o.k)
     if prefix.max_token_id >= model.cfg.vocab_size:
         raise GrouterError(f"{prefix.path} holds token id {prefix.max_token_id}, beyond the Grouter's vocabulary of "

@@ -185,8 +185,31 @@ def write_store(out: str | Path, routing: dict[str, Routing], n_experts: int, da
     return Path(out)
 
 
+class RoutingManifest:
+    """What a routing store's and a routing stream's manifests both say: E, k, the ids' dtype, the heads."""
+
+    manifest: dict
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.manifest["n_experts"])
+
+    @property
+    def ids_dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["ids_dtype"])
+
+    @property
+    def heads(self) -> Heads | None:
+        """Per-layer heads (None: one routing for every layer)."""
+        return Heads.of(self.manifest.get("head_layers", []), self.manifest.get("source_layers", 0))
+
+
 @dataclass
-class RoutingStore:
+class RoutingStore(RoutingManifest):
     """A routing store opened read-only (memory-mapped) and validated against its manifest."""
 
     path: Path
@@ -263,29 +286,12 @@ class RoutingStore:
             checked.check_rows(np.asarray(idx, dtype=np.int64) * row, row)
 
     @property
-    def k(self) -> int:
-        return int(self.manifest["k"])
-
-    @property
-    def n_experts(self) -> int:
-        return int(self.manifest["n_experts"])
-
-    @property
     def seq_len(self) -> int:
         return int(self.manifest["seq_len"])
 
     @property
-    def ids_dtype(self) -> np.dtype:
-        return np.dtype(self.manifest["ids_dtype"])
-
-    @property
     def causal(self) -> bool:
         return bool(self.manifest.get("causal", True))
-
-    @property
-    def heads(self) -> Heads | None:
-        """Per-layer heads (None: one routing for every layer)."""
-        return Heads.of(self.manifest.get("head_layers", []), self.manifest.get("source_layers", 0))
 
     @property
     def row_shape(self) -> tuple[int, ...]:

@@ -17,7 +17,9 @@ packing, blend or sample order can slice it. Layout of a stream directory:
   patterns); **row p is the routing of token p of** ``PREFIX.bin``.
 - ``documents.offsets``: int64 ``[n_documents + 1]``: document i is rows ``[offsets[i], offsets[i + 1])``.
 
-Nothing here imports megatron-core: the stream is read with numpy, the prefix hashed as files.
+Nothing here imports megatron-core but :meth:`MegatronPrefix.open` (Megatron's IndexedDataset reads the
+prefix's index for dispatch and ``grouter data megatron``): the stream is read with numpy, the prefix hashed
+as files.
 :class:`StreamWriter` writes one (``grouter dispatch --megatron-data``), :class:`RoutingStream` reads it.
 """
 
@@ -32,10 +34,12 @@ import numpy as np
 import torch
 
 from ..artifacts import read_manifest, write_json
+from ..chunking import row_chunks
 from ..errors import GrouterError
 from ..integrity import CheckedFile, file_checksum, file_sha256, fingerprint_of
 from ..routers import Heads, Routing
-from .store import WEIGHTS_DTYPES, StoreWriter, check_expert_ids, head_fields, ids_dtype_for, weight_bits
+from .store import (WEIGHTS_DTYPES, RoutingManifest, StoreWriter, check_expert_ids, head_fields, ids_dtype_for,
+                    weight_bits)
 
 STREAM_FORMAT, STREAM_VERSION = "grouter-routing-stream", 1
 STREAM_FILES = ("stream.ids", "stream.weights", "documents.offsets")
@@ -79,6 +83,45 @@ def prefix_state(prefix: str | Path) -> str:
     """A prefix's content as one digest (a command's identity: the same data anywhere is the same input)."""
     fp = prefix_fingerprint(prefix)
     return fingerprint_of({"idx": fp["idx_sha256"], "bin": fp["bin"]["sha256"]})
+
+
+@dataclass
+class MegatronPrefix:
+    """A Megatron indexed dataset opened for routing: its documents (Megatron's IndexedDataset reads the
+    index), its tokens memory-mapped, their chunks verified as read, their largest id. Opening one needs
+    megatron-core (imported here only); reading a stream does not."""
+
+    path: Path
+    offsets: np.ndarray  # int64 [n_items + 1]: item i (a document to GPTDataset) is tokens [offsets[i], offsets[i + 1])
+    document_items: np.ndarray  # int64: the first item of each of preprocess_data.py's documents, then the item count
+    tokens: np.ndarray
+    checked: CheckedFile
+    max_token_id: int
+
+    @classmethod
+    def open(cls, prefix: Path) -> "MegatronPrefix":
+        prefix = check_prefix(prefix)
+        try:
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+        except ImportError as e:
+            raise GrouterError(f"reading a Megatron indexed dataset needs megatron-core (pip install "
+                               f"'grouter[megatron]'): {e}") from None
+        index = IndexedDataset(str(prefix), multimodal=False, mmap=True)
+        lengths, dtype = np.asarray(index.sequence_lengths, dtype=np.int64), np.dtype(index.index.dtype)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        pointers = np.asarray(index.index.sequence_pointers, dtype=np.int64)
+        bin_path = prefix_files(prefix)[1]
+        if bin_path.stat().st_size != offsets[-1] * dtype.itemsize or not np.array_equal(
+                pointers, offsets[:-1] * dtype.itemsize):
+            raise GrouterError(f"{bin_path} does not hold its documents back to back as its .idx says (as "
+                               "Megatron's IndexedDatasetBuilder writes them); rebuild it with preprocess_data.py")
+        checked = CheckedFile(bin_path, prefix_fingerprint(prefix)["bin"], "Megatron dataset file",
+                              f"{bin_path} changed while it was read; run the command again")
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
+        checked.check_all()
+        top = max((int(tokens[a:b].max()) for a, b in row_chunks(len(tokens), 1) if b > a), default=-1)
+        documents = np.array(index.document_indices, dtype=np.int64)  # a copy: the index's views die with it
+        return cls(prefix, offsets, documents, tokens, checked, top)
 
 
 # -- the context rule --------------------------------------------------------------------------------
@@ -167,7 +210,7 @@ class StreamWriter:
 
 # -- reading ------------------------------------------------------------------------------------------
 @dataclass
-class RoutingStream:
+class RoutingStream(RoutingManifest):
     """A routing stream opened read-only (memory-mapped), its files' chunks verified as they are read."""
 
     path: Path
@@ -230,28 +273,12 @@ class RoutingStream:
             checked.check_all()
 
     @property
-    def k(self) -> int:
-        return int(self.manifest["k"])
-
-    @property
-    def n_experts(self) -> int:
-        return int(self.manifest["n_experts"])
-
-    @property
-    def heads(self) -> Heads | None:
-        return Heads.of(self.manifest.get("head_layers", []), self.manifest.get("source_layers", 0))
-
-    @property
     def n_tokens(self) -> int:
         return int(self.manifest["prefix"]["n_tokens"])
 
     @property
     def n_documents(self) -> int:
         return int(self.manifest["prefix"]["n_documents"])
-
-    @property
-    def ids_dtype(self) -> np.dtype:
-        return np.dtype(self.manifest["ids_dtype"])
 
     @property
     def token_shape(self) -> tuple[int, ...]:
