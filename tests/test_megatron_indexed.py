@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from grouter.dispatch import dispatch
-from grouter.errors import GrouterError
+from grouter.errors import GrouterError, one_line
 from grouter.formats.stream import prefix_files
-from grouter.integrations.megatron.arguments import check_sources
+from grouter.integrations.megatron.arguments import check_args, check_sources
 from grouter.integrations.megatron.indexed import (Numbered, RoutedGPTDatasetConfig, build_routed_datasets,
                                                    prefixes_of, sample_pieces, streams_for)
 from grouter.network import Grouter
-
 from grouter.testing import document_routing, indexed_items, small_grouter
 
 BF16_TOL = 2 ** -8
@@ -119,6 +118,13 @@ def test_tokens_changed_after_dispatch_are_found_before_the_sample_is_served(meg
     with pytest.raises(GrouterError, match="tokens changed since `grouter dispatch`"):
         for i in range(len(fresh)):
             fresh[i]
+    # Megatron's data loader reads in worker processes: PyTorch re-raises there with the worker's traceback, and
+    # the entry point's command line (pretrain.cli) still prints the one line
+    with pytest.raises(GrouterError) as err:
+        list(torch.utils.data.DataLoader(Numbered(fresh), batch_size=2, num_workers=1))
+    assert "\n" in str(err.value)
+    line = one_line(err.value)
+    assert "\n" not in line and "tokens changed since `grouter dispatch`" in line, line
 
 
 def test_the_entry_point_takes_megatrons_data_with_routing_streams_only():
@@ -129,3 +135,21 @@ def test_the_entry_point_takes_megatrons_data_with_routing_streams_only():
             check_sources(SimpleNamespace(**{**base, "data_path": ["a"], **wrong}))
     with pytest.raises(GrouterError, match="one routing store"):
         check_sources(SimpleNamespace(**{**base, "grouter_data": "d", "grouter_routing": ["s1", "s2"]}))
+
+
+def test_the_entry_point_refuses_what_does_not_fit_megatrons_data(megatron_text, routed):
+    """With --data-path: a vocabulary smaller than the data's token ids, and a plan made from a routing store
+    (it places grouter's packed sequences), are refused in one line."""
+    streams = streams_for([str(megatron_text["docs"])], [str(p) for p in routed["streams"].values()])
+    top = streams[str(megatron_text["docs"])].manifest["prefix"]["max_token_id"]
+    args = SimpleNamespace(num_experts=16, padded_vocab_size=top + 1, expert_model_parallel_size=2,
+                           use_legacy_models=None, spec=None, mock_data=None, sft=None)
+    run = SimpleNamespace(data=None, streams=streams, plan=None)
+    check_args(args, run, 2)
+    for wrong, plan, match in ((dict(padded_vocab_size=top), None, f"token id {top}, beyond the model's vocabulary"),
+                               ({}, SimpleNamespace(ranks=2, source={"kind": "store"}),
+                                "with --data-path the plan must come from its routing streams")):
+        with pytest.raises(GrouterError, match=match) as err:
+            check_args(SimpleNamespace(**{**vars(args), **wrong}), SimpleNamespace(**{**vars(run), "plan": plan}), 2)
+        assert "\n" not in str(err.value)
+    check_args(args, SimpleNamespace(**{**vars(run), "plan": SimpleNamespace(ranks=2, source={"kind": "stream"})}), 2)

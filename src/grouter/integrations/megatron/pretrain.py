@@ -39,7 +39,7 @@ import torch
 
 from .arguments import add_grouter_args, check_args, check_sources, data_defaults, megatron_data, refuse_early
 from .compat import cp_split, prebuilt_dataset_helpers, run_pretrain, trainer_import_hint, typing_override_on_python311
-from ...errors import GrouterError
+from ...errors import GrouterError, one_line
 
 typing_override_on_python311()
 try:
@@ -173,8 +173,10 @@ def megatron_datasets(args, run: GrouterInputs, num_samples):
 
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     config = dataset_config(args, get_tokenizer(), blend, blend_per_split, run.streams)
-    built = build_routed_datasets(config, [int(n) for n in num_samples])
-    return tuple(Numbered(d) if d is not None else None for d in built)
+    sizes = [None if n is None else int(n) for n in num_samples]  # None: a full epoch (--full-validation)
+    built = build_routed_datasets(config, sizes)
+    # a split asked for no samples (--eval-iters 0) gets no loader: an empty one would fail Megatron's sampler
+    return tuple(Numbered(d) if d is not None and n != 0 else None for d, n in zip(built, sizes))
 
 
 datasets_provider.is_distributed = True  # every rank (each TP rank, each pipeline stage) reads its own data
@@ -233,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """:func:`main` for a command line: a refusal is one line on stderr and exit status 2, not a traceback."""
+    """:func:`main` for a command line: a refusal is one line on stderr and exit status 2, not a traceback (also
+    one a data-loader worker raised: a sample whose tokens changed since dispatch)."""
     try:
         return main(argv)
     except GrouterError as e:
-        print(f"grouter: error: {e}", file=sys.stderr, flush=True)
+        print(f"grouter: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
 
 
