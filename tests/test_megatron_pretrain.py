@@ -163,7 +163,8 @@ def runs(tiny_data, megatron_text, tmp_path_factory):
         args["plan"] + ["--expert-model-parallel-size", "2", "--grouter-plan", str(root / "plan2"),
                         "--train-iters", "2", "--eval-iters", "0"],
         args["replay"] + ["--grouter-replay", "--train-iters", "2", "--eval-iters", "0"], indexed_plan]))
-    return {**d, "resumed": root / "resumed", "killed_run": killed, "plan_object": plan, "grouter": root / "grouter"}
+    return {**d, "resumed": root / "resumed", "killed_run": killed, "plan_object": plan, "grouter": root / "grouter",
+            "blend": blend, "root": root}
 
 
 @pytest.mark.slow
@@ -311,6 +312,24 @@ def test_a_run_on_megatrons_data_resumes_at_its_consumed_samples(runs):
     crc = lambda trace: {(r["iteration"], s): c for r in trace if r["training"] and r["iteration"] >= 2
                          for s, c in zip(r["sequences"], r["routing_crc32"])}
     assert crc(resumed) == crc(full)
+
+
+@pytest.mark.slow
+def test_a_prefix_without_its_stream_is_one_line_from_the_launcher(runs, megatron_text):
+    """The launcher as a user runs it (one process, the environment torchrun sets): --data-path names both
+    prefixes but --grouter-routing gives only the paragraphs' stream; after Megatron's initialisation, before a
+    model or dataset is built, it exits with status 2 and one line naming the prefix and the command to run."""
+    argv = megatron_data_args(runs["blend"], [runs["root"] / "stream-paragraphs"], runs["root"] / "unmatched")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(megatron_release(RELEASE)), str(ROOT / "src")]),
+               OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-m", "grouter.integrations.megatron.cpu", *argv], env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1] == (f"grouter: error: none of the routing streams given (--grouter-routing) was made from "
+                         f"{megatron_text['docs']}; run `grouter dispatch --megatron-data {megatron_text['docs']}` "
+                         "and add its output")
 
 
 # -- on GPUs (benchmarks/gpu_check.sh runs this) ----------------------------------------------------------
