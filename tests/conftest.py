@@ -49,3 +49,17 @@ def megatron_cpu():
         parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def megatron_text(tiny_data, tmp_path_factory):
+    """Two Megatron indexed datasets of the tiny corpus's text, made as preprocess_data.py makes them (with
+    tiny_data's tokenizer, --append-eod): ``docs`` (a document per item) and ``paragraphs`` (an item per
+    paragraph, as --split-sentences gives an item per sentence). Their prefixes, by name."""
+    from grouter.testing import megatron_indexed_dataset
+
+    docs, root = stdlib_documents(), tmp_path_factory.mktemp("megatron_text")
+    tokenizer, eos = tiny_data.tokenizer(), tiny_data.eos_id
+    return {"docs": megatron_indexed_dataset(docs[:6], tokenizer, root / "docs" / "text_document", eos),
+            "paragraphs": megatron_indexed_dataset(docs[6:10], tokenizer, root / "paragraphs" / "text_sentence", eos,
+                                                   sentences=True)}

@@ -17,6 +17,7 @@ from grouter.data import (Document, PackConfig, data_prepare, data_subset, data_
                           iter_default_documents, load_tokenizer, pack_documents, read_documents, train_tokenizer)
 from grouter.errors import GrouterError
 from grouter.formats.dataset import DataSplit, PackedDataset
+from grouter.testing import assert_nothing_written, assert_one_line_error, indexed_items, last_json, run_cli
 
 L = 16
 WORDS = {
@@ -472,3 +473,30 @@ def test_subset_domains_rejects_unknown_or_repeated_domains(tiny_data, tmp_path,
     with pytest.raises(GrouterError, match="choose distinct domains among"):
         data_subset(tmp_path / "sub", data=tiny_data, domains=domains)
     assert not (tmp_path / "sub").exists()
+
+
+def test_megatron_datasets_are_packed_as_they_are(capsys, megatron_text, tiny_data, tmp_path):
+    """grouter data megatron: Megatron indexed datasets (made as preprocess_data.py makes them) packed with no
+    re-tokenization, each prefix a domain whose training sequences are its tokens back to back (no validation
+    share here); a tokenizer whose vocabulary the tokens exceed is refused in one line, nothing written."""
+    prefixes = [megatron_text["docs"], megatron_text["paragraphs"]]
+    code, out, err = run_cli(capsys, "data", "megatron", "--megatron-data", *prefixes, "--tokenizer",
+                             tiny_data.path / "tokenizer.json", "--seq-len", L, "--val-fraction", 0, "--out",
+                             tmp_path / "packed", "--json")
+    assert code == 0, err
+    ds = PackedDataset.open(tmp_path / "packed")
+    assert last_json(out)["fingerprint"] == ds.fingerprint
+    assert ds.domains == ["text_document", "text_sentence"] and (ds.vocab_size, ds.eos_id) == (512, tiny_data.eos_id)
+    train = ds.split("train")
+    for d, prefix in enumerate(prefixes):
+        tokens = np.concatenate(indexed_items(prefix))
+        seqs = train.sequences(np.flatnonzero(train.domain_ids() == d))  # consecutive sequences share one token
+        packed = np.concatenate([seqs[:, :-1].ravel(), seqs[-1, -1:]])
+        np.testing.assert_array_equal(packed, tokens[:len(packed)])
+        assert len(tokens) - len(packed) < L
+    small = train_tokenizer((d.text for d in synthetic_corpus(10)), vocab_size=300)
+    small.save(str(tmp_path / "small.json"))
+    code, _, err = run_cli(capsys, "data", "megatron", "--megatron-data", prefixes[0], "--tokenizer",
+                           tmp_path / "small.json", "--out", tmp_path / "refused")
+    assert_one_line_error(code, err, "beyond the vocabulary of")
+    assert_nothing_written(tmp_path / "refused")

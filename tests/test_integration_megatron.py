@@ -348,7 +348,8 @@ def megatron_args(**overrides) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize("overrides,dp,match", [
-    (dict(data_path=["corpus_text_document"]), 2, "--data-path is not supported .* give the tokens as --grouter-data"),
+    (dict(mock_data=True), 2, "--mock-data is not supported .* the tokens come from --grouter-data or from --data-path"),
+    (dict(dataloader_inter_document_masking=True), 2, "--dataloader-inter-document-masking is not supported"),
     (dict(use_legacy_models=True), 2, "--use-legacy-models is not supported"),
     (dict(sft=True), 2, "--sft is not supported"),
     (dict(num_experts=None), 2, "has no MoE layer: pass --num-experts"),

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import grouter
 
 from .artifacts import is_disk_full
-from .data import data_prepare, data_subset, data_tokenize
+from .data import data_megatron, data_prepare, data_subset, data_tokenize
 from .device import exit_now
 from .capture import capture
 from .dispatch import dispatch
@@ -57,6 +57,7 @@ COMMANDS = (
     Command(data_prepare, "build the embedded default corpus (prose, speeches, code)"),
     Command(data_tokenize, "tokenize a user corpus (txt, jsonl, parquet) with a HF tokenizer"),
     Command(data_subset, "the same dataset restricted to some domains (e.g. to hold one out)"),
+    Command(data_megatron, "pack Megatron indexed datasets (.bin/.idx) as they are, no re-tokenization"),
     Command(source_train, "train the built-in MoE LM that serves as a source"),
     Command(train, "train a target MoE with stored Grouter routing or a baseline router"),
     Command(capture, "record a source MoE's router scores (one layer, or several) for a dataset"),

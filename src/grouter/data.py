@@ -28,6 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .artifacts import append_array, read_json, write_json
+from .chunking import row_chunks
 from .errors import GrouterError
 from .formats.dataset import SPLITS, PackedDataset, write_meta, write_split
 from .integrity import file_sha256, fingerprint_of
@@ -399,13 +400,20 @@ def pack_documents(
     if not 0 <= eos < vocab_size:
         raise GrouterError(f"eos id {eos} is outside the tokenizer's vocabulary of {vocab_size}")
     dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
-    L = config.seq_len
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     raw_path = out / "raw.tmp"
     stream = _tokenize_to_file(documents, tokenizer, eos, vocab_size, dtype, raw_path)
     if len(stream.doc_end) == 0:
         raise GrouterError("no text to pack: every document is empty; check the input files and --text-field")
+    return _pack_raw(stream, raw_path, dtype, out, config, tokenizer, vocab_size, eos, sources)
+
+
+def _pack_raw(stream: _RawStream, raw_path: Path, dtype: np.dtype, out: Path, config: PackConfig, tokenizer: Tokenizer,
+              vocab_size: int, eos: int, sources: dict | None) -> PackedDataset:
+    """Cut the documents of the token file ``raw_path`` into each split's sequences, write them and the
+    metadata in ``out``, and delete ``raw_path``."""
+    L = config.seq_len
     raw = np.memmap(raw_path, dtype=dtype, mode="r")
     plans = [_plan_split(stream, d, name, config) for d, name in enumerate(stream.domains)]
     splits_meta = {split: write_split(raw, [plan[split] for plan in plans], stream.domains, L, out, split)
@@ -606,6 +614,63 @@ def tokenize(inputs: TokenizeInputs, o: TokenizeOptions, out: Output) -> dict:
     return summary(PackedDataset.open(out.path))
 
 
+@dataclass
+class MegatronInputs:
+    megatron_data: list[Path] = path_input("Megatron indexed datasets (the prefixes of their .bin and .idx, as "
+                                           "--data-path names them; preprocess_data.py writes them)", many=True,
+                                           metavar="PREFIX")
+    tokenizer: Path = path_input("the tokenizer they were made with: a tokenizer.json file or a Hugging Face model "
+                                 "directory")
+
+
+@dataclass
+class MegatronOptions:
+    seq_len: int = option(256, "tokens per sequence", range=POSITIVE_INT)
+    val_fraction: float = option(0.05, "share of each domain's tokens held out for validation", range=FRACTION)
+    seed: int = option(0, "which documents go to validation", range=SEED)
+
+
+def megatron(inputs: MegatronInputs, o: MegatronOptions, out: Output) -> dict:
+    """Pack the tokens of Megatron indexed datasets as they are (no re-tokenization), each prefix a domain
+    named after it and each of its documents (preprocess_data.py's, sentences grouped) whole in one split: the
+    data that capture, distill, fold and tune read, from the tokens Megatron trains on. Token ids beyond the
+    tokenizer's vocabulary are refused (the prefixes were made with another tokenizer)."""
+    from .formats.stream import MegatronPrefix, prefix_state  # megatron-core: imported when this runs
+
+    if not inputs.megatron_data:
+        raise GrouterError("no Megatron dataset given; pass one or more prefixes with --megatron-data")
+    spec = inputs.tokenizer
+    tok = load_tokenizer(spec)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    eos = eos_id_of(tok, spec if spec.is_dir() else spec.parent)
+    dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+    prefixes = [MegatronPrefix.open(p) for p in inputs.megatron_data]
+    for prefix in prefixes:
+        if prefix.max_token_id >= vocab_size:
+            raise GrouterError(f"{prefix.path} holds token id {prefix.max_token_id}, beyond the vocabulary of {spec} "
+                               f"({vocab_size}): give the tokenizer it was made with")
+    domains = list(dict.fromkeys(p.path.name for p in prefixes))
+    doc_domain, doc_end, offset = [], [], 0
+    with out.atomic() as tmp:
+        raw_path = tmp / "raw.tmp"
+        with open(raw_path, "wb") as f:
+            for prefix in prefixes:
+                for a, b in row_chunks(len(prefix.tokens), 1):  # opening it verified every chunk
+                    append_array(f, prefix.tokens[a:b].astype(dtype), raw_path)
+                ends = prefix.offsets[prefix.document_items[1:]]
+                doc_end.append(offset + ends[ends > np.concatenate([[0], ends[:-1]])])  # no empty documents
+                doc_domain.append(np.full(len(doc_end[-1]), domains.index(prefix.path.name), dtype=np.int64))
+                offset += len(prefix.tokens)
+        if offset == 0:
+            raise GrouterError("the Megatron datasets given hold no tokens")
+        stream = _RawStream(domains, np.concatenate(doc_domain), np.concatenate(doc_end))
+        sources = {"tokenizer": str(spec.resolve()), "megatron_data": [str(p.path.resolve()) for p in prefixes],
+                   "megatron_data_fingerprints": [prefix_state(p.path) for p in prefixes]}
+        _pack_raw(stream, raw_path, dtype, tmp, PackConfig(seq_len=o.seq_len, val_fraction=o.val_fraction,
+                                                            seed=o.seed), tok, vocab_size, eos, sources)
+    return summary(PackedDataset.open(out.path))
+
+
 def domain_list(text: str) -> list[str]:
     """``--domains``: comma-separated names."""
     return [d.strip() for d in text.split(",") if d.strip()]
@@ -662,3 +727,4 @@ def subset(inputs: SubsetInputs, o: SubsetOptions, out: Output) -> dict:
 data_prepare = Stage("data prepare", prepare, PrepareInputs, PrepareOptions)
 data_tokenize = Stage("data tokenize", tokenize, TokenizeInputs, TokenizeOptions)
 data_subset = Stage("data subset", subset, SubsetInputs, SubsetOptions)
+data_megatron = Stage("data megatron", megatron, MegatronInputs, MegatronOptions)

@@ -102,6 +102,7 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
                          head_layers=list(heads.layers) if heads else [],
                          source_layers=heads.source_layers if heads else 0,
                          provenance={"source": targets.manifest["source"], "distilled_on": data.fingerprint,
+                                     "distilled_seq_len": data.seq_len,
                                      "tokenizer_sha256": data.meta.get("tokenizer_sha256"),
                                      "temperature": o.temperature}).validate()
     identity = {"grouter": gcfg.to_dict(), "distill": {**asdict(cfg), "temperature": o.temperature, "device": None},

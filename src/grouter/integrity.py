@@ -103,10 +103,12 @@ class CheckedFile:
         if hi > lo:
             self._verify(np.arange(lo // self.chunk, (hi - 1) // self.chunk + 1))
 
-    def check_rows(self, starts: np.ndarray, row_bytes: int) -> None:
-        """Rows of ``row_bytes`` bytes starting at byte offsets ``starts``."""
+    def check_rows(self, starts: np.ndarray, row_bytes) -> None:
+        """Rows of ``row_bytes`` bytes (one size, or one per row) starting at byte offsets ``starts``."""
         starts = np.asarray(starts, dtype=np.int64)
-        if row_bytes <= 0 or starts.size == 0:
+        row_bytes = np.broadcast_to(np.asarray(row_bytes, dtype=np.int64), starts.shape)
+        starts, row_bytes = starts[row_bytes > 0], row_bytes[row_bytes > 0]
+        if starts.size == 0:
             return
         first, last = starts // self.chunk, (starts + row_bytes - 1) // self.chunk
         spans = last - first + 1

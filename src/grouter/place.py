@@ -123,6 +123,7 @@ from .chunking import row_chunks
 from .errors import GrouterError
 from .formats.plan import Plan
 from .formats.store import RoutingStore
+from .formats.stream import RoutingStream, StreamPlanning
 from .hardware import PROFILES, HardwareProfile, StepTraffic, load_profile, predict
 from .options import COUNT, LAYERS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, check, option, path_input
 from .plots import figure
@@ -774,7 +775,10 @@ class Options:
     target_layers: int | None = option(None, "per-layer routing: the target's MoE layers, each head weighted by the "
                                        "layers that route by it (default: every head of the store once)",
                                        range=LAYERS, metavar="T")
-    seed: int = option(0, "batch membership and the random baseline", range=SEED)
+    seed: int = option(0, "batch membership and the random baseline (a routing stream: also the document order)",
+                       range=SEED)
+    seq_len: int | None = option(None, "a routing stream: the tokens per sample Megatron trains with (--seq-length)",
+                                 range=POSITIVE_INT)
     clusters: int = option(100, range=POSITIVE_INT, cli=False)
     entropy_fraction: float = option(DEFAULT_ENTROPY_FRACTION, range=POSITIVE, cli=False)
     max_sequences: int | None = option(None, "plan only the first this many sequences", range=POSITIVE_INT, cli=False)
@@ -1329,6 +1333,10 @@ def _source(store) -> dict:
     for key in ("dataset_fingerprint", "grouter_fingerprint"):
         if key in manifest:
             source[key] = manifest[key]
+    if getattr(store, "kind", None) == "stream":  # docs/method.md#routing-streams-for-megatron-indexed-datasets
+        source.update(kind="stream", seq_len=store.seq_len, samples="documents shuffled with the seed, concatenated "
+                      "and cut every seq_len tokens, as GPTDataset makes samples; Megatron's own samples differ, so "
+                      "only the expert placement applies to them")
     return source
 
 
@@ -1471,7 +1479,18 @@ def plot_report(report: dict, path: Path) -> None:
 
 @dataclass
 class Inputs:
-    routing: Path = path_input("a routing store (grouter dispatch)")
+    routing: Path = path_input("a routing store (grouter dispatch), or a routing stream (dispatch --megatron-data)")
+
+
+def open_routing(path: Path, o: Options):
+    """A routing store, or a routing stream read as GPTDataset-like samples of ``--seq-len`` tokens."""
+    if (Path(path) / "stream.json").is_file():
+        if o.seq_len is None:
+            raise GrouterError("a routing stream is planned on samples of Megatron's --seq-length: pass --seq-len")
+        return StreamPlanning(RoutingStream.open(path), o.seq_len, o.seed)
+    if o.seq_len is not None:
+        raise GrouterError("--seq-len is for routing streams: a routing store's sequences have their length")
+    return RoutingStore.open(path, verify=o.verify)
 
 
 def run(inputs: Inputs, o: Options, out: Output) -> dict:
@@ -1482,9 +1501,9 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
     seconds.
     """
     t0 = time.perf_counter()
-    store = RoutingStore.open(inputs.routing, verify=o.verify)  # the manifest only: a bad profile is refused next
+    store = open_routing(inputs.routing, o)  # the manifest only: a bad profile is refused next
     plan = plan_placement(store, o)
-    if o.verify:  # the plan is bound to the whole store: the splits it did not read are checked too
+    if o.verify and isinstance(store, RoutingStore):  # bound to the whole store: the splits it did not read too
         for split in set(store.manifest["splits"]) - {o.split}:
             store.verify(split)
     with out.atomic() as tmp:

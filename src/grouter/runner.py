@@ -31,6 +31,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from .artifacts import ResumableDir, atomic_dir, output_lock, read_json, refuse_existing, write_json
 from .errors import GrouterError
 from .formats.run import Run
+from .formats.stream import is_prefix, prefix_state
 from .formats.verify import verify_artifact
 from .integrity import file_sha256, fingerprint_of
 from .options import as_path, build, check, identity, input_paths, merged
@@ -147,7 +148,9 @@ def _check_required(stage: Stage, inputs) -> None:
 
 def state_of(path: Path) -> str:
     """What an input is now: its JSON manifests' content for a directory (they carry the checksums of
-    everything else), its content's SHA-256 for a file."""
+    everything else), its content's SHA-256 for a file, its two files' for a Megatron dataset prefix."""
+    if not path.exists() and is_prefix(path):
+        return prefix_state(path)
     if path.is_dir():
         return fingerprint_of({p.name: file_sha256(p) for p in sorted(path.glob("*.json"))})
     return file_sha256(path) if path.is_file() else "missing"

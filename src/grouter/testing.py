@@ -122,6 +122,71 @@ def stdlib_documents() -> list:
     return docs
 
 
+def megatron_indexed_dataset(documents: list, tokenizer, prefix: str | Path, eod: int,
+                             sentences: bool = False) -> Path:
+    """A Megatron indexed dataset made as Megatron's ``tools/preprocess_data.py`` makes one (``--append-eod``):
+    each document tokenized, the end-of-document id appended to its last item, written with Megatron's own
+    ``IndexedDatasetBuilder`` in the dtype it picks for the vocabulary. ``sentences``: each paragraph is an
+    item of its own (what ``--split-sentences`` does with sentences; GPTDataset shuffles items)."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(tokenizer.get_vocab_size()))
+    for doc in documents:
+        parts = [p for p in doc.text.split("\n\n") if p.strip()] if sentences else [doc.text]
+        ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in parts]
+        ids = [x for x in ids if x]
+        if ids:
+            ids[-1].append(eod)
+            builder.add_document([t for x in ids for t in x], [len(x) for x in ids])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def small_grouter(path: str | Path, vocab: int = 512, heads: Heads | None = None,
+                  distilled_seq_len: int | None = 64) -> Path:
+    """A small random Grouter (16 experts, top-4) whose routes vary, saved in ``path``; it records the sequence
+    length it was "distilled" on (dispatch's default window over a Megatron dataset's documents)."""
+    from .formats.grouter import GrouterConfig
+    from .network import Grouter
+
+    cfg = GrouterConfig(vocab_size=vocab, n_experts=16, top_k=4, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                        max_seq_len=128, head_layers=list(heads.layers) if heads else [],
+                        source_layers=heads.source_layers if heads else 0,
+                        provenance={"distilled_seq_len": distilled_seq_len} if distilled_seq_len else {})
+    g = Grouter(cfg)
+    with torch.no_grad():
+        g.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    g.save_pretrained(path)
+    return Path(path)
+
+
+def document_routing(g, tokens: np.ndarray, window: int, overlap: int, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing docs/method.md gives a document's tokens, computed directly (one forward per context, no
+    batching, no padding): token t is routed with the context ``[s(t), t]``, s(t) = 0 below the window, else
+    the largest multiple of ``window - overlap`` that leaves at least ``overlap`` tokens before t."""
+    t = np.arange(len(tokens))
+    stride = window - overlap
+    s = np.where(t < window, 0, (t - overlap) // stride * stride)
+    ids, weights = [], []
+    for start in np.unique(s):
+        mine = t[s == start]
+        r = g.route(torch.from_numpy(np.asarray(tokens[start:mine.max() + 1], dtype=np.int64))[None], k)
+        ids.append(r.ids[0, mine - start])
+        weights.append(r.weights[0, mine - start])
+    return torch.cat(ids), torch.cat(weights)
+
+
+def indexed_items(prefix: str | Path) -> list[np.ndarray]:
+    """Each item's tokens of a Megatron indexed dataset, read with Megatron's own IndexedDataset (copies: its
+    views die with the reader)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    index = IndexedDataset(str(prefix))
+    return [np.array(index.get(i)) for i in range(len(index))]
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """``grouter ARGV...`` in this process: (exit code, stdout, stderr), captured by pytest's ``capsys``."""
     from .cli import main

@@ -13,7 +13,8 @@ from .runner import Output, Stage
 
 @dataclass
 class Inputs:
-    artifact: Path = path_input("a dataset, targets, routing store, Grouter, model, run or placement-plan directory",
+    artifact: Path = path_input("a dataset, targets, routing store or stream, Grouter, model, run or placement-plan "
+                                "directory",
                                 positional=True, metavar="DIR")
 
 

@@ -73,6 +73,14 @@ def weight_bits(weights: torch.Tensor, weights_dtype: str) -> np.ndarray:
     return weights.to(WEIGHTS_DTYPES[weights_dtype]).view(torch.int16).cpu().numpy().view(np.uint16)
 
 
+def check_expert_ids(ids: torch.Tensor, n_experts: int, where: str | None = None) -> None:
+    """Refuse expert ids outside ``0..n_experts-1``: routing to write (``where`` None), or read from ``where``."""
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < n_experts:
+        if where is None:
+            raise GrouterError(f"routing holds expert ids outside 0..{n_experts - 1}; it cannot be stored")
+        raise GrouterError(f"{where} holds expert id {int(ids.max())} for {n_experts} experts (corrupt)")
+
+
 def row_shape(seq_len: int, k: int, heads: Heads | None) -> tuple[int, ...]:
     """The shape of one sequence's ids or weights in a store."""
     return (seq_len, k) if heads is None else (seq_len, len(heads), k)
@@ -136,8 +144,7 @@ class StoreWriter:
         if tuple(routing.ids.shape[1:]) != self.row_shape or routing.heads != self.heads:
             raise GrouterError(f"routing of shape {list(routing.ids.shape)} (heads {routing.heads}) does not fit a store "
                                f"of rows {list(self.row_shape)} (heads {self.heads})")
-        if routing.ids.numel() and not 0 <= int(routing.ids.min()) <= int(routing.ids.max()) < self.n_experts:
-            raise GrouterError(f"routing holds expert ids outside 0..{self.n_experts - 1}; it cannot be stored")
+        check_expert_ids(routing.ids, self.n_experts)
         ids[at:at + b] = routing.ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
         bits[at:at + b] = weight_bits(routing.weights, self.weights_dtype)
 
@@ -178,8 +185,31 @@ def write_store(out: str | Path, routing: dict[str, Routing], n_experts: int, da
     return Path(out)
 
 
+class RoutingManifest:
+    """What a routing store's and a routing stream's manifests both say: E, k, the ids' dtype, the heads."""
+
+    manifest: dict
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.manifest["n_experts"])
+
+    @property
+    def ids_dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["ids_dtype"])
+
+    @property
+    def heads(self) -> Heads | None:
+        """Per-layer heads (None: one routing for every layer)."""
+        return Heads.of(self.manifest.get("head_layers", []), self.manifest.get("source_layers", 0))
+
+
 @dataclass
-class RoutingStore:
+class RoutingStore(RoutingManifest):
     """A routing store opened read-only (memory-mapped) and validated against its manifest."""
 
     path: Path
@@ -256,29 +286,12 @@ class RoutingStore:
             checked.check_rows(np.asarray(idx, dtype=np.int64) * row, row)
 
     @property
-    def k(self) -> int:
-        return int(self.manifest["k"])
-
-    @property
-    def n_experts(self) -> int:
-        return int(self.manifest["n_experts"])
-
-    @property
     def seq_len(self) -> int:
         return int(self.manifest["seq_len"])
 
     @property
-    def ids_dtype(self) -> np.dtype:
-        return np.dtype(self.manifest["ids_dtype"])
-
-    @property
     def causal(self) -> bool:
         return bool(self.manifest.get("causal", True))
-
-    @property
-    def heads(self) -> Heads | None:
-        """Per-layer heads (None: one routing for every layer)."""
-        return Heads.of(self.manifest.get("head_layers", []), self.manifest.get("source_layers", 0))
 
     @property
     def row_shape(self) -> tuple[int, ...]:

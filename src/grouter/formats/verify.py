@@ -19,6 +19,7 @@ from .model import MODEL_FORMAT, load_model
 from .plan import Plan
 from .run import checked_files, read_run
 from .store import RoutingStore
+from .stream import STREAM_FILES, RoutingStream
 from .targets import Targets
 
 
@@ -40,6 +41,11 @@ def _targets(path: Path) -> tuple[int, dict]:
 def _store(path: Path) -> tuple[int, dict]:
     RoutingStore.open(path).verify()
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".ids", ".weights")), {}
+
+
+def _stream(path: Path) -> tuple[int, dict]:
+    RoutingStream.open(path).verify()
+    return sum((path / name).stat().st_size for name in STREAM_FILES), {}
 
 
 def _model(path: Path) -> tuple[int, dict]:
@@ -86,7 +92,8 @@ def _report(path: Path) -> tuple[int, dict]:
 # By the manifest a directory holds: its kind, and the check (which returns the bytes it read and what
 # else to report).
 KINDS = {"meta.json": ("dataset", _dataset), "targets.json": ("targets", _targets),
-         "manifest.json": ("routing store", _store), "run.json": ("training run", _run),
+         "manifest.json": ("routing store", _store), "stream.json": ("routing stream", _stream),
+         "run.json": ("training run", _run),
          "plan.json": ("placement plan", _plan), "config.json": ("model", _model),
          "report.json": ("report", _report)}
 

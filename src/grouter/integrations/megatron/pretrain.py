@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node 8 -m grouter.integrations.megatron.pretrain \\
         --grouter-data DATA --grouter-routing STORE [--grouter-plan PLAN] <Megatron's arguments>
+    torchrun ... -m grouter.integrations.megatron.pretrain --data-path [W1] PREFIX1 [W2 PREFIX2 ...] \\
+        --grouter-routing STREAM1 [STREAM2 ...] <Megatron's arguments>
 
 Megatron parses every argument (its parser plus the ``grouter`` group below) and runs ``pretrain()``:
 its initialisation, schedules (no pipelining, 1F1B, interleaved), optimizer, LR schedule, logging,
@@ -11,7 +13,10 @@ evaluation and distributed checkpointing, unchanged. grouter supplies the three 
   a :class:`~.router.GrouterRouter` reading the chunk's :class:`~.router.RoutingFeed`;
 * the datasets: :class:`~.data.GrouterGPTDataset` items (tokens and their routing) in the order of
   the plan (:func:`~.data.plan_order`) or a seeded shuffle, read through Megatron's own data loader
-  and sampler, so ``consumed_train_samples`` from a checkpoint resumes at the same sequences;
+  and sampler, so ``consumed_train_samples`` from a checkpoint resumes at the same sequences; or, with
+  Megatron's ``--data-path`` (a prefix or a blend, ``--split``), Megatron's own GPTDatasets built by its
+  BlendedMegatronDatasetBuilder, each sample's routing sliced from its prefix's routing stream
+  (:mod:`~.indexed`);
 * ``forward_step``: this micro-batch's routing to the chunk's feed (every pipeline stage reads its
   own data iterator), Megatron's context-parallel split, the model, the masked token loss.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arguments import add_grouter_args, check_args, check_sources, data_defaults, refuse_early
+from .arguments import add_grouter_args, check_args, check_sources, data_defaults, megatron_data, refuse_early
 from .compat import cp_split, prebuilt_dataset_helpers, run_pretrain, trainer_import_hint, typing_override_on_python311
-from ...errors import GrouterError
+from ...errors import GrouterError, one_line
 
 typing_override_on_python311()
 try:
@@ -47,13 +53,15 @@ except ImportError as e:  # pragma: no cover - depends on the installed release
 
 @dataclass(eq=False)
 class GrouterInputs:
-    """What the providers share: the dataset, the routing source, the plan, one feed per model chunk."""
+    """What the providers share: the dataset (None with Megatron's data), the routing source (a store, or the
+    routing stream of each prefix), the plan, one feed per model chunk."""
 
     data: object
     store: object | None
     grouter: torch.nn.Module | None
     plan: object | None
     trace: Path | None
+    streams: dict | None = None  # Megatron's data: prefix -> RoutingStream
     feeds: dict = field(default_factory=dict)  # vp_stage (None without virtual pipeline) -> RoutingFeed
 
     @classmethod
@@ -64,16 +72,24 @@ class GrouterInputs:
         from ...network import Grouter
 
         check_sources(args)
-        data = PackedDataset.open(args.grouter_data)
-        store = RoutingStore.open(args.grouter_routing, data=data) if args.grouter_routing else None
-        grouter = None
+        data = store = grouter = streams = None
+        if megatron_data(args):
+            from megatron.training.utils import get_blend_and_blend_per_split
+
+            from .indexed import prefixes_of, streams_for
+
+            streams = streams_for(prefixes_of(*get_blend_and_blend_per_split(args)), args.grouter_routing)
+            store = next(iter(streams.values()))  # what the feed needs (E, k, heads) is the same for all
+        else:
+            data = PackedDataset.open(args.grouter_data)
+            store = RoutingStore.open(args.grouter_routing[0], data=data) if args.grouter_routing else None
         if args.grouter_online:
             grouter = Grouter.from_pretrained(args.grouter_online).to(torch.cuda.current_device())
         plan = Plan.load(args.grouter_plan) if args.grouter_plan else None
         trace = Path(args.grouter_trace) if args.grouter_trace else None
         if trace is not None:
             trace.mkdir(parents=True, exist_ok=True)
-        return cls(data, store, grouter, plan, trace)
+        return cls(data, store, grouter, plan, trace, streams)
 
     def new_feed(self, vp_stage: int | None):
         """The feed of the model chunk ``vp_stage`` (built once per chunk by the model provider)."""
@@ -126,10 +142,13 @@ def train_order(run: GrouterInputs, args) -> np.ndarray:
 
 
 def datasets_provider(train_val_test_num_samples, vp_stage: int | None = None):
-    """Train and validation datasets (grouter's ``train`` and ``val`` splits) for Megatron's data loader."""
+    """Train and validation datasets for Megatron's data loader: grouter's ``train`` and ``val`` splits, or
+    Megatron's own GPTDatasets of ``--data-path`` with their routing (:mod:`.indexed`)."""
     from .data import GrouterGPTDataset, OrderedSamples, check_plan_data
 
     args, run = get_args(), inputs()
+    if run.streams is not None:
+        return megatron_datasets(args, run, train_val_test_num_samples)
     n_train, n_valid, _ = (int(n) for n in train_val_test_num_samples)
     made = {}
     for split, n in (("train", n_train), ("val", n_valid)):
@@ -143,6 +162,23 @@ def datasets_provider(train_val_test_num_samples, vp_stage: int | None = None):
     return made["train"], made["val"], None
 
 
+def megatron_datasets(args, run: GrouterInputs, num_samples):
+    """Megatron's datasets as ``pretrain_gpt.py`` builds them (BlendedMegatronDatasetBuilder over the blend, in
+    Megatron's own shuffled order), every sample with the routing sliced from its prefix's stream; built on
+    every rank, since every pipeline stage and TP rank pushes routing."""
+    from megatron.training import get_tokenizer
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    from .indexed import Numbered, build_routed_datasets, dataset_config
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = dataset_config(args, get_tokenizer(), blend, blend_per_split, run.streams)
+    sizes = [None if n is None else int(n) for n in num_samples]  # None: a full epoch (--full-validation)
+    built = build_routed_datasets(config, sizes)
+    # a split asked for no samples (--eval-iters 0) gets no loader: an empty one would fail Megatron's sampler
+    return tuple(Numbered(d) if d is not None and n != 0 else None for d, n in zip(built, sizes))
+
+
 datasets_provider.is_distributed = True  # every rank (each TP rank, each pipeline stage) reads its own data
 
 
@@ -151,16 +187,25 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     run = inputs()
     batch = {key: t.cuda(non_blocking=True) for key, t in next(data_iterator).items()}
     sequences = batch.pop("sequence")
+    served = routing_digests(batch) if run.trace is not None else None
     feed = run.feeds[get_attr_wrapped_model(model, "vp_stage")]
     if feed.routers:  # a pipeline stage of dense layers only has nothing to route
         feed.push(batch)
     batch = cp_split(batch, parallel_state.get_context_parallel_group())
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
                    loss_mask=batch["loss_mask"])
-    return output, partial(loss_func, batch["loss_mask"], sequences, model.training)
+    return output, partial(loss_func, batch["loss_mask"], sequences, model.training, served)
 
 
-def loss_func(loss_mask: torch.Tensor, sequences: torch.Tensor, training: bool, output: torch.Tensor):
+def routing_digests(batch: dict) -> list[int] | None:
+    """CRC-32 of each sequence's routing ids as pushed to the routers (int64 bytes), for ``--grouter-trace``."""
+    if "routing_ids" not in batch:
+        return None
+    return [zlib.crc32(r.cpu().numpy().astype(np.int64).tobytes()) for r in batch["routing_ids"]]
+
+
+def loss_func(loss_mask: torch.Tensor, sequences: torch.Tensor, training: bool, served: list[int] | None,
+              output: torch.Tensor):
     """Sum of the masked token losses, their count, and Megatron's ``lm loss`` report (averaged per token)."""
     mask = loss_mask.float()
     per_sequence, tokens = (output.float() * mask).sum(1), mask.sum(1)
@@ -170,7 +215,8 @@ def loss_func(loss_mask: torch.Tensor, sequences: torch.Tensor, training: bool, 
         record = {"iteration": get_args().curr_iteration, "training": training,
                   "dp_rank": parallel_state.get_data_parallel_rank(),
                   "cp_rank": parallel_state.get_context_parallel_rank(),
-                  "sequences": sequences.tolist(), "loss": per_sequence.tolist(), "tokens": tokens.tolist()}
+                  "sequences": sequences.tolist(), "loss": per_sequence.tolist(), "tokens": tokens.tolist(),
+                  "routing_crc32": served}
         with open(run.trace / f"rank{torch.distributed.get_rank()}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
     return loss, count, {"lm loss": torch.cat([loss.detach().view(1), count.float().view(1)])}
@@ -189,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """:func:`main` for a command line: a refusal is one line on stderr and exit status 2, not a traceback."""
+    """:func:`main` for a command line: a refusal is one line on stderr and exit status 2, not a traceback (also
+    one a data-loader worker raised: a sample whose tokens changed since dispatch)."""
     try:
         return main(argv)
     except GrouterError as e:
-        print(f"grouter: error: {e}", file=sys.stderr, flush=True)
+        print(f"grouter: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
 
 
