@@ -6,14 +6,20 @@ What distillation learns from, so the teacher never re-runs. Layout of a targets
   and what the scores are: ``score_function`` ``softmax`` for raw gate logits, ``sigmoid`` for
   sources that select by sigmoid scores, and ``includes_bias``: whether a gate or selection bias is
   part of them); the captured ``layer`` (version 2), or ``layers`` and the source's depth
-  ``source_layers`` (version 3: several layers, one Grouter head each);
+  ``source_layers`` (version 3: several layers, one Grouter head each); ``top_m`` (version 4:
+  compact targets);
 - ``{split}.logits``: float16 ``[n_sequences, seq_len, E]`` (one layer) or ``[n_sequences,
   seq_len, H, E]`` (H layers), one row per *input* token of each packed sequence, in the dataset's
-  order (memory-mapped on read).
+  order (memory-mapped on read);
+- or, compact (``top_m`` M): ``{split}.topm`` (float16 ``[..., M]``, the M highest scores, best
+  first), ``{split}.topm_ids`` (their experts, uint8 or uint16) and ``{split}.rest`` (float32
+  ``[...]``, the log-sum-exp of the others), with the same leading axes (:func:`file_layout`).
 
-One layer is written exactly as before per-layer heads existed (version 2), so such targets read
-the same in older and newer grouters. :mod:`grouter.capture` fills the files
-(:func:`logits_map`) and writes the manifest (:func:`write_manifest`); :class:`Targets` reads them.
+One full layer is written exactly as before per-layer heads existed (version 2), and several full
+layers as before compact targets (version 3), so such targets read the same in older and newer
+grouters. :mod:`grouter.capture` fills the files (:class:`TargetsWriter`) and writes the manifest
+(:func:`write_manifest`); :class:`Targets` reads them, and gives distillation a :class:`Teacher`
+per batch.
 """
 
 from __future__ import annotations
@@ -67,6 +73,12 @@ def check_top_m(top_m: int, n_experts: int, top_k: int) -> None:
     if top_m and not top_k <= top_m < n_experts:
         raise GrouterError(f"--top-m {top_m} must keep at least the source's top-k ({top_k}) and fewer than its "
                            f"{n_experts} experts; use 0 to keep every score")
+
+
+def check_temperature(top_m: int, temperature: float) -> None:
+    if top_m and temperature != 1.0:
+        raise GrouterError("compact targets keep the other scores' log-sum-exp at temperature 1; distill them with "
+                           "--temperature 1, or capture full targets (--top-m 0)")
 
 
 @dataclass
@@ -287,9 +299,7 @@ class Teacher:
         compact targets :func:`grouter.losses.kept_kl_loss`, at temperature 1 only)."""
         if self.ids is None:
             return kl_loss(self.scores, student, temperature)
-        if temperature != 1.0:
-            raise GrouterError("compact targets keep the other scores' log-sum-exp at temperature 1; distill them with "
-                               "--temperature 1, or capture full targets (--top-m 0)")
+        check_temperature(self.scores.shape[-1], temperature)
         return kept_kl_loss(self.scores, self.ids, self.rest, student)
 
     def topk(self, k: int) -> torch.Tensor:
