@@ -240,18 +240,36 @@ class _Rank:
         pass
 
 
-def test_shards_written_one_after_the_other_equal_one_process(tmp_path, tiny_data):
+SHARD_BATCH = 16  # the ranks' ranges are unequal: 217 train batches over 2 ranks
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_data):
+    """A source and its every-layer targets from one process with one thread, as each rank has (the
+    source's floating point may depend on the thread count, never on the sharding)."""
+    root = tmp_path_factory.mktemp("sharding")
+    make_source(root, tiny_data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        capture(root / "one", source=root / "src", data=tiny_data, layers="all", batch_size=SHARD_BATCH,
+                progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def test_shards_written_one_after_the_other_equal_one_process(tmp_path, tiny_data, one_process):
     """The sharding logic in-process: two ranks' shards (batch-aligned, unequal in size) fill the files
     of one work directory to the bytes one process writes."""
     from grouter.capture import _capture_shard, open_source
     from grouter.formats.dataset import SPLITS
     from grouter.formats.targets import TargetsWriter
     from grouter.runner import Output
-    from grouter.sharding import ShardedJob
+    from grouter.sharding import ShardedJob, batch_ranges
 
-    make_source(tmp_path, tiny_data)
-    capture(tmp_path / "one", source=tmp_path / "src", data=tiny_data, layers="all", batch_size=3, progress=False)
-    prefix = open_source(tmp_path / "src", None, "cpu", "all")
+    assert batch_ranges(len(tiny_data.split("train")), SHARD_BATCH, 2) == [(0, 1728), (1728, 3470)]
+    prefix = open_source(one_process / "src", None, "cpu", "all")
     out = Output(tmp_path / "two", {"test": 1}, progress=False)
     jobs = [ShardedJob(out, {}, _Rank(r, 2), "capture") for r in range(2)]
     writer = TargetsWriter(jobs[0].work, tiny_data.seq_len, 3, 8)
@@ -259,34 +277,37 @@ def test_shards_written_one_after_the_other_equal_one_process(tmp_path, tiny_dat
         writer.allocate(name, len(tiny_data.split(name)))
     for job in jobs:
         job.read()
-    for job in jobs:
-        for name in SPLITS:
-            _capture_shard(prefix, tiny_data.split(name), writer, job, 3, False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for job in jobs:
+            for name in SPLITS:
+                _capture_shard(prefix, tiny_data.split(name), writer, job, SHARD_BATCH, False)
+    finally:
+        torch.set_num_threads(threads)
     for name in SPLITS:
-        assert (jobs[0].work / f"{name}.logits").read_bytes() == (tmp_path / "one" / f"{name}.logits").read_bytes()
-    assert jobs[0].dir.progress()["train/rank1"] > 0
+        assert (jobs[0].work / f"{name}.logits").read_bytes() == (one_process / "one" / f"{name}.logits").read_bytes()
+    assert jobs[0].dir.progress() == {"train/rank0": 1728, "train/rank1": 1742, "val/rank0": 240, "val/rank1": 227}
 
 
 def _capture_rank(rank: int, world: int, source: str, data: str, out: str) -> None:
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    capture(out, source=source, data=data, layers="all", batch_size=3, device="cpu", progress=False)
+    capture(out, source=source, data=data, layers="all", batch_size=SHARD_BATCH, device="cpu", progress=False)
 
 
-def test_two_gloo_processes_capture_the_bytes_of_one(tmp_path, tiny_data):
-    """``torchrun --nproc-per-node 2 -m grouter.cli capture ...`` as two spawned gloo processes: the
-    targets directory equals one process's byte for byte, manifest included."""
+def test_two_gloo_processes_capture_the_bytes_of_one(tiny_data, one_process):
+    """``torchrun --nproc-per-node 2 -m grouter.cli capture ...`` as two spawned gloo processes of one
+    thread each: the targets directory equals one process's byte for byte, manifest included."""
     from grouter.device import spawn
 
-    make_source(tmp_path, tiny_data)
-    capture(tmp_path / "one", source=tmp_path / "src", data=tiny_data, layers="all", batch_size=3, progress=False)
-    spawn(2, _capture_rank, (str(tmp_path / "src"), str(tiny_data.path), str(tmp_path / "two")))
-    files = sorted(p.name for p in (tmp_path / "one").iterdir() if not p.name.startswith(".grouter-command"))
+    spawn(2, _capture_rank, (str(one_process / "src"), str(tiny_data.path), str(one_process / "two")))
+    files = sorted(p.name for p in (one_process / "one").iterdir() if not p.name.startswith(".grouter-command"))
     assert files == ["targets.json", "train.logits", "val.logits"]
     for name in files:
-        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
-    assert not (tmp_path / ".two.partial").exists()
+        assert (one_process / "two" / name).read_bytes() == (one_process / "one" / name).read_bytes(), name
+    assert not (one_process / ".two.partial").exists()
 
 
 # -- compact targets ------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ The targets are what distillation learns from, so the teacher never re-runs; the
 A source is anything that follows :class:`RouterPrefix`: the built-in MoE LM here, Hugging Face
 MoE checkpoints in :mod:`grouter.hf_source`. Only the prefix of the source that feeds the captured
 gate is loaded and run (docs/method.md#capture).
+
+Under torchrun, capture shards the sequences over the processes as pre-dispatch does
+(:mod:`grouter.sharding`), and ``--device-map auto`` spreads a Hugging Face source over each
+process's GPUs; ``--top-m`` writes compact targets (docs/method.md#compact-targets).
 """
 
 from __future__ import annotations
