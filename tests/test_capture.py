@@ -317,9 +317,10 @@ def test_compact_targets_keep_the_top_m_exactly_and_the_rest_as_one_log_sum_exp(
     """``--top-m 4`` of 8 experts, 3 layers: the kept scores are the full targets' top 4 (the same
     float16 values, best first), the rest their log-sum-exp; top-k is the full targets' top-k."""
     make_source(tmp_path, tiny_data)
-    full = capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, layers="all", progress=False)
+    full = capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, layers="all", batch_size=256,
+                   progress=False)
     compact = capture(tmp_path / "m4", source=tmp_path / "src", data=tiny_data, layers="all", top_m=4,
-                      progress=False)
+                      batch_size=256, progress=False)
     assert (full["bytes_per_token"], compact["bytes_per_token"]) == (3 * 8 * 2, 3 * (4 * (2 + 1) + 4))
     t_full, t = Targets.open(tmp_path / "full"), Targets.open(tmp_path / "m4")
     assert (t.top_m, t.manifest["version"], t.bytes_per_token) == (4, 4, compact["bytes_per_token"])

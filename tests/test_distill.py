@@ -168,8 +168,8 @@ def test_distillation_trains_on_compact_targets(tmp_path, tiny_data):
     src = MoELM(MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=1,
                           n_heads=2, d_expert=8, n_experts=16, top_k=2, init_std=0.2))
     src.save_pretrained(tmp_path / "src")
-    capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, progress=False)
-    capture(tmp_path / "m4", source=tmp_path / "src", data=tiny_data, top_m=4, progress=False)
+    capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, batch_size=256, progress=False)
+    capture(tmp_path / "m4", source=tmp_path / "src", data=tiny_data, top_m=4, batch_size=256, progress=False)
     cfg = schedule(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=30, eval_sequences=64,
                    checkpoint_every=30)
     summary = distill(tmp_path / "g", targets=tmp_path / "m4", architecture=ARCH, schedule=cfg, progress=False)
@@ -197,7 +197,7 @@ def four_layer_targets(tmp_path_factory, tiny_data):
     src = MoELM(MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=4,
                           n_heads=2, d_expert=8, n_experts=8, top_k=2, init_std=0.2))
     src.save_pretrained(path / "src")
-    capture(path / "t", source=path / "src", data=tiny_data, layers="all", progress=False)
+    capture(path / "t", source=path / "src", data=tiny_data, layers="all", batch_size=256, progress=False)
     return path / "t"
 
 
