@@ -224,3 +224,125 @@ def test_existing_output_is_not_overwritten(tmp_path, tiny_data):
     with pytest.raises(GrouterError, match="already exists"):
         capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
     assert (tmp_path / "t" / "keep.txt").read_text() == "mine"
+
+
+# -- sharded capture ------------------------------------------------------------------------------
+
+
+class _Rank:
+    """A process group of which this is rank ``rank`` of ``world``, its collectives no-ops: the
+    ranks of a launch, run one after the other in this process."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world, self.device = rank, world, torch.device("cpu")
+
+    def barrier(self) -> None:
+        pass
+
+
+SHARD_BATCH = 16  # the ranks' ranges are unequal: 217 train batches over 2 ranks
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_data):
+    """A source and its every-layer targets from one process with one thread, as each rank has (the
+    source's floating point may depend on the thread count, never on the sharding)."""
+    root = tmp_path_factory.mktemp("sharding")
+    make_source(root, tiny_data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        capture(root / "one", source=root / "src", data=tiny_data, layers="all", batch_size=SHARD_BATCH,
+                progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def test_shards_written_one_after_the_other_equal_one_process(tmp_path, tiny_data, one_process):
+    """The sharding logic in-process: two ranks' shards (batch-aligned, unequal in size) fill the files
+    of one work directory to the bytes one process writes."""
+    from grouter.capture import _capture_shard, open_source
+    from grouter.formats.dataset import SPLITS
+    from grouter.formats.targets import TargetsWriter
+    from grouter.runner import Output
+    from grouter.sharding import ShardedJob, batch_ranges
+
+    assert batch_ranges(len(tiny_data.split("train")), SHARD_BATCH, 2) == [(0, 1728), (1728, 3470)]
+    prefix = open_source(one_process / "src", None, "cpu", "all")
+    out = Output(tmp_path / "two", {"test": 1}, progress=False)
+    jobs = [ShardedJob(out, {}, _Rank(r, 2), "capture") for r in range(2)]
+    writer = TargetsWriter(jobs[0].work, tiny_data.seq_len, 3, 8)
+    for name in SPLITS:
+        writer.allocate(name, len(tiny_data.split(name)))
+    for job in jobs:
+        job.read()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for job in jobs:
+            for name in SPLITS:
+                _capture_shard(prefix, tiny_data.split(name), writer, job, SHARD_BATCH, False)
+    finally:
+        torch.set_num_threads(threads)
+    for name in SPLITS:
+        assert (jobs[0].work / f"{name}.logits").read_bytes() == (one_process / "one" / f"{name}.logits").read_bytes()
+    assert jobs[0].dir.progress() == {"train/rank0": 1728, "train/rank1": 1742, "val/rank0": 240, "val/rank1": 227}
+
+
+def _capture_rank(rank: int, world: int, source: str, data: str, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    capture(out, source=source, data=data, layers="all", batch_size=SHARD_BATCH, device="cpu", progress=False)
+
+
+def test_two_gloo_processes_capture_the_bytes_of_one(tiny_data, one_process):
+    """``torchrun --nproc-per-node 2 -m grouter.cli capture ...`` as two spawned gloo processes of one
+    thread each: the targets directory equals one process's byte for byte, manifest included."""
+    from grouter.device import spawn
+
+    spawn(2, _capture_rank, (str(one_process / "src"), str(tiny_data.path), str(one_process / "two")))
+    files = sorted(p.name for p in (one_process / "one").iterdir() if not p.name.startswith(".grouter-command"))
+    assert files == ["targets.json", "train.logits", "val.logits"]
+    for name in files:
+        assert (one_process / "two" / name).read_bytes() == (one_process / "one" / name).read_bytes(), name
+    assert not (one_process / ".two.partial").exists()
+
+
+# -- compact targets ------------------------------------------------------------------------------
+
+
+def test_compact_targets_keep_the_top_m_exactly_and_the_rest_as_one_log_sum_exp(tmp_path, tiny_data):
+    """``--top-m 4`` of 8 experts, 3 layers: the kept scores are the full targets' top 4 (the same
+    float16 values, best first), the rest their log-sum-exp; top-k is the full targets' top-k."""
+    make_source(tmp_path, tiny_data)
+    full = capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, layers="all", batch_size=256,
+                   progress=False)
+    compact = capture(tmp_path / "m4", source=tmp_path / "src", data=tiny_data, layers="all", top_m=4,
+                      batch_size=256, progress=False)
+    assert (full["bytes_per_token"], compact["bytes_per_token"]) == (3 * 8 * 2, 3 * (4 * (2 + 1) + 4))
+    t_full, t = Targets.open(tmp_path / "full"), Targets.open(tmp_path / "m4")
+    assert (t.top_m, t.manifest["version"], t.bytes_per_token) == (4, 4, compact["bytes_per_token"])
+    assert sum((tmp_path / "m4" / f"train.{kind}").stat().st_size for kind in ("topm", "topm_ids", "rest")) == \
+        len(tiny_data.split("train")) * tiny_data.seq_len * compact["bytes_per_token"]
+    idx = np.arange(len(tiny_data.split("val")))
+    scores, teacher = t_full.logits("val", idx), t.teacher("val", idx)
+    kept = scores.sort(dim=-1, descending=True).values[..., :4]
+    assert torch.equal(teacher.scores, kept), "the same float16 values, best first"
+    assert torch.equal(scores.gather(-1, teacher.ids), teacher.scores)
+    dropped = scores.scatter(-1, teacher.ids, float("-inf"))
+    torch.testing.assert_close(teacher.rest, dropped.logsumexp(-1), rtol=1e-6, atol=1e-6)
+    full_topk = scores.topk(2, -1)
+    tied = (full_topk.values[..., -1:] == scores).sum(-1) > 1  # a tie at the k-th score may pick either
+    same = (full_topk.indices.sort(-1).values == teacher.topk(2).sort(-1).values).all(-1)
+    assert same[~tied].all() and (~tied).float().mean() > 0.9
+    assert torch.equal(teacher.scores[..., :2], full_topk.values)
+
+
+@pytest.mark.parametrize("top_m, message", [(1, "at least the source's top-k"), (8, "fewer than its 8 experts")])
+def test_top_m_out_of_range_is_refused(tmp_path, tiny_data, top_m, message):
+    make_source(tmp_path, tiny_data)
+    with pytest.raises(GrouterError, match=message):
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=top_m, progress=False)
+    assert not (tmp_path / "t").exists()

@@ -675,3 +675,29 @@ def test_reproduce_refuses_a_held_out_domain_the_data_lacks(capsys, monkeypatch,
     assert code == 2
     assert_one_line_error(code, err, "held-out domain 'poetry' must be one of the data's domains (code, prose)")
     assert_nothing_written(out)
+
+
+# -- at scale: compact targets, head groups -----------------------------------------------------------
+
+
+def test_compact_targets_and_head_groups_through_the_command_line(capsys, pipe, tiny_data, tmp_path):
+    """``capture --layers all --top-m 4`` then ``distill --head-groups 1``: the summary's bytes per token,
+    a shared head distilled against both layers' compact targets, verify reading version 4."""
+    data, source = str(tiny_data.path), str(pipe["source"][0])
+    code, out, err = run(capsys, "capture", "--source", source, "--data", data, "--layers", "all", "--top-m", "4",
+                         "--batch-size", "256", "--device", "cpu", "--out", tmp_path / "t", "--json")
+    assert code == 0, err
+    result = last_json(out)
+    assert (result["top_m"], result["bytes_per_token"]) == (4, TINY["n_layers"] * (4 * (2 + 1) + 4))
+    code, out, err = run(capsys, "verify", tmp_path / "t", "--json")
+    assert code == 0 and last_json(out)["kind"] == "targets", err
+    code, out, err = run(capsys, "distill", "--targets", tmp_path / "t", *DISTILL, "--head-groups", "1",
+                         "--device", "cpu", "--out", tmp_path / "g", "--json")
+    assert code == 0, err
+    summary = last_json(out)
+    assert "head_layers" not in summary and len(summary["val_kl_per_head"]) == TINY["n_layers"]
+    assert Grouter.from_pretrained(tmp_path / "g").cfg.heads is None
+    code, _, err = run(capsys, "capture", "--source", source, "--data", data, "--top-m", "8", "--device", "cpu",
+                       "--out", tmp_path / "t8")
+    assert_one_line_error(code, err, "--top-m 8 must keep at least the source's top-k (2) and fewer than its 8 experts")
+    assert_nothing_written(tmp_path / "t8")

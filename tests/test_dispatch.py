@@ -19,7 +19,7 @@ from grouter.dispatch import dispatch
 from grouter.errors import GrouterError
 from grouter.formats.dataset import SPLITS, PackedDataset
 from grouter.formats.grouter import GrouterConfig
-from grouter.formats.store import ONE_HEAD_VERSION, ROUTING_FORMAT, ROUTING_VERSION, RoutingStore
+from grouter.formats.store import ONE_HEAD_VERSION, PER_LAYER_VERSION, ROUTING_FORMAT, RoutingStore
 from grouter.network import Grouter
 
 BF16_TOL = 2 ** -8  # relative spacing of bfloat16 (8 significant bits)
@@ -125,7 +125,7 @@ def test_per_layer_routing_is_stored_per_head_aligned_with_the_sequences(tmp_pat
     assert summary["head_layers"] == [0, 2, 5] and summary["bytes_per_token"] == 3 * 3 * 4
     store = RoutingStore.open(tmp_path / "r", data=tiny_data, grouter_fingerprint=g.fingerprint())
     m = store.manifest
-    assert (m["version"], m["heads"], m["head_layers"], m["source_layers"]) == (ROUTING_VERSION, 3, [0, 2, 5], 6)
+    assert (m["version"], m["heads"], m["head_layers"], m["source_layers"]) == (PER_LAYER_VERSION, 3, [0, 2, 5], 6)
     assert store.heads.layers == (0, 2, 5) and "head_layers=[0, 2, 5]" in repr(store)
     L = tiny_data.seq_len
     for name in SPLITS:
@@ -374,3 +374,36 @@ def test_a_manifest_whose_version_and_heads_disagree_is_refused(tmp_path):
         RoutingStore.open(tmp_path / "s")
     with pytest.raises(GrouterError, match="does not fit a store"):
         write_store(tmp_path / "t", {"train": Routing(ids, torch.rand(4, 6, 2, 2))}, 8)
+
+
+def test_a_head_group_grouter_stores_a_routing_per_group_and_serves_each_layer_its_groups(tmp_path, tiny_data):
+    """Four source layers in two head groups: the store holds two routings per token (version 4,
+    ``head_groups``), and each layer of a target of any depth gets its group's head's routing;
+    folding keeps the groups."""
+    from grouter.fold import fold
+
+    g = Grouter(GrouterConfig(vocab_size=tiny_data.vocab_size, n_experts=16, top_k=4, d_model=32, n_layers=1, n_heads=2,
+                              d_ff=64, max_seq_len=tiny_data.seq_len, head_layers=[0, 1, 2, 3], source_layers=4,
+                              head_groups=[0, 0, 1, 1]))
+    with torch.no_grad():
+        g.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    g.save_pretrained(tmp_path / "g")
+    summary = dispatch(tmp_path / "r", grouter=tmp_path / "g", data=tiny_data, batch_size=BATCH, progress=False)
+    assert summary["bytes_per_token"] == 2 * 3 * 4
+    store = RoutingStore.open(tmp_path / "r", data=tiny_data, grouter_fingerprint=g.fingerprint())
+    m = store.manifest
+    assert (m["version"], m["heads"], m["head_groups"]) == (4, 2, [0, 0, 1, 1]) and store.heads == g.cfg.heads
+    idx = np.arange(3)
+    stored = store.routing("val", idx)
+    with torch.no_grad():
+        logits = g(tiny_data.split("val").batch(idx)["input_ids"])  # [n, L, 2 heads, E]
+    for n_layers, expected in [(4, [0, 0, 1, 1]), (2, [0, 1]), (8, [0, 0, 0, 0, 1, 1, 1, 1])]:
+        for layer, head in enumerate(expected):
+            assert torch.equal(stored.for_layer(layer, n_layers).ids, logits[..., head, :].topk(4).indices)
+    folded = fold(tmp_path / "f", grouter=tmp_path / "g", data=tiny_data, experts=8, progress=False)
+    assert folded["head_groups"] == [0, 0, 1, 1]
+    assert Grouter.from_pretrained(tmp_path / "f").cfg.heads == g.cfg.heads
+    assert sorted(p.name for p in (tmp_path / "f").glob("affinity_*.png")) == ["affinity_layers0-1.png",
+                                                                                 "affinity_layers2-3.png"]
+    dispatch(tmp_path / "rf", grouter=tmp_path / "f", data=tiny_data, batch_size=BATCH, progress=False)
+    assert RoutingStore.open(tmp_path / "rf").heads == g.cfg.heads

@@ -130,3 +130,100 @@ def test_per_layer_heads_learn_their_own_layers(tmp_path, tiny_data):
     for h in range(2):  # each head matches its own layer better than the other one
         own = topk_recall(teacher[:, :, h], student[:, :, h])
         assert own > topk_recall(teacher[:, :, 1 - h], student[:, :, h]) + 0.1, (h, own)
+
+
+# -- compact targets ------------------------------------------------------------------------------
+
+
+def test_kept_kl_is_the_full_kl_of_the_kept_experts_and_one_bucket_of_the_rest():
+    """What compact targets keep is exact for this: KL over {each kept expert, the others as one} of
+    the full scores' softmaxes equals kept_kl_loss on (top-M scores, their ids, the rest's
+    log-sum-exp), for any student; it is at most the full KL, and equal to it when the student's
+    distribution within the rest is the teacher's."""
+    from grouter.losses import kept_kl_loss
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(4, 6, 3, 16, generator=g) * 2, torch.randn(4, 6, 3, 16, generator=g) * 2
+    top = t.topk(5, -1)
+    rest = t.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+
+    def bucketed(x):  # log-probabilities of the kept experts, then of the rest as one
+        p = x.log_softmax(-1)
+        return torch.cat([p.gather(-1, top.indices), p.scatter(-1, top.indices, float("-inf")).logsumexp(-1, True)], -1)
+
+    reference = (bucketed(t).exp() * (bucketed(t) - bucketed(s))).sum(-1).mean()
+    assert kept_kl_loss(top.values, top.indices, rest, s).item() == pytest.approx(reference.item(), rel=1e-5)
+    assert kept_kl_loss(top.values, top.indices, rest, s).item() < kl_loss(t, s).item()
+    kept = torch.zeros_like(t, dtype=torch.bool).scatter(-1, top.indices, True)
+    same_rest = torch.where(kept, s, t + 0.7)  # within the rest, the student's distribution is the teacher's
+    assert kept_kl_loss(top.values, top.indices, rest, same_rest).item() == pytest.approx(
+        kl_loss(t, same_rest).item(), rel=1e-4)
+
+
+def test_distillation_trains_on_compact_targets(tmp_path, tiny_data):
+    """Targets captured with --top-m: distillation learns from them, its loss is the kept-expert KL
+    (equal to the full one's on those experts), and evaluation's top-k is the full targets'."""
+    from grouter.formats.targets import Targets as T
+
+    src = MoELM(MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=1,
+                          n_heads=2, d_expert=8, n_experts=16, top_k=2, init_std=0.2))
+    src.save_pretrained(tmp_path / "src")
+    capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, batch_size=256, progress=False)
+    capture(tmp_path / "m4", source=tmp_path / "src", data=tiny_data, top_m=4, batch_size=256, progress=False)
+    cfg = schedule(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=30, eval_sequences=64,
+                   checkpoint_every=30)
+    summary = distill(tmp_path / "g", targets=tmp_path / "m4", architecture=ARCH, schedule=cfg, progress=False)
+    assert summary["val_topk_recall"] > 2 / 16 + 0.2, summary
+    grouter = Grouter.from_pretrained(tmp_path / "g")
+    assert grouter.cfg.provenance["top_m"] == 4
+    full, compact, idx = T.open(tmp_path / "full"), T.open(tmp_path / "m4"), np.arange(8)
+    with torch.no_grad():
+        student = grouter(tiny_data.split("val").batch(idx)["input_ids"])
+    teacher = compact.teacher("val", idx)
+    scores = full.logits("val", idx)
+    assert torch.equal(scores.gather(-1, teacher.ids), teacher.scores)
+    assert teacher.kl(student).item() <= full.teacher("val", idx).kl(student).item()
+    with pytest.raises(GrouterError, match="temperature 1"):
+        distill(tmp_path / "g2", targets=tmp_path / "m4", architecture=ARCH, schedule=cfg, temperature=2.0,
+                progress=False)
+
+
+# -- head groups ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_layer_targets(tmp_path_factory, tiny_data):
+    path = tmp_path_factory.mktemp("groups")
+    src = MoELM(MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=4,
+                          n_heads=2, d_expert=8, n_experts=8, top_k=2, init_std=0.2))
+    src.save_pretrained(path / "src")
+    capture(path / "t", source=path / "src", data=tiny_data, layers="all", batch_size=256, progress=False)
+    return path / "t"
+
+
+@pytest.mark.parametrize("groups, heads, expected", [(1, None, None), (2, 2, (0, 0, 1, 1)), (4, 4, None)])
+def test_head_groups_give_a_head_per_group_of_adjacent_layers(tmp_path, tiny_data, four_layer_targets, groups, heads,
+                                                             expected):
+    """--head-groups 1: one shared head (distilled against every layer); 2: layers 0-1 and 2-3 share a
+    head each; 4 (= the layers): a head per layer, the same Grouter as without the option."""
+    cfg = schedule(steps=20, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=20, eval_sequences=32,
+                   checkpoint_every=20)
+    summary = distill(tmp_path / "g", targets=four_layer_targets, architecture=ARCH, schedule=cfg,
+                      head_groups=groups, progress=False)
+    grouter = Grouter.from_pretrained(tmp_path / "g")
+    assert (len(grouter.cfg.heads) if grouter.cfg.heads else None) == heads
+    assert (grouter.cfg.heads.groups or None if grouter.cfg.heads else None) == expected
+    assert len(summary["val_kl_per_head"]) == 4, "evaluated against every captured layer"
+    if groups == 4:
+        distill(tmp_path / "plain", targets=four_layer_targets, architecture=ARCH, schedule=cfg, progress=False)
+        assert Grouter.from_pretrained(tmp_path / "plain").fingerprint() == grouter.fingerprint()
+
+
+def test_head_groups_need_several_layers_and_at_most_one_group_each(tmp_path, tiny_data, four_layer_targets):
+    cfg = schedule(steps=2, batch_size=16)
+    with pytest.raises(GrouterError, match="between 1 .* and the 4 captured layers"):
+        distill(tmp_path / "g", targets=four_layer_targets, architecture=ARCH, schedule=cfg, head_groups=5,
+                progress=False)
+    targets = make_targets(tmp_path, tiny_data, 8)
+    with pytest.raises(GrouterError, match="needs targets of several layers"):
+        distill(tmp_path / "g", targets=targets.path, architecture=ARCH, schedule=cfg, head_groups=2, progress=False)

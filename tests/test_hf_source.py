@@ -287,6 +287,35 @@ def test_cuda_matches_cpu(qwen2):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 
+def test_device_map_gives_the_scores_of_one_device(qwen2, monkeypatch):
+    """``--device-map auto``: the prefix placed by accelerate, layer by layer (on a machine without
+    GPUs, all on the CPU; a multi-GPU split is the GPU check's), scores as without it, every
+    captured layer's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this test is the CPU case everywhere
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    ref = HFRouterPrefix(qwen2, layers=[1, 2]).router_logits(ids)
+    mapped = HFRouterPrefix(qwen2, layers=[1, 2], device_map="auto")
+    assert mapped.gpus == [] and mapped.device == torch.device("cpu")
+    assert hasattr(mapped._base, "hf_device_map"), "placed by accelerate"
+    torch.testing.assert_close(mapped.router_logits(ids), ref, atol=0, rtol=0)
+
+
+def test_process_gpus_share_a_node_between_its_processes(monkeypatch):
+    from grouter.hf_source import process_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert process_gpus() == [4, 5]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    with pytest.raises(GrouterError, match="16 processes per node share 8 GPUs"):
+        process_gpus()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert process_gpus() == list(range(8))
+
+
 def test_dense_or_unsupported_models_are_refused(tmp_path):
     for model_type in ("qwen3", "llama"):
         d = tmp_path / model_type

@@ -190,3 +190,24 @@ def test_per_layer_routing_groups_per_head_and_gives_each_layer_its_head():
     assert r.to("cpu").heads == heads
     single = Routing(ids[:, :, 0], r.weights[:, :, 0])
     assert single.for_layer(2, 3) is single
+
+
+def test_head_groups_map_each_target_layer_to_its_groups_head():
+    """Four captured layers of an 8-layer source in two groups: a target layer takes the head of the
+    captured layer nearest in relative depth, whatever its depth."""
+    from grouter.routers import Heads, even_groups, layer_heads
+
+    heads = Heads((0, 2, 5, 7), 8, (0, 0, 1, 1))
+    assert len(heads) == 2 and heads.of_layer == (0, 0, 1, 1) and heads.labels == ["layers0-2", "layers5-7"]
+    for target in (1, 3, 8, 16):
+        nearest = layer_heads([0, 2, 5, 7], 8, target)
+        assert heads.for_target(target) == tuple((0, 0, 1, 1)[i] for i in nearest)
+    assert heads.for_target(8) == (0, 0, 0, 0, 1, 1, 1, 1)
+    assert Heads((0, 2, 5, 7), 8, (0, 1, 2, 3)) == Heads((0, 2, 5, 7), 8), "a group per layer is per-layer heads"
+    assert Heads.of((0, 2, 5, 7), 8, (0, 0, 0, 0)) is None, "one group: one shared head"
+    assert even_groups(5, 2) == (0, 0, 0, 1, 1) and even_groups(4, 4) == (0, 1, 2, 3) and even_groups(3, 1) == (0,) * 3
+    for bad in [(0, 0, 2, 2), (1, 1, 2, 2), (0, 1, 0, 1), (0, 1)]:
+        with pytest.raises(GrouterError, match="head groups"):
+            Heads((0, 2, 5, 7), 8, bad)
+    with pytest.raises(GrouterError, match="--head-groups 5"):
+        even_groups(4, 5)

@@ -6,11 +6,14 @@ The targets are what distillation learns from, so the teacher never re-runs; the
 A source is anything that follows :class:`RouterPrefix`: the built-in MoE LM here, Hugging Face
 MoE checkpoints in :mod:`grouter.hf_source`. Only the prefix of the source that feeds the captured
 gate is loaded and run (docs/method.md#capture).
+
+Under torchrun, capture shards the sequences over the processes as pre-dispatch does
+(:mod:`grouter.sharding`), and ``--device-map auto`` spreads a Hugging Face source over each
+process's GPUs; ``--top-m`` writes compact targets (docs/method.md#compact-targets).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,20 +23,19 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .artifacts import ResumableDir
-from .chunking import batches_of
-from .device import resolve_device
+from .device import ProcessGroup
 from .errors import GrouterError
 from .formats.dataset import SPLITS, PackedDataset
 from .formats.model import read_config
 from .formats.run import finished_checkpoint
-from .formats.targets import layer_fields, logits_map, split_entry, write_manifest
+from .formats.targets import TargetsWriter, check_top_m, layer_fields, write_manifest
 from .hf_source import HFRouterPrefix, describe_gates, is_hf_model_dir, resolve_layers
 from .integrity import file_sha256, verify_file
 from .model import MoEConfig, MoELM
 from .options import COUNT, POSITIVE_INT, option, path_input
 from .routers import AuxFreeRouter, RandomRouter
 from .runner import Output, Stage
+from .sharding import ShardedJob
 
 
 class RouterPrefix(Protocol):
@@ -160,14 +162,18 @@ class BuiltinRouterPrefix:
                                "re-tokenize it with the source's tokenizer")
 
 
-def open_source(path: str | Path, layer: int | None, device, layers=None) -> RouterPrefix:
-    """A built-in checkpoint or a Hugging Face MoE directory, as a router prefix."""
+def open_source(path: str | Path, layer: int | None, device, layers=None, device_map: str | None = None) -> RouterPrefix:
+    """A built-in checkpoint or a Hugging Face MoE directory, as a router prefix (``device_map``:
+    a Hugging Face source spread over this process's GPUs)."""
     path = Path(path)
     if not path.exists():
         raise GrouterError(f"source {path} not found; pass a `grouter source train` output or a Hugging Face MoE "
                            "model directory")
     if is_hf_model_dir(path):
-        return HFRouterPrefix(path, layer=layer, device=device, layers=layers)
+        return HFRouterPrefix(path, layer=layer, device=device, layers=layers, device_map=device_map)
+    if device_map is not None:
+        raise GrouterError(f"--device-map is for Hugging Face sources; {path} is a built-in source, which runs on "
+                           "one device")
     return BuiltinRouterPrefix(path, layer=layer, device=device, layers=layers)
 
 
@@ -178,33 +184,33 @@ def check_vocab_against_source(prefix: RouterPrefix, data: PackedDataset) -> Non
     prefix.check_tokenizer(data)
 
 
-# Flush the targets and record progress every this many batches.
+# Flush the targets and record progress every this many batches (per rank, at common steps).
 CHECKPOINT_EVERY = 64
 
 
-def _capture_split(prefix: RouterPrefix, split, job: ResumableDir, batch_size: int, progress: bool) -> dict:
-    """Fill ``{split}.logits`` from where the last run of this job stopped; returns its manifest entry."""
-    n, name = len(split), split.name
-    path = job.work / f"{name}.logits"
-    start = job.done(name)
-    targets = logits_map(path, n, split.seq_len, len(prefix.layers), prefix.n_experts, path.exists() and start > 0)
-    bar = tqdm(total=n, initial=start, desc=f"capture {name}", unit="seq", disable=not progress, mininterval=2)
-    for i, idx in enumerate(batches_of(n, batch_size, start)):
-        scores = prefix.router_logits(split.batch(idx)["input_ids"])
-        half = scores.to(torch.float16).cpu().numpy()
-        if not np.isfinite(half).all():
+def _capture_shard(prefix: RouterPrefix, split, writer: TargetsWriter, job: ShardedJob, batch_size: int,
+                   progress: bool) -> None:
+    """Fill this rank's sequences of ``{split}`` from where the last run of this job stopped."""
+    name, n = split.name, len(split)
+    lo, hi, first = job.shard(name, n, batch_size)
+    maps = writer.maps(name, lo, hi)
+    bar = tqdm(total=hi - lo, initial=first - lo, desc=f"capture {name}", unit="seq",
+               disable=not progress or job.group.rank != 0, mininterval=2)
+
+    def flush():
+        for m in (maps or {}).values():
+            m.flush()
+
+    for a, b in job.batches(name, n, batch_size, flush, CHECKPOINT_EVERY):
+        scores = prefix.router_logits(split.batch(np.arange(a, b))["input_ids"])
+        half = scores.to(torch.float16)
+        if not torch.isfinite(half).all():
             bad = "non-finite" if not torch.isfinite(scores).all() else "beyond float16 range"
-            raise GrouterError(f"the source produced {bad} router scores for {name} sequence {idx[0]}+; "
+            raise GrouterError(f"the source produced {bad} router scores for {name} sequence {a}+; "
                                "is the source checkpoint corrupt?")
-        targets[idx] = half
-        if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 or idx[-1] == n - 1:
-            targets.flush()
-            job.set_done(name, int(idx[-1]) + 1)
-        bar.update(len(idx))
+        writer.put(maps, a - lo, half)
+        bar.update(b - a)
     bar.close()
-    targets.flush()
-    del targets
-    return split_entry(path, n)
 
 
 def layer_list(text: str) -> list[int] | str:
@@ -228,29 +234,54 @@ class Options:
     layers: list[int] | str | None = option(None, "several MoE layers (or all of them): distill then gives one Grouter "
                                             "head per layer", parse=layer_list, metavar="L1,L2,...|all",
                                             exclusive="layers")
-    batch_size: int = option(16, range=POSITIVE_INT, memory=True)
-    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", how=True)
+    top_m: int = option(0, "keep only the M highest scores of each layer per token and the log-sum-exp of the "
+                        "others: compact targets, exact for distillation's KL on the kept experts (0: every score)",
+                        range=COUNT)
+    batch_size: int = option(16, "sequences per source forward; resuming needs the same value", range=POSITIVE_INT,
+                             memory=True)
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process "
+                         "uses cuda:LOCAL_RANK", how=True)
+    device_map: str | None = option(None, "auto: spread a Hugging Face source over every GPU this process is given "
+                                    "(all visible ones; under torchrun, its share of them), for a source larger "
+                                    "than one device", choices=("auto",), how=True)
 
 
-def run(inputs: Inputs, o: Options, out: Output) -> dict:
-    """Write the targets directory; resumable (rerun the same command) and atomic.
+def run(inputs: Inputs, o: Options, out: Output) -> dict | None:
+    """Write the targets directory; resumable (rerun the same command), atomic, and shardable over
+    the processes of a torchrun launch (:mod:`grouter.sharding`: byte-identical to one process).
 
     ``layer``: the one MoE layer to capture (default: the first); ``layers``: several (a list of
-    indices, or ``"all"`` MoE layers), one Grouter head each (docs/method.md#capture).
+    indices, or ``"all"`` MoE layers), one Grouter head each (docs/method.md#capture). ``top_m``:
+    compact targets (docs/method.md#compact-targets). Returns (on rank 0; None on the others) the
+    summary, with ``bytes_per_token``: the score bytes per token, all layers.
     """
     data = PackedDataset.open(inputs.data)
-    prefix = open_source(inputs.source, o.layer, resolve_device(o.device), o.layers)
-    check_vocab_against_source(prefix, data)
-    source_info, fields = prefix.describe(), layer_fields(prefix.layers, prefix.n_layers)
-    job = out.resumable({"source": source_info})
-    if job.resumed:
-        print(f"resuming capture in {job.work}", file=sys.stderr)
-    splits = {name: _capture_split(prefix, data.split(name), job, o.batch_size, out.progress) for name in SPLITS}
-    write_manifest(job.work, data, fields, source_info, prefix.n_experts, prefix.top_k, splits)
-    job.finish()
+    with ProcessGroup(o.device) as group:
+        prefix = open_source(inputs.source, o.layer, group.device, o.layers, o.device_map)
+        check_vocab_against_source(prefix, data)
+        check_top_m(o.top_m, prefix.n_experts, prefix.top_k)
+        source_info, fields = prefix.describe(), layer_fields(prefix.layers, prefix.n_layers, o.top_m)
+        job = ShardedJob(out, {"source": source_info}, group, "capture")
+        writer = TargetsWriter(job.work, data.seq_len, len(prefix.layers), prefix.n_experts, o.top_m)
+        sizes = {name: len(data.split(name)) for name in SPLITS}
+        for name in SPLITS:  # rank 0 sizes the files every rank writes into
+            if group.rank == 0 and not writer.allocate(name, sizes[name]):
+                job.forget(name)
+        job.read()
+        for name in SPLITS:
+            _capture_shard(prefix, data.split(name), writer, job, o.batch_size, out.progress)
+        group.barrier()
+        if group.rank == 0:
+            splits = {name: writer.entry(name, sizes[name]) for name in SPLITS}
+            write_manifest(job.work, data, fields, source_info, prefix.n_experts, prefix.top_k, splits)
+        job.finish()
+        rank = group.rank
+    if rank != 0:
+        return None
     return {"targets": str(out.path), "n_experts": prefix.n_experts, "top_k": prefix.top_k,
-            **{key: fields[key] for key in ("layer", "layers") if key in fields},
-            "score_function": prefix.score_function, "train_tokens": splits["train"]["n_sequences"] * data.seq_len}
+            **{key: fields[key] for key in ("layer", "layers", "top_m") if key in fields},
+            "score_function": prefix.score_function, "train_tokens": sizes["train"] * data.seq_len,
+            "bytes_per_token": writer.bytes_per_token}
 
 
 capture = Stage("capture", run, Inputs, Options, writes="resumable")

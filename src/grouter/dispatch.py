@@ -16,21 +16,15 @@ Sharding over processes: launch with torchrun, e.g. ::
     torchrun --nproc_per_node 4 -m grouter.cli dispatch --grouter G --data D --out R
 
 (or any launcher that sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``; an already
-initialised ``torch.distributed`` process group is used as it is). Rank ``r`` routes a contiguous,
-``batch_size``-aligned range of the sequences of each split, so every batch is the one a single
-process would run and the store is byte-identical to a single-process one. Rank 0 preallocates
-the files in the shared work directory; every rank writes straight into its own slice of them
-(merging copies no token data); progress is recorded per rank (``{split}/rank{r}``) at batch
-steps common to all ranks, so a sharded run resumes too (with the same number of processes).
-After a final barrier rank 0 checksums the files, writes the manifest and renames the directory
-into place. All ranks must see the same file system. On CUDA each rank uses ``cuda:LOCAL_RANK``
-and NCCL; on CPU, gloo.
+initialised ``torch.distributed`` process group is used as it is). How the sequences (or a
+stream's windows) are shared out, written and resumed is :mod:`grouter.sharding`; the store is
+byte-identical to a single-process one. After a final barrier rank 0 checksums the files, writes
+the manifest and renames the directory into place. On CUDA each rank uses ``cuda:LOCAL_RANK`` and
+NCCL; on CPU, gloo.
 """
 
 from __future__ import annotations
 
-import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,7 +34,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import read_json
 from .device import ProcessGroup
 from .errors import GrouterError
 from .formats.dataset import SPLITS, DataSplit, PackedDataset
@@ -50,16 +43,10 @@ from .routers import Routing
 from .network import LEAK_WARNING, Grouter
 from .options import COUNT, POSITIVE_INT, option, path_input
 from .runner import Output, Stage
+from .sharding import ShardedJob
 
 # Flush the files and record progress every this many batches (per rank, at common steps).
 CHECKPOINT_EVERY = 64
-
-
-def _batch_ranges(n: int, batch_size: int, world: int) -> list[tuple[int, int]]:
-    """Sequence range [lo, hi) of each rank: contiguous runs of whole batches of the split."""
-    n_batches = math.ceil(n / batch_size)
-    return [(min(r * n_batches // world * batch_size, n), min((r + 1) * n_batches // world * batch_size, n))
-            for r in range(world)]
 
 
 def _load_grouter(path: str | Path, data: PackedDataset | None, k: int | None) -> tuple[Grouter, str, int]:
@@ -82,63 +69,23 @@ def _load_grouter(path: str | Path, data: PackedDataset | None, k: int | None) -
     return model, fingerprint, k
 
 
-class _Progress:
-    """Where each rank's shard of each split got to: ``done[f"{split}/rank{r}"]`` sequences.
-
-    Rank 0 owns the resumable directory and records progress; the other ranks read it once.
-    """
-
-    def __init__(self, out: Output, more: dict, group: ProcessGroup):
-        self.group, self.dir = group, None
-        if group.rank == 0:
-            self.dir = out.resumable(more)
-            if self.dir.resumed:
-                print(f"resuming dispatch in {self.dir.work}", file=sys.stderr)
-        self.work = out.path.parent / f".{out.path.name}.partial"
-
-    def forget(self, split: str) -> None:
-        """Progress without its data is no progress (the files were missing or resized)."""
-        for r in range(self.group.world):
-            if self.dir.done(f"{split}/rank{r}"):
-                self.dir.set_done(f"{split}/rank{r}", 0)
-
-    def read(self) -> dict[str, int]:
-        if self.dir is not None:
-            return self.dir.progress()
-        return {key: int(v) for key, v in read_json(self.work / "progress.json", "dispatch progress")["done"].items()}
-
-    def record(self, split: str, ranges: list[tuple[int, int]], sequences_per_rank: int) -> None:
-        if self.dir is not None:  # any subset of these records is a safe resume point
-            for r, (lo, hi) in enumerate(ranges):
-                self.dir.set_done(f"{split}/rank{r}", min(sequences_per_rank, hi - lo))
-
-
-def _shard_loop(progress: _Progress, name: str, n: int, batch_size: int, done: dict, route, open_maps,
-                show: bool) -> int:
+def _shard_loop(job: ShardedJob, name: str, n: int, batch_size: int, route, open_maps, show: bool) -> int:
     """Route this rank's share of ``n`` units (sequences, or a stream's windows) of ``name`` in batches:
     ``route(a, b, lo, maps)`` routes units ``[a, b)`` and returns the tokens it routed; ``open_maps(lo, hi)``
-    opens the files this rank writes (``lo``: its first unit). Files are flushed and progress recorded every CHECKPOINT_EVERY
-    batches, at steps common to all ranks, so that they agree on where to resume."""
-    group = progress.group
-    ranges = _batch_ranges(n, batch_size, group.world)
-    steps = max(math.ceil((hi - lo) / batch_size) for lo, hi in ranges)
-    start = max(math.ceil(done.get(f"{name}/rank{r}", 0) / batch_size) for r in range(group.world))
-    lo, hi = ranges[group.rank]
+    opens the files this rank writes (``lo``: its first unit)."""
+    lo, hi, first = job.shard(name, n, batch_size)
     maps = open_maps(lo, hi)
-    bar = tqdm(total=hi - lo, initial=min(start * batch_size, hi - lo), desc=f"dispatch {name}", unit="seq",
-               disable=not show or group.rank != 0, mininterval=2)
+    bar = tqdm(total=hi - lo, initial=first - lo, desc=f"dispatch {name}", unit="seq",
+               disable=not show or job.group.rank != 0, mininterval=2)
     routed = 0
-    for step in range(start, steps):
-        a = lo + step * batch_size
-        if a < hi:
-            b = min(a + batch_size, hi)
-            routed += route(a, b, lo, maps)
-            bar.update(b - a)
-        if (step + 1) % CHECKPOINT_EVERY == 0 or step == steps - 1:
-            for m in maps or ():
-                m.flush()
-            group.barrier()  # every rank's data up to this step is on disk
-            progress.record(name, ranges, (step + 1) * batch_size)
+
+    def flush():
+        for m in maps or ():
+            m.flush()
+
+    for a, b in job.batches(name, n, batch_size, flush, CHECKPOINT_EVERY):
+        routed += route(a, b, lo, maps)
+        bar.update(b - a)
     bar.close()
     return routed
 
@@ -148,10 +95,10 @@ def _finite(logits: torch.Tensor, what: str) -> None:
         raise GrouterError(f"the Grouter produced non-finite logits for {what}; are its weights corrupt?")
 
 
-def _route_shard(model: Grouter, split: DataSplit, writer: StoreWriter, progress: _Progress, done: dict,
-                 k: int, batch_size: int, show: bool) -> int:
+def _route_shard(model: Grouter, split: DataSplit, writer: StoreWriter, job: ShardedJob, k: int, batch_size: int,
+                 show: bool) -> int:
     """Route this rank's sequences of ``split`` into the store; returns the tokens routed."""
-    device = progress.group.device
+    device = job.group.device
 
     def route(a: int, b: int, lo: int, maps) -> int:
         logits = model(split.batch(np.arange(a, b))["input_ids"].to(device))
@@ -159,7 +106,7 @@ def _route_shard(model: Grouter, split: DataSplit, writer: StoreWriter, progress
         writer.put(maps, a - lo, model.route_logits(logits, k))
         return (b - a) * split.seq_len
 
-    return _shard_loop(progress, split.name, len(split), batch_size, done, route,
+    return _shard_loop(job, split.name, len(split), batch_size, route,
                        lambda lo, hi: writer.maps(split.name, lo, hi), show)
 
 
@@ -219,15 +166,14 @@ def _dispatch_stream(inputs: "Inputs", o: "Options", out: Output, t0: float) -> 
     n_tokens, E = int(prefix.offsets[-1]), model.cfg.n_experts
     with ProcessGroup(o.device) as group:
         model = model.float().to(group.device).eval()
-        job = _Progress(out, {"world_size": group.world, "device_type": group.device.type}, group)
+        job = ShardedJob(out, {"device_type": group.device.type}, group, "dispatch")
         writer = StreamWriter(job.work, k, E, o.weights_dtype, model.cfg.heads)
         if group.rank == 0 and not writer.allocate(n_tokens):
             job.forget("stream")
         writer.n_tokens = n_tokens
-        group.barrier()
         done = job.read()
         route = _route_windows(model, prefix, writer, k, windows, group.device)
-        computed = group.all_sum(_shard_loop(job, "stream", len(order), o.batch_size, done, route,
+        computed = group.all_sum(_shard_loop(job, "stream", len(order), o.batch_size, route,
                                              lambda lo, hi: writer.maps(), out.progress))
         group.barrier()
         if group.rank == 0:
@@ -235,8 +181,7 @@ def _dispatch_stream(inputs: "Inputs", o: "Options", out: Output, t0: float) -> 
             writer.finish(prefix.offsets, prefix.path, {"fingerprint": fingerprint, "causal": model.cfg.causal,
                                                         "path": str(Path(inputs.grouter).resolve())},
                           context, prefix.tokens.dtype, prefix.max_token_id)
-            job.dir.finish()
-        group.barrier()
+        job.finish()  # the stream is in place before any rank returns
         world, rank = group.world, group.rank
     seconds = time.perf_counter() - t0
     if rank != 0:
@@ -296,22 +241,20 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict | None:
     E, sizes = model.cfg.n_experts, {name: len(data.split(name)) for name in SPLITS}
     with ProcessGroup(o.device) as group:
         model = model.float().to(group.device).eval()
-        job = _Progress(out, {"world_size": group.world, "device_type": group.device.type}, group)
+        job = ShardedJob(out, {"device_type": group.device.type}, group, "dispatch")
         writer = StoreWriter(job.work, data.seq_len, k, E, o.weights_dtype, model.cfg.heads)
         for name in SPLITS:  # rank 0 sizes the files every rank writes into
             if group.rank == 0 and not writer.allocate(name, sizes[name]):
                 job.forget(name)
             writer.sizes[name] = sizes[name]
-        group.barrier()
         done = job.read()
-        routed = sum(_route_shard(model, data.split(name), writer, job, done, k, o.batch_size, out.progress)
+        routed = sum(_route_shard(model, data.split(name), writer, job, k, o.batch_size, out.progress)
                      for name in SPLITS)
         routed = group.all_sum(routed)
         group.barrier()
         if group.rank == 0:
             writer.finish(data, fingerprint, str(Path(inputs.grouter).resolve()), model.cfg.causal)
-            job.dir.finish()
-        group.barrier()  # the store is in place before any rank returns
+        job.finish()  # the store is in place before any rank returns
         world = group.world
     seconds = time.perf_counter() - t0
     heads = model.cfg.head_layers

@@ -7,7 +7,11 @@ Loss ``KL(softmax(teacher / T) || softmax(student / T)) * T^2`` averaged over to
 
 Targets of several source layers give a Grouter with one head per layer (``head_layers``): the
 loss is the KL of every head against its layer's teacher, averaged over heads (every head sees the
-same tokens), and the evaluation reports each head and their mean.
+same tokens), and the evaluation reports each head and their mean. With ``head_groups`` G, one
+head serves each of G groups of adjacent layers: the loss is every captured layer's KL against its
+group's head, averaged over layers (G = 1: one shared head for all; docs/method.md#head-groups).
+Compact targets (``grouter capture --top-m``) train on the KL over the kept experts and one bucket
+of the rest (:func:`grouter.losses.kept_kl_loss`).
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from .device import resolve_device
 from .errors import GrouterError
 from .formats.grouter import Architecture, GrouterConfig
 from .formats.run import read_metrics
-from .formats.targets import Targets
+from .formats.targets import Targets, Teacher, check_temperature
 from .loop import Hooks, Step, TrainConfig, build_optimizer, fit
-from .losses import kl_loss
 from .metrics import topk_recall, topk_set_agreement
 from .network import LEAK_WARNING, Grouter
 from .options import POSITIVE, POSITIVE_INT, option, path_input
+from .routers import Heads, even_groups
 from .runner import Output, Stage
 
 
@@ -48,6 +52,9 @@ class Options:
     architecture: Architecture = field(default_factory=Architecture)
     schedule: TrainConfig = field(default_factory=distill_schedule)
     temperature: float = option(1.0, "KL temperature (default 1: no temperature)", range=POSITIVE)
+    head_groups: int | None = option(None, "targets of several layers: one head per group of adjacent layers, "
+                                     "groups as equal as can be (1: one shared head; default: a head per layer)",
+                                     range=POSITIVE_INT)
     stop_after: int | None = option(None, "leave after this step, as an interruption would", range=POSITIVE_INT,
                                     cli=False, how=True)
 
@@ -55,31 +62,40 @@ class Options:
 METRICS = ("kl", "topk_recall", "topk_set_match")
 
 
-def _head_metrics(teacher: torch.Tensor, student: torch.Tensor, k: int) -> np.ndarray:
-    """``[H, 3]``: KL, top-k recall and top-k set match of each head (logits ``[B, L, H, E]``)."""
-    out = np.empty((teacher.shape[-2], len(METRICS)))
-    for h in range(teacher.shape[-2]):
-        t, s = teacher[..., h, :], student[..., h, :]
-        t_ids, s_ids = t.topk(k, -1).indices, s.topk(k, -1).indices
-        out[h] = kl_loss(t, s).item(), topk_recall(t_ids, s_ids), topk_set_agreement(t_ids, s_ids)
+def _layer_metrics(teacher: Teacher, student: torch.Tensor, of_layer: tuple[int, ...], k: int) -> np.ndarray:
+    """``[H, 3]``: KL, top-k recall and top-k set match of each captured layer against its head's
+    logits (``student`` ``[B, L, heads, E]``)."""
+    out = np.empty((len(of_layer), len(METRICS)))
+    for i, h in enumerate(of_layer):
+        t, s = teacher if len(of_layer) == 1 else teacher.layer(i), student[..., h, :]
+        t_ids, s_ids = t.topk(k), s.topk(k, -1).indices
+        out[i] = t.kl(s).item(), topk_recall(t_ids, s_ids), topk_set_agreement(t_ids, s_ids)
     return out
+
+
+def layer_logits(grouter: Grouter, input_ids: torch.Tensor, of_layer: tuple[int, ...]) -> torch.Tensor:
+    """The logits each captured layer is distilled against: its head's, ``[B, L, E]`` for one
+    captured layer, else ``[B, L, layers, E]``."""
+    logits = grouter.head_logits(input_ids)[..., list(of_layer), :]
+    return logits.squeeze(-2) if len(of_layer) == 1 else logits
 
 
 @torch.no_grad()
 def evaluate_distill(grouter: Grouter, targets: Targets, split: str, n_sequences: int, batch_size: int,
                      device: torch.device) -> dict:
     """KL, top-k recall and exact top-k set match against the teacher on a fixed subset: their mean
-    over heads, and with per-layer heads each head's (``kl_per_head``, ...)."""
+    over captured layers, and with several layers each layer's (``kl_per_head``, ...: per captured
+    layer, each against its head)."""
     was_training = grouter.training
     grouter.eval()
-    data, k = targets.data.split(split), targets.top_k
+    data, k, of_layer = targets.data.split(split), targets.top_k, head_of_layer(grouter, targets)
     n = min(n_sequences, len(data))
     sums, tokens = 0.0, 0
     for idx in batches_of(n, batch_size):
-        teacher = targets.logits(split, idx).to(device)
+        teacher = targets.teacher(split, idx).to(device)
         student = grouter.head_logits(data.batch(idx)["input_ids"].to(device))
-        count = teacher.shape[0] * teacher.shape[1]
-        sums = sums + _head_metrics(teacher.view(student.shape), student, k) * count
+        count = student.shape[0] * student.shape[1]
+        sums = sums + _layer_metrics(teacher, student, of_layer, k) * count
         tokens += count
     grouter.train(was_training)
     per_head = sums / tokens
@@ -89,24 +105,47 @@ def evaluate_distill(grouter: Grouter, targets: Targets, split: str, n_sequences
     return result
 
 
+def head_of_layer(grouter: Grouter, targets: Targets) -> tuple[int, ...]:
+    """The Grouter's head each captured layer of ``targets`` is distilled against."""
+    heads = grouter.cfg.heads
+    return heads.of_layer if heads is not None else (0,) * len(targets.layers)
+
+
+def _heads(targets: Targets, groups: int | None) -> dict:
+    """The GrouterConfig fields of the heads: a head per captured layer, per group of them, or none."""
+    heads = targets.heads
+    if groups is None or heads is None:
+        if groups not in (None, 1):
+            raise GrouterError(f"--head-groups {groups} needs targets of several layers; these hold one "
+                               "(capture with --layers)")
+        return {"head_layers": list(heads.layers) if heads else [], "source_layers": heads.source_layers if heads else 0}
+    of_layer = even_groups(len(heads.layers), groups)
+    if groups == 1:
+        return {"head_layers": [], "source_layers": 0}
+    return {"head_layers": list(heads.layers), "source_layers": heads.source_layers,
+            "head_groups": list(Heads(heads.layers, heads.source_layers, of_layer).groups)}
+
+
 def run(inputs: Inputs, o: Options, out: Output) -> dict:
     """Train (or resume) a Grouter in ``out``; returns a summary with the held-out quality."""
     cfg = o.schedule
     targets = Targets.open(inputs.targets)
-    data, heads = targets.data, targets.heads  # one head per captured layer
+    check_temperature(targets.top_m, o.temperature)
+    data = targets.data
     train_split = data.split("train")
     if cfg.batch_size > len(train_split):
         raise GrouterError(f"batch size {cfg.batch_size} exceeds the {len(train_split)} training sequences")
     gcfg = GrouterConfig(vocab_size=data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
                          max_seq_len=max(data.seq_len, 4096), seed=cfg.seed, **asdict(o.architecture),
-                         head_layers=list(heads.layers) if heads else [],
-                         source_layers=heads.source_layers if heads else 0,
+                         **_heads(targets, o.head_groups),
                          provenance={"source": targets.manifest["source"], "distilled_on": data.fingerprint,
                                      "distilled_seq_len": data.seq_len,
                                      "tokenizer_sha256": data.meta.get("tokenizer_sha256"),
-                                     "temperature": o.temperature}).validate()
+                                     "temperature": o.temperature,
+                                     **({"top_m": targets.top_m} if targets.top_m else {})}).validate()
+    train_files = targets.manifest["splits"]["train"]
     identity = {"grouter": gcfg.to_dict(), "distill": {**asdict(cfg), "temperature": o.temperature, "device": None},
-                "targets": targets.manifest["splits"]["train"]["logits"]["sha256"]}
+                "targets": train_files["logits" if "logits" in train_files else "topm"]["sha256"]}
     run = out.run(identity)
     resume_state = run.start()
 
@@ -116,9 +155,12 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
     opt = build_optimizer(grouter, cfg)
     start = run.resume(grouter, opt, resume_state)
 
+    of_layer = head_of_layer(grouter, targets)
+
     def forward(idx: np.ndarray) -> Step:
-        teacher = targets.logits("train", idx).to(device)
-        loss = kl_loss(teacher, grouter(train_split.batch(idx)["input_ids"].to(device)), o.temperature)
+        teacher = targets.teacher("train", idx).to(device)
+        loss = teacher.kl(layer_logits(grouter, train_split.batch(idx)["input_ids"].to(device), of_layer),
+                          o.temperature)
         return Step(loss, {"loss": loss.item()})
 
     def evaluate(step: int) -> dict:
@@ -131,7 +173,8 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
 
     evals = [r for r in read_metrics(run.metrics_path) if r["kind"] == "eval"]
     summary = {"grouter": str(out.path), "steps": cfg.steps, "n_experts": gcfg.n_experts, "top_k": gcfg.top_k,
-               **({"head_layers": gcfg.head_layers} if heads else {}),
+               **({"head_layers": gcfg.head_layers} if gcfg.head_layers else {}),
+               **({"head_groups": gcfg.head_groups} if gcfg.head_groups else {}),
                "parameters": grouter.num_parameters(), "causal": gcfg.causal,
                **{f"val_{k}": v for k, v in evals[-1].items() if k not in ("kind", "step")}}
     if not gcfg.causal:

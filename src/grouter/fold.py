@@ -181,24 +181,25 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
                            "experts; pass a smaller --top-k or fold to more experts")
     affinity, load, tokens = coactivation(grouter, data.split("train"), max_sequences=o.max_sequences,
                                           batch_size=o.batch_size, device=dev, progress=out.progress)
-    layers = grouter.cfg.head_layers  # none: one shared head
-    affinities, loads = (affinity, load) if layers else (affinity[None], load[None])
+    heads = grouter.cfg.heads  # none: one shared head
+    affinities, loads = (affinity, load) if heads else (affinity[None], load[None])
     head_groups = [make_groups(o.strategy, a, x, sizes, o.seed + h) for h, (a, x) in enumerate(zip(affinities, loads))]
-    groups = head_groups if layers else head_groups[0]
+    groups = head_groups if heads else head_groups[0]
     folded = fold_grouter(grouter.cpu(), groups, o.strategy, o.top_k)
     inside = [within_group_affinity(a, g) for a, g in zip(affinities, head_groups)]
     report = {"strategy": o.strategy, "source_experts": grouter.cfg.n_experts, "target_experts": o.experts,
               "top_k": folded.cfg.top_k, "group_sizes": [len(g) for g in head_groups[0]], "groups": groups,
               "tokens_measured": tokens, "within_group_affinity": float(np.mean(inside)),
               "seed_rule": "highest summed affinity to unassigned experts (ties: lowest id)",
-              **({"head_layers": layers, "within_group_affinity_per_head": inside} if layers else {})}
+              **({"head_layers": list(heads.layers), "within_group_affinity_per_head": inside} if heads else {}),
+              **({"head_groups": list(heads.groups)} if heads and heads.groups else {})}
     with out.atomic() as tmp:
         folded.save_pretrained(tmp)
         write_json(tmp / "fold_report.json", report)
         np.save(tmp / "affinity.npy", affinity)
-        for path, a, g, layer in zip(per_head_paths(tmp / "affinity.png", layers), affinities, head_groups,
-                                     layers or [None]):
-            head = "" if layer is None else f", head of source layer {layer}"
+        for path, a, g, label in zip(per_head_paths(tmp / "affinity.png", heads), affinities, head_groups,
+                                     heads.labels if heads else [None]):
+            head = "" if label is None else f", head of source {label}"
             title = f"co-activation, {o.strategy} folding {grouter.cfg.n_experts}→{o.experts}{head}"
             plot_affinity(a, g, path, title=title)
     return {"grouter": str(out.path), **{k: v for k, v in report.items() if k != "groups"}}

@@ -53,6 +53,7 @@ import copy
 import hashlib
 import json
 import operator
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -569,6 +570,18 @@ class _Gate:
         return [t for t in (self.weight, self.bias, self.selection) if t is not None]
 
 
+def process_gpus() -> list[int]:
+    """The GPUs of this process: all visible ones, or under torchrun its equal share of its node's
+    (``LOCAL_RANK`` of ``LOCAL_WORLD_SIZE``), so that the processes of a node never share a GPU."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local, per_node = int(os.environ.get("LOCAL_RANK", "0") or 0), int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if count and count < per_node:
+        raise GrouterError(f"{per_node} processes per node share {count} GPUs; --device-map needs at least one GPU per "
+                           "process")
+    share = count // per_node
+    return list(range(local * share, (local + 1) * share))
+
+
 class HFRouterPrefix:
     """Prefix of a HF MoE model up to the gate of its deepest captured layer; computes the scores
     the gates of the captured layers route by.
@@ -580,9 +593,13 @@ class HFRouterPrefix:
     before the deepest run whole, their gate inputs seen by forward pre-hooks on their MoE blocks.
     """
 
-    def __init__(self, path, layer: int | None = None, device="cpu", dtype=torch.float32, *, layers=None):
+    def __init__(self, path, layer: int | None = None, device="cpu", dtype=torch.float32, *, layers=None,
+                 device_map: str | None = None):
         self.path = Path(path)
-        self.device = torch.device(device)
+        self.device_map = device_map
+        self.gpus = process_gpus() if device_map == "auto" else []
+        # the gates and their scores live on the first device of the process (its first GPU with a device map)
+        self.device = torch.device("cuda", self.gpus[0]) if self.gpus else torch.device(device)
         self.dtype = dtype
         full_cfg = _load_config(self.path)
         self.arch = ARCHITECTURES[full_cfg.model_type]
@@ -638,7 +655,7 @@ class HFRouterPrefix:
         self._gates = [self._load_gate(shards, disk_of, layer) for layer in self.layers]
         self.info.gate_has_bias = any(g.bias is not None for g in self._gates)
         _check_finite(base, [t for g in self._gates for t in g.tensors()], self.path)
-        base.to(self.device)
+        base = self._place(base)
         base.eval()
         base.requires_grad_(False)
         self._base = base
@@ -653,9 +670,29 @@ class HFRouterPrefix:
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            self._scores_seen[gate.layer] = self._scores(hidden.reshape(-1, hidden.shape[-1]).to(torch.float32), gate)
+            self._scores_seen[gate.layer] = self._scores(self._gate_input(hidden), gate)
 
         return hook
+
+    def _place(self, base: nn.Module) -> nn.Module:
+        """The prefix on this process's device, or (``device_map`` ``auto``) split by whole decoder
+        layers over its GPUs by accelerate, which moves the hidden states between them; on a machine
+        without GPUs, on the CPU. A prefix that does not fit its GPUs is refused, never offloaded."""
+        if self.device_map is None:
+            return base.to(self.device)
+        from accelerate import dispatch_model, infer_auto_device_map  # imported only for a device map
+
+        layer_class = type(getattr(base, self.arch.layers)[0]).__name__
+        memory = {i: torch.cuda.mem_get_info(i)[0] for i in self.gpus} if self.gpus else None
+        device_map = infer_auto_device_map(base, max_memory=memory, no_split_module_classes=[layer_class])
+        if self.gpus and set(map(str, device_map.values())) - set(map(str, self.gpus)):
+            raise GrouterError(f"layers <= {self.layers[-1]} of {self.path} do not fit the free memory of GPUs "
+                               f"{self.gpus}; give each process more GPUs (fewer processes per node)")
+        return dispatch_model(base, device_map=device_map)
+
+    def _gate_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A gate's input ``[N, H]`` in float32 on the gates' device (a device map leaves it where its layer ran)."""
+        return hidden.reshape(-1, hidden.shape[-1]).to(device=self.device, dtype=torch.float32)
 
     def _targets(self, model_cls: type, cfg, keys: dict[str, str]) -> dict[str, str]:
         """The prefix-model parameter each checkpoint tensor (``keys``: name on disk -> name as the
@@ -778,7 +815,7 @@ class HFRouterPrefix:
             hidden = cap.hidden
         else:  # pragma: no cover - the probe always fires
             raise RuntimeError("the gate probe of layer L was not reached")
-        last = self._scores(hidden.reshape(-1, hidden.shape[-1]).to(torch.float32), self._gates[-1])
+        last = self._scores(self._gate_input(hidden), self._gates[-1])
         scores = [self._scores_seen.pop(g.layer) for g in self._gates[:-1]] + [last]
         return torch.stack(scores, dim=1).reshape(shape)
 

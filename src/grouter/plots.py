@@ -20,11 +20,12 @@ def figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1, **kw):
     return fig, fig.subplots(rows, cols, **kw)
 
 
-def per_head_paths(path: Path, head_layers: list[int]) -> list[Path]:
-    """One plot per head: ``path`` itself for a shared head, else ``NAME_layer{l}.EXT`` per source layer."""
-    if len(head_layers) <= 1:
+def per_head_paths(path: Path, heads) -> list[Path]:
+    """One plot per head: ``path`` itself for a shared head (``heads`` None), else ``NAME_layer{l}.EXT``
+    per source layer (``NAME_layers{a}-{b}.EXT`` per group of layers; :class:`grouter.routers.Heads`)."""
+    if heads is None:
         return [path]
-    return [path.with_name(f"{path.stem}_layer{layer}{path.suffix}") for layer in head_layers]
+    return [path.with_name(f"{path.stem}_{label}{path.suffix}") for label in heads.labels]
 
 
 def plot_affinity(affinity: np.ndarray, groups: list[list[int]], path: Path, title: str) -> None:

@@ -50,10 +50,16 @@ def _cached_layer_heads(head_layers: tuple[int, ...], source_layers: int, target
 class Heads:
     """Per-layer routing: head ``h`` was distilled from layer ``layers[h]`` of a source model with
     ``source_layers`` decoder layers. A target model maps its layers to heads by relative depth
-    (:func:`layer_heads`), so one routing serves targets of any depth."""
+    (:func:`layer_heads`), so one routing serves targets of any depth.
+
+    Head groups (``groups``, docs/method.md#head-groups): fewer heads than captured layers, each
+    distilled from a group of adjacent ones; ``groups[i]`` is the head of ``layers[i]``, and a target
+    layer takes the head of the captured layer nearest in relative depth. None: a head per layer.
+    """
 
     layers: tuple[int, ...]
     source_layers: int
+    groups: tuple[int, ...] = ()
 
     def __post_init__(self):
         layers = tuple(int(x) for x in self.layers)
@@ -61,19 +67,48 @@ class Heads:
         if len(layers) < 2 or not ordered or not 0 <= layers[0] <= layers[-1] < self.source_layers:
             raise GrouterError(f"per-layer heads need two or more distinct source layers in increasing order, "
                                f"within the source's {self.source_layers} layers; got {list(self.layers)}")
+        groups = tuple(int(g) for g in self.groups)
+        steps = {b - a for a, b in zip(groups, groups[1:])}
+        if groups and (len(groups) != len(layers) or groups[0] != 0 or not steps <= {0, 1} or groups[-1] < 1):
+            raise GrouterError(f"head groups must number the {len(layers)} layers' heads 0, 1, ... in order, adjacent "
+                               f"layers sharing a head, two heads or more; got {list(self.groups)}")
         object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "groups", () if groups == tuple(range(len(layers))) else groups)
 
     @classmethod
-    def of(cls, layers, source_layers: int) -> "Heads | None":
-        """The heads of ``layers`` (None for one shared head: no or one layer)."""
-        return cls(tuple(layers), int(source_layers)) if len(layers or ()) > 1 else None
+    def of(cls, layers, source_layers: int, groups=()) -> "Heads | None":
+        """The heads of ``layers`` (None for one shared head: no or one layer, or one group)."""
+        if len(layers or ()) < 2 or (groups and max(groups) == 0):
+            return None
+        return cls(tuple(layers), int(source_layers), tuple(groups or ()))
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return self.groups[-1] + 1 if self.groups else len(self.layers)
+
+    @property
+    def of_layer(self) -> tuple[int, ...]:
+        """The head of each of ``layers``."""
+        return self.groups or tuple(range(len(self.layers)))
+
+    @property
+    def labels(self) -> list[str]:
+        """Each head's source layers, as files and titles name them: ``layer5``, or ``layers4-7``."""
+        spans = [[x for x, g in zip(self.layers, self.of_layer) if g == h] for h in range(len(self))]
+        return [f"layer{s[0]}" if len(s) == 1 else f"layers{s[0]}-{s[-1]}" for s in spans]
 
     def for_target(self, n_layers: int) -> tuple[int, ...]:
         """The head of each layer of a target with ``n_layers`` layers (computed once per depth)."""
-        return _cached_layer_heads(self.layers, self.source_layers, n_layers)
+        nearest = _cached_layer_heads(self.layers, self.source_layers, n_layers)
+        return tuple(self.of_layer[i] for i in nearest)
+
+
+def even_groups(n_layers: int, n_groups: int) -> tuple[int, ...]:
+    """``n_groups`` groups of adjacent layers as equal in size as can be: the group of each of
+    ``n_layers`` layers (``--head-groups``)."""
+    if not 1 <= n_groups <= n_layers:
+        raise GrouterError(f"--head-groups {n_groups} must be between 1 (one shared head) and the {n_layers} captured "
+                           "layers (a head per layer)")
+    return tuple(i * n_groups // n_layers for i in range(n_layers))
 
 
 def token_shape(heads: Heads | None, k: int) -> tuple[int, ...]:
@@ -127,7 +162,7 @@ class Routing:
             return self
         if self.ids.shape[-2] != len(self.heads):
             raise GrouterError(f"per-layer routing has {self.ids.shape[-2]} heads in its ids but {len(self.heads)} "
-                               "source layers; it is corrupt")
+                               "heads in its description; it is corrupt")
         h = self.heads.for_target(n_layers)[layer]
         pick = lambda t: None if t is None else t[h]  # noqa: E731
         return Routing(self.ids[..., h, :], self.weights[..., h, :], pick(self.order), pick(self.counts))

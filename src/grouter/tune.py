@@ -183,7 +183,7 @@ def run(inputs: Inputs, cfg: Options, out: Output) -> dict:
         tuned.cpu().save_pretrained(tmp)
         write_json(tmp / "tune_report.json", report)
         (tmp / "tune_report.md").write_text(tune_markdown(report))
-        _plot_loads(before, after, tuned.cfg.head_layers, tmp / "loads.png", cfg.domain)
+        _plot_loads(before, after, tuned.cfg.heads, tmp / "loads.png", cfg.domain)
     return {"grouter": str(out.path), "max_vio_global_before": before["max_vio_global"],
             "max_vio_global_after": after["max_vio_global"],
             "max_vio_batch_mean_before": before["max_vio_batch_mean"],
@@ -193,11 +193,11 @@ def run(inputs: Inputs, cfg: Options, out: Output) -> dict:
             **({"head_layers": tuned.cfg.head_layers} if tuned.cfg.head_layers else {})}
 
 
-def _plot_loads(before: dict, after: dict, layers: list[int], path: Path, domain: str | None) -> None:
+def _plot_loads(before: dict, after: dict, heads, path: Path, domain: str | None) -> None:
     """``loads.png``: expert loads before and after tuning; one plot per head (``loads_layer{l}.png``)."""
-    pairs = zip(before["load"], after["load"]) if layers else [(before["load"], after["load"])]
-    for file, (b, a), layer in zip(per_head_paths(path, layers), pairs, layers or [None]):
-        head = "" if layer is None else f", head of source layer {layer}"
+    pairs = zip(before["load"], after["load"]) if heads else [(before["load"], after["load"])]
+    for file, (b, a), label in zip(per_head_paths(path, heads), pairs, heads.labels if heads else [None]):
+        head = "" if label is None else f", head of source {label}"
         plot_loads({"before tuning": np.array(b), "after tuning": np.array(a)}, file,
                    title=f"expert load on held-out data ({domain or 'all domains'}{head})")
 

@@ -130,9 +130,10 @@ class Pipeline:
                    domains=domains)
         return PackedDataset.open(self.out / "data-source")
 
-    def source_targets(self, data: PackedDataset, per_layer_heads: bool = False) -> Targets:
+    def source_targets(self, data: PackedDataset, per_layer_heads: bool = False, top_m: int = 0) -> Targets:
         """Train the source MoE on ``data`` and capture its first-layer router logits (``per_layer_heads``:
-        every layer's, for a Grouter with per-layer heads; its artifacts are named ``...-layers-all``)."""
+        every layer's, for a Grouter with per-layer heads; its artifacts are named ``...-layers-all``;
+        ``top_m``: compact targets, named ``...-mM``)."""
         c = self.cfg
         schedule = TrainConfig(steps=c.source_steps, batch_size=c.batch_size, warmup_steps=20, eval_every=100,
                                checkpoint_every=100)
@@ -141,17 +142,21 @@ class Pipeline:
                    f"{', '.join(data.domains)}", source_train, data=data.path, router="aux", model=model,
                    schedule=schedule)
         name, which = ("targets-layers-all", "all layers'") if per_layer_heads else ("targets", "first-layer")
+        name, which = (f"{name}-m{top_m}", f"{which} top-{top_m}") if top_m else (name, which)
         self.stage(name, f"capturing the source's {which} router logits", capture, source=self.out / "source",
-                   data=data.path, layers="all" if per_layer_heads else None)
+                   data=data.path, layers="all" if per_layer_heads else None, top_m=top_m)
         return Targets.open(self.out / name, data)
 
-    def distilled(self, targets: Targets, causal: bool = True) -> tuple[Path, dict]:
-        """``grouter-distilled[-layers-all][-bidirectional]``: the name carries the targets' kind."""
-        name = "grouter-distilled" + targets.path.name.removeprefix("targets") + ("" if causal else "-bidirectional")
+    def distilled(self, targets: Targets, causal: bool = True, head_groups: int | None = None) -> tuple[Path, dict]:
+        """``grouter-distilled[-layers-all][-mM][-gG][-bidirectional]``: the name carries the targets'
+        kind and the head groups."""
+        name = "grouter-distilled" + targets.path.name.removeprefix("targets") + (
+            f"-g{head_groups}" if head_groups else "") + ("" if causal else "-bidirectional")
         schedule = {**vars(distill_schedule()), "steps": self.cfg.distill_steps}
         kind = "causal" if causal else "bidirectional: leaks the future"
         summary = self.stage(name, f"distilling the Grouter ({kind})", distill, targets=targets.path,
-                             architecture={**self.cfg.grouter, "causal": causal}, schedule=schedule)
+                             architecture={**self.cfg.grouter, "causal": causal}, schedule=schedule,
+                             head_groups=head_groups)
         return self.out / name, summary
 
     def folded(self, distilled: Path, data: PackedDataset, strategy: str = "affinity") -> Path:

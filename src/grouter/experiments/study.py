@@ -14,7 +14,11 @@ target, at equal tokens and with the same data order (a seed fixes both):
 - ``tokens``: the target tokens times ``token_ratios``, the source and Grouter unchanged; and the
   same for the head-per-layer cell with the strongest source;
 - ``experts``: the base's experts, or ``many_experts`` top-``many_top_k`` folded from a
-  ``many_source_experts`` source, experts narrower so that a token's active compute is the base's.
+  ``many_source_experts`` source, experts narrower so that a token's active compute is the base's;
+- ``scale``: what a head per layer costs at a real source's scale, around the per-layer cell with the
+  strongest source: compact targets keeping the top M = 2k, 4k, 8k scores (``TOP_M_TIMES_K``,
+  those below the source's experts) and fewer heads than layers (``head_groups`` 1 and 2); each
+  cell also records its Grouter's top-k recall and the bytes per token of its targets and store.
 
 The ``seeded`` cells (and the base) run ``seeds`` seeds; the others seed 0. Every stage is a
 :class:`grouter.experiments.pipeline.Pipeline` stage, reused or resumed when the study is rerun, and
@@ -46,16 +50,18 @@ import numpy as np
 from ..artifacts import atomic_write_bytes, header, read_json, write_json
 from ..errors import GrouterError
 from ..formats.dataset import PackedDataset
-from ..formats.store import RoutingStore
+from ..formats.store import RoutingStore, bytes_per_token
 from ..metrics import topk_set_agreement
 from ..plots import figure
 from ..report import RunRecord, report, speedups
 from .pipeline import Pipeline, PipelineConfig, held_out_data, load_config, scaled
 
 STUDY_FORMAT, STUDY_VERSION = "grouter-study", 1
-FACTORS = ("source", "tuning", "heads", "tokens", "experts")  # the order of `all`: the decisive ones first
+FACTORS = ("source", "tuning", "heads", "tokens", "experts", "scale")  # the order of `all`: the decisive ones first
 TITLES = {"source": "Source strength", "tuning": "Tuning (read on the held-out domain)",
-          "heads": "Shared head vs a head per layer", "tokens": "Target tokens", "experts": "Experts"}
+          "heads": "Shared head vs a head per layer", "tokens": "Target tokens", "experts": "Experts",
+          "scale": "Compact targets and head groups (a head per layer, the strongest source)"}
+TOP_M_TIMES_K = (2, 4, 8)  # the scale factor's compact targets: M = 2k, 4k, 8k (those below the source's E)
 TUNE_LABELS = {"untuned": "untuned", "": "all target data", "held-out": "the held-out domain alone",
                "keep": "all data, keep-constrained", "bias": "all data, selection bias"}
 
@@ -109,6 +115,8 @@ class Cell:
     cfg: PipelineConfig
     pipeline: str = "base"  # pipelines/NAME: its source and Grouters (cells with the same source share it)
     layers: str | None = None  # None: capture the first layer (a shared head); "all": a head per layer
+    top_m: int = 0  # compact targets: keep the top M scores (0: every score)
+    head_groups: int | None = None  # fewer heads than layers (None: a head per captured layer)
     tune: str = ""  # "": the base's tuning; "untuned"; or one of StudyConfig.tune_variants
     seeds: int = 1
     base: bool = False
@@ -125,8 +133,14 @@ class Cell:
         return f"{c.target_experts}e-top{c.source['top_k']}-dexp{c.target['d_expert']}-{c.target_steps}steps"
 
     @property
+    def variant(self) -> str:
+        """What the cell's targets and Grouter are, as their names under the pipeline carry it."""
+        return ("-layers-all" if self.layers else "") + (f"-m{self.top_m}" if self.top_m else "") + (
+            f"-g{self.head_groups}" if self.head_groups else "")
+
+    @property
     def grouter_run(self) -> str:
-        return f"grouter-{self.pipeline}" + ("-layers-all" if self.layers else "") + (f"-{self.tune}" if self.tune else "")
+        return f"grouter-{self.pipeline}{self.variant}" + (f"-{self.tune}" if self.tune else "")
 
     def run_names(self) -> list[list[str]]:
         """Per seed, under runs/: the Grouter run, then the baselines' (paired: same seed, same data order)."""
@@ -189,7 +203,13 @@ def plan(cfg: StudyConfig) -> list[Cell]:
                     layers="all", series="per-layer") for t in sorted((1.0, *cfg.token_ratios))]
     experts = [base("experts", f"{b.target_experts}e", f"{b.target_experts} experts, top-{b.source['top_k']}"),
                many_experts(cfg, cell)]
-    return source + tuning + heads + tokens + experts
+    k, E = b.source["top_k"], b.source["n_experts"]
+    scale = [cell("scale", "full", f"every score, a head per layer, {r:g}× source", layers="all", **strong)]
+    scale += [cell("scale", f"m{m}k", f"top {m * k} scores (M = {m}k)", layers="all", top_m=m * k, **strong)
+              for m in TOP_M_TIMES_K if m * k < E]
+    scale += [cell("scale", f"g{g}", f"{g} head{'s' if g > 1 else ''} for the {b.source['n_layers']} layers",
+                   layers="all", head_groups=g, **strong) for g in (1, 2) if g < b.source["n_layers"]]
+    return source + tuning + heads + tokens + experts + scale
 
 
 def many_experts(cfg: StudyConfig, cell) -> Cell:
@@ -266,7 +286,9 @@ def finished(out: Path, cell: Cell) -> bool:
 def run_cell(out: Path, cfg: StudyConfig, cell: Cell, data: PackedDataset, source_data: PackedDataset) -> None:
     """The cell's Grouter, its target runs (reused when another cell made them), its results in cell.json."""
     pipe = Pipeline(out / "pipelines" / cell.pipeline, cell.cfg, f"study {cell.id}")
-    folded = pipe.folded(pipe.distilled(pipe.source_targets(source_data, bool(cell.layers)))[0], source_data)
+    targets = pipe.source_targets(source_data, bool(cell.layers), cell.top_m)
+    distilled, distill_summary = pipe.distilled(targets, head_groups=cell.head_groups)
+    folded = pipe.folded(distilled, source_data)
     grouter = folded if cell.tune == "untuned" else pipe.tuned(folded, data, cell.tune, **tune_options(cfg, cell.tune))
     store = pipe.routing(grouter, data)
     seconds = {f"{pipe.out.relative_to(out)}/{k}": v for k, v in pipe.seconds.items()}
@@ -277,6 +299,8 @@ def run_cell(out: Path, cfg: StudyConfig, cell: Cell, data: PackedDataset, sourc
             stages.train_target(data, name, router=router)
         seconds.update(stages.seconds)
     result = cell_result(cell, [[out / "runs" / n for n in names] for names in cell.run_names()])
+    result["distilled"] = {k: distill_summary[k] for k in ("val_kl", "val_topk_recall")}
+    result["bytes_per_token"] = {"targets": targets.bytes_per_token, "routing": routing_bytes(store)}
     if cell.factor == "tuning":
         result["routing_kept"] = routing_kept(pipe.routing(folded, data), store, data)
         result["tune_report"] = tune_summary(grouter)
@@ -310,6 +334,12 @@ def cell_result(cell: Cell, runs: list[list[Path]]) -> dict:
         for key, values in grouter.items():
             values.append(records[0].summary[key])
     return {"by_domain": sets, "grouter": grouter}
+
+
+def routing_bytes(store: Path) -> int:
+    """A routing store's bytes per token: ids and weights of every head."""
+    s = RoutingStore.open(store)
+    return bytes_per_token(s.k, s.n_experts, len(s.heads) if s.heads else 1)
 
 
 def routing_kept(untuned: Path, tuned: Path, data: PackedDataset) -> dict[str, float]:
@@ -419,6 +449,19 @@ def _held_out_table(cells: list[dict], held: str, tuning: bool) -> list[str]:
     return lines
 
 
+def _cost_table(cells: list[dict]) -> list[str]:
+    """The distilled Grouter's top-k recall and KL (validation, mean over layers) and the bytes per token
+    of the cell's targets and routing store."""
+    lines = ["| cell | top-k recall | KL | targets bytes/token | store bytes/token |", "|---|---|---|---|---|"]
+    for c in cells:
+        if c["status"] != "done" or "distilled" not in c:
+            lines.append(f"| {c['label']} | pending | | | |")
+            continue
+        d, b = c["distilled"], c["bytes_per_token"]
+        lines.append(f"| {c['label']} | {d['val_topk_recall']:.3f} | {d['val_kl']:.3f} | {b['targets']} | {b['routing']} |")
+    return lines
+
+
 def _shape(model: dict) -> str:
     """``d 128, 4 layers, 32 experts top-4, d_expert 64`` from a model's sizes."""
     parts = [f"d {model['d_model']}", f"{model['n_layers']} layers"]
@@ -444,6 +487,7 @@ def study_markdown(summary: dict, plots: list[str]) -> str:
         text += [f"## {TITLES[factor]} (`--study {factor}`)", "", "All validation data and the domains the source saw:",
                  "", *_seen_table(cells, held), "", f"Held-out domain ({held}):", "",
                  *_held_out_table(cells, held, factor == "tuning"), ""]
+        text += ["What the Grouter and its artifacts are:", "", *_cost_table(cells), ""] if factor == "scale" else []
         text += [f"![{factor}](plots/{factor}.png)", ""] if f"{factor}.png" in plots else []
     return "\n".join(text)
 
@@ -512,11 +556,13 @@ def cell_work(cell: Cell, t: Timings) -> list[tuple[str, str, float]]:
     """(name under --out, what, seconds) of everything the cell needs, shared or not."""
     c, p = cell.cfg, f"pipelines/{cell.pipeline}"
     per_step = c.batch_size * c.seq_len
-    layers = "-layers-all" if cell.layers else ""
+    layers = cell.variant
+    targets = "-layers-all" if cell.layers else ""
+    targets += f"-m{cell.top_m}" if cell.top_m else ""
     tuned = {"untuned": "-folded", "": ""}.get(cell.tune, f"-tune-{cell.tune}")
     work = [(f"{p}/source", f"source, {c.source_steps:,} steps",
              c.source_steps * step_seconds(t, c.source, c.source["n_experts"], c.source["top_k"], per_step)),
-            (f"{p}/targets{layers}", "capture", t.seconds_per_million_tokens["capture"] * t.source_tokens / 1e6),
+            (f"{p}/targets{targets}", "capture", t.seconds_per_million_tokens["capture"] * t.source_tokens / 1e6),
             (f"{p}/grouter-distilled{layers}", "distill", c.distill_steps * t.distill_step_seconds),
             (f"{p}/grouter-folded{layers}", "fold", t.fold_seconds)]
     if cell.tune != "untuned":

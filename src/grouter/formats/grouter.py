@@ -3,7 +3,8 @@
 A Grouter directory holds ``model.safetensors`` and ``config.json`` (the artifact header, the
 :class:`GrouterConfig`, the weights' checksum and the Grouter's fingerprint: a hash of config and
 weights that routing stores are bound to). A one-head Grouter is written exactly as before per-layer
-heads existed (version 2); per-layer heads (``head_layers``) are version 3. The network itself is
+heads existed (version 2); per-layer heads (``head_layers``) are version 3; head groups
+(``head_groups``: fewer heads than source layers) version 4. The network itself is
 :mod:`grouter.network`.
 """
 
@@ -22,7 +23,8 @@ from ..options import POSITIVE_INT, option
 from ..routers import Heads
 
 GROUTER_FORMAT = "grouter-router"
-GROUTER_VERSION = 3  # 2: the weights' checksum in config.json; 3: per-layer heads (written only for them)
+GROUTER_VERSION = 4  # 2: the weights' checksum; 3: per-layer heads; 4: head groups (each written only for them)
+PER_LAYER_VERSION = 3
 ONE_HEAD_VERSION = 2
 
 
@@ -59,16 +61,19 @@ class GrouterConfig:
     provenance: dict = field(default_factory=dict)  # source model, layer, fold map, tuning: where it came from
     head_layers: list[int] = field(default_factory=list)  # per-layer heads: the source layer of each (none: one head)
     source_layers: int = 0  # the source model's decoder layers (for mapping target layers to heads by depth)
+    head_groups: list[int] = field(default_factory=list)  # head groups: the head of each of head_layers (none: its own)
 
     @property
     def heads(self) -> Heads | None:
         """Where the per-layer heads come from (None: one shared head)."""
-        return Heads.of(self.head_layers, self.source_layers)
+        return Heads.of(self.head_layers, self.source_layers, self.head_groups)
 
     @property
     def n_routing_heads(self) -> int:
-        """Routing heads: one per source layer, or 1 (a shared head); not the attention heads (``n_heads``)."""
-        return max(1, len(self.head_layers))
+        """Routing heads: one per source layer (or group of layers), or 1 (a shared head); not the
+        attention heads (``n_heads``)."""
+        heads = self.heads
+        return len(heads) if heads is not None else 1
 
     def to_dict(self) -> dict:
         """The config as saved and fingerprinted: one head leaves out the per-layer fields, so such a
@@ -76,6 +81,8 @@ class GrouterConfig:
         d = asdict(self)
         if not self.head_layers:
             del d["head_layers"], d["source_layers"]
+        if not self.head_groups:
+            del d["head_groups"]
         return d
 
     def validate(self) -> "GrouterConfig":
@@ -85,8 +92,10 @@ class GrouterConfig:
             raise GrouterError(f"Grouter d_model {self.d_model} must split into {self.n_heads} heads of even size")
         if self.score not in ("softmax", "sigmoid"):
             raise GrouterError(f"unknown gating score {self.score!r}; use softmax or sigmoid")
-        if self.head_layers:  # two or more distinct source layers, in order, within the source
-            Heads(tuple(self.head_layers), self.source_layers)
+        if self.head_layers:  # two or more distinct source layers, in order, within the source; two heads or more
+            Heads(tuple(self.head_layers), self.source_layers, tuple(self.head_groups))
+        elif self.head_groups:
+            raise GrouterError("head groups need the source layers they group (head_layers)")
         return self
 
     @classmethod
@@ -108,14 +117,15 @@ def fingerprint(cfg: GrouterConfig, state: dict[str, torch.Tensor]) -> str:
 
 def save_grouter(directory: str | Path, cfg: GrouterConfig, state: dict[str, torch.Tensor],
                  extra: dict | None = None) -> None:
-    version = GROUTER_VERSION if cfg.heads is not None else ONE_HEAD_VERSION
+    heads = cfg.heads
+    version = ONE_HEAD_VERSION if heads is None else GROUTER_VERSION if heads.groups else PER_LAYER_VERSION
     save_weights(directory, state, {**header(GROUTER_FORMAT, version), "config": cfg.to_dict(),
                                     "fingerprint": fingerprint(cfg, state), **(extra or {})})
 
 
 def load_grouter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config.json, tensors)`` of a Grouter directory, checksums verified."""
-    return load_weights(directory, GROUTER_FORMAT, (ONE_HEAD_VERSION, GROUTER_VERSION), "Grouter",
+    return load_weights(directory, GROUTER_FORMAT, (ONE_HEAD_VERSION, PER_LAYER_VERSION, GROUTER_VERSION), "Grouter",
                         "grouter distill, fold or tune")
 
 

@@ -17,8 +17,9 @@ So a token costs ``3k`` bytes when E <= 256 (``4k`` otherwise). A Grouter with p
 stores every head: ``[n_sequences, seq_len, H, k]``, ``H·3k`` bytes per token, and the manifest
 (version 3) names the heads' source layers (``head_layers``) and the source's depth
 (``source_layers``); readers map a target's layers to heads by relative depth
-(:class:`grouter.routers.Heads`), so one store serves targets of any depth. A one-head store is
-written exactly as before (version 2).
+(:class:`grouter.routers.Heads`), so one store serves targets of any depth. Head groups (fewer
+heads than source layers, ``head_groups``: the head of each of ``head_layers``) are version 4. A
+one-head store is written exactly as before (version 2).
 
 :class:`StoreWriter` is the one writer (pre-dispatch, synthetic stores of tests and benchmarks);
 :class:`RoutingStore` reads a store back memory-mapped and refuses one that is truncated, tampered
@@ -41,7 +42,8 @@ from ..routers import Heads, Routing
 from .dataset import PackedDataset
 
 ROUTING_FORMAT = "grouter-routing"
-ROUTING_VERSION = 3  # 2: per-chunk checksums, verified on read; 3: per-layer heads (written only for them)
+ROUTING_VERSION = 4  # 2: per-chunk checksums; 3: per-layer heads; 4: head groups (each written only for them)
+PER_LAYER_VERSION = 3
 ONE_HEAD_VERSION = 2
 WEIGHTS_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,8 +66,9 @@ def head_fields(heads: Heads | None) -> dict:
     """The manifest's version and per-layer head fields (none for one head: the version 2 layout)."""
     if heads is None:
         return {"version": ONE_HEAD_VERSION}
-    return {"version": ROUTING_VERSION, "heads": len(heads), "head_layers": list(heads.layers),
-            "source_layers": heads.source_layers}
+    fields = {"version": PER_LAYER_VERSION, "heads": len(heads), "head_layers": list(heads.layers),
+              "source_layers": heads.source_layers}
+    return {**fields, "version": ROUTING_VERSION, "head_groups": list(heads.groups)} if heads.groups else fields
 
 
 def weight_bits(weights: torch.Tensor, weights_dtype: str) -> np.ndarray:
@@ -205,7 +208,8 @@ class RoutingManifest:
     @property
     def heads(self) -> Heads | None:
         """Per-layer heads (None: one routing for every layer)."""
-        return Heads.of(self.manifest.get("head_layers", []), self.manifest.get("source_layers", 0))
+        m = self.manifest
+        return Heads.of(m.get("head_layers", []), m.get("source_layers", 0), m.get("head_groups", ()))
 
 
 @dataclass
@@ -226,7 +230,8 @@ class RoutingStore(RoutingManifest):
         against the manifest's per-chunk checksums as they are read, each chunk the first time.
         """
         path = Path(path)
-        m = read_manifest(path, "manifest.json", ROUTING_FORMAT, (ONE_HEAD_VERSION, ROUTING_VERSION), "routing store",
+        m = read_manifest(path, "manifest.json", ROUTING_FORMAT, (ONE_HEAD_VERSION, PER_LAYER_VERSION, ROUTING_VERSION),
+                          "routing store",
                           "grouter dispatch")
         store = cls(path, m)
         store._check_manifest()

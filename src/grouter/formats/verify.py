@@ -34,8 +34,9 @@ def _dataset(path: Path) -> tuple[int, dict]:
 
 
 def _targets(path: Path) -> tuple[int, dict]:
-    Targets.open(path, verify=True)
-    return sum(f.stat().st_size for f in path.glob("*.logits")), {}
+    targets = Targets.open(path, verify=True)
+    return sum((path / f"{split}.{kind}").stat().st_size for split in targets.manifest["splits"]
+               for kind in targets.layout), {}
 
 
 def _store(path: Path) -> tuple[int, dict]:
