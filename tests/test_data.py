@@ -487,6 +487,7 @@ def test_megatron_datasets_are_packed_as_they_are(capsys, megatron_text, tiny_da
     ds = PackedDataset.open(tmp_path / "packed")
     assert last_json(out)["fingerprint"] == ds.fingerprint
     assert ds.domains == ["text_document", "text_sentence"] and (ds.vocab_size, ds.eos_id) == (512, tiny_data.eos_id)
+    assert ds.documents_end_with_eos  # preprocess_data.py --append-eod: where distill --document-start finds them
     train = ds.split("train")
     for d, prefix in enumerate(prefixes):
         tokens = np.concatenate(indexed_items(prefix))

@@ -9,6 +9,7 @@ import torch
 from grouter.capture import capture
 from grouter.distill import Options, distill, distill_schedule
 from grouter.errors import GrouterError
+from grouter.formats.dataset import PackedDataset
 from grouter.formats.grouter import Architecture
 from grouter.formats.run import read_metrics
 from grouter.formats.targets import Targets
@@ -16,6 +17,8 @@ from grouter.losses import kl_loss
 from grouter.metrics import topk_recall
 from grouter.model import MoEConfig, MoELM
 from grouter.network import Grouter
+from grouter.testing import (assert_nothing_written, assert_one_line_error, megatron_indexed_dataset, run_cli,
+                             small_grouter, stdlib_documents)
 
 
 def make_targets(tmp_path, data, n_experts, top_k=2, name="t") -> Targets:
@@ -227,3 +230,23 @@ def test_head_groups_need_several_layers_and_at_most_one_group_each(tmp_path, ti
     targets = make_targets(tmp_path, tiny_data, 8)
     with pytest.raises(GrouterError, match="needs targets of several layers"):
         distill(tmp_path / "g", targets=targets.path, architecture=ARCH, schedule=cfg, head_groups=2, progress=False)
+
+
+def test_document_starts_need_documents_that_end_with_the_eos(capsys, tiny_data, tmp_path):
+    """Megatron data made without --append-eod is packed with that recorded: distill --document-start refuses it
+    (it could not find where documents start), and so does every stage that runs a Grouter with document starts."""
+    prefix = megatron_indexed_dataset(stdlib_documents()[:2], tiny_data.tokenizer(), tmp_path / "m" / "text_document",
+                                      None)
+    code, _, err = run_cli(capsys, "data", "megatron", "--megatron-data", prefix, "--tokenizer",
+                           tiny_data.path / "tokenizer.json", "--seq-len", 32, "--out", tmp_path / "data")
+    assert code == 0, err
+    data = PackedDataset.open(tmp_path / "data")
+    assert not data.documents_end_with_eos and tiny_data.documents_end_with_eos
+    make_targets(tmp_path, data, 8)
+    code, _, err = run_cli(capsys, "distill", "--targets", tmp_path / "t", "--out", tmp_path / "g", "--document-start")
+    assert_one_line_error(code, err, "preprocess_data.py --append-eod")
+    assert_nothing_written(tmp_path / "g")
+    small_grouter(tmp_path / "small", document_eos=data.eos_id)
+    code, _, err = run_cli(capsys, "dispatch", "--grouter", tmp_path / "small", "--data", data.path, "--out",
+                           tmp_path / "routing")
+    assert_one_line_error(code, err, "do not all end with it")

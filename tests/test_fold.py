@@ -146,3 +146,20 @@ def test_per_layer_heads_fold_each_head_by_its_own_grouping(tmp_path, tiny_data)
     assert summary["within_group_affinity"] == pytest.approx(np.mean(inside)) and report["head_layers"] == [0, 2]
     assert np.load(tmp_path / "f" / "affinity.npy").shape == (2, 16, 16)
     assert {p.name for p in (tmp_path / "f").glob("*.png")} == {"affinity_layer0.png", "affinity_layer2.png"}
+
+
+def test_folding_keeps_document_starts(tiny_data):
+    """A folded Grouter keeps its source's document starts: its logits are the summed source logits of the same
+    per-document contexts."""
+    across = make_grouter(tiny_data, 16)
+    g = Grouter(GrouterConfig(**{**across.cfg.to_dict(), "document_eos": tiny_data.eos_id}))
+    g.load_state_dict(across.state_dict())
+    groups = [[2 * i, 2 * i + 1] for i in range(8)]
+    folded = fold_grouter(g.eval(), groups, "random")
+    x = tiny_data.split("val").batch(np.arange(4))["input_ids"]
+    x[:, [5, 17]] = tiny_data.eos_id
+    with torch.no_grad():
+        src, out, other = g(x), folded(x), across(x)
+    assert folded.cfg.document_eos == tiny_data.eos_id
+    torch.testing.assert_close(out, torch.stack([src[..., m].sum(-1) for m in groups], dim=-1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(src, other)  # the same weights without document starts: other logits

@@ -26,10 +26,10 @@ WINDOW, OVERLAP = 64, 16
 
 
 @pytest.fixture(scope="module")
-def routed(megatron_text, tmp_path_factory):
-    """A Grouter and the routing stream of each of the two prefixes."""
+def routed(megatron_text, tiny_data, tmp_path_factory):
+    """A Grouter (each document from its start) and the routing stream of each of the two prefixes."""
     root = tmp_path_factory.mktemp("routed")
-    small_grouter(root / "g")
+    small_grouter(root / "g", document_eos=tiny_data.eos_id)
     streams = {}
     for name, prefix in megatron_text.items():
         streams[name] = root / f"stream-{name}"
@@ -85,14 +85,14 @@ def test_each_sample_carries_the_routing_of_its_documents_from_their_starts(mega
                              "routing_weights", "sequence"} and int(numbered["sequence"]) == 3
 
 
-def test_streams_are_matched_to_prefixes_by_content(megatron_text, routed, tmp_path):
+def test_streams_are_matched_to_prefixes_by_content(megatron_text, routed, tiny_data, tmp_path):
     paths = [str(p) for p in routed["streams"].values()]
     found = streams_for([str(megatron_text["paragraphs"]), str(megatron_text["docs"])], paths[::-1])
     assert {p: s.path.name for p, s in found.items()} == {str(megatron_text["paragraphs"]): "stream-paragraphs",
                                                           str(megatron_text["docs"]): "stream-docs"}
     with pytest.raises(GrouterError, match="none of the routing streams given .* was made from"):
         streams_for([str(megatron_text["docs"])], paths[1:])
-    small_grouter(tmp_path / "other", distilled_seq_len=32)
+    small_grouter(tmp_path / "other", distilled_seq_len=32, document_eos=tiny_data.eos_id)
     dispatch(tmp_path / "s", grouter=tmp_path / "other", megatron_data=megatron_text["docs"], progress=False)
     with pytest.raises(GrouterError, match="different Grouters"):
         streams_for([str(megatron_text["docs"]), str(megatron_text["paragraphs"])], [str(tmp_path / "s"), paths[1]])

@@ -135,7 +135,7 @@ def runs(tiny_data, megatron_text, tmp_path_factory):
     plan.save(root / "plan2")
     d = {name: root / name for name in ("full", "killed", "pp2", "vpp2", "plan", "replay", "indexed",
                                         "indexed_resumed", "indexed_plan")}
-    small_grouter(root / "grouter")
+    small_grouter(root / "grouter", document_eos=tiny_data.eos_id)
     for name in BLEND:
         dispatch(root / f"stream-{name}", grouter=root / "grouter", megatron_data=megatron_text[name], progress=False)
     blend = ["0.5", str(megatron_text["docs"]), "0.5", str(megatron_text["paragraphs"])]

@@ -132,6 +132,7 @@ def test_one_head_keeps_its_config_and_fingerprint(tmp_path):
     g.save_pretrained(tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "config.json").read_text())
     assert meta["version"] == 2 and "head_layers" not in meta["config"] and "source_layers" not in meta["config"]
+    assert "document_eos" not in meta["config"]  # without document starts: saved as before they existed
     assert g.route(torch.zeros(1, 3, dtype=torch.long)).heads is None
 
 
@@ -139,3 +140,38 @@ def test_one_head_keeps_its_config_and_fingerprint(tmp_path):
 def test_bad_head_layers(layers):
     with pytest.raises(GrouterError, match="source layers"):
         GrouterConfig(**CFG, head_layers=layers, source_layers=4).validate()
+
+
+EOS = 3
+
+
+@pytest.mark.parametrize("heads", [{}, {"head_layers": [0, 2], "source_layers": 3}])
+def test_document_starts_route_each_document_of_a_packed_sequence_as_if_alone(heads):
+    """With document starts, the routing of a packed sequence of several documents (each ended by the eos, the
+    last one cut) is, token by token, that of each document routed alone from its start; without, it is not."""
+    docs = [torch.tensor(d) for d in ([5, 6, 7, 8, 9, EOS], [EOS], [10, 11, 12, EOS], [13, 14, 15, 16, 17, 18, EOS])]
+    docs += [torch.randint(4, 200, (n,)) for n in (20, 17)]
+    docs[-2][-1] = EOS
+    packed = torch.cat(docs)
+    batch = torch.stack([packed, packed.roll(7)])  # a batch whose rows cut documents at other places
+    for eos, equal in ((EOS, True), (None, False)):
+        g = make(document_eos=eos, **heads)
+        routing = g.route(batch)
+        alone = [g.route(d[None]) for d in docs]
+        assert torch.equal(routing.ids[0], torch.cat([r.ids[0] for r in alone])) == equal
+        if equal:
+            assert torch.allclose(routing.weights[0], torch.cat([r.weights[0] for r in alone]), atol=1e-6)
+            first = int(torch.nonzero(batch[1] == EOS)[0]) + 1  # row 1: the documents after its first eos
+            tail = g.route(batch[1:, first:])
+            assert torch.equal(routing.ids[1, first:], tail.ids[0])
+            positions, mask = g.documents(packed[None])
+            assert positions[0, :8].tolist() == [0, 1, 2, 3, 4, 5, 0, 0] and mask.shape == (1, 1, 55, 55)
+
+
+def test_document_starts_are_recorded_with_the_grouter(tmp_path):
+    g = make(document_eos=EOS)
+    g.save_pretrained(tmp_path / "g")
+    loaded = Grouter.from_pretrained(tmp_path / "g")
+    assert loaded.cfg.document_eos == EOS and loaded.fingerprint() == g.fingerprint() != make().fingerprint()
+    with pytest.raises(GrouterError, match="end-of-document id 200 is outside"):
+        make(document_eos=200)

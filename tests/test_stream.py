@@ -8,24 +8,29 @@ import numpy as np
 import pytest
 import torch
 
+from grouter.capture import capture
 from grouter.cli import main
+from grouter.data import Document
 from grouter.dispatch import dispatch
 from grouter.errors import GrouterError
+from grouter.formats.dataset import PackedDataset
 from grouter.formats.plan import Plan
 from grouter.formats.stream import RoutingStream, StreamSamples, document_windows, prefix_files
 from grouter.formats.verify import verify_artifact
+from grouter.model import MoEConfig, MoELM
 from grouter.network import Grouter
 from grouter.place import place
 from grouter.routers import Heads
-from grouter.testing import assert_one_line_error, document_routing, indexed_items, run_cli, small_grouter
+from grouter.testing import (assert_one_line_error, document_routing, indexed_items, megatron_indexed_dataset, run_cli,
+                             small_grouter, stdlib_documents)
 
 BF16_TOL = 2 ** -8
 WINDOW, OVERLAP = 64, 16
 
 
 @pytest.fixture(scope="module")
-def grouter_dir(tmp_path_factory):
-    return small_grouter(tmp_path_factory.mktemp("grouter") / "g")
+def grouter_dir(tiny_data, tmp_path_factory):
+    return small_grouter(tmp_path_factory.mktemp("grouter") / "g", document_eos=tiny_data.eos_id)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +73,9 @@ def test_windows_route_every_token_once_with_a_context_from_its_document():
         document_windows(lengths, 8, 8)
 
 
-def test_per_layer_heads_are_streamed_per_head(megatron_text, tmp_path):
+def test_per_layer_heads_are_streamed_per_head(megatron_text, tiny_data, tmp_path):
     heads = Heads((0, 3), 6)
-    small_grouter(tmp_path / "g", heads=heads)
+    small_grouter(tmp_path / "g", heads=heads, document_eos=tiny_data.eos_id)
     dispatch(tmp_path / "s", grouter=tmp_path / "g", megatron_data=megatron_text["paragraphs"], progress=False)
     stream = RoutingStream.open(tmp_path / "s")
     assert stream.heads == heads and stream.manifest["context"] == {"rule": "document", "window": 64, "overlap": 32}
@@ -115,11 +120,15 @@ def test_dispatch_refuses_what_it_cannot_route(capsys, megatron_text, grouter_di
     assert_one_line_error(code, err, "is not a Megatron indexed dataset")
     code, _, err = run_cli(capsys, *args, "--data", tiny_data.path, "--window", "32")
     assert_one_line_error(code, err, "--window and --overlap are for --megatron-data")
-    small_grouter(tmp_path / "small", vocab=300)
+    small_grouter(tmp_path / "small", vocab=300, document_eos=tiny_data.eos_id)
     code, _, err = run_cli(capsys, "dispatch", "--grouter", tmp_path / "small", "--megatron-data",
                            megatron_text["paragraphs"], "--out", tmp_path / "o")
     assert_one_line_error(code, err, "beyond the Grouter's vocabulary of 300")
-    small_grouter(tmp_path / "old", distilled_seq_len=None)
+    small_grouter(tmp_path / "across", document_eos=None)
+    code, _, err = run_cli(capsys, "dispatch", "--grouter", tmp_path / "across", "--megatron-data",
+                           megatron_text["paragraphs"], "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "distill with `grouter distill --document-start`")
+    small_grouter(tmp_path / "old", distilled_seq_len=None, document_eos=tiny_data.eos_id)
     code, _, err = run_cli(capsys, "dispatch", "--grouter", tmp_path / "old", "--megatron-data",
                            megatron_text["paragraphs"], "--out", tmp_path / "o")
     assert_one_line_error(code, err, "pass --window")
@@ -155,3 +164,43 @@ def test_place_plans_experts_on_gpt_dataset_like_samples_of_a_stream(megatron_te
     assert summary["plan_over_random"]["deepep"] < 1  # the expert grouping pays on such samples
     with pytest.raises(GrouterError, match="pass --seq-len"):
         place(tmp_path / "p2", routing=stream_dir, ranks=4, progress=False)
+
+
+def test_a_grouter_distilled_with_document_starts_streams_what_it_learned_on(capsys, tiny_data, tmp_path):
+    """Distilled with --document-start on `grouter data megatron`'s packing of a Megatron dataset of short documents
+    (a line each, --append-eod: several to a packed sequence), the Grouter routes each document inside a packed training sequence
+    (what distillation, fold, tune and dispatch --data see) exactly as the routing stream of the prefix stores it."""
+    lines = [Document(d.domain, f"{d.source}{i}", line) for d in stdlib_documents()[:2]
+             for i, line in enumerate(d.text.split("\n")) if line.strip()]
+    prefix = megatron_indexed_dataset(lines, tiny_data.tokenizer(), tmp_path / "short" / "text_document",
+                                      tiny_data.eos_id)
+    code, _, err = run_cli(capsys, "data", "megatron", "--megatron-data", prefix, "--tokenizer",
+                           tiny_data.path / "tokenizer.json", "--seq-len", 64, "--out", tmp_path / "data")
+    assert code == 0, err
+    data = PackedDataset.open(tmp_path / "data")
+    src = MoELM(MoEConfig(vocab_size=512, max_seq_len=64, d_model=32, n_layers=1, n_heads=2, d_expert=8,
+                          n_experts=16, top_k=4, init_std=0.2))
+    src.save_pretrained(tmp_path / "source")
+    capture(tmp_path / "targets", source=tmp_path / "source", data=data, progress=False)
+    code, _, err = run_cli(capsys, "distill", "--targets", tmp_path / "targets", "--out", tmp_path / "g",
+                           "--document-start", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64",
+                           "--steps", "4", "--batch-size", "4", "--eval-every", "4", "--checkpoint-every", "4")
+    assert code == 0, err
+    g = Grouter.from_pretrained(tmp_path / "g")
+    assert g.cfg.document_eos == data.eos_id
+    dispatch(tmp_path / "s", grouter=tmp_path / "g", megatron_data=prefix, progress=False)
+    stream = RoutingStream.open(tmp_path / "s", prefix=prefix)
+    offsets, docs = stream.offsets(), indexed_items(prefix)
+    where = {tuple(d.tolist()): i for i, d in enumerate(docs)}
+    seqs = data.split("train").batch(np.arange(24))["input_ids"]
+    routing, compared = g.route(seqs), 0
+    for row, seq in enumerate(seqs):
+        ends = torch.nonzero(seq == data.eos_id).flatten().tolist()
+        for a, b in zip(ends, ends[1:]):  # the whole documents inside the sequence
+            d = where[tuple(seq[a + 1:b + 1].tolist())]
+            stored = stream.rows(np.arange(offsets[d], offsets[d + 1]))
+            assert torch.equal(stored.ids, routing.ids[row, a + 1:b + 1])
+            assert torch.allclose(stored.weights, routing.weights[row, a + 1:b + 1].to(stored.weights.dtype),
+                                  rtol=BF16_TOL, atol=1e-6)
+            compared += 1
+    assert compared > 20

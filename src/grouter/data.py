@@ -410,7 +410,7 @@ def pack_documents(
 
 
 def _pack_raw(stream: _RawStream, raw_path: Path, dtype: np.dtype, out: Path, config: PackConfig, tokenizer: Tokenizer,
-              vocab_size: int, eos: int, sources: dict | None) -> PackedDataset:
+              vocab_size: int, eos: int, sources: dict | None, documents_end_with_eos: bool = True) -> PackedDataset:
     """Cut the documents of the token file ``raw_path`` into each split's sequences, write them and the
     metadata in ``out``, and delete ``raw_path``."""
     L = config.seq_len
@@ -427,7 +427,8 @@ def _pack_raw(stream: _RawStream, raw_path: Path, dtype: np.dtype, out: Path, co
         )
     tokenizer.save(str(out / "tokenizer.json"))
     write_meta(out, vocab_size=vocab_size, token_dtype=dtype, seq_len=L, eos_id=eos, domains=stream.domains,
-               splits=splits_meta, val_fraction=config.val_fraction, seed=config.seed, sources=sources or {})
+               splits=splits_meta, val_fraction=config.val_fraction, seed=config.seed, sources=sources or {},
+               documents_end_with_eos=documents_end_with_eos)
     return PackedDataset.open(out)
 
 
@@ -634,7 +635,9 @@ def megatron(inputs: MegatronInputs, o: MegatronOptions, out: Output) -> dict:
     """Pack the tokens of Megatron indexed datasets as they are (no re-tokenization), each prefix a domain
     named after it and each of its documents (preprocess_data.py's, sentences grouped) whole in one split: the
     data that capture, distill, fold and tune read, from the tokens Megatron trains on. Token ids beyond the
-    tokenizer's vocabulary are refused (the prefixes were made with another tokenizer)."""
+    tokenizer's vocabulary are refused (the prefixes were made with another tokenizer). Whether every document
+    ends with the tokenizer's end-of-document id (preprocess_data.py's ``--append-eod``) is recorded: only
+    then can ``distill --document-start`` find where documents start."""
     from .formats.stream import MegatronPrefix, prefix_state  # megatron-core: imported when this runs
 
     if not inputs.megatron_data:
@@ -650,7 +653,7 @@ def megatron(inputs: MegatronInputs, o: MegatronOptions, out: Output) -> dict:
             raise GrouterError(f"{prefix.path} holds token id {prefix.max_token_id}, beyond the vocabulary of {spec} "
                                f"({vocab_size}): give the tokenizer it was made with")
     domains = list(dict.fromkeys(p.path.name for p in prefixes))
-    doc_domain, doc_end, offset = [], [], 0
+    doc_domain, doc_end, offset, eod_ended = [], [], 0, True
     with out.atomic() as tmp:
         raw_path = tmp / "raw.tmp"
         with open(raw_path, "wb") as f:
@@ -658,7 +661,9 @@ def megatron(inputs: MegatronInputs, o: MegatronOptions, out: Output) -> dict:
                 for a, b in row_chunks(len(prefix.tokens), 1):  # opening it verified every chunk
                     append_array(f, prefix.tokens[a:b].astype(dtype), raw_path)
                 ends = prefix.offsets[prefix.document_items[1:]]
-                doc_end.append(offset + ends[ends > np.concatenate([[0], ends[:-1]])])  # no empty documents
+                ends = ends[ends > np.concatenate([[0], ends[:-1]])]  # no empty documents
+                eod_ended &= bool((prefix.tokens[ends - 1] == eos).all())
+                doc_end.append(offset + ends)
                 doc_domain.append(np.full(len(doc_end[-1]), domains.index(prefix.path.name), dtype=np.int64))
                 offset += len(prefix.tokens)
         if offset == 0:
@@ -667,7 +672,7 @@ def megatron(inputs: MegatronInputs, o: MegatronOptions, out: Output) -> dict:
         sources = {"tokenizer": str(spec.resolve()), "megatron_data": [str(p.path.resolve()) for p in prefixes],
                    "megatron_data_fingerprints": [prefix_state(p.path) for p in prefixes]}
         _pack_raw(stream, raw_path, dtype, tmp, PackConfig(seq_len=o.seq_len, val_fraction=o.val_fraction,
-                                                            seed=o.seed), tok, vocab_size, eos, sources)
+                                                            seed=o.seed), tok, vocab_size, eos, sources, eod_ended)
     return summary(PackedDataset.open(out.path))
 
 

@@ -159,6 +159,10 @@ def _dispatch_stream(inputs: "Inputs", o: "Options", out: Output, t0: float) -> 
     if prefix.max_token_id >= model.cfg.vocab_size:
         raise GrouterError(f"{prefix.path} holds token id {prefix.max_token_id}, beyond the Grouter's vocabulary of "
                            f"{model.cfg.vocab_size}: it was tokenized with another tokenizer than the source's")
+    if model.cfg.document_eos is None:
+        raise GrouterError(f"{inputs.grouter} was distilled with a context that runs across documents, but a routing "
+                           "stream routes each document from its start; distill with `grouter distill "
+                           "--document-start` (then fold and tune that Grouter) and dispatch it")
     window, overlap = _window(model, o)
     windows = document_windows(np.diff(prefix.offsets), window, overlap)
     order = window_order(windows[2] - windows[1])

@@ -5,6 +5,10 @@ Loss ``KL(softmax(teacher / T) || softmax(student / T)) * T^2`` averaged over to
 (the authors' code used T = 2). Teacher logits come from a targets directory written by
 ``grouter capture``; the teacher never re-runs. Runs resume like training runs.
 
+With ``--document-start`` the Grouter reads each document from its start (docs/method.md#document-starts):
+it learns with the context it is served with on a routing stream. The teacher's logits are those captured,
+from the source's packed context.
+
 Targets of several source layers give a Grouter with one head per layer (``head_layers``): the
 loss is the KL of every head against its layer's teacher, averaged over heads (every head sees the
 same tokens), and the evaluation reports each head and their mean. With ``head_groups`` G, one
@@ -55,6 +59,9 @@ class Options:
     head_groups: int | None = option(None, "targets of several layers: one head per group of adjacent layers, "
                                      "groups as equal as can be (1: one shared head; default: a head per layer)",
                                      range=POSITIVE_INT)
+    document_start: bool = option(False, "route each document from its start: attention and positions restart "
+                                  "after the data's end-of-document token, as a routing stream of Megatron data "
+                                  "(dispatch --megatron-data) routes it")
     stop_after: int | None = option(None, "leave after this step, as an interruption would", range=POSITIVE_INT,
                                     cli=False, how=True)
 
@@ -135,9 +142,14 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
     train_split = data.split("train")
     if cfg.batch_size > len(train_split):
         raise GrouterError(f"batch size {cfg.batch_size} exceeds the {len(train_split)} training sequences")
+    if o.document_start and not data.documents_end_with_eos:
+        raise GrouterError(f"--document-start needs documents that end with the end-of-document token, but those of "
+                           f"{data.path} do not (Megatron data made without --append-eod); remake the prefixes with "
+                           "preprocess_data.py --append-eod and `grouter data megatron` them again")
     gcfg = GrouterConfig(vocab_size=data.vocab_size, n_experts=targets.n_experts, top_k=targets.top_k,
                          max_seq_len=max(data.seq_len, 4096), seed=cfg.seed, **asdict(o.architecture),
                          **_heads(targets, o.head_groups),
+                         document_eos=data.eos_id if o.document_start else None,
                          provenance={"source": targets.manifest["source"], "distilled_on": data.fingerprint,
                                      "distilled_seq_len": data.seq_len,
                                      "tokenizer_sha256": data.meta.get("tokenizer_sha256"),
@@ -175,7 +187,7 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
     summary = {"grouter": str(out.path), "steps": cfg.steps, "n_experts": gcfg.n_experts, "top_k": gcfg.top_k,
                **({"head_layers": gcfg.head_layers} if gcfg.head_layers else {}),
                **({"head_groups": gcfg.head_groups} if gcfg.head_groups else {}),
-               "parameters": grouter.num_parameters(), "causal": gcfg.causal,
+               "parameters": grouter.num_parameters(), "causal": gcfg.causal, "document_start": o.document_start,
                **{f"val_{k}": v for k, v in evals[-1].items() if k not in ("kind", "step")}}
     if not gcfg.causal:
         summary["warning"] = LEAK_WARNING

@@ -155,7 +155,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with RoPE (``cos``/``sin`` None: no positions).
 
     ``causal=False`` lets every token see the whole sequence; only the Grouter's explicitly
-    leaking option uses it.
+    leaking option uses it. ``mask`` (bool ``[B, 1, L, L]``, True: may attend) replaces both, for the
+    Grouter's document starts (docs/method.md#document-starts).
     """
 
     def __init__(self, d_model: int, n_heads: int, causal: bool = True):
@@ -164,12 +165,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         b, l, d = x.shape
         q, k, v = self.qkv(x).view(b, l, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
         return self.out(y.transpose(1, 2).reshape(b, l, d))
 
 

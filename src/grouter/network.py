@@ -6,6 +6,11 @@ tokens <= t. The authors' code ran the encoder bidirectionally, which lets the r
 see the tokens a causal LM is asked to predict; ``causal=False`` exists only to measure that
 leak and is reported as leaking wherever it is used.
 
+Document starts (``document_eos``, ``grouter distill --document-start``): a token's context is its own
+document only, from the token after the last end-of-document id, and its position counts from there, as
+if the document were routed alone (docs/method.md#document-starts). Every caller gets this from
+:meth:`Grouter.encode`, so distill, fold, tune, dispatch and online routing cannot disagree.
+
 Per-layer heads (``head_layers``: the source layers they were distilled from): one trunk and H
 bias-free heads, stored as one ``[H·E, d]`` weight; logits, routing and the selection bias then
 carry a head axis, ``[..., H, E]`` (``[..., E]`` with one head, as before). A one-head Grouter's
@@ -39,8 +44,8 @@ class EncoderBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -76,14 +81,30 @@ class Grouter(nn.Module):
         l = input_ids.shape[-1]
         if l > self.cfg.max_seq_len:
             raise GrouterError(f"sequence length {l} exceeds the Grouter's max_seq_len {self.cfg.max_seq_len}")
-        if self.cfg.rope:
-            cos, sin = self.rope_cos[:l], self.rope_sin[:l]
-        else:
+        positions, mask = self.documents(input_ids) if self.cfg.document_eos is not None else (None, None)
+        if not self.cfg.rope:
             cos = sin = None
+        elif positions is None:
+            cos, sin = self.rope_cos[:l], self.rope_sin[:l]
+        else:  # [B, 1, L, D]: each token's angle at its position in its document
+            cos, sin = self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3)
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
         return self.norm(x)
+
+    def documents(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Document starts: each token's position from its document's first token ``[B, L]``, and the
+        attention mask ``[B, 1, L, L]`` that keeps every token within its document (block-diagonal, causal
+        unless the Grouter is bidirectional). A document starts at the sequence's first token and after
+        every ``document_eos``; the eos itself ends the document before it."""
+        t = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        starts = F.pad(input_ids[..., :-1] == self.cfg.document_eos, (1, 0), value=True)
+        start_of = torch.where(starts, t, 0).cummax(-1).values  # the first token of each token's document
+        mask = start_of[..., :, None] == start_of[..., None, :]
+        if self.cfg.causal:
+            mask &= t[:, None] >= t[None, :]
+        return t - start_of, mask.unsqueeze(-3)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.logits_from_hidden(self.encode(input_ids))
@@ -99,7 +120,8 @@ class Grouter(nn.Module):
         return logits if self.cfg.heads is not None else logits.unsqueeze(-2)
 
     def check_data(self, data) -> None:
-        """Refuse a dataset tokenized differently from the one this Grouter was distilled on."""
+        """Refuse a dataset tokenized differently from the one this Grouter was distilled on, and, for a
+        Grouter with document starts, one whose documents do not end with its end-of-document id."""
         if data.vocab_size != self.cfg.vocab_size:
             raise GrouterError(f"the dataset's vocabulary ({data.vocab_size}) differs from the Grouter's "
                                f"({self.cfg.vocab_size}): it was tokenized with another tokenizer")
@@ -107,6 +129,11 @@ class Grouter(nn.Module):
         if expected and expected != data.meta.get("tokenizer_sha256"):
             raise GrouterError("the dataset was tokenized with another tokenizer than the Grouter's; "
                                "re-tokenize it with the tokenizer of the source model")
+        eos = self.cfg.document_eos
+        if eos is not None and (data.eos_id != eos or not data.documents_end_with_eos):
+            raise GrouterError(f"this Grouter starts a document after id {eos}, but the documents of dataset "
+                               f"{data.path} do not all end with it; remake the data with its documents ending in "
+                               "the end-of-document token (preprocess_data.py --append-eod)")
 
     @torch.no_grad()
     def route(self, input_ids: torch.Tensor, k: int | None = None) -> Routing:

@@ -122,11 +122,11 @@ def stdlib_documents() -> list:
     return docs
 
 
-def megatron_indexed_dataset(documents: list, tokenizer, prefix: str | Path, eod: int,
+def megatron_indexed_dataset(documents: list, tokenizer, prefix: str | Path, eod: int | None,
                              sentences: bool = False) -> Path:
-    """A Megatron indexed dataset made as Megatron's ``tools/preprocess_data.py`` makes one (``--append-eod``):
-    each document tokenized, the end-of-document id appended to its last item, written with Megatron's own
-    ``IndexedDatasetBuilder`` in the dtype it picks for the vocabulary. ``sentences``: each paragraph is an
+    """A Megatron indexed dataset made as Megatron's ``tools/preprocess_data.py`` makes one (``--append-eod``;
+    ``eod`` None: without it): each document tokenized, the end-of-document id appended to its last item, written
+    with Megatron's own ``IndexedDatasetBuilder`` in the dtype it picks for the vocabulary. ``sentences``: each paragraph is an
     item of its own (what ``--split-sentences`` does with sentences; GPTDataset shuffles items)."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -137,23 +137,25 @@ def megatron_indexed_dataset(documents: list, tokenizer, prefix: str | Path, eod
         parts = [p for p in doc.text.split("\n\n") if p.strip()] if sentences else [doc.text]
         ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in parts]
         ids = [x for x in ids if x]
-        if ids:
+        if ids and eod is not None:
             ids[-1].append(eod)
+        if ids:
             builder.add_document([t for x in ids for t in x], [len(x) for x in ids])
     builder.finalize(f"{prefix}.idx")
     return prefix
 
 
 def small_grouter(path: str | Path, vocab: int = 512, heads: Heads | None = None,
-                  distilled_seq_len: int | None = 64) -> Path:
+                  distilled_seq_len: int | None = 64, document_eos: int | None = None) -> Path:
     """A small random Grouter (16 experts, top-4) whose routes vary, saved in ``path``; it records the sequence
-    length it was "distilled" on (dispatch's default window over a Megatron dataset's documents)."""
+    length it was "distilled" on (dispatch's default window over a Megatron dataset's documents) and, with
+    ``document_eos``, routes each document from its start (what a routing stream needs)."""
     from .formats.grouter import GrouterConfig
     from .network import Grouter
 
     cfg = GrouterConfig(vocab_size=vocab, n_experts=16, top_k=4, d_model=32, n_layers=1, n_heads=2, d_ff=64,
                         max_seq_len=128, head_layers=list(heads.layers) if heads else [],
-                        source_layers=heads.source_layers if heads else 0,
+                        source_layers=heads.source_layers if heads else 0, document_eos=document_eos,
                         provenance={"distilled_seq_len": distilled_seq_len} if distilled_seq_len else {})
     g = Grouter(cfg)
     with torch.no_grad():

@@ -95,13 +95,15 @@ def _copy_ranges(raw: np.ndarray, ranges: np.ndarray, limit: int, f) -> None:
 
 
 def write_meta(directory: Path, *, vocab_size: int, token_dtype: np.dtype, seq_len: int, eos_id: int,
-               domains: list[str], splits: dict, val_fraction: float, seed: int, sources: dict) -> None:
+               domains: list[str], splits: dict, val_fraction: float, seed: int, sources: dict,
+               documents_end_with_eos: bool = True) -> None:
     """``meta.json`` of a freshly packed dataset whose files are all in ``directory``: their
     checksums and the content fingerprint (token streams and indexes, seq_len and vocabulary)."""
     files = file_checksums(directory)
     write_json(directory / "meta.json", {
         "format": DATASET_FORMAT, "version": DATASET_VERSION, "vocab_size": vocab_size,
-        "token_dtype": np.dtype(token_dtype).name, "seq_len": seq_len, "eos_id": eos_id, "domains": domains,
+        "token_dtype": np.dtype(token_dtype).name, "seq_len": seq_len, "eos_id": eos_id,
+        "documents_end_with_eos": documents_end_with_eos, "domains": domains,
         "splits": splits, "val_fraction": val_fraction, "seed": seed, "tokenizer_sha256": files["tokenizer.json"],
         "sources": sources, "files": files,
         "fingerprint": fingerprint_of({"files": {k: _sha(v) for k, v in files.items() if k != "tokenizer.json"},
@@ -257,6 +259,13 @@ class PackedDataset:
     @property
     def eos_id(self) -> int:
         return int(self.meta["eos_id"])
+
+    @property
+    def documents_end_with_eos(self) -> bool:
+        """Whether every document ends with ``eos_id`` (where a Grouter with document starts finds them):
+        always for ``grouter data prepare`` / ``tokenize``; for ``data megatron``, prefixes made with
+        preprocess_data.py's ``--append-eod``."""
+        return bool(self.meta.get("documents_end_with_eos", True))
 
     @property
     def token_dtype(self) -> np.dtype:

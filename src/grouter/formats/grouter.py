@@ -62,6 +62,9 @@ class GrouterConfig:
     head_layers: list[int] = field(default_factory=list)  # per-layer heads: the source layer of each (none: one head)
     source_layers: int = 0  # the source model's decoder layers (for mapping target layers to heads by depth)
     head_groups: list[int] = field(default_factory=list)  # head groups: the head of each of head_layers (none: its own)
+    # Document starts (docs/method.md#document-starts): the id that ends a document; attention and positions
+    # restart after it. None: the context runs across documents, as in Grouters made before the option.
+    document_eos: int | None = None
 
     @property
     def heads(self) -> Heads | None:
@@ -76,13 +79,16 @@ class GrouterConfig:
         return len(heads) if heads is not None else 1
 
     def to_dict(self) -> dict:
-        """The config as saved and fingerprinted: one head leaves out the per-layer fields, so such a
-        Grouter's config and fingerprint are those it had before they existed."""
+        """The config as saved and fingerprinted: one head leaves out the per-layer fields, and a Grouter
+        without document starts ``document_eos``, so such a Grouter's config and fingerprint are those it
+        had before they existed."""
         d = asdict(self)
         if not self.head_layers:
             del d["head_layers"], d["source_layers"]
         if not self.head_groups:
             del d["head_groups"]
+        if self.document_eos is None:
+            del d["document_eos"]
         return d
 
     def validate(self) -> "GrouterConfig":
@@ -92,6 +98,9 @@ class GrouterConfig:
             raise GrouterError(f"Grouter d_model {self.d_model} must split into {self.n_heads} heads of even size")
         if self.score not in ("softmax", "sigmoid"):
             raise GrouterError(f"unknown gating score {self.score!r}; use softmax or sigmoid")
+        if self.document_eos is not None and not 0 <= self.document_eos < self.vocab_size:
+            raise GrouterError(f"the end-of-document id {self.document_eos} is outside the Grouter's vocabulary "
+                               f"({self.vocab_size})")
         if self.head_layers:  # two or more distinct source layers, in order, within the source; two heads or more
             Heads(tuple(self.head_layers), self.source_layers, tuple(self.head_groups))
         elif self.head_groups:
