@@ -58,6 +58,30 @@ def test_hand_computed_toy_picks_the_faster_grouping():
     assert np.array_equal(plan.rank_of_expert, [0, 0, 1, 1])
 
 
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_the_toy_by_hand_on_every_profile(name):
+    """The toy above on each built-in profile's GPUs, links and model (2 ranks: on one node, or for
+    the multi-node profiles on two nodes of one GPU): the grouped experts' time and the default
+    grouping's (random placement's: each token has one expert on each rank, so every token sends one
+    copy whoever trains it), counted by hand; the plan takes the faster, never slower than random."""
+    p = PROFILES[name]
+    p = replace(p, nodes=None) if p.nodes == 1 else replace(p, ranks_per_node=1, nodes=2)
+    ids = np.array([[[0, 2], [0, 2]]] * 3 + [[[1, 3], [1, 3]]], dtype=np.uint8)
+    plan = plan_placement(Store(ids, 4), Options(ranks=2, global_batch=4, clusters=4, load_cap=False, hardware=p))
+    slot = 2 * 3 * p.hidden * p.ffn * 3 / p.flops
+    bandwidth, latency = (p.nvlink_bandwidth, p.nvlink_latency) if p.nodes is None else (p.rdma_bandwidth, p.rdma_latency)
+    copy = p.hidden * (p.dispatch_bytes + 3 * p.combine_bytes) / bandwidth
+    dense = 4 * p.dense_flops_per_token / p.flops  # a rank's 2 sequences of 2 tokens
+    grouped = p.moe_layers * (12 * slot + 4 * latency + 2 * copy) + dense  # the busy rank: 3 x 2 x 2 slots
+    default = p.moe_layers * (8 * slot + 4 * latency + 4 * copy) + dense
+    st = plan.report["step_time"]["dispatchers"]["deepep"]
+    times = {c["name"]: c["step_ms"] for c in plan.report["objective"]["candidates"]}
+    assert times["bytes"] == pytest.approx(grouped * 1e3, rel=1e-9)
+    assert st["random_ms"]["step"] == pytest.approx(default * 1e3, rel=1e-9)
+    assert st["plan_ms"]["step"] == pytest.approx(min(grouped, default) * 1e3, rel=1e-9)
+    assert st["speedup"] >= 1 - 1e-12
+
+
 def synthetic(seed: int, E: int, R: int, clustered: bool):
     n = 8 * 4 * R  # 8 global batches of 4 sequences per rank
     noise, decay = (0.05, 0.9) if clustered else (0.4, 0.5)
