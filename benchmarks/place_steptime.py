@@ -250,17 +250,20 @@ def objective_row(store, profile: str, tokens_per_rank: int, compare: dict, redu
     return row
 
 
-def bytes_row(store, ranks: int, algorithm: str = "balanced", ranks_per_node: int | None = None) -> dict:
-    """``grouter place --ranks R`` (the bytes objective, its defaults): plan / random over the whole split
-    under each cost model (docs/RESULTS.md's placement table, and the `plan report, whole split` figures)."""
+def bytes_row(store, ranks: int, algorithm: str, ranks_per_node: int | None, per_rank: int) -> dict:
+    """``grouter place --ranks R`` (the bytes objective) with ``per_rank`` sequences per rank per global
+    batch: plan / random over the whole split under each cost model (docs/RESULTS.md's placement table:
+    16 per rank, the default; benchmarks/megatron_bytes.py's plans: 8)."""
     from grouter.place import Options as PlaceOptions, plan_placement
 
-    plan = plan_placement(store, PlaceOptions(ranks=ranks, algorithm=algorithm, ranks_per_node=ranks_per_node))
-    return {"ranks": ranks, "algorithm": algorithm, "ranks_per_node": ranks_per_node,
+    plan = plan_placement(store, PlaceOptions(ranks=ranks, algorithm=algorithm, ranks_per_node=ranks_per_node,
+                                              global_batch=per_rank * ranks))
+    return {"ranks": ranks, "algorithm": algorithm, "ranks_per_node": ranks_per_node, "global_batch": per_rank * ranks,
             **{m: v["plan_over_random"] for m, v in plan.report["cost_models"].items()}}
 
 
-BYTES_LAYOUTS = ((2, "balanced", None), (4, "balanced", None), (4, "greedy", None), (4, "balanced", 2))
+BYTES_LAYOUTS = ((2, "balanced", None, 16), (4, "balanced", None, 16), (4, "greedy", None, 16), (4, "balanced", 2, 16),
+                 (2, "balanced", None, 8), (4, "balanced", None, 8))
 
 
 def demo_runs(demos: Path, tokens_per_rank: int, redundant: bool) -> list[dict]:
@@ -315,6 +318,10 @@ def spread(xs: list, pct: bool = True) -> str:
     return mean if len(xs) == 1 else f"{mean} [{f(min(xs))}, {f(max(xs))}]"
 
 
+def runs_note(n: int, of: int) -> str:
+    return "" if n == of else f" ({n} of {of} runs)"
+
+
 def print_spread(runs: list[dict], label: str) -> None:
     """The tables of docs/steptime.md: per profile, mean [min, max] over the runs."""
     print(f"\n{label}: mean [min, max] over {len(runs)} run(s); DeepEP, not overlapped, batch scope\n")
@@ -322,7 +329,7 @@ def print_spread(runs: list[dict], label: str) -> None:
         per = [r["routings"][routing] for r in runs if routing in r["routings"]]
         if not per:
             continue
-        learned = [w for w in LEARNED if w in per[0]["profiles"][0]]
+        learned = [w for w in LEARNED if any(w in p["profiles"][0] for p in per)]
         print(f"`{routing}`" + (" (per-layer heads)" if routing != "routing" else "") + "\n")
         head = ["profile", "DeepEP copies, bytes plan / random", "bytes objective vs random",
                 "step-time objective vs random", "chosen"]
@@ -340,9 +347,9 @@ def print_spread(runs: list[dict], label: str) -> None:
                      spread([r["speedup"]["bytes"] for r in rows]),
                      spread([r["speedup"][r["chosen"]] for r in rows]),
                      ", ".join(f"{c} x{sum(r['chosen'] == c for r in rows)}" for c in chosen)]
-            cells += [spread([r[w]["over_random"] for r in rows]) for w in learned]
-            cells += [spread([r[w]["plan_over_it"] for r in rows]) for w in learned]
-            cells += [spread([r[w]["bytes_over_it"] for r in rows]) for w in learned]
+            for key in ("over_random", "plan_over_it", "bytes_over_it"):  # over the runs that recorded w
+                cells += [spread([r[w][key] for r in rows if w in r]) + runs_note(sum(w in r for r in rows), len(rows))
+                          for w in learned]
             if redundant:
                 cells.append(f"{spread([r['redundant']['plan'] for r in rows])}; "
                              f"{spread([r['redundant']['random'] for r in rows])}")
@@ -352,11 +359,11 @@ def print_spread(runs: list[dict], label: str) -> None:
     byte_runs = [r["routings"]["routing"]["bytes"] for r in runs if "bytes" in r["routings"].get("routing", {})]
     if byte_runs:
         print("`grouter place --ranks R` (bytes objective), plan / random over the whole split\n")
-        print("| ranks | plan | DeepEP | Megatron | node |\n|---:|---|---:|---:|---:|")
+        print("| ranks | plan | global batch | DeepEP | Megatron | node |\n|---:|---|---:|---:|---:|---:|")
         for i, first in enumerate(byte_runs[0]):
             rows = [b[i] for b in byte_runs]
             kind = first["algorithm"] + (f", node level (G = {first['ranks_per_node']})" if first["ranks_per_node"] else "")
-            print(f"| {first['ranks']} | {kind} | {spread([r['deepep'] for r in rows], False)} | "
+            print(f"| {first['ranks']} | {kind} | {first['global_batch']} | {spread([r['deepep'] for r in rows], False)} | "
                   f"{spread([r['megatron'] for r in rows], False)} | {spread([r.get('node') for r in rows], False)} |")
 
 

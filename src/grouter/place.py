@@ -128,7 +128,7 @@ from .options import COUNT, LAYERS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, 
 from .plots import figure
 from .runner import Output, Stage
 from .steptime import (FIRST_SHARPNESS, Placement, ReplicatedIds, layer_traffic, placement_costs, rank_weights,
-                       replicate_experts, step_traffic_of)
+                       replicate_experts)
 
 ALGORITHMS = ("balanced", "greedy")
 OBJECTIVES = ("steptime", "bytes")
@@ -156,9 +156,9 @@ MILP_SECONDS = 3.0
 BOUND_GROUP_ROWS = 1024
 # balanced_assignment's price steps: at most PRICE_STEPS, and at most PRICE_WORK (rows x partitions x steps).
 PRICE_STEPS, PRICE_WORK = 200, 400_000_000
-# The step-time stage (docs/steptime.md): stop after this many rounds that each take the mean
-# predicted step time down by less than this share.
-STAGE_PATIENCE, STAGE_GAIN = 2, 1e-3
+# The step-time stage (docs/steptime.md): stop at the first round (STAGE_PATIENCE rounds) that takes
+# the mean predicted step time down by less than this share.
+STAGE_PATIENCE, STAGE_GAIN = 1, 1e-3
 
 
 # -- affinity and entropy ----------------------------------------------------------------------
@@ -1322,7 +1322,7 @@ class _StepTime:
         estimates, so each round places by the plain regret greedy (with dual prices the stage took
         10x the CPU for predicted step times within 0.3 % either way on synthetic routings,
         docs/steptime.md); the rounds stop early after
-        ``STAGE_PATIENCE`` rounds that take the mean step time down by less than ``STAGE_GAIN``."""
+        ``STAGE_PATIENCE`` round(s) that take the mean step time down by less than ``STAGE_GAIN``."""
         p, d = self.profile, self.dispatcher
         best, best_t, cur, acc = start.placement, start.step.copy(), start.placement, None
         lt = self.lt(start.layers, cur)
@@ -1361,7 +1361,7 @@ class _StepTime:
         rand = self.random.step.mean()
         rows = [{"name": c.name, "step_ms": float(c.step.mean() * 1e3), "speedup_over_random": float(rand / c.step.mean()),
                  "worst_batch_ms": float(c.step.max() * 1e3),
-                 "deepep_copies": int(step_traffic_of(c.tr, c.placement, self.s.seq_len).received().sum()),
+                 "deepep_copies": int(c.tr.at("deepep", c.placement.rank, c.placement.members).sum()),
                  **({"rounds_step_ms": [round(x * 1e3, 4) for x in c.trace]} if c.trace else {})}
                 for c in self.candidates]
         return {"objective": self.objective, "dispatcher": self.dispatcher, "chosen": self.chosen.name,

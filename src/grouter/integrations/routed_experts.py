@@ -138,7 +138,8 @@ def record_routed_experts(run: str | Path, data: PackedDataset, split: str = "tr
     rows = data.split(split)
     n = len(rows) if max_sequences is None else min(len(rows), max_sequences)
     out = np.empty((n, data.seq_len, model.cfg.n_layers, model.cfg.top_k), dtype=np.int16)
-    for idx in batches_of(np.arange(n), batch_size):
-        chosen = model(rows.batch(idx)["input_ids"]).routing_ids  # [layers, B, L, k]
-        out[idx] = chosen.permute(1, 2, 0, 3).numpy()
+    with torch.no_grad():  # the routing only: no graph to keep
+        for idx in batches_of(np.arange(n), batch_size):
+            chosen = model(rows.batch(idx)["input_ids"]).routing_ids  # [layers, B, L, k]
+            out[idx] = chosen.permute(1, 2, 0, 3).numpy()
     return out
