@@ -37,6 +37,7 @@ check of the ranking only (4 processes on 2 shared cores).
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --routing large --json large.json
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part spread --demos /tmp/demos --json spread.json
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part spread --routing demo-like --seeds 0 1 2
+    python benchmarks/place_steptime.py --part spread --merge seed0.json seed1.json seed2.json
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part gloo
 """
 
@@ -470,6 +471,8 @@ def main(argv=None) -> int:
                     help="spread: the seed* directories of benchmarks/demo_routings.py (else --routing, --seeds)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="spread: synthetic routing seeds")
     ap.add_argument("--no-redundant", action="store_true", help="spread: leave out the redundant-experts what-if")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="spread: print the tables of earlier --json outputs together (e.g. one per demo seed)")
     ap.add_argument("--routing", choices=sorted(ROUTINGS), default="demo-like", help="a synthetic routing")
     ap.add_argument("--store", default=None, help="plan a real routing store instead (e.g. demo/routing)")
     ap.add_argument("--sequences", type=int, default=None, help="synthetic routing: sequences (default per routing)")
@@ -490,7 +493,10 @@ def main(argv=None) -> int:
         print_plans(result["rows"], label)
     elif args.part == "spread":
         redundant = not args.no_redundant
-        if args.demos:
+        if args.merge:
+            saved = [json.loads(x.read_text()) for x in args.merge]
+            runs, label = [r for x in saved for r in x["runs"]], " + ".join(x["label"] for x in saved)
+        elif args.demos:
             runs, label = demo_runs(args.demos, args.tokens_per_rank, redundant), f"the demo's routings ({args.demos})"
         else:
             runs = synthetic_runs(args.routing, args.seeds, args.sequences, args.tokens_per_rank, redundant)
