@@ -1,6 +1,6 @@
 """Predicted EP step time of grouter's placement plans on GPU clusters: the figures of docs/steptime.md.
 
-Three parts, one per run (each a few minutes at most on 2 cores):
+Four parts, one per run (each a few minutes at most on 2 cores, `spread` on the demo's routings longer):
 
 ``--part calibrate``: DeepEP's published normal-kernel bandwidths (H800 with a CX7 400 Gb/s NIC per
 GPU; github.com/deepseek-ai/DeepEP docs/legacy.md) against the step-time model of
@@ -18,6 +18,14 @@ DeepEP volume vs random, vs the capacity-free and the balanced-LP bound, compute
 per global batch), copies received per rank, and per built-in profile the predicted step time,
 all-to-all time and speedup, plan vs random (grouter.hardware.predict).
 
+``--part spread``: what the step-time objective buys and how much it varies: on the demo's routings
+made with several seeds (``--demos``, benchmarks/demo_routings.py) or a synthetic routing drawn with
+``--seeds``, per built-in profile whose ranks divide the experts (batch scope, DeepEP), the predicted
+speedup over random placement of the bytes objective's plan and of the step-time objective's, the
+learned routers' routings (aux, StableMoE) placed the engines' default way against both, and the
+what-if of one redundant expert per rank; on the demo's routing also ``grouter place --ranks R``'s
+plan / random ratios (2 and 4 ranks, greedy, node level). Every figure: mean [min, max] over the runs.
+
 ``--part gloo``: ``grouter ep`` on 4 gloo processes of this machine, plan vs random, both
 exchanges: the measured bytes per rank, phase and step equal the model's
 (grouter.hardware.ep_phase_bytes) exactly; the measured all-to-all seconds are printed as a sanity
@@ -27,6 +35,9 @@ check of the ranking only (4 processes on 2 shared cores).
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --store demo/routing --json demo.json
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --routing demo-like --json demo-like.json
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part plans --routing large --json large.json
+    OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part spread --demos /tmp/demos --json spread.json
+    OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part spread --routing demo-like --seeds 0 1 2
+    python benchmarks/place_steptime.py --part spread --merge seed0.json seed1.json seed2.json
     OMP_NUM_THREADS=1 python benchmarks/place_steptime.py --part gloo
 """
 
@@ -129,8 +140,8 @@ class _Store:
         return self._ids
 
 
-def open_routing(name: str, store_dir: str | None, sequences: int | None):
-    """A real routing store (``store_dir``), else the synthetic routing ``name``; and a label."""
+def open_routing(name: str, store_dir: str | None, sequences: int | None, seed: int = 0):
+    """A real routing store (``store_dir``), else the synthetic routing ``name`` drawn with ``seed``; and a label."""
     from grouter.formats.store import RoutingStore
     from grouter.testing import synthetic_routing
 
@@ -138,9 +149,9 @@ def open_routing(name: str, store_dir: str | None, sequences: int | None):
         return RoutingStore.open(store_dir), f"routing store {store_dir}"
     n, L, E, k, clusters, noise, decay = ROUTINGS[name]
     n = sequences or n
-    ids, _ = synthetic_routing(n, L, E, k, clusters, seed=0, noise=noise, decay=decay)
+    ids, _ = synthetic_routing(n, L, E, k, clusters, seed=seed, noise=noise, decay=decay)
     label = (f"synthetic ({n:,} sequences x {L} tokens, {E} experts top-{k}, {clusters} clusters, noise {noise}, "
-             f"decay {decay})")
+             f"decay {decay}, seed {seed})")
     return _Store(ids, E, k, label), label
 
 
@@ -199,6 +210,162 @@ def print_plans(rows: list[dict], label: str) -> None:
                 print(f"| {name} | {r['scope']} | {d} | {a['step']:.2f} / {b['step']:.2f} | {v['speedup']:.3f} | "
                       f"{v['speedup_overlapped']:.3f} | {a['all_to_all']:.2f} / {b['all_to_all']:.2f} | "
                       f"{v['all_to_all_speedup']:.3f} |")
+
+
+# -- the objectives, and their spread over routings ---------------------------------------------------------
+LEARNED = ("aux", "stablemoe")  # the learned routers whose routing benchmarks/demo_routings.py records
+PAPER = {1: "+33.5 %", 2: "+19.3 %", 4: "+15.5 %"}  # the paper's DeepEP throughput gains by nodes
+
+
+def objective_row(store, profile: str, tokens_per_rank: int, compare: dict, redundant: bool) -> dict:
+    """One step-time plan (DeepEP, batch scope) of ``store`` on a built-in profile: each candidate's predicted
+    speedup over random placement (``bytes`` is the bytes objective's plan), the chosen one's, and with
+    ``compare`` each learned router's routing placed the engines' default way: its speedup over random
+    placement of the Grouter's routing, and the step-time and bytes plans' speedups over it."""
+    from grouter.hardware import PROFILES
+    from grouter.place import Options as PlaceOptions, plan_placement
+
+    p = PROFILES[profile]
+    R = p.nodes * p.ranks_per_node
+    seq_len = store.ids("train").shape[1]
+    t, cpu = time.perf_counter(), time.process_time()
+    plan = plan_placement(store, PlaceOptions(ranks=R, global_batch=max(1, tokens_per_rank // seq_len) * R,
+                                              hardware=profile, redundant_experts=R if redundant else 0),
+                          compare=compare or None)
+    rep = plan.report
+    ms = {c["name"]: c["step_ms"] for c in rep["objective"]["candidates"]}
+    d = rep["step_time"]["dispatchers"]["deepep"]
+    row = {"profile": profile, "ranks": R, "nodes": p.nodes, "chosen": rep["objective"]["chosen"],
+           "speedup": {name: ms["random"] / x for name, x in ms.items()},
+           "copies_over_random": {c["name"]: c["deepep_copies"] / rep["objective"]["candidates"][-1]["deepep_copies"]
+                                  for c in rep["objective"]["candidates"]},
+           "plan_ms": d["plan_ms"]["step"], "random_ms": d["random_ms"]["step"],
+           "all_to_all_share_random": d["random_ms"]["all_to_all"] / d["random_ms"]["step"],
+           "seconds": round(time.perf_counter() - t, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
+    for who, v in d["versus"].items():
+        row[who] = {"over_random": ms["random"] / v["ms"]["step"], "plan_over_it": v["speedup"],
+                    "bytes_over_it": v["ms"]["step"] / ms["bytes"]}
+    if redundant:
+        row["redundant"] = {who: rep["redundant_experts"][who]["speedup_over_random"] for who in ("plan", "random")}
+    print(f"  {profile}: {row['seconds']} s ({row['cpu_seconds']} s CPU), chosen {row['chosen']}", file=sys.stderr)
+    return row
+
+
+def bytes_row(store, ranks: int, algorithm: str, ranks_per_node: int | None, per_rank: int) -> dict:
+    """``grouter place --ranks R`` (the bytes objective) with ``per_rank`` sequences per rank per global
+    batch: plan / random over the whole split under each cost model (docs/RESULTS.md's placement table:
+    16 per rank, the default; benchmarks/megatron_bytes.py's plans: 8)."""
+    from grouter.place import Options as PlaceOptions, plan_placement
+
+    plan = plan_placement(store, PlaceOptions(ranks=ranks, algorithm=algorithm, ranks_per_node=ranks_per_node,
+                                              global_batch=per_rank * ranks))
+    return {"ranks": ranks, "algorithm": algorithm, "ranks_per_node": ranks_per_node, "global_batch": per_rank * ranks,
+            **{m: v["plan_over_random"] for m, v in plan.report["cost_models"].items()}}
+
+
+BYTES_LAYOUTS = ((2, "balanced", None, 16), (4, "balanced", None, 16), (4, "greedy", None, 16), (4, "balanced", 2, 16),
+                 (2, "balanced", None, 8), (4, "balanced", None, 8))
+
+
+def demo_runs(demos: Path, tokens_per_rank: int, redundant: bool) -> list[dict]:
+    """Every ``seed*`` directory of ``demos`` (benchmarks/demo_routings.py): the objective rows of its
+    Grouter routing (one head; and per-layer heads, ``routing-layers-all``, where made) against its
+    learned routers' routings, and the bytes objective's plan / random ratios."""
+    from grouter.formats.store import RoutingStore
+    from grouter.hardware import PROFILES
+
+    runs = []
+    for seed_dir in sorted(demos.glob("seed*")):
+        compare = {who: RoutingStore.open(seed_dir / f"routing-{who}") for who in LEARNED
+                   if (seed_dir / f"routing-{who}" / "manifest.json").is_file()}
+        run = {"seed_dir": str(seed_dir), "learned": sorted(compare), "routings": {}}
+        for name in ("routing", "routing-layers-all"):
+            if not (seed_dir / name / "manifest.json").is_file():
+                continue
+            print(f"{seed_dir / name}", file=sys.stderr)
+            store = RoutingStore.open(seed_dir / name)
+            run["routings"][name] = {"profiles": [objective_row(store, p, tokens_per_rank, compare, redundant)
+                                                  for p, prof in PROFILES.items()
+                                                  if store.n_experts % (prof.nodes * prof.ranks_per_node) == 0]}
+            if name == "routing":
+                run["routings"][name]["bytes"] = [bytes_row(store, *x) for x in BYTES_LAYOUTS]
+        runs.append(run)
+    if not runs:
+        raise SystemExit(f"error: no seed*/routing under {demos}; make them with benchmarks/demo_routings.py")
+    return runs
+
+
+def synthetic_runs(name: str, seeds: list[int], sequences: int | None, tokens_per_rank: int, redundant: bool) -> list[dict]:
+    """The synthetic routing ``name`` drawn with each seed: its objective rows (no learned router)."""
+    from grouter.hardware import PROFILES
+
+    runs = []
+    for seed in seeds:
+        store, label = open_routing(name, None, sequences, seed)
+        print(label, file=sys.stderr)
+        rows = [objective_row(store, p, tokens_per_rank, {}, redundant) for p, prof in PROFILES.items()
+                if store.n_experts % (prof.nodes * prof.ranks_per_node) == 0]
+        runs.append({"seed": seed, "label": label, "routings": {"routing": {"profiles": rows}}})
+    return runs
+
+
+def spread(xs: list, pct: bool = True) -> str:
+    """Mean [min–max] of ``xs`` (speedups as % gains with ``pct``); one value as itself."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    f = (lambda x: f"{(x - 1) * 100:+.1f} %") if pct else (lambda x: f"{x:.3f}")  # noqa: E731
+    mean = f(float(np.mean(xs)))
+    return mean if len(xs) == 1 else f"{mean} [{f(min(xs))}, {f(max(xs))}]"
+
+
+def runs_note(n: int, of: int) -> str:
+    return "" if n == of else f" ({n} of {of} runs)"
+
+
+def print_spread(runs: list[dict], label: str) -> None:
+    """The tables of docs/steptime.md: per profile, mean [min, max] over the runs."""
+    print(f"\n{label}: mean [min, max] over {len(runs)} run(s); DeepEP, not overlapped, batch scope\n")
+    for routing in ("routing", "routing-layers-all"):
+        per = [r["routings"][routing] for r in runs if routing in r["routings"]]
+        if not per:
+            continue
+        learned = [w for w in LEARNED if any(w in p["profiles"][0] for p in per)]
+        print(f"`{routing}`" + (" (per-layer heads)" if routing != "routing" else "") + "\n")
+        head = ["profile", "DeepEP copies, bytes plan / random", "bytes objective vs random",
+                "step-time objective vs random", "chosen"]
+        head += [f"{w} (default placement) vs random" for w in learned]
+        head += [f"step-time plan vs {w}" for w in learned] + [f"bytes plan vs {w}" for w in learned]
+        redundant = "redundant" in per[0]["profiles"][0]
+        head += ["+ R redundant experts: plan, random vs random"] if redundant else []
+        head += ["paper (DeepEP, vs a learned router)"]
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for i, first in enumerate(per[0]["profiles"]):
+            rows = [p["profiles"][i] for p in per]
+            chosen = sorted({r["chosen"] for r in rows})
+            cells = [f"{first['profile']} ({first['ranks']} ranks)",
+                     spread([r["copies_over_random"]["bytes"] for r in rows], False),
+                     spread([r["speedup"]["bytes"] for r in rows]),
+                     spread([r["speedup"][r["chosen"]] for r in rows]),
+                     ", ".join(f"{c} x{sum(r['chosen'] == c for r in rows)}" for c in chosen)]
+            for key in ("over_random", "plan_over_it", "bytes_over_it"):  # over the runs that recorded w
+                cells += [spread([r[w][key] for r in rows if w in r]) + runs_note(sum(w in r for r in rows), len(rows))
+                          for w in learned]
+            if redundant:
+                cells.append(f"{spread([r['redundant']['plan'] for r in rows])}; "
+                             f"{spread([r['redundant']['random'] for r in rows])}")
+            cells.append(PAPER.get(first["nodes"], ""))
+            print("| " + " | ".join(cells) + " |")
+        print()
+    byte_runs = [r["routings"]["routing"]["bytes"] for r in runs if "bytes" in r["routings"].get("routing", {})]
+    if byte_runs:
+        print("`grouter place --ranks R` (bytes objective), plan / random over the whole split\n")
+        print("| ranks | plan | global batch | DeepEP | Megatron | node |\n|---:|---|---:|---:|---:|---:|")
+        for i, first in enumerate(byte_runs[0]):
+            rows = [b[i] for b in byte_runs]
+            kind = first["algorithm"] + (f", node level (G = {first['ranks_per_node']})" if first["ranks_per_node"] else "")
+            print(f"| {first['ranks']} | {kind} | {first['global_batch']} | {spread([r['deepep'] for r in rows], False)} | "
+                  f"{spread([r['megatron'] for r in rows], False)} | {spread([r.get('node') for r in rows], False)} |")
 
 
 # -- gloo: real bytes, and the ranking of the measured all-to-all time ------------------------------------
@@ -299,7 +466,13 @@ def _time_worker(rank: int, world: int, matrices: dict, hidden: int, reps: int, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["calibrate", "plans", "gloo"], required=True)
+    ap.add_argument("--part", choices=["calibrate", "plans", "spread", "gloo"], required=True)
+    ap.add_argument("--demos", type=Path, default=None,
+                    help="spread: the seed* directories of benchmarks/demo_routings.py (else --routing, --seeds)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="spread: synthetic routing seeds")
+    ap.add_argument("--no-redundant", action="store_true", help="spread: leave out the redundant-experts what-if")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="spread: print the tables of earlier --json outputs together (e.g. one per demo seed)")
     ap.add_argument("--routing", choices=sorted(ROUTINGS), default="demo-like", help="a synthetic routing")
     ap.add_argument("--store", default=None, help="plan a real routing store instead (e.g. demo/routing)")
     ap.add_argument("--sequences", type=int, default=None, help="synthetic routing: sequences (default per routing)")
@@ -318,6 +491,18 @@ def main(argv=None) -> int:
         layouts = args.layouts or [R for R in (8, 16, 32) if store.n_experts % R == 0]
         result = {"routing": label, "rows": plan_rows(store, layouts, args.tokens_per_rank, args.scopes)}
         print_plans(result["rows"], label)
+    elif args.part == "spread":
+        redundant = not args.no_redundant
+        if args.merge:
+            saved = [json.loads(x.read_text()) for x in args.merge]
+            runs, label = [r for x in saved for r in x["runs"]], " + ".join(x["label"] for x in saved)
+        elif args.demos:
+            runs, label = demo_runs(args.demos, args.tokens_per_rank, redundant), f"the demo's routings ({args.demos})"
+        else:
+            runs = synthetic_runs(args.routing, args.seeds, args.sequences, args.tokens_per_rank, redundant)
+            label = f"synthetic routing {args.routing!r}, seeds {', '.join(map(str, args.seeds))}"
+        result = {"label": label, "runs": runs}
+        print_spread(runs, label)
     else:
         work = Path(tempfile.mkdtemp(prefix="steptime_gloo_"))
         try:

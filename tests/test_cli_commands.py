@@ -515,7 +515,7 @@ def test_per_layer_dispatch_place_train(layered, tiny_data):
     (["capture", "--layers", "0,5"], f"layer 5 is out of range: the source has {TINY['n_layers']} layers"),
     (["capture", "--layers", "0,x"], "argument --layers: expected an integer, got 'x'"),
     (["capture", "--layer", "0", "--layers", "1"], "argument --layers: not allowed with argument --layer"),
-    (["place", "--ranks", "2", "--hardware", "h100x8"], "per-layer heads; plan without --hardware"),
+    (["place", "--ranks", "2", "--redundant-experts", "2"], "--redundant-experts predicts step times: add --hardware"),
     (["place", "--ranks", "2", "--target-layers", "0"], "argument --target-layers: expected a number at least 1"),
 ])
 def test_per_layer_bad_inputs(capsys, tiny_data, pipe, layered, tmp_path, argv, message):

@@ -436,8 +436,12 @@ def test_planning_over_the_union_beats_planning_for_one_layer(per_layer):
 
 def test_per_layer_options_are_checked(per_layer, clustered):
     heads, _ = per_layer
-    with pytest.raises(GrouterError, match="per-layer heads; plan without --hardware"):
-        plan_placement(heads, PlaceOptions(ranks=R, global_batch=GB, hardware="h100x8"))
+    from dataclasses import replace
+
+    from grouter.hardware import PROFILES
+    any_nodes = replace(PROFILES["h100x8"], nodes=None)  # 4 ranks on one node of 8
+    timed = plan_placement(heads, PlaceOptions(ranks=R, global_batch=GB, hardware=any_nodes))
+    assert len(timed.step_traffic["plan_layers"].layers) == 2  # each head its own all-to-all (tests/test_steptime.py)
     with pytest.raises(GrouterError, match="--target-layers must be a number at least 1"):
         plan_placement(heads, PlaceOptions(ranks=R, global_batch=GB, target_layers=0))
     one_head = RoutingStore.open(clustered[0])  # one routing for every layer: the target's depth changes nothing

@@ -244,13 +244,22 @@ def _off_diagonal(m: np.ndarray) -> np.ndarray:
 
 
 # -- copies per link ---------------------------------------------------------------------------------
-def link_copies(st: StepTraffic, ranks_per_node: int, dispatcher: str) -> tuple[np.ndarray, np.ndarray]:
-    """``[B, R]`` copies each rank moves over NVLink and over RDMA (the larger of sent and received)."""
+LINKS = ("nvlink_sent", "nvlink_received", "rdma_sent", "rdma_received")
+
+
+def link_loads(st: StepTraffic, ranks_per_node: int, dispatcher: str) -> dict[str, np.ndarray]:
+    """``[B, R]`` copies each rank sends and receives over NVLink and over RDMA (:data:`LINKS`)."""
     if dispatcher == "deepep":
         return _deepep_links(st, ranks_per_node)
     if dispatcher == "megatron":
         return _direct_links(st.slots, ranks_per_node)
     raise GrouterError(f"unknown dispatcher {dispatcher!r}; use one of {', '.join(DISPATCHERS)}")
+
+
+def link_copies(st: StepTraffic, ranks_per_node: int, dispatcher: str) -> tuple[np.ndarray, np.ndarray]:
+    """``[B, R]`` copies each rank moves over NVLink and over RDMA (the larger of sent and received)."""
+    x = link_loads(st, ranks_per_node, dispatcher)
+    return np.maximum(x["nvlink_sent"], x["nvlink_received"]), np.maximum(x["rdma_sent"], x["rdma_received"])
 
 
 def _topology(R: int, G: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -259,72 +268,158 @@ def _topology(R: int, G: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return node, local, node[:, None] == node[None, :]
 
 
-def _direct_links(m: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
+def _direct_links(m: np.ndarray, G: int) -> dict[str, np.ndarray]:
     """Copies ``m[b, r, d]`` sent straight from r to d: NVLink inside a node, RDMA across."""
     _, _, same = _topology(m.shape[1], G)
     nvl = _off_diagonal(m * same)
     rdma = m * ~same
-    return (np.maximum(nvl.sum(2), nvl.sum(1)), np.maximum(rdma.sum(2), rdma.sum(1)))
+    return dict(zip(LINKS, (nvl.sum(2), nvl.sum(1), rdma.sum(2), rdma.sum(1))))
 
 
-def _deepep_links(st: StepTraffic, G: int) -> tuple[np.ndarray, np.ndarray]:
+def _deepep_links(st: StepTraffic, G: int) -> dict[str, np.ndarray]:
     """DeepEP's normal kernels: RDMA once per (token, remote node) to the rank of the sender's local
     index there, which forwards over NVLink; one NVLink copy per (token, rank) inside the node."""
     A = st.tokens.astype(np.int64)
     B, R, _ = A.shape
     if R <= G:  # one node
-        return _direct_links(A, R)[0], np.zeros((B, R), dtype=np.int64)
+        return _direct_links(A, R)
     if st.node_tokens is None or st.node_tokens.shape[2] != R // G:
         raise GrouterError(f"the traffic has no per-node counts for nodes of {G} ranks: make the plan with "
                            f"--ranks-per-node {G} (or --hardware)")
     node, local, same = _topology(R, G)
+    N = R // G
     inside = _off_diagonal(A * same)
     forwarded = A * (~same & (local[:, None] != local[None, :]))  # r -> d through rank node(d)*G + local(r)
-    via = np.zeros((R * R, R), dtype=np.int64)  # via[(r, d), q] = 1: rank q forwards r's copies to d
-    via[np.arange(R * R), (node[None, :] * G + local[:, None]).ravel()] = 1
-    fwd_sent = forwarded.reshape(B, R * R) @ via
-    nvl = np.maximum(inside.sum(2) + fwd_sent, inside.sum(1) + forwarded.sum(1))
+    # rank q = (node n, local j) forwards what ranks of local index j send to the ranks of node n
+    fwd_sent = forwarded.reshape(B, N, G, N, G).sum((1, 4)).transpose(0, 2, 1).reshape(B, R)
     Nn = st.node_tokens.astype(np.int64)  # [B, R, N]
-    remote = node[:, None] != np.arange(R // G)[None, :]
-    rdma_sent = (Nn * remote).sum(2)
+    remote = node[:, None] != np.arange(N)[None, :]
     peer = (local[:, None] == local[None, :]) & ~same  # r sends over RDMA to q: same local index, other node
-    rdma_recv = np.einsum("brq,rq->bq", Nn[:, :, node], peer)
-    return nvl, np.maximum(rdma_sent, rdma_recv)
+    return {"nvlink_sent": inside.sum(2) + fwd_sent, "nvlink_received": inside.sum(1) + forwarded.sum(1),
+            "rdma_sent": (Nn * remote).sum(2), "rdma_received": np.einsum("brq,rq->bq", Nn[:, :, node], peer)}
 
 
 # -- step times -----------------------------------------------------------------------------------------
-def step_times(st: StepTraffic, profile: HardwareProfile, dispatcher: str) -> dict[str, np.ndarray]:
-    """Per batch (seconds): ``step`` (not overlapped), ``step_overlapped``, ``all_to_all`` (the slowest
-    rank's, all layers), ``expert_compute`` (the slowest rank's) and ``dense``."""
+@dataclass
+class LayerTraffic:
+    """Per-layer routing: each routing's :class:`StepTraffic` and the share of the model's MoE layers
+    that route by it (the shares sum to 1). Each layer dispatches its own tokens in its own all-to-all,
+    so a step is the sum over layers of each layer's slowest rank (:func:`step_times`)."""
+
+    layers: list[StepTraffic]
+    shares: np.ndarray
+
+    @property
+    def ranks(self) -> int:
+        return self.layers[0].ranks
+
+    def __len__(self) -> int:
+        return len(self.layers[0].tokens)
+
+
+def _as_layers(t: StepTraffic | LayerTraffic) -> LayerTraffic:
+    return t if isinstance(t, LayerTraffic) else LayerTraffic([t], np.ones(1))
+
+
+def rank_times(st: StepTraffic, profile: HardwareProfile, dispatcher: str) -> dict[str, np.ndarray]:
+    """``[B, R]`` seconds of one MoE layer on each rank: ``compute`` (its experts) and ``comm`` (its four
+    all-to-all phases), and each link's copies (:data:`LINKS`)."""
     p = profile
     R = st.ranks
     G = min(p.ranks_per_node, R)
-    nvl, rdma = link_copies(st, G, dispatcher)
-    per_copy = np.maximum(nvl / p.nvlink_bandwidth, rdma / p.rdma_bandwidth)  # seconds per byte of a copy
+    loads = link_loads(st, G, dispatcher)
+    per_copy = np.maximum(np.maximum(loads["nvlink_sent"], loads["nvlink_received"]) / p.nvlink_bandwidth,
+                          np.maximum(loads["rdma_sent"], loads["rdma_received"]) / p.rdma_bandwidth)
     latency = p.nvlink_latency if R <= G else p.rdma_latency
-    copy_bytes = p.hidden * (p.dispatch_bytes + (PHASES_PER_LAYER - 1) * p.combine_bytes)
-    comm = PHASES_PER_LAYER * latency + copy_bytes * per_copy  # [B, R] one layer
-    flops_per_slot = FLOPS_PER_SLOT_FORWARD * p.hidden * p.ffn * FORWARD_AND_BACKWARD
-    compute = st.compute_slots() * flops_per_slot / p.flops
-    dense = st.seq_tokens.max(1) * p.dense_flops_per_token / p.flops
-    L = p.moe_layers
-    return {"step": L * (compute + comm).max(1) + dense, "step_overlapped": L * np.maximum(compute, comm).max(1) + dense,
-            "all_to_all": L * comm.max(1), "expert_compute": L * compute.max(1), "dense": dense}
+    comm = PHASES_PER_LAYER * latency + copy_bytes(p) * per_copy
+    compute = st.compute_slots() * FLOPS_PER_SLOT_FORWARD * p.hidden * p.ffn * FORWARD_AND_BACKWARD / p.flops
+    return {"compute": compute, "comm": comm, **loads}
 
 
-def predict(plan: StepTraffic, random: StepTraffic, profile: HardwareProfile) -> dict:
+def copy_bytes(p: HardwareProfile) -> float:
+    """Bytes one copy moves in one layer: the forward dispatch, the combine and both gradients."""
+    return p.hidden * (p.dispatch_bytes + (PHASES_PER_LAYER - 1) * p.combine_bytes)
+
+
+def step_times(traffic: StepTraffic | LayerTraffic, profile: HardwareProfile, dispatcher: str) -> dict[str, np.ndarray]:
+    """Per batch (seconds): ``step`` (not overlapped), ``step_overlapped``, ``all_to_all`` (the slowest
+    rank's, all layers), ``expert_compute`` (the slowest rank's) and ``dense``. Per-layer routing
+    (:class:`LayerTraffic`): each layer as slow as its own slowest rank, summed over the layers."""
+    lt = _as_layers(traffic)
+    L = profile.moe_layers
+    first = lt.layers[0]
+    dense = first.seq_tokens.max(1) * profile.dense_flops_per_token / profile.flops
+    out = {key: np.zeros(len(first.tokens)) for key in ("step", "step_overlapped", "all_to_all", "expert_compute")}
+    for st, share in zip(lt.layers, lt.shares):
+        t = rank_times(st, profile, dispatcher)
+        compute, comm = t["compute"], t["comm"]
+        out["step"] += L * share * (compute + comm).max(1)
+        out["step_overlapped"] += L * share * np.maximum(compute, comm).max(1)
+        out["all_to_all"] += L * share * comm.max(1)
+        out["expert_compute"] += L * share * compute.max(1)
+    out["step"] += dense
+    out["step_overlapped"] += dense
+    return {**out, "dense": dense}
+
+
+def mean_step(traffic: StepTraffic | LayerTraffic, profile: HardwareProfile, dispatcher: str) -> float:
+    """The predicted mean step time (seconds, not overlapped) over the batches."""
+    return float(step_times(traffic, profile, dispatcher)["step"].mean())
+
+
+def predict(plan: StepTraffic | LayerTraffic, random: StepTraffic | LayerTraffic, profile: HardwareProfile,
+            others: dict | None = None) -> dict:
     """Predicted mean step and all-to-all times (ms) of the plan and the random baseline per
-    dispatcher, the predicted speedups (random time / plan time) and the assumptions."""
-    out = {"profile": asdict(profile), "assumptions": ASSUMPTIONS, "batches": int(len(plan.tokens)),
+    dispatcher, the predicted speedups (random time / plan time) and the assumptions; ``others``
+    (name -> traffic, e.g. a learned router's routing placed the engine's default way): each one's
+    times and the plan's speedup over it."""
+    out = {"profile": asdict(profile), "assumptions": ASSUMPTIONS, "batches": int(len(_as_layers(plan))),
            "ranks": plan.ranks, "nodes": max(1, plan.ranks // profile.ranks_per_node), "dispatchers": {}}
     for d in DISPATCHERS:
         t = {who: {k: float(v.mean() * 1e3) for k, v in step_times(st, profile, d).items()}
-             for who, st in (("plan", plan), ("random", random))}
-        ratio = lambda key: t["random"][key] / t["plan"][key] if t["plan"][key] > 0 else None  # noqa: E731
-        out["dispatchers"][d] = {"plan_ms": t["plan"], "random_ms": t["random"], "speedup": ratio("step"),
-                                 "speedup_overlapped": ratio("step_overlapped"),
-                                 "all_to_all_speedup": ratio("all_to_all")}
+             for who, st in (("plan", plan), ("random", random), *(others or {}).items())}
+        ratio = lambda who, key: t[who][key] / t["plan"][key] if t["plan"][key] > 0 else None  # noqa: E731
+        out["dispatchers"][d] = {"plan_ms": t["plan"], "random_ms": t["random"], "speedup": ratio("random", "step"),
+                                 "speedup_overlapped": ratio("random", "step_overlapped"),
+                                 "all_to_all_speedup": ratio("random", "all_to_all"),
+                                 "versus": {who: {"ms": t[who], "speedup": ratio(who, "step"),
+                                                  "speedup_overlapped": ratio(who, "step_overlapped")}
+                                            for who in (others or {})}}
     return out
+
+
+# -- the step time, linearised: what each copy costs the ranks it loads -----------------------------------
+def copy_prices(st: StepTraffic, profile: HardwareProfile, dispatcher: str, weight: np.ndarray,
+                floor: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(M1 [B, R, R], M2 [B, R, N] or None)``: the seconds a copy costs, priced by how much each rank's
+    time counts (``weight [B, R]``: e.g. a softmax of the ranks' times, high on the slowest), so that a
+    sequence of batch b placed on rank r costs ``tokens_s @ M1[b, r] + node_tokens_s @ M2[b, r]``
+    (``slots_s`` for ``megatron``), the gradient of ``Σ_r weight[b, r] x time_r`` for that placement.
+    A copy is charged on the link direction that binds each rank it uses (sent or received, NVLink or
+    RDMA, by the model's paths: DeepEP's forwarding included); ``floor`` (a share of the mean weight)
+    prices every link a little, so that copies the bottleneck does not see are still avoided."""
+    p = profile
+    B, R, _ = st.tokens.shape
+    G = min(p.ranks_per_node, R)
+    loads = link_loads(st, G, dispatcher)
+    seconds = {k: copy_bytes(p) / (p.nvlink_bandwidth if k.startswith("nvlink") else p.rdma_bandwidth)
+               for k in LINKS}
+    busy = np.stack([loads[k] * seconds[k] for k in LINKS])  # [4, B, R] seconds on each link direction
+    binds = np.exp(10 * (busy / np.maximum(busy.max(0, keepdims=True), 1e-30) - 1))  # ~1 where it binds
+    price = {k: seconds[k] * (weight * binds[i] + floor * weight.mean(1, keepdims=True)) for i, k in enumerate(LINKS)}
+    node, local, same = _topology(R, G)
+    send_n, recv_n = price["nvlink_sent"][:, :, None], price["nvlink_received"][:, None, :]
+    if dispatcher == "megatron" or R <= G:
+        direct = np.where(same, send_n + recv_n, price["rdma_sent"][:, :, None] + price["rdma_received"][:, None, :])
+        return _off_diagonal(direct), None
+    # inside the node: r -> d over NVLink; across: r -> peer q = (node(d), local(r)) over RDMA, q -> d over NVLink
+    peer_rank = node[None, :] * G + local[:, None]  # [r, d]: the rank that forwards r's copies to d
+    forwarded = price["nvlink_sent"][:, peer_rank] + recv_n
+    M1 = np.where(same, send_n + recv_n, np.where(local[:, None] != local[None, :], forwarded, 0.0))
+    peers = np.arange(R // G)[None, :] * G + local[:, None]  # [r, n]: r's RDMA peer on node n
+    M2 = np.where(node[:, None] != np.arange(R // G)[None, :],
+                  price["rdma_sent"][:, :, None] + price["rdma_received"][:, peers], 0.0)
+    return _off_diagonal(M1), M2
 
 
 # -- grouter ep's bytes ----------------------------------------------------------------------------------

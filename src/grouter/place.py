@@ -110,7 +110,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -124,12 +124,15 @@ from .errors import GrouterError
 from .formats.plan import Plan
 from .formats.store import RoutingStore
 from .formats.stream import RoutingStream, StreamPlanning
-from .hardware import PROFILES, HardwareProfile, StepTraffic, load_profile, predict
+from .hardware import DISPATCHERS, PROFILES, HardwareProfile, LayerTraffic, StepTraffic, load_profile, predict, step_times
 from .options import COUNT, LAYERS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, check, option, path_input
 from .plots import figure
 from .runner import Output, Stage
+from .steptime import (FIRST_SHARPNESS, Placement, ReplicatedIds, layer_traffic, placement_costs, rank_weights,
+                       replicate_experts)
 
 ALGORITHMS = ("balanced", "greedy")
+OBJECTIVES = ("steptime", "bytes")
 LEVELS = ("rank", "node")
 SCOPES = ("batch", "epoch")
 COST_MODELS = {
@@ -154,6 +157,9 @@ MILP_SECONDS = 3.0
 BOUND_GROUP_ROWS = 1024
 # balanced_assignment's price steps: at most PRICE_STEPS, and at most PRICE_WORK (rows x partitions x steps).
 PRICE_STEPS, PRICE_WORK = 200, 400_000_000
+# The step-time stage (docs/steptime.md): stop at the first round (STAGE_PATIENCE rounds) that takes
+# the mean predicted step time down by less than this share.
+STAGE_PATIENCE, STAGE_GAIN = 1, 1e-3
 
 
 # -- affinity and entropy ----------------------------------------------------------------------
@@ -606,7 +612,8 @@ def _floor_any_placement(n_tokens: int, k: int, E: int, R: int, G: int | None) -
 
 
 # -- sample placement --------------------------------------------------------------------------
-def balanced_assignment(cost: np.ndarray, groups: np.ndarray, capacity: np.ndarray, exact: bool = False) -> np.ndarray:
+def balanced_assignment(cost: np.ndarray, groups: np.ndarray, capacity: np.ndarray, exact: bool = False,
+                        price_steps: int | None = None) -> np.ndarray:
     """Place each row of ``cost`` ``[m, P]`` on a partition so that every partition takes exactly
     ``capacity[g]`` rows of each group g (so group g must have ``P * capacity[g]`` rows), minimising
     the summed cost.
@@ -619,7 +626,8 @@ def balanced_assignment(cost: np.ndarray, groups: np.ndarray, capacity: np.ndarr
     cost, and on the cost plus per-group partition prices (the Lagrange multipliers of the
     capacities, from subgradient steps of :func:`_dual_prices`, which make the over-wanted
     partitions dearer so the greedy overflows them by the cheapest rows); each group keeps the
-    cheaper of the two placements.
+    cheaper of the two placements. ``price_steps``: at most this many subgradient steps (0: the
+    greedy on the cost alone; default: ``PRICE_STEPS``, fewer on large inputs).
     """
     cost = np.asarray(cost)
     groups = np.asarray(groups, dtype=np.int64)
@@ -635,7 +643,7 @@ def balanced_assignment(cost: np.ndarray, groups: np.ndarray, capacity: np.ndarr
     if exact:
         return _exact_per_group(cost, order, bounds, capacity)
     out = np.full(m, -1, dtype=np.int64)
-    iterations = int(min(PRICE_STEPS, PRICE_WORK // (m * P)))
+    iterations = int(min(PRICE_STEPS if price_steps is None else price_steps, PRICE_WORK // (m * P)))
     g0 = 0
     while g0 < len(capacity):  # whole groups, about ASSIGN_CHUNK rows at a time
         g1 = int(np.searchsorted(bounds, bounds[g0] + ASSIGN_CHUNK, side="right")) - 1
@@ -775,6 +783,13 @@ class Options:
     target_layers: int | None = option(None, "per-layer routing: the target's MoE layers, each head weighted by the "
                                        "layers that route by it (default: every head of the store once)",
                                        range=LAYERS, metavar="T")
+    objective: str | None = option(None, "what the plan minimises: steptime, the predicted step time on --hardware "
+                                   "(the default with it), or bytes, the all-to-all copies (the default without)",
+                                   choices=OBJECTIVES)
+    dispatcher: str = option("deepep", "the dispatcher whose step time the steptime objective minimises",
+                             choices=DISPATCHERS)
+    redundant_experts: int = option(0, "what-if with --hardware: this many replicas of the hottest experts (EPLB-style, "
+                                    "a multiple of the ranks), their predicted step time beside the plan's", range=COUNT)
     seed: int = option(0, "batch membership and the random baseline (a routing stream: also the document order)",
                        range=SEED)
     seq_len: int | None = option(None, "a routing stream: the tokens per sample Megatron trains with (--seq-length)",
@@ -785,10 +800,11 @@ class Options:
     refine: int | None = option(None, "refinement rounds (default 10 for balanced, 0 for greedy)", range=COUNT,
                                 cli=False)
     split: str = option("train", choices=("train", "val"), cli=False)
+    steptime_rounds: int = option(6, "rounds of the step-time stage", range=COUNT, cli=False)
     verify: bool = option(True, "check the store's checksums as it is read", cli=False, how=True)
 
 
-def plan_placement(store, o: Options) -> Plan:
+def plan_placement(store, o: Options, compare=None) -> Plan:
     """Plan expert and sample placement for ``o.ranks`` EP ranks from the routing in ``store``.
 
     ``store``: a :class:`~grouter.formats.store.RoutingStore` (or any object with ``ids(split)``,
@@ -808,14 +824,15 @@ def plan_placement(store, o: Options) -> Plan:
     JSON file; it sets the ranks per node and adds the predicted step times (``report["step_time"]``).
     ``lp_bound``: compute the balanced-LP bound even when it is costly (else: when it is cheap).
     ``target_layers``: with per-layer routing, the target's MoE layers (each head weighted by the
-    layers that route by it; None: every head once); see the module docstring.
+    layers that route by it; None: every head once); see the module docstring. ``objective``
+    (with ``hardware``; default "steptime" then): the candidate of least predicted step time
+    (:class:`_StepTime`); ``compare``: another routing store of the same data (a learned router's), or
+    a dict of them by name, whose step time under the engine's default placement the report sets
+    beside the plan's.
     """
     check(o)
     timer = _Timer()
-    if o.hardware is not None and getattr(store, "heads", None) is not None:
-        raise GrouterError("the step-time model (--hardware) assumes one routing in every layer, and this store has "
-                           "per-layer heads; plan without --hardware")
-    profile = None if o.hardware is None else load_profile(o.hardware)
+    profile = _check_objective(o, compare)
     ranks_per_node = o.ranks_per_node
     if profile is not None:
         G = profile.layout(o.ranks, ranks_per_node)
@@ -836,22 +853,45 @@ def plan_placement(store, o: Options) -> Plan:
     timer.tick("traffic")
     rank, samples = _place_samples(tr, batches, s)  # 5. sample placement
     timer.tick("sample_placement")
-    placed = _members(batches)
     base_rank, base_samples = _random_baseline(batches, s)
+    timing = None
+    if profile is not None:  # 6. the step-time objective: the candidate of least predicted step time
+        timing = _StepTime(ids, s, o, profile)
+        rank_of_expert, tr, samples = timing.choose(rank_of_expert, tr, samples, base, base_samples)
+        rank = Placement.of(samples).seq_rank(s.n)
+        timer.tick("step_time")
+    placed = _members(batches)
     report = {**_report_header(s, len(batches), placed, dropped),
               "cost_models": _cost_models(tr, base, rank, base_rank, placed, s)}
     timer.tick("cost_models")
     report["balanced_bound"] = _bound_report(tr, rank, batches, s, o.lp_bound or None, report["cost_models"])
     timer.tick("balanced_bound")
     step = {"plan": step_traffic(tr, samples, s.seq_len), "random": step_traffic(base, base_samples, s.seq_len)}
-    report.update(_load_and_time(step, s, profile), entropy_filter=kept.report(s), refinement=refinement,
+    report.update(_loads_report(step, s), entropy_filter=kept.report(s), refinement=refinement,
                   clustering=_clustering_report(cl, s, kept.rows, inner_split))
+    if timing is not None:
+        report.update(timing.report(counts, compare))
+        step.update(timing.traffic)
     timer.tick("report")
     report["timings_s"], report["cpu_s"] = timer.total(), timer.cpu
     return Plan(n_experts=s.E, k=s.k, ranks=s.R, ranks_per_node=s.G, level=s.level, algorithm=o.algorithm,
                 scope=o.scope, global_batch=s.gb, seed=o.seed, split=o.split, n_sequences=s.n,
                 permutation=_permutation_from_ranks(rank_of_expert, s.R), samples=samples, dropped=dropped,
                 source={**_source(store), **s.layers}, report=report, step_traffic=step)
+
+
+def _check_objective(o: Options, compare) -> HardwareProfile | None:
+    """The hardware profile (None without ``--hardware``), after checking what needs one."""
+    if o.hardware is None:
+        needs = ("--objective steptime" if o.objective == "steptime" else "--redundant-experts" if o.redundant_experts
+                 else "--compare-routing" if compare is not None else None)
+        if needs:
+            raise GrouterError(f"{needs} predicts step times: add --hardware PROFILE (e.g. h100x8)")
+        return None
+    if o.algorithm == "greedy" and o.objective == "steptime":
+        raise GrouterError("the step-time objective re-places each batch with equal shares per rank: use "
+                           "--algorithm balanced (or --objective bytes)")
+    return load_profile(o.hardware)
 
 
 @dataclass(frozen=True)
@@ -1205,6 +1245,166 @@ def _random_baseline(batches: list[np.ndarray], s: _Setup) -> tuple[np.ndarray, 
     return rank, _by_rank(batches, rank, s.R)
 
 
+# -- planning, step 6: the step-time objective --------------------------------------------------
+@dataclass
+class _Candidate:
+    """A whole placement: the experts (their traffic over the union of the layers, and per layer
+    routing), each batch's ranks, and the predicted step time per batch (seconds)."""
+
+    name: str
+    rank_of_expert: np.ndarray
+    tr: Traffic
+    layers: list
+    placement: Placement
+    step: np.ndarray | None = None
+    trace: list | None = None  # the step-time stage: mean step (s) after the start and each round
+
+
+def _layer_shares(ids) -> tuple[list[int], np.ndarray]:
+    """The distinct heads the planned layers route by and the share of the model's MoE layers each
+    takes (the profile's ``moe_layers`` spread evenly over the planned layers); one routing: ``[0], [1]``."""
+    if not isinstance(ids, LayerUnion):
+        return [0], np.ones(1)
+    heads, counts = np.unique(ids.layer_heads, return_counts=True)
+    return heads.tolist(), counts / counts.sum()
+
+
+class _StepTime:
+    """Step 6, with a hardware profile: candidates for the whole placement, each predicted under
+    :mod:`grouter.hardware` (per layer routing, the chosen dispatcher, not overlapped):
+
+    - ``bytes``: the plan of steps 1-5 (the least copies);
+    - ``steptime``: its batches re-placed by :meth:`stage`, which trades copies for the balance of
+      what each rank computes, sends and receives;
+    - ``steptime, default experts``: the same stage from random placement (expert e on rank
+      e // (E/R), the engines' default), for routings whose expert grouping costs more than it saves;
+    - ``random``: random placement itself.
+
+    The ``steptime`` objective keeps the one of least mean step time (``bytes``: the bytes plan), so
+    the plan is never predicted slower than random placement; the report lists every candidate."""
+
+    def __init__(self, ids, s: _Setup, o: Options, profile: HardwareProfile):
+        self.ids, self.s, self.o, self.profile, self.dispatcher = ids, s, o, profile, o.dispatcher
+        self.objective = o.objective or ("steptime" if o.algorithm == "balanced" else "bytes")
+        self.heads, self.shares = _layer_shares(ids)
+        self.traffic: dict = {}
+
+    def layers(self, rank_of_expert: np.ndarray, union: Traffic | None, ids=None) -> list:
+        """The traffic of each layer routing for an expert placement (one routing: the union's own)."""
+        ids = self.ids if ids is None else ids
+        if not isinstance(ids, LayerUnion):
+            return [union if union is not None else traffic(ids, rank_of_expert, self.s.R, self.s.G)]
+        heads, _ = _layer_shares(ids)
+        return [traffic(ids.ids[:, :, h], rank_of_expert, self.s.R, self.s.G) for h in heads]
+
+    def lt(self, layers: list, pl: Placement, shares: np.ndarray | None = None) -> LayerTraffic:
+        return layer_traffic(layers, self.shares if shares is None else shares, pl, self.s.seq_len)
+
+    def times(self, layers: list, pl: Placement) -> np.ndarray:
+        return step_times(self.lt(layers, pl), self.profile, self.dispatcher)["step"]
+
+    def choose(self, rank_of_expert: np.ndarray, tr: Traffic, samples, base: Traffic, base_samples):
+        """The chosen candidate's (rank of each expert, union traffic, ``samples[r][b]``)."""
+        contiguous = np.arange(self.s.E) // (self.s.E // self.s.R)
+        cands = []
+        for name, experts, union, smp in (("bytes", rank_of_expert, tr, samples),
+                                          ("random", contiguous, base, base_samples)):
+            layers, pl = self.layers(experts, union), Placement.of(smp)
+            cands.append(_Candidate(name, experts, union, layers, pl, self.times(layers, pl)))
+        if self.objective == "steptime":
+            cands[1:1] = [self.stage(cands[0], "steptime"), self.stage(cands[1], "steptime, default experts")]
+        self.candidates, self.random = cands, cands[-1]
+        self.chosen = cands[0] if self.objective == "bytes" else min(cands, key=lambda c: c.step.mean())
+        c = self.chosen
+        return c.rank_of_expert, c.tr, c.placement.samples()
+
+    def stage(self, start: _Candidate, name: str) -> _Candidate:
+        """Re-place every batch's members (equal shares per rank) under copy prices from the ranks'
+        predicted times (:func:`grouter.steptime.placement_costs`), up to ``steptime_rounds`` times
+        with ever sharper prices averaged over the rounds; each batch keeps the placement of least
+        predicted time seen (the start's included), so no batch gets slower. The prices are linear
+        estimates, so each round places by the plain regret greedy (with dual prices the stage took
+        10x the CPU for predicted step times within 0.3 % either way on synthetic routings,
+        docs/steptime.md); the rounds stop early after
+        ``STAGE_PATIENCE`` round(s) that take the mean step time down by less than ``STAGE_GAIN``."""
+        p, d = self.profile, self.dispatcher
+        best, best_t, cur, acc = start.placement, start.step.copy(), start.placement, None
+        lt = self.lt(start.layers, cur)
+        trace, idle = [float(best_t.mean())], 0
+        for i in range(self.o.steptime_rounds):
+            w = [rank_weights(st, p, d, FIRST_SHARPNESS * 2 ** i) for st in lt.layers]
+            acc = w if acc is None else [a + x for a, x in zip(acc, w)]
+            cost = placement_costs(start.layers, lt, [a / (i + 1) for a in acc], cur, p, d)
+            cur = cur.with_rank(balanced_assignment(cost, cur.groups, cur.capacity(), price_steps=0))
+            lt = self.lt(start.layers, cur)
+            t = step_times(lt, p, d)["step"]
+            best = best.with_rank(np.where((t < best_t)[cur.groups], cur.rank, best.rank))
+            best_t = np.minimum(best_t, t)
+            trace.append(float(best_t.mean()))
+            idle = idle + 1 if trace[-1] > trace[-2] * (1 - STAGE_GAIN) else 0
+            if idle >= STAGE_PATIENCE:
+                break
+        return _Candidate(name, start.rank_of_expert, start.tr, start.layers, best, best_t, trace)
+
+    def report(self, counts: np.ndarray, compare) -> dict:
+        """``step_time`` (plan, random and, with ``compare``, a learned router's routing placed the
+        engine's default way), ``objective`` (every candidate) and ``redundant_experts`` (the what-if)."""
+        plan, random = (self.lt(c.layers, c.placement) for c in (self.chosen, self.random))
+        self.traffic = {"plan_layers": plan, "random_layers": random}
+        stores = {} if compare is None else compare if isinstance(compare, dict) else {"compare": compare}
+        others = {name: self.default_placement(store) for name, store in stores.items()}
+        self.traffic.update({f"{name}_layers": lt for name, lt in others.items()})
+        out = {"step_time": predict(plan, random, self.profile, others), "objective": self.record()}
+        out["step_time"]["routings"] = {name: {"routing": str(getattr(store, "path", name)), "heads": None if getattr(
+            store, "heads", None) is None else list(store.heads.layers)} for name, store in stores.items()}
+        if self.o.redundant_experts:
+            out["redundant_experts"] = self.replicas(counts)
+        return out
+
+    def record(self) -> dict:
+        rand = self.random.step.mean()
+        rows = [{"name": c.name, "step_ms": float(c.step.mean() * 1e3), "speedup_over_random": float(rand / c.step.mean()),
+                 "worst_batch_ms": float(c.step.max() * 1e3),
+                 "deepep_copies": int(c.tr.at("deepep", c.placement.rank, c.placement.members).sum()),
+                 **({"rounds_step_ms": [round(x * 1e3, 4) for x in c.trace]} if c.trace else {})}
+                for c in self.candidates]
+        return {"objective": self.objective, "dispatcher": self.dispatcher, "chosen": self.chosen.name,
+                "candidates": rows}
+
+    def default_placement(self, store) -> LayerTraffic:
+        """Another routing of the same data (a learned router's) placed the engine's default way: expert e
+        on rank e // (E/R), each global batch (the same seeded shuffle) dealt to the ranks in order."""
+        s = self.s
+        if int(store.n_experts) != s.E:
+            raise GrouterError(f"--compare-routing has {store.n_experts} experts and the plan {s.E}: compare a "
+                               "routing of the same model")
+        ids, seq_len, _ = _layer_union(store, self.o.split, None)
+        n = min(len(ids), s.n)
+        if n < s.R:
+            raise GrouterError(f"--compare-routing has only {n} sequences for {s.R} ranks; route the same data")
+        batches, _ = _batches(n, s.gb, s.R, np.random.default_rng(self.o.seed))
+        pl = Placement.of(_random_baseline(batches, replace(s, n=n))[1])
+        layers = self.layers(np.arange(s.E) // (s.E // s.R), None, ids[:n])
+        return layer_traffic(layers, _layer_shares(ids)[1], pl, seq_len)
+
+    def replicas(self, counts: np.ndarray) -> dict:
+        """The what-if of ``redundant_experts`` replicas (:func:`grouter.steptime.replicate_experts`) on the
+        chosen plan and on random placement, each with its own samples."""
+        o, s = self.o, self.s
+        load = counts.sum(0, dtype=np.int64)
+        raw = [self.ids] if not isinstance(self.ids, LayerUnion) else [self.ids.ids[:, :, h] for h in self.heads]
+        rand = self.random.step.mean()
+        out = {"extra": o.redundant_experts, "per_rank": o.redundant_experts // s.R}
+        for who, c in (("plan", self.chosen), ("random", self.random)):
+            rep = replicate_experts(load, c.rank_of_expert, s.R, o.redundant_experts)
+            layers = [traffic(ReplicatedIds(x, rep), rep["rank_of_physical"], s.R, s.G) for x in raw]
+            t = self.times(layers, c.placement)
+            out[who] = {"copies": rep["copies"].tolist(), "step_ms": float(t.mean() * 1e3),
+                        "speedup_over_random": float(rand / t.mean()),
+                        "rank_of_physical": rep["rank_of_physical"].tolist()}
+        return out
+
+
 # -- planning: the report ----------------------------------------------------------------------
 def _cost_models(tr: Traffic, base: Traffic, rank: np.ndarray, base_rank: np.ndarray, seqs: np.ndarray,
                  s: _Setup) -> dict:
@@ -1262,12 +1462,9 @@ def _loads(st: StepTraffic, seq_len: int) -> dict:
             "sequences_per_rank": (st.seq_tokens.sum(0) // seq_len).tolist()}
 
 
-def _load_and_time(step: dict[str, StepTraffic], s: _Setup, profile: HardwareProfile | None) -> dict:
-    """The report's ``load`` (plan and random) and, with a hardware profile, ``step_time``."""
-    out = {"load": {who: _loads(st, s.seq_len) for who, st in step.items()}}
-    if profile is not None:
-        out["step_time"] = predict(step["plan"], step["random"], profile)
-    return out
+def _loads_report(step: dict[str, StepTraffic], s: _Setup) -> dict:
+    """The report's ``load`` (plan and random)."""
+    return {"load": {who: _loads(st, s.seq_len) for who, st in step.items()}}
 
 
 def _bound_report(tr: Traffic, rank: np.ndarray, batches: list[np.ndarray], s: _Setup, lp_bound: bool | None,
@@ -1413,17 +1610,50 @@ def _md_step_time(r: dict) -> list[str]:
         return []
     t = r["step_time"]
     p = t["profile"]
+    versus = list(t.get("routings", {}))
     lines = ["", f"## Predicted step time: {p['name']} ({t['ranks']} ranks, {t['nodes']} node(s) of "
                  f"{p['ranks_per_node']}; hidden {p['hidden']}, expert FFN {p['ffn']}, {p['moe_layers']} MoE layers)", "",
              "| dispatcher | step plan (ms) | step random (ms) | speedup | overlapped speedup | all-to-all plan (ms) | "
-             "all-to-all random (ms) | all-to-all speedup | expert compute plan / random (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "all-to-all random (ms) | all-to-all speedup | expert compute plan / random (ms) |"
+             + "".join(f" step {who}, default placement (ms) | speedup over it |" for who in versus),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(versus)]
     for d, v in t["dispatchers"].items():
         a, b = v["plan_ms"], v["random_ms"]
+        extra = "".join(f" {v['versus'][who]['ms']['step']:.3f} | {v['versus'][who]['speedup']:.3f} |" for who in versus)
         lines.append(f"| {d} | {a['step']:.3f} | {b['step']:.3f} | {v['speedup']:.3f} | {v['speedup_overlapped']:.3f} | "
                      f"{a['all_to_all']:.3f} | {b['all_to_all']:.3f} | {v['all_to_all_speedup']:.3f} | "
-                     f"{a['expert_compute']:.3f} / {b['expert_compute']:.3f} |")
-    return lines + ["", "Mean per step (one global batch). Assumptions: " + "; ".join(t["assumptions"]) + "."]
+                     f"{a['expert_compute']:.3f} / {b['expert_compute']:.3f} |" + extra)
+    lines += ["", "Mean per step (one global batch). Assumptions: " + "; ".join(t["assumptions"]) + "."]
+    for who in versus:
+        lines += ["", f"`{who}`: the routing store {t['routings'][who]['routing']} (a learned router's, each layer its "
+                      "own routing), placed the engines' default way (expert e on rank e // (E/R), each batch dealt "
+                      "in order): the baseline of the paper's throughput gains."]
+    return lines + _md_objective(r) + _md_replicas(r)
+
+
+def _md_objective(r: dict) -> list[str]:
+    ob = r["objective"]
+    lines = ["", f"Objective **{ob['objective']}** ({ob['dispatcher']}, not overlapped): candidates, the chosen one "
+                 f"(**{ob['chosen']}**) has the least predicted mean step time"
+                 + (" (random placement is one of them: the plan is never predicted slower)."
+                    if ob["objective"] == "steptime" else "."), "",
+             "| candidate | mean step (ms) | worst batch (ms) | speedup over random | DeepEP copies |", "|---|---:|---:|---:|---:|"]
+    for c in ob["candidates"]:
+        mark = "**" if c["name"] == ob["chosen"] else ""
+        lines.append(f"| {mark}{c['name']}{mark} | {c['step_ms']:.4f} | {c['worst_batch_ms']:.4f} | "
+                     f"{c['speedup_over_random']:.4f} | {c['deepep_copies']:,} |")
+    return lines
+
+
+def _md_replicas(r: dict) -> list[str]:
+    if "redundant_experts" not in r:
+        return []
+    x = r["redundant_experts"]
+    return ["", f"What-if, {x['extra']} redundant experts ({x['per_rank']} per rank; replicas of the hottest experts, "
+                "EPLB-style, each copy taking an equal share of its expert's token-slots): predicted speedup over "
+                f"random placement without replicas: plan {x['plan']['speedup_over_random']:.3f}, random placement "
+                f"{x['random']['speedup_over_random']:.3f} ({r['objective']['dispatcher']}). "
+                "No training engine grouter adapts replicates experts; see docs/steptime.md."]
 
 
 def _md_steps(r: dict) -> list[str]:
@@ -1480,6 +1710,9 @@ def plot_report(report: dict, path: Path) -> None:
 @dataclass
 class Inputs:
     routing: Path = path_input("a routing store (grouter dispatch), or a routing stream (dispatch --megatron-data)")
+    compare_routing: Path | None = path_input("with --hardware: a learned router's routing store of the same data "
+                                              "(docs/steptime.md), whose step time under the engine's default "
+                                              "placement the report sets beside the plan's", required=False)
 
 
 def open_routing(path: Path, o: Options):
@@ -1502,7 +1735,8 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
     """
     t0 = time.perf_counter()
     store = open_routing(inputs.routing, o)  # the manifest only: a bad profile is refused next
-    plan = plan_placement(store, o)
+    compare = None if inputs.compare_routing is None else RoutingStore.open(inputs.compare_routing, verify=o.verify)
+    plan = plan_placement(store, o, compare)
     if o.verify and isinstance(store, RoutingStore):  # bound to the whole store: the splits it did not read too
         for split in set(store.manifest["splits"]) - {o.split}:
             store.verify(split)
@@ -1535,6 +1769,10 @@ def summarize(r: dict) -> dict:
            **({"per_layer_routing": r["per_layer_routing"]} if "per_layer_routing" in r else {})}
     if "step_time" in r:
         out["step_time"] = {"profile": r["step_time"]["profile"]["name"], **{
-            d: {k: v[k] for k in ("speedup", "speedup_overlapped", "all_to_all_speedup")}
+            d: {**{k: v[k] for k in ("speedup", "speedup_overlapped", "all_to_all_speedup")},
+                **{f"speedup_over_{who}": x["speedup"] for who, x in v["versus"].items()}}
             for d, v in r["step_time"]["dispatchers"].items()}}
+        out["objective"] = {k: r["objective"][k] for k in ("objective", "dispatcher", "chosen")}
+    if "redundant_experts" in r:
+        out["redundant_experts"] = {who: r["redundant_experts"][who]["speedup_over_random"] for who in ("plan", "random")}
     return out

@@ -58,6 +58,7 @@ class PipelineConfig:
     max_mb_per_domain: float | None = None  # raw text per domain of the embedded corpus (None: all of it)
     per_layer_heads: bool = False  # a Grouter head per source layer (capture --layers all), else one shared head
     seed: int = 0  # of the target runs (initialisation and data order)
+    routing_seed: int = 0  # of the source, the Grouter's distillation and its tuning: what makes the routing
     ranks: int = 4  # the demo's placement plan
     held_out_domain: str = "code"  # reproduce: the domain the source never sees
     fold_ablation: tuple[str, ...] = ()  # reproduce: other folding strategies, untuned
@@ -136,7 +137,7 @@ class Pipeline:
         ``top_m``: compact targets, named ``...-mM``)."""
         c = self.cfg
         schedule = TrainConfig(steps=c.source_steps, batch_size=c.batch_size, warmup_steps=20, eval_every=100,
-                               checkpoint_every=100)
+                               checkpoint_every=100, seed=c.routing_seed)
         model = ModelOptions(**c.source)
         self.stage("source", f"training the source MoE ({model.n_experts} experts, top-{model.top_k}) on "
                    f"{', '.join(data.domains)}", source_train, data=data.path, router="aux", model=model,
@@ -152,7 +153,7 @@ class Pipeline:
         kind and the head groups."""
         name = "grouter-distilled" + targets.path.name.removeprefix("targets") + (
             f"-g{head_groups}" if head_groups else "") + ("" if causal else "-bidirectional")
-        schedule = {**vars(distill_schedule()), "steps": self.cfg.distill_steps}
+        schedule = {**vars(distill_schedule()), "steps": self.cfg.distill_steps, "seed": self.cfg.routing_seed}
         kind = "causal" if causal else "bidirectional: leaks the future"
         summary = self.stage(name, f"distilling the Grouter ({kind})", distill, targets=targets.path,
                              architecture={**self.cfg.grouter, "causal": causal}, schedule=schedule,
@@ -172,7 +173,8 @@ class Pipeline:
         other :class:`grouter.tune.Options`."""
         name = folded.name.replace("grouter-folded", "grouter") + (f"-tune-{variant}" if variant else "")
         what = f"tuning {folded.name} for balance on the target data" + (f" ({variant})" if variant else "")
-        self.stage(name, what, tune, grouter=folded, data=data.path, tokens=self.cfg.tune_tokens, **options)
+        self.stage(name, what, tune, grouter=folded, data=data.path, tokens=self.cfg.tune_tokens,
+                   **{"seed": self.cfg.routing_seed, **options})
         return self.out / name
 
     def routing(self, grouter: Path, data: PackedDataset) -> Path:

@@ -17,6 +17,10 @@ Converting both ways lets a routing store serve RL routing replay (export) and a
   live router), or plan it (``grouter place`` uses ids only).
 * :func:`save_routed_experts` / :func:`load_routed_experts`: ``.npy`` or ``.safetensors`` (tensor
   ``routed_experts``).
+* :func:`record_routed_experts`: the routing a trained built-in model (a ``grouter train`` run with any
+  router: ``aux``, ``stablemoe``, ...) gives a split, every layer's, as it routes in training; with
+  :func:`import_routed_experts` it becomes a per-layer store, so ``grouter place --hardware
+  --compare-routing`` can set a learned router's step time beside the Grouter's (docs/steptime.md).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ import numpy as np
 import torch
 
 from ..artifacts import load_safetensors, save_safetensors
+from ..chunking import batches_of
 from ..errors import GrouterError
+from ..formats.dataset import PackedDataset
+from ..formats.run import finished_checkpoint
 from ..formats.store import RoutingStore, write_store
 from ..routers import Heads, Routing
 
@@ -110,3 +117,29 @@ def load_routed_experts(path: str | Path) -> np.ndarray:
             raise GrouterError(f"{path} has no tensor {KEY!r} (it has {sorted(tensors)})")
         return tensors[KEY].numpy()
     raise GrouterError(f"{path}: routed_experts are read from .npy or .safetensors")
+
+
+@torch.no_grad()
+def record_routed_experts(run: str | Path, data: PackedDataset, split: str = "train", batch_size: int = 64,
+                          max_sequences: int | None = None) -> np.ndarray:
+    """``[n, seq_len, layers, k]`` expert ids every MoE layer of the finished built-in run ``run`` (or a
+    model directory) chooses for the sequences of ``data``'s ``split`` (its first ``max_sequences``):
+    the model's own forward pass in eval mode, so each router selects as it does in training (a
+    frozen StableMoE router by its token embedding, ``auxfree`` with its bias)."""
+    from ..model import MoELM  # torch model code: on use
+
+    model = MoELM.from_pretrained(finished_checkpoint(Path(run), "grouter train")).eval()
+    if model.cfg.router == "external":
+        raise GrouterError(f"{run} routes with stored routing (router 'external'): record a run trained with its "
+                           "own router (aux, stablemoe, ...)")
+    if model.cfg.vocab_size < data.vocab_size:
+        raise GrouterError(f"{run} has a vocabulary of {model.cfg.vocab_size} but {data.path} one of "
+                           f"{data.vocab_size}: record on the dataset the run was trained on")
+    rows = data.split(split)
+    n = len(rows) if max_sequences is None else min(len(rows), max_sequences)
+    out = np.empty((n, data.seq_len, model.cfg.n_layers, model.cfg.top_k), dtype=np.int16)
+    with torch.no_grad():  # the routing only: no graph to keep
+        for idx in batches_of(np.arange(n), batch_size):
+            chosen = model(rows.batch(idx)["input_ids"]).routing_ids  # [layers, B, L, k]
+            out[idx] = chosen.permute(1, 2, 0, 3).numpy()
+    return out
