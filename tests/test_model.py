@@ -57,13 +57,17 @@ def test_every_router_runs_forward_and_backward(router):
         assert model.blocks[0].moe.router.gate.weight.grad.abs().sum() > 0
 
 
-def test_grouped_experts_equal_per_token_reference():
+def random_experts(tokens: int, n_experts: int, d_model: int, d_expert: int, k: int):
+    """Experts with unit-normal weights, ``tokens`` random inputs and their top-k routing."""
     torch.manual_seed(0)
-    experts = Experts(n_experts=6, d_model=8, d_expert=5)
+    experts = Experts(n_experts=n_experts, d_model=d_model, d_expert=d_expert)
     torch.nn.init.normal_(experts.w_in)
     torch.nn.init.normal_(experts.w_out)
-    x = torch.randn(20, 8)
-    routing = topk_gating(torch.randn(20, 6), 3)
+    return experts, torch.randn(tokens, d_model), topk_gating(torch.randn(tokens, n_experts), k)
+
+
+def test_grouped_experts_equal_per_token_reference():
+    experts, x, routing = random_experts(20, n_experts=6, d_model=8, d_expert=5, k=3)
     y, counts = experts(x, routing)
     reference = torch.zeros_like(x)
     for t in range(20):
@@ -82,12 +86,7 @@ def test_experts_backward_is_bitwise_repeatable_with_threads():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        torch.manual_seed(0)
-        experts = Experts(n_experts=16, d_model=64, d_expert=32)
-        torch.nn.init.normal_(experts.w_in)
-        torch.nn.init.normal_(experts.w_out)
-        x = torch.randn(2048, 64)
-        routing = topk_gating(torch.randn(2048, 16), 4)
+        experts, x, routing = random_experts(2048, n_experts=16, d_model=64, d_expert=32, k=4)
         grads = []
         for _ in range(4):
             xi = x.clone().requires_grad_()
