@@ -205,6 +205,12 @@ class RoutingManifest:
     def ids_dtype(self) -> np.dtype:
         return np.dtype(self.manifest["ids_dtype"])
 
+    def _check_dtypes(self) -> None:
+        """The ids' dtype is the one E experts need and the weights' a known one (ValueError if not)."""
+        m = self.manifest
+        if np.dtype(m["ids_dtype"]) != ids_dtype_for(int(m["n_experts"])) or m["weights_dtype"] not in WEIGHTS_DTYPES:
+            raise ValueError("dtypes")
+
     @property
     def heads(self) -> Heads | None:
         """Per-layer heads (None: one routing for every layer)."""
@@ -250,8 +256,7 @@ class RoutingStore(RoutingManifest):
         m = self.manifest
         try:
             int(m["k"]), int(m["seq_len"])
-            if np.dtype(m["ids_dtype"]) != ids_dtype_for(int(m["n_experts"])) or m["weights_dtype"] not in WEIGHTS_DTYPES:
-                raise ValueError("dtypes")
+            self._check_dtypes()
             for info in m["splits"].values():
                 int(info["n_sequences"])
             m["dataset_fingerprint"], m["grouter_fingerprint"]

@@ -38,8 +38,7 @@ from ..chunking import row_chunks
 from ..errors import GrouterError
 from ..integrity import CheckedFile, file_checksum, file_sha256, fingerprint_of
 from ..routers import Heads, Routing
-from .store import (WEIGHTS_DTYPES, RoutingManifest, StoreWriter, check_expert_ids, head_fields, ids_dtype_for,
-                    weight_bits)
+from .store import (WEIGHTS_DTYPES, RoutingManifest, StoreWriter, check_expert_ids, head_fields, weight_bits)
 
 STREAM_FORMAT, STREAM_VERSION = "grouter-routing-stream", 1
 STREAM_FILES = ("stream.ids", "stream.weights", "documents.offsets")
@@ -245,8 +244,7 @@ class RoutingStream(RoutingManifest):
         try:
             p = m["prefix"]
             int(p["n_tokens"]), int(p["n_documents"]), int(p["max_token_id"]), np.dtype(p["token_dtype"])
-            if np.dtype(m["ids_dtype"]) != ids_dtype_for(int(m["n_experts"])) or m["weights_dtype"] not in WEIGHTS_DTYPES:
-                raise ValueError("dtypes")
+            self._check_dtypes()
             m["grouter_fingerprint"], m["context"]["window"], int(m["k"])
             if m.get("heads", 1) != (len(self.heads) if self.heads else 1):
                 raise ValueError("heads")
