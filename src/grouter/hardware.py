@@ -316,6 +316,13 @@ class LayerTraffic:
     def __len__(self) -> int:
         return len(self.layers[0].tokens)
 
+    def where(self, take: np.ndarray, other: "LayerTraffic") -> "LayerTraffic":
+        """Batch b from ``other`` where ``take[b]``, else from this one."""
+        def pick(a, b):
+            return None if a is None else np.where(take.reshape(-1, *[1] * (a.ndim - 1)), b, a)
+        return LayerTraffic([StepTraffic(*(pick(getattr(a, f), getattr(b, f)) for f in (
+            "tokens", "slots", "node_tokens", "seq_tokens"))) for a, b in zip(self.layers, other.layers)], self.shares)
+
 
 def _as_layers(t: StepTraffic | LayerTraffic) -> LayerTraffic:
     return t if isinstance(t, LayerTraffic) else LayerTraffic([t], np.ones(1))

@@ -129,7 +129,7 @@ from .options import COUNT, LAYERS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, 
 from .plots import figure
 from .runner import Output, Stage
 from .steptime import (FIRST_SHARPNESS, Placement, ReplicatedIds, layer_traffic, placement_costs, rank_weights,
-                       replicate_experts)
+                       replicate_experts, step_traffic_of)
 
 ALGORITHMS = ("balanced", "greedy")
 OBJECTIVES = ("steptime", "bytes")
@@ -1256,7 +1256,8 @@ class _Candidate:
     tr: Traffic
     layers: list
     placement: Placement
-    step: np.ndarray | None = None
+    lt: LayerTraffic  # what each rank sends per batch and layer routing
+    step: np.ndarray  # predicted seconds per batch
     trace: list | None = None  # the step-time stage: mean step (s) after the start and each round
 
 
@@ -1300,8 +1301,12 @@ class _StepTime:
     def lt(self, layers: list, pl: Placement, shares: np.ndarray | None = None) -> LayerTraffic:
         return layer_traffic(layers, self.shares if shares is None else shares, pl, self.s.seq_len)
 
-    def times(self, layers: list, pl: Placement) -> np.ndarray:
-        return step_times(self.lt(layers, pl), self.profile, self.dispatcher)["step"]
+    def times(self, lt: LayerTraffic) -> np.ndarray:
+        return step_times(lt, self.profile, self.dispatcher)["step"]
+
+    def candidate(self, name: str, rank_of_expert: np.ndarray, union: Traffic, layers: list, pl: Placement) -> _Candidate:
+        lt = self.lt(layers, pl)
+        return _Candidate(name, rank_of_expert, union, layers, pl, lt, self.times(lt))
 
     def choose(self, rank_of_expert: np.ndarray, tr: Traffic, samples, base: Traffic, base_samples):
         """The chosen candidate's (rank of each expert, union traffic, ``samples[r][b]``)."""
@@ -1309,8 +1314,7 @@ class _StepTime:
         cands = []
         for name, experts, union, smp in (("bytes", rank_of_expert, tr, samples),
                                           ("random", contiguous, base, base_samples)):
-            layers, pl = self.layers(experts, union), Placement.of(smp)
-            cands.append(_Candidate(name, experts, union, layers, pl, self.times(layers, pl)))
+            cands.append(self.candidate(name, experts, union, self.layers(experts, union), Placement.of(smp)))
         if self.objective == "steptime":
             cands[1:1] = [self.stage(cands[0], "steptime"), self.stage(cands[1], "steptime, default experts")]
         self.candidates, self.random = cands, cands[-1]
@@ -1328,8 +1332,7 @@ class _StepTime:
         docs/steptime.md); the rounds stop early after
         ``STAGE_PATIENCE`` round(s) that take the mean step time down by less than ``STAGE_GAIN``."""
         p, d = self.profile, self.dispatcher
-        best, best_t, cur, acc = start.placement, start.step.copy(), start.placement, None
-        lt = self.lt(start.layers, cur)
+        best, best_lt, best_t, cur, lt, acc = start.placement, start.lt, start.step, start.placement, start.lt, None
         trace, idle = [float(best_t.mean())], 0
         for i in range(self.o.steptime_rounds):
             w = [rank_weights(st, p, d, FIRST_SHARPNESS * 2 ** i) for st in lt.layers]
@@ -1337,19 +1340,20 @@ class _StepTime:
             cost = placement_costs(start.layers, lt, [a / (i + 1) for a in acc], cur, p, d)
             cur = cur.with_rank(balanced_assignment(cost, cur.groups, cur.capacity(), price_steps=0))
             lt = self.lt(start.layers, cur)
-            t = step_times(lt, p, d)["step"]
-            best = best.with_rank(np.where((t < best_t)[cur.groups], cur.rank, best.rank))
+            t = self.times(lt)
+            better = t < best_t
+            best, best_lt = best.with_rank(np.where(better[cur.groups], cur.rank, best.rank)), best_lt.where(better, lt)
             best_t = np.minimum(best_t, t)
             trace.append(float(best_t.mean()))
             idle = idle + 1 if trace[-1] > trace[-2] * (1 - STAGE_GAIN) else 0
             if idle >= STAGE_PATIENCE:
                 break
-        return _Candidate(name, start.rank_of_expert, start.tr, start.layers, best, best_t, trace)
+        return _Candidate(name, start.rank_of_expert, start.tr, start.layers, best, best_lt, best_t, trace)
 
     def report(self, counts: np.ndarray, compare) -> dict:
         """``step_time`` (plan, random and, with ``compare``, a learned router's routing placed the
         engine's default way), ``objective`` (every candidate) and ``redundant_experts`` (the what-if)."""
-        plan, random = (self.lt(c.layers, c.placement) for c in (self.chosen, self.random))
+        plan, random = self.chosen.lt, self.random.lt
         self.traffic = {"plan_layers": plan, "random_layers": random}
         stores = {} if compare is None else compare if isinstance(compare, dict) else {"compare": compare}
         others = {name: self.default_placement(store) for name, store in stores.items()}
@@ -1398,7 +1402,7 @@ class _StepTime:
         for who, c in (("plan", self.chosen), ("random", self.random)):
             rep = replicate_experts(load, c.rank_of_expert, s.R, o.redundant_experts)
             layers = [traffic(ReplicatedIds(x, rep), rep["rank_of_physical"], s.R, s.G) for x in raw]
-            t = self.times(layers, c.placement)
+            t = self.times(self.lt(layers, c.placement))
             out[who] = {"copies": rep["copies"].tolist(), "step_ms": float(t.mean() * 1e3),
                         "speedup_over_random": float(rand / t.mean()),
                         "rank_of_physical": rep["rank_of_physical"].tolist()}
@@ -1431,21 +1435,7 @@ def _cost_models(tr: Traffic, base: Traffic, rank: np.ndarray, base_rank: np.nda
 def step_traffic(tr: Traffic, samples: list[list[np.ndarray]], seq_len: int) -> StepTraffic:
     """What each rank's sequences of each global batch send (:class:`~grouter.hardware.StepTraffic`):
     ``tr``'s per-sequence counts summed over ``samples[r][b]``."""
-    R, B = len(samples), len(samples[0])
-    members = [samples[r][b] for b in range(B) for r in range(R)]  # (batch, rank) order
-    sizes = np.array([len(m) for m in members])
-    flat = np.concatenate(members) if members else np.zeros(0, np.int64)
-    starts = np.r_[0, np.cumsum(sizes)[:-1]][sizes > 0]
-
-    def sums(x: np.ndarray) -> np.ndarray:  # [n, C] per sequence -> [B, R, C] per (batch, rank)
-        out = np.zeros((B * R, x.shape[1]), dtype=np.int64)
-        if len(flat):
-            out[sizes > 0] = np.add.reduceat(x[flat], starts, axis=0, dtype=np.int64)
-        return out.reshape(B, R, -1)
-
-    nodes = tr.node_tokens if tr.node_tokens is not None and tr.node_tokens.shape[1] > 1 else None
-    return StepTraffic(sums(tr.tokens), sums(tr.slots), None if nodes is None else sums(nodes),
-                       sizes.reshape(B, R) * seq_len)
+    return step_traffic_of(tr, Placement.of(samples), seq_len)
 
 
 def _loads(st: StepTraffic, seq_len: int) -> dict:

