@@ -131,10 +131,12 @@ class Pipeline:
                    domains=domains)
         return PackedDataset.open(self.out / "data-source")
 
-    def source_targets(self, data: PackedDataset, per_layer_heads: bool = False, top_m: int = 0) -> Targets:
+    def source_targets(self, data: PackedDataset, per_layer_heads: bool = False, top_m: int = 0,
+                       capture_on: PackedDataset | None = None) -> Targets:
         """Train the source MoE on ``data`` and capture its first-layer router logits (``per_layer_heads``:
         every layer's, for a Grouter with per-layer heads; its artifacts are named ``...-layers-all``;
-        ``top_m``: compact targets, named ``...-mM``)."""
+        ``top_m``: compact targets, named ``...-mM``) on ``data``, or on ``capture_on`` (named
+        ``...-on-DIR``: a user's own corpus, which may hold domains the source never trained on)."""
         c = self.cfg
         schedule = TrainConfig(steps=c.source_steps, batch_size=c.batch_size, warmup_steps=20, eval_every=100,
                                checkpoint_every=100, seed=c.routing_seed)
@@ -144,9 +146,11 @@ class Pipeline:
                    schedule=schedule)
         name, which = ("targets-layers-all", "all layers'") if per_layer_heads else ("targets", "first-layer")
         name, which = (f"{name}-m{top_m}", f"{which} top-{top_m}") if top_m else (name, which)
-        self.stage(name, f"capturing the source's {which} router logits", capture, source=self.out / "source",
-                   data=data.path, layers="all" if per_layer_heads else None, top_m=top_m)
-        return Targets.open(self.out / name, data)
+        on = data if capture_on is None else capture_on
+        name += "" if capture_on is None else f"-on-{on.path.name}"
+        self.stage(name, f"capturing the source's {which} router logits on {', '.join(on.domains)}", capture,
+                   source=self.out / "source", data=on.path, layers="all" if per_layer_heads else None, top_m=top_m)
+        return Targets.open(self.out / name, on)
 
     def distilled(self, targets: Targets, causal: bool = True, head_groups: int | None = None) -> tuple[Path, dict]:
         """``grouter-distilled[-layers-all][-mM][-gG][-bidirectional]``: the name carries the targets'

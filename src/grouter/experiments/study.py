@@ -8,7 +8,9 @@ target, at equal tokens and with the same data order (a seed fixes both):
   source (``big_source``, the base's tokens);
 - ``tuning``, read on the held-out domain: untuned, tuned on all target data (base), and the
   ``tune_variants`` (on the held-out domain alone, balance-constrained with weight ``tune_keep``,
-  selection bias), with the share of top-k sets each keeps from the untuned Grouter;
+  selection bias), with the share of top-k sets each keeps from the untuned Grouter; and the cell a
+  user meets with their own corpus: the source (still without the held-out domain) captured, and the
+  Grouter distilled and folded, on all target data (``captured-on-all``);
 - ``heads``: one shared head (base) or a head per source layer, each with the base's source and
   with the strongest;
 - ``tokens``: the target tokens times ``token_ratios``, the source and Grouter unchanged; and the
@@ -117,6 +119,7 @@ class Cell:
     layers: str | None = None  # None: capture the first layer (a shared head); "all": a head per layer
     top_m: int = 0  # compact targets: keep the top M scores (0: every score)
     head_groups: int | None = None  # fewer heads than layers (None: a head per captured layer)
+    capture_all: bool = False  # capture, distil and fold on all target data (the held-out domain too), not the source's
     tune: str = ""  # "": the base's tuning; "untuned"; or one of StudyConfig.tune_variants
     seeds: int = 1
     base: bool = False
@@ -136,7 +139,7 @@ class Cell:
     def variant(self) -> str:
         """What the cell's targets and Grouter are, as their names under the pipeline carry it."""
         return ("-layers-all" if self.layers else "") + (f"-m{self.top_m}" if self.top_m else "") + (
-            f"-g{self.head_groups}" if self.head_groups else "")
+            "-on-data" if self.capture_all else "") + (f"-g{self.head_groups}" if self.head_groups else "")
 
     @property
     def grouter_run(self) -> str:
@@ -190,6 +193,8 @@ def plan(cfg: StudyConfig) -> list[Cell]:
     variants = [cell("tuning", v, TUNE_LABELS[v], tune=v) for v in cfg.tune_variants]
     tuning = [v for v in variants if v.tune == "untuned"] + [base("tuning", "all", TUNE_LABELS[""])] + [
         v for v in variants if v.tune != "untuned"]
+    tuning.append(cell("tuning", "captured-on-all", f"all data; captured, distilled and folded on all data, "
+                       f"{b.held_out_domain} included (the source never saw it)", capture_all=True))
     r = max(cfg.source_ratios)  # heads cross the strongest source: shared / per-layer × 1× / r× source
     strong = dict(c=replace(b, source_steps=round(r * b.target_steps)), pipeline=f"source-{r:g}x")
     heads = [base("heads", "shared", "one shared head"), cell("heads", "per-layer", "a head per layer", layers="all"),
@@ -286,9 +291,9 @@ def finished(out: Path, cell: Cell) -> bool:
 def run_cell(out: Path, cfg: StudyConfig, cell: Cell, data: PackedDataset, source_data: PackedDataset) -> None:
     """The cell's Grouter, its target runs (reused when another cell made them), its results in cell.json."""
     pipe = Pipeline(out / "pipelines" / cell.pipeline, cell.cfg, f"study {cell.id}")
-    targets = pipe.source_targets(source_data, bool(cell.layers), cell.top_m)
+    targets = pipe.source_targets(source_data, bool(cell.layers), cell.top_m, data if cell.capture_all else None)
     distilled, distill_summary = pipe.distilled(targets, head_groups=cell.head_groups)
-    folded = pipe.folded(distilled, source_data)
+    folded = pipe.folded(distilled, data if cell.capture_all else source_data)
     grouter = folded if cell.tune == "untuned" else pipe.tuned(folded, data, cell.tune, **tune_options(cfg, cell.tune))
     store = pipe.routing(grouter, data)
     seconds = {f"{pipe.out.relative_to(out)}/{k}": v for k, v in pipe.seconds.items()}
@@ -559,15 +564,17 @@ def cell_work(cell: Cell, t: Timings) -> list[tuple[str, str, float]]:
     layers = cell.variant
     targets = "-layers-all" if cell.layers else ""
     targets += f"-m{cell.top_m}" if cell.top_m else ""
+    targets += "-on-data" if cell.capture_all else ""
     tuned = {"untuned": "-folded", "": ""}.get(cell.tune, f"-tune-{cell.tune}")
     work = [(f"{p}/source", f"source, {c.source_steps:,} steps",
              c.source_steps * step_seconds(t, c.source, c.source["n_experts"], c.source["top_k"], per_step)),
-            (f"{p}/targets{targets}", "capture", t.seconds_per_million_tokens["capture"] * t.source_tokens / 1e6),
+            (f"{p}/targets{targets}", "capture", t.seconds_per_million_tokens["capture"]
+             * (t.data_tokens if cell.capture_all else t.source_tokens) / 1e6),
             (f"{p}/grouter-distilled{layers}", "distill", c.distill_steps * t.distill_step_seconds),
             (f"{p}/grouter-folded{layers}", "fold", t.fold_seconds)]
     if cell.tune != "untuned":
         work.append((f"{p}/grouter{layers}{tuned}", "tune", t.seconds_per_million_tokens["tune"] * c.tune_tokens / 1e6))
-    stores = [f"{p}/routing{layers}{tuned}"] + ([f"{p}/routing-folded"] if cell.factor == "tuning" else [])
+    stores = [f"{p}/routing{layers}{tuned}"] + ([f"{p}/routing-folded{layers}"] if cell.factor == "tuning" else [])
     work += [(name, "dispatch", t.seconds_per_million_tokens["dispatch"] * t.data_tokens / 1e6) for name in stores]
     run = c.target_steps * step_seconds(t, c.target, c.target_experts, c.source["top_k"], per_step)
     return work + [(f"runs/{name}", "target run", run) for names in cell.run_names() for name in names]
