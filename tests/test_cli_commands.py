@@ -125,7 +125,7 @@ HELP = {  # command -> options its usage must show as required (not in [brackets
     ("demo",): [],
     ("reproduce",): [],
 }
-OPTIONAL = {("demo",): ["[--out OUT]", "[--per-layer-heads]"], ("reproduce",): ["[--out OUT]", "[--scale", "[--data DATA]",
+OPTIONAL = {("demo",): ["[--out OUT]", "[--shared-head]"], ("reproduce",): ["[--out OUT]", "[--scale", "[--data DATA]",
                                                           "[--held-out-domain"]}
 
 
@@ -606,17 +606,18 @@ def test_demo(capsys, monkeypatch, tmp_path):
         assert Path(result[key]).is_relative_to(out) and Path(result[key]).exists(), key
     assert PackedDataset.open(result["data"]).domains == ["prose", "speeches", "code"]
     assert Plan.load(result["plan"]).ranks == 2
-    assert set(load(out / "report" / "report.json")["runs"]) == {"grouter", "aux"}
-    assert RoutingStore.open(result["routing"]).heads is None
-
-    kept = [out / "runs" / "aux" / "run.json", out / "source" / "run.json"]  # reused by per-layer heads beside them
-    mtimes = [p.stat().st_mtime_ns for p in kept]
-    code, stdout, err = run(capsys, "demo", "--out", str(out), "--per-layer-heads", "--json")
-    assert code == 0, err
-    layered = last_json(stdout)
-    assert RoutingStore.open(layered["routing"]).heads.layers == tuple(range(cfg.source["n_layers"]))
-    assert Path(layered["plan"]).name == "plan-layers-all" and Path(result["plan"]).exists()
     assert set(load(out / "report" / "report.json")["runs"]) == {"grouter-layers-all", "aux"}
+    assert RoutingStore.open(result["routing"]).heads.layers == tuple(range(cfg.source["n_layers"]))  # the default
+    assert Path(result["plan"]).name == "plan-layers-all"
+
+    kept = [out / "runs" / "aux" / "run.json", out / "source" / "run.json"]  # reused by the shared head beside them
+    mtimes = [p.stat().st_mtime_ns for p in kept]
+    code, stdout, err = run(capsys, "demo", "--out", str(out), "--shared-head", "--json")
+    assert code == 0, err
+    shared = last_json(stdout)
+    assert RoutingStore.open(shared["routing"]).heads is None
+    assert Path(shared["plan"]).name == "plan" and Path(result["plan"]).exists()
+    assert set(load(out / "report" / "report.json")["runs"]) == {"grouter", "aux"}
     assert [p.stat().st_mtime_ns for p in kept] == mtimes
 
 

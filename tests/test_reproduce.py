@@ -37,6 +37,10 @@ def test_reduced_reproduction_end_to_end(tmp_path, capsys):
     assert set(summary["fold"]) == {"affinity", "random", "balance"}
     text = (out / "reproduce.md").read_text()
     assert "held-out domain 'code'" in text and "causal vs bidirectional" in text and "folding strategy" in text
+    # a head per source layer by default: the Grouter run's routing store has one per source layer
+    from grouter.formats.store import RoutingStore
+    assert RoutingStore.open(out / "routing-layers-all").heads.layers == tuple(range(tiny().source["n_layers"]))
+    assert "a head per source layer" in text
     assert "Grouter vs best baseline" in capsys.readouterr().out
     # rerunning reuses everything and keeps the stage timings of the first invocation
     again = run_reproduce(out, tiny())

@@ -38,6 +38,7 @@ from .experiments.demo import demo
 from .experiments.reproduce import reproduce
 from .fold import fold
 from .options import build, defaults, flag_of, memory_flags, merged, nested, types_of
+from .estimate import estimate_stage
 from .place import place
 from .report import report
 from .runner import Stage, execute, rank_zero
@@ -70,6 +71,8 @@ COMMANDS = (
     Command(ep, "expert-parallel training of the built-in MoE LM on stored routing with a plan",
             "Launch with torchrun --nproc_per_node R -m grouter.cli ep ... (one process: world 1). A reference "
             "engine with exact per-phase byte counts; see docs/method.md."),
+    Command(estimate_stage, "bytes, FLOPs and GPU-hours of each stage at a scale (the paper's, or a small one)",
+            "Bytes from the formats' own layouts; --artifacts checks them against a pipeline directory (docs/scale.md)."),
     Command(verify, "check every byte of an artifact against its checksums",
             "Readers check what they read as they read it; this checks everything now."),
     Command(report, "tables and plots comparing finished training runs"),

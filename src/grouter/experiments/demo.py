@@ -50,13 +50,13 @@ class Inputs:
 
 @dataclass
 class Options:
-    per_layer_heads: bool = option(False, "a Grouter head per source MoE layer (capture --layers all), the study's "
-                                   "best configuration; its stages and run are named ...-layers-all, beside the "
-                                   "shared head's in the same --out")
+    shared_head: bool = option(False, "one Grouter head, distilled from the source's first MoE layer, instead of a "
+                               "head per source layer (the default, the study's best); its stages and run are named "
+                               "without -layers-all, beside the per-layer ones in the same --out")
 
 
 def run(inputs: Inputs, o: Options, out: Output) -> dict:
-    return run_demo(out.path or Path("demo"), replace(demo_config(), per_layer_heads=o.per_layer_heads))
+    return run_demo(out.path or Path("demo"), replace(demo_config(), per_layer_heads=not o.shared_head))
 
 
 demo = Stage("demo", run, Inputs, Options, writes="pipeline")

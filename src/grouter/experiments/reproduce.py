@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..artifacts import header, read_json, read_manifest, write_json
+from ..errors import GrouterError
 from ..formats.dataset import PackedDataset
 from ..options import POSITIVE_INT, option, path_input
 from ..report import report
@@ -42,7 +43,7 @@ def run_reproduce(out: str | Path, cfg: PipelineConfig) -> dict:
     stages = Pipeline(Path(out), cfg, "reproduce")
     data, source_data = held_out_data(stages, cfg)
     seen = source_data.domains
-    targets = stages.source_targets(source_data)
+    targets = stages.source_targets(source_data, cfg.per_layer_heads)
 
     distilled, distill_summary = stages.distilled(targets)
     affinity = stages.folded(distilled, source_data)
@@ -113,7 +114,9 @@ def reproduce_markdown(summary: dict, table: str) -> str:
             f"Source MoE and Grouter trained on **{', '.join(summary['domains']['source_saw'])}** only; "
             f"**{held}** is the held-out domain. Every target run: {summary['target_tokens_per_run']:,} tokens "
             f"({cfg['target_steps']} steps × {cfg['batch_size']} × {cfg['seq_len']}) of the "
-            f"{summary['train_tokens_available']:,}-token training split, same data order.", "",
+            f"{summary['train_tokens_available']:,}-token training split, same data order. The Grouter has "
+            + ("a head per source layer." if cfg.get("per_layer_heads") else "one shared head (the source's first "
+               "MoE layer's)."), "",
             "## Headline", "", headline(summary), "", "## All runs", "", table, ""]
 
     def gap(name: str, key: str) -> str:
@@ -160,6 +163,8 @@ class Options:
                                "several, comma-separated; docs/study.md", metavar="NAME")
     held_out_domain: str | None = option(None, "the domain the source never sees (default: code)")
     target_steps: int | None = option(None, "override the scale's target steps", range=POSITIVE_INT)
+    shared_head: bool = option(False, "one Grouter head (the source's first MoE layer) instead of a head per source "
+                               "layer (the default); the study's heads factor compares both")
 
 
 def run(inputs: Inputs, o: Options, out: Output) -> dict:
@@ -167,8 +172,12 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict:
     overrides = {k: v for k, v in (("held_out_domain", o.held_out_domain), ("target_steps", o.target_steps),
                                    ("data", inputs.data and str(inputs.data))) if v is not None}
     if o.study:
+        if o.shared_head:
+            raise GrouterError("--shared-head is for grouter reproduce; the study's base cell has one shared head and "
+                               "its heads factor a head per layer")
         return run_study(out.path or Path("study"), o.study, study_config(o.scale, **overrides))
-    return run_reproduce(out.path or Path("reproduce"), reproduce_config(o.scale, **overrides))
+    return run_reproduce(out.path or Path("reproduce"), reproduce_config(o.scale, per_layer_heads=not o.shared_head,
+                                                                         **overrides))
 
 
 reproduce = Stage("reproduce", run, Inputs, Options, writes="pipeline")

@@ -166,7 +166,7 @@ def study_config(scale: str, **overrides) -> StudyConfig:
     reproduce_scale, changes = settings.pop("reproduce_scale"), settings.pop("base")
     base = PipelineConfig.from_dict(scaled(load_config("reproduce"), reproduce_scale, **changes,
                                            baselines=settings.pop("baselines"), fold_ablation=[],
-                                           causal_ablation=False))
+                                           causal_ablation=False, per_layer_heads=False))  # heads: a factor
     given = replace(base, **overrides)
     if "target_steps" in overrides:
         given = replace(given, source_steps=round(base.source_steps * given.target_steps / base.target_steps))
