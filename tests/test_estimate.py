@@ -91,3 +91,16 @@ def test_cli_estimate_refuses_bad_input(capsys, argv, needle):
 def test_cli_estimate_refuses_a_directory_without_artifacts(capsys, tmp_path):
     code, _, err = run_cli(capsys, "estimate", "--artifacts", str(tmp_path))
     assert_one_line_error(code, err, "holds no data, targets or routing directory")
+
+
+def test_the_planner_fit_passes_through_its_measured_runs():
+    """The planner's two terms (per routed token-slot, per sequence x rank) reproduce both measured runs."""
+    from dataclasses import replace
+
+    from grouter.estimate import PLANNER_RUNS, stage_table
+
+    for objective, runs in PLANNER_RUNS.items():
+        for n, t, cpu, gib in runs:
+            s = replace(PRESETS["paper"], seq_len=t, target_tokens=n * t, ranks=(64,))
+            place = next(r for r in stage_table(s, 0, 1, 1e15, 80, 2e9) if r["stage"] == f"place ({objective})")
+            assert place["cpu_seconds"][64] == pytest.approx(cpu) and place["memory_gib"][64] == pytest.approx(gib)

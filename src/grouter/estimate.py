@@ -9,8 +9,10 @@
   active parameters; the Grouter's, counted by building it on PyTorch's meta device), plus attention's
   ``2 x layers x seq_len x d_model``; training is 3 forwards. GPU-hours divide by ``--gpu-flops``, an
   assumed sustained rate (default: the hardware profiles' 55 % of an H100's BF16 peak).
-- **The planner** is CPU work; its seconds and memory are scaled linearly in sequences x ranks from
-  its measured point (1M sequences x 128 experts x 64 ranks: ``PLANNER_POINT``), an extrapolation.
+- **The planner** is CPU work in one process. Its seconds and peak memory are fitted to two measured
+  runs with the same routed tokens (``PLANNER_RUNS``: 1M sequences of 32 tokens, 62,500 of 512) as
+  one term per routed token-slot (streaming the store) and one per sequence x rank (the placement),
+  then extrapolated: an estimate to size a machine by, not a measurement.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 
 from .errors import GrouterError
 from .formats.store import bytes_per_token as store_bytes_per_token
@@ -27,9 +31,11 @@ from .formats.targets import file_layout
 from .options import COUNT, POSITIVE, option, path_input
 from .runner import Output, Stage
 
-# `benchmarks/place_scale.py` on the idle 2-core machine (docs/RESULTS.md#planner-scale, docs/steptime.md): CPU
-# seconds and peak GiB of `grouter place` at 1M sequences x 32 tokens x 128 experts top-8 x 64 ranks, by objective.
-PLANNER_POINT = {"sequences": 1_000_000, "ranks": 64, "bytes": (43.6, 2.33), "steptime": (71.2, 2.82)}
+# `benchmarks/place_scale.py` (128 experts top-8, 64 ranks, one routing head; docs/steptime.md#planner-scale):
+# (sequences, tokens per sequence, CPU seconds, peak GiB) of `grouter place` by objective, the larger of two runs.
+PLANNER_RUNS = {"bytes": [(1_000_000, 32, 43.6, 2.33), (62_500, 512, 30.3, 1.19)],
+                "steptime": [(1_000_000, 32, 71.2, 2.82), (62_500, 512, 29.4, 1.18)]}
+PLANNER_K, PLANNER_RANKS = 8, 64
 H100_MEMORY_GIB = 80
 USABLE_MEMORY = 0.9  # of a GPU's memory, for weights, when a source is spread over GPUs (activations: the rest)
 
@@ -96,8 +102,10 @@ def grouter_params(s: Setting, heads: int) -> tuple[int, int]:
     return total, total - embedding
 
 
-def stage_table(s: Setting, top_m: int, head_groups: int, gpu_flops: float, gpu_memory_gib: float) -> list[dict]:
-    """One row per stage: what it writes (bytes per token, total), its FLOPs and GPU-hours, how it shards."""
+def stage_table(s: Setting, top_m: int, head_groups: int, gpu_flops: float, gpu_memory_gib: float,
+                disk_bandwidth: float) -> list[dict]:
+    """One row per stage: what it writes (bytes per token, total) and reads, its FLOPs and GPU-hours, its
+    disk hours at ``disk_bandwidth`` bytes/s, how it shards."""
     L, E, k = s.source_layers, s.source_experts, s.source_top_k
     heads = head_groups or L
     g_total, g_matmul = grouter_params(s, heads)
@@ -106,32 +114,51 @@ def stage_table(s: Setting, top_m: int, head_groups: int, gpu_flops: float, gpu_
     gpus_per_copy = math.ceil(2 * s.source_params / (USABLE_MEMORY * gpu_memory_gib * 2**30))
     sequences = s.target_tokens / s.seq_len
 
-    def row(stage, writes, per_token, tokens, flops, shards):
+    def row(stage, writes, per_token, tokens, flops, shards, reads=0.0):
         return {"stage": stage, "writes": writes, "bytes_per_token": per_token, "tokens": tokens,
-                "bytes": per_token * tokens, "flops": flops, "gpu_hours": flops / gpu_flops / 3600, "shards": shards}
+                "bytes": per_token * tokens, "reads": reads, "flops": flops, "gpu_hours": flops / gpu_flops / 3600,
+                "disk_hours": (per_token * tokens + reads) / disk_bandwidth / 3600, "shards": shards}
 
+    data_token = data_bytes_per_token(s.vocab_size, s.seq_len)
+    targets_token = targets_bytes_per_token(L, E, top_m)
+    store_token = store_bytes_per_token(k, s.target_experts, heads)
     rows = [
-        row("data", "token ids, distillation and target corpora", data_bytes_per_token(s.vocab_size, s.seq_len),
-            s.distill_tokens + s.target_tokens, 0.0, "CPU: tokenize or pack once (`grouter data`)"),
-        row("capture", f"targets: {L} layers' {'top-' + str(top_m) if top_m else 'every'} score" + ("s" if not top_m or
-            top_m > 1 else ""), targets_bytes_per_token(L, E, top_m), s.distill_tokens, src_forward * s.distill_tokens,
+        row("data", "token ids, distillation and target corpora", data_token, s.distill_tokens + s.target_tokens, 0.0,
+            "CPU: tokenize or pack once (`grouter data`)"),
+        row("capture", f"targets: {L} layers, " + (f"the top {top_m} scores" if top_m else "every score"),
+            targets_token, s.distill_tokens, src_forward * s.distill_tokens,
             f"torchrun over sequences (one process per source copy); a copy on {gpus_per_copy} GPU"
-            + ("s" if gpus_per_copy > 1 else "") + " (`--device-map auto`, BF16 weights)"),
+            + ("s" if gpus_per_copy > 1 else "") + " (`--device-map auto`, BF16 weights)",
+            reads=data_token * s.distill_tokens),
         row("distill", f"a Grouter, {g_total / 1e6:.0f}M parameters ({heads} head" + ("s" if heads > 1 else "") + ")",
-            0, s.distill_tokens, 3 * g_forward * s.distill_tokens, "one process: one epoch over the targets"),
-        row("tune", "the tuned Grouter", 0, s.tune_tokens, 3 * g_forward * s.tune_tokens, "one process"),
+            0, s.distill_tokens, 3 * g_forward * s.distill_tokens, "one process: one epoch over the targets",
+            reads=(data_token + targets_token) * s.distill_tokens),
+        row("tune", "the tuned Grouter", 0, s.tune_tokens, 3 * g_forward * s.tune_tokens, "one process",
+            reads=data_token * s.tune_tokens),
         row("dispatch", f"routing store: {heads} head" + ("s" if heads > 1 else "") + f" x top-{k} ids and weights",
-            store_bytes_per_token(k, s.target_experts, heads), s.target_tokens, g_forward * s.target_tokens,
-            "torchrun over sequences (a Grouter per process)"),
+            store_token, s.target_tokens, g_forward * s.target_tokens, "torchrun over sequences (a Grouter per process)",
+            reads=data_token * s.target_tokens),
+        row("train (reads)", "nothing new: each rank reads its sequences' routing with their tokens", 0,
+            s.target_tokens, 0.0, "the engine's data parallelism", reads=(data_token + store_token) * s.target_tokens),
     ]
     for objective in ("bytes", "steptime"):
-        cpu_s, gib = PLANNER_POINT[objective]
-        scale = [sequences * r / (PLANNER_POINT["sequences"] * PLANNER_POINT["ranks"]) for r in s.ranks]
+        per_slot, per_cell = planner_terms(objective)
+        slots = s.target_tokens * k * heads  # the plan is made over the union of the heads' routing
+        cells = {r: sequences * r * (heads if objective == "steptime" else 1) for r in s.ranks}  # per-head traffic
         rows.append({**row(f"place ({objective})", "a placement plan", 0, s.target_tokens, 0.0,
-                           "one CPU process (extrapolated from the measured 1M-sequence point)"),
-                     "cpu_seconds": {r: cpu_s * f for r, f in zip(s.ranks, scale)},
-                     "memory_gib": {r: gib * f for r, f in zip(s.ranks, scale)}})
+                           "one CPU process (extrapolated from two measured runs)"),
+                     "cpu_seconds": {r: slots * per_slot[0] + c * per_cell[0] for r, c in cells.items()},
+                     "memory_gib": {r: slots * per_slot[1] + c * per_cell[1] for r, c in cells.items()}})
     return rows
+
+
+def planner_terms(objective: str) -> tuple[np.ndarray, np.ndarray]:
+    """(CPU seconds, GiB) per routed token-slot and per sequence x rank, solved from the two runs."""
+    runs = PLANNER_RUNS[objective]
+    a = np.array([[n * t * PLANNER_K, n * PLANNER_RANKS] for n, t, _, _ in runs], dtype=np.float64)
+    y = np.array([[cpu, gib] for _, _, cpu, gib in runs], dtype=np.float64)
+    terms = np.linalg.solve(a, y)
+    return terms[0], terms[1]
 
 
 # -- checking the formulas against a pipeline directory ------------------------------------------------
@@ -199,6 +226,8 @@ class Options:
                               "BF16 peak, as the hardware profiles)", range=POSITIVE)
     gpu_memory_gib: float = option(H100_MEMORY_GIB, "memory per GPU, GiB (how many GPUs hold one source copy)",
                                    range=POSITIVE)
+    disk_gbps: float = option(2.0, "disk bandwidth, GB/s, for the hours each stage spends reading and writing "
+                              "(default: one NVMe drive)", range=POSITIVE)
 
 
 def estimate(s: Setting, o: Options) -> dict:
@@ -208,7 +237,8 @@ def estimate(s: Setting, o: Options) -> dict:
                            f"{s.source_experts} experts; use 0 for every score")
     if o.head_groups > s.source_layers:
         raise GrouterError(f"--head-groups {o.head_groups} is more than the source's {s.source_layers} MoE layers")
-    return {"setting": asdict(s), "stages": stage_table(s, o.top_m, o.head_groups, o.gpu_flops, o.gpu_memory_gib)}
+    return {"setting": asdict(s), "disk_gbps": o.disk_gbps, "gpu_flops": o.gpu_flops,
+            "stages": stage_table(s, o.top_m, o.head_groups, o.gpu_flops, o.gpu_memory_gib, o.disk_gbps * 1e9)}
 
 
 def _size(b: float) -> str:
@@ -224,14 +254,16 @@ def markdown(result: dict) -> str:
              f"{s['source_top_k']}, {s['source_params'] / 1e9:g}B parameters ({s['source_active_params'] / 1e9:g}B "
              f"active); {s['distill_tokens'] / 1e9:g}B distillation tokens, {s['target_tokens'] / 1e9:g}B target "
              f"tokens in sequences of {s['seq_len']}", "",
-             "| stage | writes | bytes/token | on disk | compute | GPU-hours | how it shards |", "|---|---|---:|---:|---:|---:|---|"]
+             f"| stage | writes | bytes/token | on disk | reads | compute | GPU-hours at {result['gpu_flops']:.3g} FLOP/s | "
+             f"disk hours at {result['disk_gbps']:g} GB/s | how it shards |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["stages"]:
         if "cpu_seconds" in r:
-            cpu = ", ".join(f"EP {k}: {v / 60:,.0f} min, {r['memory_gib'][k]:,.0f} GiB" for k, v in r["cpu_seconds"].items())
-            lines.append(f"| {r['stage']} | {r['writes']} | | | CPU: {cpu} | | {r['shards']} |")
+            cpu = ", ".join(f"EP {k}: {v / 3600:,.1f} h, {r['memory_gib'][k]:,.0f} GiB" for k, v in r["cpu_seconds"].items())
+            lines.append(f"| {r['stage']} | {r['writes']} | | | | CPU: {cpu} | | | {r['shards']} |")
             continue
         lines.append(f"| {r['stage']} | {r['writes']} | {r['bytes_per_token']:,.4g} | {_size(r['bytes'])} | "
-                     f"{r['flops']:.3g} FLOP | {r['gpu_hours']:,.1f} | {r['shards']} |")
+                     f"{_size(r['reads'])} | {r['flops']:.3g} FLOP | {r['gpu_hours']:,.2f} | {r['disk_hours']:,.1f} | "
+                     f"{r['shards']} |")
     checks = result.get("artifacts")
     if checks:
         lines += ["", "| directory | kind | sizes | estimated | on disk | on disk / estimated |", "|---|---|---|---:|---:|---:|"]
