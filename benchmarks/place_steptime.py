@@ -269,8 +269,8 @@ BYTES_LAYOUTS = ((2, "balanced", None, 16), (4, "balanced", None, 16), (4, "gree
 
 def demo_runs(demos: Path, tokens_per_rank: int, redundant: bool) -> list[dict]:
     """Every ``seed*`` directory of ``demos`` (benchmarks/demo_routings.py): the objective rows of its
-    Grouter routing (one head; and per-layer heads, ``routing-layers-all``, where made) against its
-    learned routers' routings, and the bytes objective's plan / random ratios."""
+    Grouter routing (per-layer heads, ``routing-layers-all``, the demo's; and one head, ``routing``, where
+    made) against its learned routers' routings, and the bytes objective's plan / random ratios."""
     from grouter.formats.store import RoutingStore
     from grouter.hardware import PROFILES
 
@@ -279,7 +279,7 @@ def demo_runs(demos: Path, tokens_per_rank: int, redundant: bool) -> list[dict]:
         compare = {who: RoutingStore.open(seed_dir / f"routing-{who}") for who in LEARNED
                    if (seed_dir / f"routing-{who}" / "manifest.json").is_file()}
         run = {"seed_dir": str(seed_dir), "learned": sorted(compare), "routings": {}}
-        for name in ("routing", "routing-layers-all"):
+        for name in ("routing-layers-all", "routing"):
             if not (seed_dir / name / "manifest.json").is_file():
                 continue
             print(f"{seed_dir / name}", file=sys.stderr)
@@ -287,11 +287,10 @@ def demo_runs(demos: Path, tokens_per_rank: int, redundant: bool) -> list[dict]:
             run["routings"][name] = {"profiles": [objective_row(store, p, tokens_per_rank, compare, redundant)
                                                   for p, prof in PROFILES.items()
                                                   if store.n_experts % (prof.nodes * prof.ranks_per_node) == 0]}
-            if name == "routing":
-                run["routings"][name]["bytes"] = [bytes_row(store, *x) for x in BYTES_LAYOUTS]
+            run["routings"][name]["bytes"] = [bytes_row(store, *x) for x in BYTES_LAYOUTS]
         runs.append(run)
     if not runs:
-        raise SystemExit(f"error: no seed*/routing under {demos}; make them with benchmarks/demo_routings.py")
+        raise SystemExit(f"error: no seed*/routing-layers-all under {demos}; make them with benchmarks/demo_routings.py")
     return runs
 
 
@@ -326,12 +325,12 @@ def runs_note(n: int, of: int) -> str:
 def print_spread(runs: list[dict], label: str) -> None:
     """The tables of docs/steptime.md: per profile, mean [min, max] over the runs."""
     print(f"\n{label}: mean [min, max] over {len(runs)} run(s); DeepEP, not overlapped, batch scope\n")
-    for routing in ("routing", "routing-layers-all"):
+    for routing in ("routing-layers-all", "routing"):
         per = [r["routings"][routing] for r in runs if routing in r["routings"]]
         if not per:
             continue
         learned = [w for w in LEARNED if any(w in p["profiles"][0] for p in per)]
-        print(f"`{routing}`" + (" (per-layer heads)" if routing != "routing" else "") + "\n")
+        print(f"`{routing}`" + (" (per-layer heads)" if routing != "routing" else " (one shared head)") + "\n")
         head = ["profile", "DeepEP copies, bytes plan / random", "bytes objective vs random",
                 "step-time objective vs random", "chosen"]
         head += [f"{w} (default placement) vs random" for w in learned]
@@ -357,9 +356,12 @@ def print_spread(runs: list[dict], label: str) -> None:
             cells.append(PAPER.get(first["nodes"], ""))
             print("| " + " | ".join(cells) + " |")
         print()
-    byte_runs = [r["routings"]["routing"]["bytes"] for r in runs if "bytes" in r["routings"].get("routing", {})]
+        print_bytes(routing, [r["routings"][routing]["bytes"] for r in runs if "bytes" in r["routings"].get(routing, {})])
+
+
+def print_bytes(routing: str, byte_runs: list[list[dict]]) -> None:
     if byte_runs:
-        print("`grouter place --ranks R` (bytes objective), plan / random over the whole split\n")
+        print(f"`grouter place --ranks R` (bytes objective) on `{routing}`, plan / random over the whole split\n")
         print("| ranks | plan | global batch | DeepEP | Megatron | node |\n|---:|---|---:|---:|---:|---:|")
         for i, first in enumerate(byte_runs[0]):
             rows = [b[i] for b in byte_runs]

@@ -17,17 +17,17 @@ that every pushed routing was used.
 CPU (gloo; megatron-core's hard-coded CUDA calls are replaced by the stand-ins of
 ``grouter.integrations.megatron.cpu``):
 
-    python examples/megatron_train.py --data demo/data --routing demo/routing --steps 5
-    grouter place --routing demo/routing --ranks 2 --out demo/plan2
-    torchrun --nproc_per_node 2 examples/megatron_train.py --data demo/data --routing demo/routing \\
+    python examples/megatron_train.py --data demo/data --routing demo/routing-layers-all --steps 5
+    grouter place --routing demo/routing-layers-all --ranks 2 --out demo/plan2
+    torchrun --nproc_per_node 2 examples/megatron_train.py --data demo/data --routing demo/routing-layers-all \\
         --plan demo/plan2 --ep 2 --steps 5
 
 GPUs (NCCL, Transformer Engine layers, bf16; one process per GPU). One node of 8 GPUs, expert parallel
 over all of them (EP 8 = DP 8), a plan for 8 ranks with 16 sequences per rank per global batch
 (micro batch 4: 4 micro-batches per step):
 
-    grouter place --routing demo/routing --ranks 8 --global-batch 128 --out demo/plan8
-    torchrun --nproc_per_node 8 examples/megatron_train.py --data demo/data --routing demo/routing \
+    grouter place --routing demo/routing-layers-all --ranks 8 --global-batch 128 --out demo/plan8
+    torchrun --nproc_per_node 8 examples/megatron_train.py --data demo/data --routing demo/routing-layers-all \
         --plan demo/plan8 --ep 8 --device cuda --transformer-engine --bf16 --micro-batch-size 4 --steps 100
 
     Two nodes of 8: `grouter place --ranks 16 --ranks-per-node 8 --global-batch 256 ...` and

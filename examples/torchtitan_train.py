@@ -23,7 +23,7 @@ With torchtitan's Trainer (``torchtitan.train``; CUDA, and a torch that has
 from them (``grouter_qwen3_moe_small``: the store's experts and k, the dataset's vocabulary and
 sequence length; the dataset's own tokenizer as ``hf_assets_path``)::
 
-    GROUTER_DATA=demo/data GROUTER_ROUTING=demo/routing GROUTER_PLAN=demo/plan \
+    GROUTER_DATA=demo/data GROUTER_ROUTING=demo/routing-layers-all GROUTER_PLAN=demo/plan-layers-all \
     torchrun --nproc_per_node 4 -m torchtitan.train \
         --module examples.torchtitan_train --config grouter_qwen3_moe_small \
         --parallelism.data_parallel_shard_degree 4 --parallelism.expert_parallel_degree 4

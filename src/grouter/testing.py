@@ -246,26 +246,27 @@ def megatron_release(version: str) -> Path:
 
 # -- demo-shaped artifacts and documented commands, for the integration tests and benchmarks/gpu_check.sh --
 def demo_like(root: str | Path, ranks: int = 4, seq_len: int = 32) -> Path:
-    """``root/data``, ``root/routing`` and ``root/plan`` shaped like ``grouter demo``'s (a store of 16
-    experts, top-4; a plan for ``ranks`` ranks), small: the stdlib text, vocabulary 512, synthetic
-    clustered routing."""
+    """``root/data``, ``root/routing-layers-all`` and ``root/plan-layers-all`` shaped like ``grouter demo``'s
+    (a store of 16 experts, top-4, a head per layer of a 4-layer source; a plan for ``ranks`` ranks),
+    small: the stdlib text, vocabulary 512, synthetic clustered routing."""
     from .data import PackConfig, pack_documents, train_tokenizer
 
     root = Path(root)
     docs = stdlib_documents()
     pack_documents(docs, train_tokenizer((d.text for d in docs), vocab_size=512), root / "data",
                    PackConfig(seq_len=seq_len, val_fraction=0.1, seed=0))
-    store_and_plan(PackedDataset.open(root / "data"), root / "routing", root / "plan", 16, 4, ranks)
+    store_and_plan(PackedDataset.open(root / "data"), root / "routing-layers-all", root / "plan-layers-all", 16, 4, ranks,
+                   heads=Heads((0, 1, 2, 3), 4))
     return root
 
 
 def store_and_plan(data: PackedDataset, store_dir: Path, plan_dir: Path, n_experts: int, k: int, ranks: int,
-                   global_batch: int | None = None):
-    """A clustered synthetic store for ``data`` (4 clusters, little noise) and a placement plan of it for
-    ``ranks`` ranks; returns the opened store."""
+                   global_batch: int | None = None, heads: Heads | None = None):
+    """A clustered synthetic store for ``data`` (4 clusters, little noise; ``heads``: per-layer) and a placement
+    plan of it for ``ranks`` ranks; returns the opened store."""
     from .place import Options, plan_placement
 
-    synthetic_store(data, store_dir, n_experts, k, 4, seed=0, noise=0.1, decay=0.7)
+    synthetic_store(data, store_dir, n_experts, k, 4, seed=0, noise=0.1, decay=0.7, heads=heads)
     store = RoutingStore.open(store_dir, data=data)
     Path(plan_dir).mkdir()
     plan_placement(store, Options(ranks=ranks, global_batch=global_batch, clusters=16, seed=0)).save(plan_dir)
