@@ -219,6 +219,9 @@ def test_cli_study_refuses_bad_input(capsys, tmp_path):
     assert_nothing_written(out)
     code, _, err = run(capsys, "reproduce", "--study", "heads", "--scale", "gpu", "--out", str(out))
     assert_one_line_error(code, err, "the study has scales smoke, cpu, not 'gpu'")
+    code, _, err = run(capsys, "reproduce", "--study", "heads", "--shared-head", "--out", str(out))
+    assert_one_line_error(code, err, "--shared-head is for grouter reproduce; the study's base cell has one shared head")
+    assert_nothing_written(out)
 
 
 @pytest.mark.slow
