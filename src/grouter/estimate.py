@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from .errors import GrouterError
 from .formats.store import bytes_per_token as store_bytes_per_token
 from .formats.targets import file_layout
@@ -32,7 +31,8 @@ from .options import COUNT, POSITIVE, option, path_input
 from .runner import Output, Stage
 
 # `benchmarks/place_scale.py` (128 experts top-8, 64 ranks, one routing head; docs/steptime.md#planner-scale):
-# (sequences, tokens per sequence, CPU seconds, peak GiB) of `grouter place` by objective, the larger of two runs.
+# (sequences, tokens per sequence, CPU seconds, peak GiB) of `grouter place` by objective (at 1M sequences the
+# slower of two runs, at 62,500 one run), measured on the 2-core machine with one study process on the other core.
 PLANNER_RUNS = {"bytes": [(1_000_000, 32, 43.6, 2.33), (62_500, 512, 30.3, 1.19)],
                 "steptime": [(1_000_000, 32, 71.2, 2.82), (62_500, 512, 29.4, 1.18)]}
 PLANNER_K, PLANNER_RANKS = 8, 64
