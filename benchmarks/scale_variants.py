@@ -1,9 +1,9 @@
 """Compact targets and head groups on the demo: quality, speedup and bytes per token of each.
 
-Around the demo with a head per layer (``grouter demo --per-layer-heads``), each variant changes
+Around the demo (a head per layer, ``grouter demo``'s default), each variant changes
 one thing and runs the rest of the demo's pipeline (distill, fold, tune, dispatch, a target run):
 
-  full   every score of every layer, a head per layer (the demo's own --per-layer-heads Grouter)
+  full   every score of every layer, a head per layer (the demo's own Grouter)
   m2k, m4k, m8k   compact targets, ``grouter capture --top-m M`` with M = 2k, 4k, 8k (those below
          the source's experts; docs/method.md#compact-targets)
   g1, g2 ``grouter distill --head-groups G``: one head for all layers, two heads (G = L is ``full``)
@@ -18,7 +18,7 @@ and is reused or resumed when rerun, so the same command continues where it stop
 the demo already ran (data, source, every-layer targets, the full variant, seed 0's baselines) are
 reused. Seeds beyond 0 train the variants and the baselines again with that seed (``-sSEED``).
 
-    grouter demo --per-layer-heads --out demo                    # optional: shares its stages
+    grouter demo --out demo                                      # optional: shares its stages
     python benchmarks/scale_variants.py --out demo --seeds 0 1 2 --json scale_variants.json
     python benchmarks/scale_variants.py --out /tmp/s --smoke     # every stage at toy sizes, minutes
 """
