@@ -17,13 +17,15 @@ label the calls they make: ``dispatch`` (hidden states out), ``dispatch_probs`` 
 that travel with them), ``combine`` (expert outputs back); calls outside both are autograd's
 ``backward``. Predicted: ``grouter.place.remote_volume(ids, rank_of_expert, rank)["megatron"]`` (the
 plan report's ``megatron`` cost model: one copy per (token, expert) pair whose expert is on another
-rank) for the rank's sequences, times MoE layers x hidden size x element size. The script stops with an
-error unless measured ``dispatch`` bytes equal the prediction for every rank and step.
+rank) for the rank's sequences, summed over the MoE layers (with per-layer heads each layer counts its own
+head's routing, the head Megatron's router of that layer serves), times hidden size x element size. The
+script stops with an error unless measured ``dispatch`` bytes equal the prediction for every rank and step.
 
     OMP_NUM_THREADS=1 python benchmarks/megatron_bytes.py --demo DEMO_DIR --markdown table.md
     OMP_NUM_THREADS=1 python benchmarks/megatron_bytes.py --data D --routing S --plan 4=P4 --ranks 4
 
-``--demo DIR``: a ``grouter demo`` output directory (``DIR/data``, ``DIR/routing``); plans are made
+``--demo DIR``: a ``grouter demo`` output directory (``DIR/data`` and ``DIR/routing-layers-all``, its
+default Grouter's store, or ``DIR/routing`` from ``grouter demo --shared-head``); plans are made
 here unless given (``--plan R=DIR``). Without inputs: a synthetic clustered store on a small
 standard-library dataset (benchmarks/ep_bytes.py). On a CPU machine, megatron-core's hard-coded CUDA
 calls are replaced by ``grouter.integrations.megatron.cpu.cpu_stubs``; with CUDA, NCCL
@@ -47,8 +49,10 @@ from grouter.integrations.megatron.measure import measure_rank, spawn_nccl
 
 def inputs(args, work: Path) -> tuple[Path, Path]:
     """The dataset and routing store to measure: --demo, --data/--routing, or a synthetic clustered store."""
-    if args.demo:
-        return Path(args.demo) / "data", Path(args.demo) / "routing"
+    if args.demo:  # the demo's routing: a head per layer by default, one shared head with --shared-head
+        demo = Path(args.demo)
+        return demo / "data", next(demo / name for name in ("routing-layers-all", "routing")
+                                   if (demo / name / "manifest.json").is_file())
     if args.routing:
         return Path(args.data), Path(args.routing)
     from grouter.testing import synthetic_store

@@ -290,6 +290,45 @@ def test_alltoall_dispatcher_bytes_equal_the_megatron_cost_model(ep2):
     assert total["plan"] < 0.8 * total["random"], total
 
 
+def _bytes_rank(rank: int, world: int, data_path: str, store_path: str, plan: Plan, out: str) -> None:
+    """One gloo rank: grouter.integrations.megatron.measure's bytes, plan and random placement."""
+    from grouter.formats.dataset import PackedDataset
+    from grouter.integrations.megatron import measure
+
+    cpu_stubs(setattr)
+    init_megatron(expert_model_parallel_size=world)
+    data = PackedDataset.open(data_path)
+    store = RoutingStore.open(store_path, data=data, verify=False)
+    job = dict(world=world, steps=2, layers=2, hidden=HIDDEN, cuda=False)
+    records = [r for p in ("plan", "random") for r in measure.run_placement(rank, job, p, data, store, plan)]
+    Path(out, f"rank{rank}.json").write_text(json.dumps(records))
+    parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.slow
+def test_per_layer_alltoall_bytes_equal_each_layers_own_count(tiny_data, tmp_path):
+    """A per-layer store (heads of source layers 0 and 1, each its own routing): the bytes Megatron's
+    dispatcher sends equal the sum over the 2 layers of remote_volume of each layer's own head, per rank and
+    step (benchmarks/megatron_bytes.py refuses any run where they differ)."""
+    from grouter.ep import rank_batches
+    from grouter.place import remote_volume
+    from grouter.routers import Heads
+
+    synthetic_store(tiny_data, tmp_path / "heads", E, K, clusters=4, seed=0, noise=0.1, decay=0.7, heads=Heads((0, 1), 2))
+    store = RoutingStore.open(tmp_path / "heads", data=tiny_data)
+    plan = plan_placement(store, PlaceOptions(ranks=2, global_batch=8, clusters=16, seed=0))
+    spawn(2, _bytes_rank, (str(tiny_data.path), str(store.path), plan, str(tmp_path)))
+    records = [rec for r in range(2) for rec in json.loads((tmp_path / f"rank{r}.json").read_text())]
+    assert len(records) == 8 and all(rec["measured"]["dispatch"] == rec["predicted_dispatch"] > 0 for rec in records)
+    ids = store.ids("train")
+    batches = rank_batches(plan, "plan", 2)
+    for rec in (r for r in records if r["placement"] == "plan"):
+        idx = np.sort(batches[rec["step"]][rec["rank"]])
+        per_head = [remote_volume(ids[idx][:, :, h], plan.rank_of_expert, np.full(len(idx), rec["rank"]))["megatron"]
+                    for h in range(2)]
+        assert rec["predicted_dispatch"] == sum(per_head) * HIDDEN * 4 and per_head[0] != per_head[1]
+
+
 # -- refusals ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,match", [
     (dict(num_moe_experts=16), "num_moe_experts is 16 but the routing has 8 experts; set num_moe_experts=8"),

@@ -110,7 +110,8 @@ def run_placement(rank: int, job: dict, placement: str, data, store, plan) -> li
     batches = rank_batches(plan, placement, job["world"])
     rank_of_expert = plan.rank_of_expert if placement == "plan" else np.arange(store.n_experts) // (
         store.n_experts // job["world"])
-    row_bytes = config.hidden_size * torch.tensor([], dtype=config.params_dtype).element_size() * config.num_layers
+    layer_bytes = config.hidden_size * torch.tensor([], dtype=config.params_dtype).element_size()
+    heads = store.heads.for_target(config.num_layers) if store.heads else (None,) * config.num_layers
     records = []
     for step in range(job["steps"]):
         idx = np.sort(batches[step % len(batches)][rank])
@@ -119,10 +120,12 @@ def run_placement(rank: int, job: dict, placement: str, data, store, plan) -> li
         with meter:
             loss = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
             loss.float().mean().backward()
-        copies = remote_volume(store.ids("train")[idx], rank_of_expert, np.full(len(idx), rank))["megatron"]
+        ids = store.ids("train")[idx]  # each layer dispatches by its own head's routing (per-layer heads)
+        copies = sum(remote_volume(ids if h is None else ids[:, :, h], rank_of_expert, np.full(len(idx), rank))[
+            "megatron"] for h in heads)
         records.append({"rank": rank, "step": step, "placement": placement, "sequences": len(idx),
-                        "measured": meter.take(), "predicted_dispatch": copies * row_bytes,
-                        "row_bytes": row_bytes})
+                        "measured": meter.take(), "predicted_dispatch": copies * layer_bytes,
+                        "row_bytes": layer_bytes * config.num_layers})
     feed.check_drained()
     return records
 
