@@ -30,9 +30,16 @@ run_tests() {
     return "$rc"
 }
 
-# Core: routing computed on the GPU equals the CPU's (Hugging Face router prefix).
+# Core: routing computed on the GPU equals the CPU's (Hugging Face router prefix); with 2+ GPUs, a
+# source split over a process's GPUs (capture --device-map auto) gives the one-device scores.
 core_checks() {
-    run_tests 120 tests/test_hf_source.py::test_cuda_matches_cpu
+    local tests=(tests/test_hf_source.py::test_cuda_matches_cpu)
+    if [ "$GPUS" -ge 2 ]; then
+        tests+=(tests/test_hf_source.py::test_device_map_splits_a_source_over_two_gpus)
+    else
+        echo "gpu_check: 1 GPU: test_device_map_splits_a_source_over_two_gpus not run (needs 2)"
+    fi
+    run_tests 120 "${tests[@]}"
 }
 
 # Megatron: TE layer spec with the Grouter router; examples/megatron_train.py with TE layers, bf16 and

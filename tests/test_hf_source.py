@@ -300,6 +300,23 @@ def test_device_map_gives_the_scores_of_one_device(qwen2, monkeypatch):
     torch.testing.assert_close(mapped.router_logits(ids), ref, atol=0, rtol=0)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (benchmarks/gpu_check.sh): a source split "
+                    "over a process's GPUs")
+def test_device_map_splits_a_source_over_two_gpus(qwen2, monkeypatch):
+    """``--device-map auto`` on 2 GPUs that each have room for about half the prefix: accelerate puts whole
+    decoder layers on both, the hidden states move between them, and every captured layer's scores are
+    the one-device scores."""
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    ref = HFRouterPrefix(qwen2, layers=[1, 2], device="cuda:0").router_logits(ids).cpu()
+    size = sum(p.numel() * p.element_size() for p in HFRouterPrefix(qwen2, layers=[1, 2])._base.parameters())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (int(size * 0.75), int(size * 0.75)))
+    mapped = HFRouterPrefix(qwen2, layers=[1, 2], device_map="auto")
+    placed = {str(d) for d in mapped._base.hf_device_map.values()}
+    assert {"0", "1"} <= placed, mapped._base.hf_device_map
+    torch.testing.assert_close(mapped.router_logits(ids).cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_process_gpus_share_a_node_between_its_processes(monkeypatch):
     from grouter.hf_source import process_gpus
 
