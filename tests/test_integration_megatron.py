@@ -240,9 +240,11 @@ def _served_under_plan(rank: int, world: int, data, store, plan: Plan) -> list[b
     return same
 
 
-def _expert_parallel_rank(rank: int, world: int, data_path: str, store_path: str, plan: Plan, out: str) -> None:
-    """One gloo rank of Megatron expert parallelism (EP = DP = world): served routing, and the all-to-all
-    bytes of grouter.integrations.megatron.measure (plan and random placement) with their prediction."""
+def _expert_parallel_rank(rank: int, world: int, data_path: str, store_path: str, plan: Plan, out: str,
+                          served: bool = True) -> None:
+    """One gloo rank of Megatron expert parallelism (EP = DP = world): the all-to-all bytes of
+    grouter.integrations.megatron.measure (plan and random placement) with their prediction, and (``served``)
+    whether each micro-batch was served the plan's routing."""
     from grouter.integrations.megatron import measure
     from grouter.formats.dataset import PackedDataset
 
@@ -252,7 +254,7 @@ def _expert_parallel_rank(rank: int, world: int, data_path: str, store_path: str
     store = RoutingStore.open(store_path, data=data, verify=False)
     job = dict(world=world, steps=2, layers=2, hidden=HIDDEN, cuda=False)
     records = [r for p in ("plan", "random") for r in measure.run_placement(rank, job, p, data, store, plan)]
-    result = {"served_equal": _served_under_plan(rank, world, data, store, plan), "bytes": records}
+    result = {"served_equal": _served_under_plan(rank, world, data, store, plan) if served else None, "bytes": records}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     parallel_state.destroy_model_parallel()
 
@@ -290,21 +292,6 @@ def test_alltoall_dispatcher_bytes_equal_the_megatron_cost_model(ep2):
     assert total["plan"] < 0.8 * total["random"], total
 
 
-def _bytes_rank(rank: int, world: int, data_path: str, store_path: str, plan: Plan, out: str) -> None:
-    """One gloo rank: grouter.integrations.megatron.measure's bytes, plan and random placement."""
-    from grouter.formats.dataset import PackedDataset
-    from grouter.integrations.megatron import measure
-
-    cpu_stubs(setattr)
-    init_megatron(expert_model_parallel_size=world)
-    data = PackedDataset.open(data_path)
-    store = RoutingStore.open(store_path, data=data, verify=False)
-    job = dict(world=world, steps=2, layers=2, hidden=HIDDEN, cuda=False)
-    records = [r for p in ("plan", "random") for r in measure.run_placement(rank, job, p, data, store, plan)]
-    Path(out, f"rank{rank}.json").write_text(json.dumps(records))
-    parallel_state.destroy_model_parallel()
-
-
 @pytest.mark.slow
 def test_per_layer_alltoall_bytes_equal_each_layers_own_count(tiny_data, tmp_path):
     """A per-layer store (heads of source layers 0 and 1, each its own routing): the bytes Megatron's
@@ -317,8 +304,8 @@ def test_per_layer_alltoall_bytes_equal_each_layers_own_count(tiny_data, tmp_pat
     synthetic_store(tiny_data, tmp_path / "heads", E, K, clusters=4, seed=0, noise=0.1, decay=0.7, heads=Heads((0, 1), 2))
     store = RoutingStore.open(tmp_path / "heads", data=tiny_data)
     plan = plan_placement(store, PlaceOptions(ranks=2, global_batch=8, clusters=16, seed=0))
-    spawn(2, _bytes_rank, (str(tiny_data.path), str(store.path), plan, str(tmp_path)))
-    records = [rec for r in range(2) for rec in json.loads((tmp_path / f"rank{r}.json").read_text())]
+    spawn(2, _expert_parallel_rank, (str(tiny_data.path), str(store.path), plan, str(tmp_path), False))
+    records = [rec for r in range(2) for rec in json.loads((tmp_path / f"rank{r}.json").read_text())["bytes"]]
     assert len(records) == 8 and all(rec["measured"]["dispatch"] == rec["predicted_dispatch"] > 0 for rec in records)
     ids = store.ids("train")
     batches = rank_batches(plan, "plan", 2)
