@@ -116,6 +116,12 @@ def test_the_stage_buys_step_time_where_the_bytes_plan_loses_it():
     c = {x["name"]: x for x in plan.report["objective"]["candidates"]}
     assert c["steptime"]["speedup_over_random"] > c["bytes"]["speedup_over_random"] + 0.01
     assert c["steptime"]["deepep_copies"] > c["bytes"]["deepep_copies"]
+    # the stage keeps each batch's traffic from the round whose placement it keeps: equal to a recount
+    assert plan.report["objective"]["chosen"] == "steptime"
+    kept = plan.step_traffic["plan_layers"].layers[0]
+    recount = step_traffic(traffic(ids, plan.rank_of_expert, 16, 8), plan.samples, 32)
+    for field in ("tokens", "slots", "node_tokens", "seq_tokens"):
+        np.testing.assert_array_equal(getattr(kept, field), getattr(recount, field), err_msg=field)
     megatron = plan_placement(Store(ids, 16), Options(ranks=16, global_batch=256, hardware="h800x16",
                                                       dispatcher="megatron"))
     assert megatron.report["objective"]["dispatcher"] == "megatron"
