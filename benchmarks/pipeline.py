@@ -11,7 +11,8 @@
     python benchmarks/pipeline.py --out /tmp/grouter-bench [--json results.json]
 
 Needs a prepared demo directory (``grouter demo --out DIR``) for the data, source and Grouter;
-pass it with ``--demo DIR``.
+pass it with ``--demo DIR``. Its Grouter with a head per layer (the default) is timed where it is
+there, else the shared head's (``grouter demo --shared-head``).
 """
 
 from __future__ import annotations
@@ -58,11 +59,17 @@ TARGETS = {"demo": dict(d_model=128, n_layers=4, n_heads=4, d_expert=64),
            "base": dict(d_model=256, n_layers=6, n_heads=8, d_expert=256)}
 
 
+def demo_kind(demo: Path) -> str:
+    """The name suffix of the demo's Grouter: ``-layers-all`` (a head per layer, the default) where made."""
+    return "-layers-all" if (demo / "routing-layers-all" / "manifest.json").is_file() else ""
+
+
 def training_throughput(demo: Path, rounds: int, batch_size: int, target: dict) -> dict:
     data = PackedDataset.open(demo / "data")
     split = data.split("train")
-    stored, _, n_experts, k = external_routing(data, routing_dir=demo / "routing")
-    online, _, _, _ = external_routing(data, grouter_dir=demo / "grouter", device="cpu")
+    kind = demo_kind(demo)
+    stored, _, n_experts, k = external_routing(data, routing_dir=demo / f"routing{kind}")
+    online, _, _, _ = external_routing(data, grouter_dir=demo / f"grouter{kind}", device="cpu")
     base = dict(vocab_size=data.vocab_size, max_seq_len=data.seq_len, n_experts=n_experts, top_k=k, **target)
     cfg = TrainConfig(batch_size=batch_size)
     variants = {
@@ -103,7 +110,7 @@ def stage_throughput(demo: Path, out: Path) -> dict:
     capture(out / "targets", source=demo / "source", data=data, progress=False)
     capture_s = time.perf_counter() - t
     targets = Targets.open(out / "targets", data)
-    g = Grouter.from_pretrained(demo / "grouter-distilled").cfg
+    g = Grouter.from_pretrained(demo / f"grouter-distilled{demo_kind(demo)}").cfg
     steps, batch = 50, 16
     t = time.perf_counter()
     distill(out / "distill", targets=targets, architecture=dict(d_model=g.d_model, n_layers=g.n_layers,
@@ -111,7 +118,7 @@ def stage_throughput(demo: Path, out: Path) -> dict:
             schedule=dict(steps=steps, batch_size=batch, eval_every=10_000, checkpoint_every=10_000), progress=False)
     distill_s = time.perf_counter() - t
     t = time.perf_counter()
-    summary = dispatch(out / "routing", grouter=demo / "grouter", data=data, progress=False)
+    summary = dispatch(out / "routing", grouter=demo / f"grouter{demo_kind(demo)}", data=data, progress=False)
     dispatch_s = time.perf_counter() - t
     return {"capture_tokens_per_second": tokens / capture_s,
             "distill_tokens_per_second": steps * batch * data.seq_len / distill_s,

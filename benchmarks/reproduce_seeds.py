@@ -27,7 +27,8 @@ def main() -> None:
     cfg = PipelineConfig.from_dict({**done["config"], "baselines": (), "fold_ablation": ()})
     data = PackedDataset.open(cfg.data or args.reproduce / "data")
     names = args.runs.split(",")
-    stores = {"grouter": args.reproduce / "routing", "grouter-raw": args.reproduce / "routing-folded"}
+    kind = "-layers-all" if done["config"].get("per_layer_heads") else ""  # reproduce's heads: per layer, or shared
+    stores = {"grouter": args.reproduce / f"routing{kind}", "grouter-raw": args.reproduce / f"routing-folded{kind}"}
     table = {name: {0: json.loads((args.reproduce / "runs" / name / "run.json").read_text())["summary"]}
              for name in names}
     for seed in map(int, args.seeds.split(",")):
