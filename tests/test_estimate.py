@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from grouter.capture import capture
-from grouter.estimate import (PRESETS, Options, check_artifacts, data_bytes_per_token, estimate, grouter_params,
-                              targets_bytes_per_token)
+from grouter.estimate import PRESETS, Options, check_artifacts, data_bytes_per_token, estimate, grouter_params
+from grouter.formats.targets import bytes_per_token as targets_bytes_per_token
 from grouter.routers import Heads
 from grouter.model import MoEConfig, MoELM
 from grouter.testing import assert_one_line_error, last_json, run_cli, synthetic_store

@@ -1,7 +1,7 @@
 """``grouter estimate``: what each stage costs at a given scale, before any of it runs (docs/scale.md).
 
 - **Bytes are exact**: the token data, targets and routing store are laid out by the formats' own
-  functions (:func:`grouter.formats.targets.file_layout`, :func:`grouter.formats.store.bytes_per_token`),
+  functions (:func:`grouter.formats.targets.bytes_per_token`, :func:`grouter.formats.store.bytes_per_token`),
   so the estimate is what ``capture`` and ``dispatch`` will write, manifests aside. ``--artifacts DIR``
   checks this against a pipeline directory (``grouter demo``'s ``--out``): each data, targets and
   routing directory's payload files, estimated from its own sizes, against their size on disk.
@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import GrouterError
 from .formats.store import bytes_per_token as store_bytes_per_token
-from .formats.targets import file_layout
+from .formats.targets import bytes_per_token as targets_bytes_per_token
 from .options import COUNT, POSITIVE, option, path_input
 from .runner import Output, Stage
 
@@ -78,10 +78,6 @@ def data_bytes_per_token(vocab_size: int, seq_len: int) -> float:
     """A packed dataset's bytes per token: the id (``uint16`` when the vocabulary fits, else ``uint32``) and
     its share of the sequence index (int64 start and domain per sequence)."""
     return (2 if vocab_size <= 2**16 else 4) + 16 / seq_len
-
-
-def targets_bytes_per_token(layers: int, experts: int, top_m: int = 0) -> int:
-    return sum(dtype.itemsize * math.prod(shape) for dtype, shape in file_layout(layers, experts, top_m).values())
 
 
 def grouter_params(s: Setting, heads: int) -> tuple[int, int]:

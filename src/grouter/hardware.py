@@ -330,17 +330,15 @@ def _as_layers(t: StepTraffic | LayerTraffic) -> LayerTraffic:
 
 def rank_times(st: StepTraffic, profile: HardwareProfile, dispatcher: str) -> dict[str, np.ndarray]:
     """``[B, R]`` seconds of one MoE layer on each rank: ``compute`` (its experts) and ``comm`` (its four
-    all-to-all phases), and each link's copies (:data:`LINKS`)."""
+    all-to-all phases)."""
     p = profile
     R = st.ranks
     G = min(p.ranks_per_node, R)
-    loads = link_loads(st, G, dispatcher)
-    per_copy = np.maximum(np.maximum(loads["nvlink_sent"], loads["nvlink_received"]) / p.nvlink_bandwidth,
-                          np.maximum(loads["rdma_sent"], loads["rdma_received"]) / p.rdma_bandwidth)
+    nvl, rdma = link_copies(st, G, dispatcher)
     latency = p.nvlink_latency if R <= G else p.rdma_latency
-    comm = PHASES_PER_LAYER * latency + copy_bytes(p) * per_copy
+    comm = PHASES_PER_LAYER * latency + copy_bytes(p) * np.maximum(nvl / p.nvlink_bandwidth, rdma / p.rdma_bandwidth)
     compute = st.compute_slots() * FLOPS_PER_SLOT_FORWARD * p.hidden * p.ffn * FORWARD_AND_BACKWARD / p.flops
-    return {"compute": compute, "comm": comm, **loads}
+    return {"compute": compute, "comm": comm}
 
 
 def copy_bytes(p: HardwareProfile) -> float:
@@ -367,11 +365,6 @@ def step_times(traffic: StepTraffic | LayerTraffic, profile: HardwareProfile, di
     out["step"] += dense
     out["step_overlapped"] += dense
     return {**out, "dense": dense}
-
-
-def mean_step(traffic: StepTraffic | LayerTraffic, profile: HardwareProfile, dispatcher: str) -> float:
-    """The predicted mean step time (seconds, not overlapped) over the batches."""
-    return float(step_times(traffic, profile, dispatcher)["step"].mean())
 
 
 def predict(plan: StepTraffic | LayerTraffic, random: StepTraffic | LayerTraffic, profile: HardwareProfile,

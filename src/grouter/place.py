@@ -857,8 +857,8 @@ def plan_placement(store, o: Options, compare=None) -> Plan:
     timing = None
     if profile is not None:  # 6. the step-time objective: the candidate of least predicted step time
         timing = _StepTime(ids, s, o, profile)
-        rank_of_expert, tr, samples = timing.choose(rank_of_expert, tr, samples, base, base_samples)
-        rank = Placement.of(samples).seq_rank(s.n)
+        rank_of_expert, tr, chosen = timing.choose(rank_of_expert, tr, samples, base, base_samples)
+        samples, rank = chosen.samples(), chosen.seq_rank(s.n)
         timer.tick("step_time")
     placed = _members(batches)
     report = {**_report_header(s, len(batches), placed, dropped),
@@ -1309,7 +1309,7 @@ class _StepTime:
         return _Candidate(name, rank_of_expert, union, layers, pl, lt, self.times(lt))
 
     def choose(self, rank_of_expert: np.ndarray, tr: Traffic, samples, base: Traffic, base_samples):
-        """The chosen candidate's (rank of each expert, union traffic, ``samples[r][b]``)."""
+        """The chosen candidate's (rank of each expert, union traffic, placement)."""
         contiguous = np.arange(self.s.E) // (self.s.E // self.s.R)
         cands = []
         for name, experts, union, smp in (("bytes", rank_of_expert, tr, samples),
@@ -1320,7 +1320,7 @@ class _StepTime:
         self.candidates, self.random = cands, cands[-1]
         self.chosen = cands[0] if self.objective == "bytes" else min(cands, key=lambda c: c.step.mean())
         c = self.chosen
-        return c.rank_of_expert, c.tr, c.placement.samples()
+        return c.rank_of_expert, c.tr, c.placement
 
     def stage(self, start: _Candidate, name: str) -> _Candidate:
         """Re-place every batch's members (equal shares per rank) under copy prices from the ranks'

@@ -69,6 +69,11 @@ def file_layout(n_layers: int, n_experts: int, top_m: int = 0) -> dict[str, tupl
             "rest": (np.dtype(np.float32), lead)}
 
 
+def bytes_per_token(n_layers: int, n_experts: int, top_m: int = 0) -> int:
+    """Bytes of targets per token, every captured layer (what :func:`file_layout`'s files hold)."""
+    return sum(dtype.itemsize * math.prod(shape) for dtype, shape in file_layout(n_layers, n_experts, top_m).values())
+
+
 def check_top_m(top_m: int, n_experts: int, top_k: int) -> None:
     if top_m and not top_k <= top_m < n_experts:
         raise GrouterError(f"--top-m {top_m} must keep at least the source's top-k ({top_k}) and fewer than its "
@@ -99,7 +104,7 @@ class TargetsWriter:
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(dtype.itemsize * math.prod(shape) for dtype, shape in self.layout.values())
+        return bytes_per_token(self.n_layers, self.n_experts, self.top_m)
 
     def _shape(self, kind: str) -> tuple[int, ...]:
         return (self.seq_len, *self.layout[kind][1])
@@ -228,7 +233,7 @@ class Targets:
     @property
     def bytes_per_token(self) -> int:
         """Bytes of scores per token, all captured layers."""
-        return sum(dtype.itemsize * math.prod(shape) for dtype, shape in self.layout.values())
+        return bytes_per_token(len(self.layers), self.n_experts, self.top_m)
 
     def array(self, split: str, kind: str = "logits") -> np.memmap:
         """A raw file of ``split`` (unverified: read it through :meth:`teacher` or after
