@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from grouter.cli import main
+from grouter.cli import COMMANDS, main
 from grouter.testing import SMALL_TRAIN, assert_one_line_error
 from grouter.testing import run_cli as run
 
 
-@pytest.mark.parametrize("argv", [[], ["data"], ["data", "prepare"], ["data", "tokenize"], ["source", "train"],
-                                  ["train"], ["demo"], ["data", "subset"], ["reproduce"]])
+@pytest.mark.parametrize("argv", [[], ["data"], ["source"]] + [c.stage.name.split() for c in COMMANDS],
+                         ids=lambda argv: " ".join(argv) or "grouter")
 def test_every_command_has_help(argv):
     with pytest.raises(SystemExit) as exit_:
         main(argv + ["--help"])

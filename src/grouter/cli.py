@@ -142,7 +142,7 @@ class _Flags:
     def inputs(self) -> None:
         for f in fields(self.stage.inputs):
             meta = f.metadata
-            kw = dict(type=Path, help=meta["help"], metavar=meta.get("metavar"), nargs="+" if meta["many"] else None)
+            kw = dict(type=Path, help=_literal(meta["help"]), metavar=meta.get("metavar"), nargs="+" if meta["many"] else None)
             if meta["positional"]:
                 self.parser.add_argument(f.name, **kw)
             else:
@@ -167,7 +167,7 @@ class _Flags:
         help_text = meta.get("help", "")
         if isinstance(default, bool):
             action = "store_false" if default else "store_true"
-            self.target(meta).add_argument(flag_of(f), dest=dest, action=action, help=help_text)
+            self.target(meta).add_argument(flag_of(f), dest=dest, action=action, help=_literal(help_text))
             return
         required = default is MISSING
         if not required and default is not None:
@@ -175,12 +175,17 @@ class _Flags:
         self.target(meta).add_argument(flag_of(f), dest=dest, required=required, default=None if required else default,
                                        type=_type(meta, _kind(annotation)), choices=meta.get("choices"),
                                        metavar=meta.get("metavar") or (None if meta.get("choices") else f.name.upper()),
-                                       help=help_text.strip() or None)
+                                       help=_literal(help_text.strip()) or None)
+
+
+def _literal(help_text: str) -> str:
+    """Help text as argparse prints it: it %-formats help strings, so a "55 % of" would crash --help."""
+    return help_text.replace("%", "%%")
 
 
 def _add(sub, name: str, command: Command) -> None:
     stage = command.stage
-    p = sub.add_parser(name, help=command.help, description=command.description)
+    p = sub.add_parser(name, help=_literal(command.help), description=command.description)
     _common(p)
     p.set_defaults(command=command)
     flags = _Flags(p, stage)
