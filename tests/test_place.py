@@ -269,6 +269,27 @@ def test_epoch_scope_and_max_sequences(clustered):
     assert all(np.array_equal(a, b) for ra, rb in zip(again.samples, plan.samples) for a, b in zip(ra, rb))
 
 
+@pytest.mark.parametrize("scope", ["batch", "epoch"])
+def test_the_refinement_sample_is_bounded_in_token_slots(clustered, monkeypatch, scope):
+    """Long sequences or many heads: the refinement samples fewer sequences (whole global batches, at
+    least one), so its memory stays bounded; the plan is still complete and balanced."""
+    import grouter.place as place_module
+
+    store_dir, ids = clustered
+    store = RoutingStore.open(store_dir, verify=False)
+    options = PlaceOptions(ranks=R, global_batch=GB, clusters=20, scope=scope)
+    assert plan_placement(store, options).report["refinement"]["sample"] == 2000  # 2000 sequences: all of them
+    for limit in (3 * GB, 1):
+        monkeypatch.setattr(place_module, "REFINE_SLOTS", limit * L * K + L * K - 1)
+        plan = plan_placement(store, options)
+        sample = plan.report["refinement"]["sample"]
+        if scope == "epoch":  # random sequences, a multiple of the ranks (at least R)
+            assert sample == max(limit // R, 1) * R
+        else:  # whole batches (64 sequences, the last 16), added while they fit: at least one
+            assert sample % R == 0 and (limit - GB < sample <= limit if limit > GB else 0 < sample <= GB)
+        check_plan(plan, len(ids), GB // R)
+
+
 def test_relabel_torch_and_numpy():
     perm = np.random.default_rng(3).permutation(E)
     ids = torch.randint(0, E, (3, 5, K), dtype=torch.int64)

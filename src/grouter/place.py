@@ -144,9 +144,10 @@ COST_MODELS = {
 DEFAULT_ENTROPY_FRACTION = 6.85 / 7
 # Above this many kept sequences k-means uses MiniBatchKMeans.
 MINIBATCH_ABOVE = 20_000
-# Ids per chunk when streaming the store (bounds the temporaries to a few tens of MB).
-# refine_grouping uses a random sample of at most this many sequences.
-REFINE_SAMPLE = 100_000
+# refine_grouping uses a random sample of at most this many sequences and token-slots (whole global
+# batches, at least one): its memory and its rounds' time then stay bounded however long the sequences
+# and however many heads the union holds (docs/scale.md#what-the-planner-needs).
+REFINE_SAMPLE, REFINE_SLOTS = 100_000, 1 << 28
 # balanced_assignment works on this many sequences at a time (whole groups).
 ASSIGN_CHUNK = 1 << 17
 # Compute balance: by default every rank's experts take at most this factor of the mean token-slots.
@@ -818,7 +819,7 @@ def plan_placement(store, o: Options, compare=None) -> Plan:
     takes ``global_batch / R`` from every rank's queue, dealt so that batches get like loads: batches
     are stratified by group rather than random). ``exact``: optimal per-batch assignment
     (``linear_sum_assignment``) instead of the vectorised greedy; batch scope only. ``refine``: rounds
-    of :func:`refine_grouping` on up to ``REFINE_SAMPLE`` sequences. ``load_tolerance``: every rank's
+    of :func:`refine_grouping` on a sample (:func:`refine_limit` sequences). ``load_tolerance``: every rank's
     (and node's) experts take at most ``1 + load_tolerance`` times the mean token-slots of the split
     (``load_cap`` False: no cap, the paper's grouping). ``hardware``: a built-in profile's name or a
     JSON file; it sets the ranks per node and adds the predicted step times (``report["step_time"]``).
@@ -1065,19 +1066,20 @@ class _Sample:
     @classmethod
     def draw(cls, ids: np.ndarray, s: _Setup, batches: list[np.ndarray]) -> "_Sample":
         """Whole global batches drawn at random (batch scope) or random sequences (epoch scope), at
-        most ``REFINE_SAMPLE`` sequences (at least one batch)."""
+        most :func:`refine_limit` sequences (at least one batch, or the ranks' count)."""
         rng = np.random.default_rng([s.seed, 1])
+        limit = refine_limit(s.L * s.k)
         if s.scope == "batch":
             chosen, total = [], 0
             for i in rng.permutation(len(batches)):
-                if chosen and total + len(batches[i]) > REFINE_SAMPLE:
+                if chosen and total + len(batches[i]) > limit:
                     break
                 chosen.append(i)
                 total += len(batches[i])
             seqs = np.concatenate([batches[i] for i in chosen])
             groups = np.repeat(np.arange(len(chosen)), [len(batches[i]) for i in chosen])
         else:
-            m = min(s.n, REFINE_SAMPLE) // s.R * s.R
+            m = max(min(s.n, limit) // s.R, 1) * s.R
             seqs, groups = rng.choice(s.n, m, replace=False), np.zeros(m, dtype=np.int64)
         o = np.argsort(seqs, kind="stable")
         return cls(seqs[o], groups[o], np.asarray(ids[seqs[o]]))
@@ -1086,6 +1088,12 @@ class _Sample:
         """(groups, capacity) of the sequences ``rows`` (default all): each partition's share of each group."""
         groups = self.groups if rows is None else self.groups[rows]
         return groups, np.bincount(groups, minlength=int(self.groups.max()) + 1) // partitions
+
+
+def refine_limit(slots_per_sequence: int) -> int:
+    """The most sequences the refinement samples: ``REFINE_SAMPLE``, fewer where they would hold more
+    than ``REFINE_SLOTS`` token-slots (long sequences, many heads)."""
+    return max(1, min(REFINE_SAMPLE, REFINE_SLOTS // max(slots_per_sequence, 1)))
 
 
 def _refine(ids: np.ndarray, part: np.ndarray, s: _Setup, refine: int, batches: list[np.ndarray],
