@@ -6,7 +6,9 @@ generator's memory does not count) with ``grouter.formats.store.StoreWriter``: a
 included), all-zero (sparse) gate weights, ``--seq-len`` tokens per sequence and top-``--k``. This
 process then runs ``grouter.place.place`` on it (opening and verifying the store, planning, writing
 plan.json and the reports) and prints wall time, peak RSS (``resource.getrusage``: ``ru_maxrss`` of
-this process), CPU time (``time.process_time``) and the planner's own timings and figures: the
+this process, which counts the store's memory-mapped pages the planner read), the peak of its
+anonymous memory (``RssAnon``, sampled: what the planner itself allocates; file pages the kernel
+may drop are not in it), CPU time (``time.process_time``) and the planner's own timings and figures: the
 DeepEP volume against the capacity-free bound and (``--lp-bound``) the balanced-LP bound, the
 compute load per rank (overall and per global batch) and the DeepEP copies each rank receives.
 Target: <= 120 s and <= 8 GiB (the balanced-LP bound, an exact assignment per global batch, is
@@ -33,6 +35,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,6 +62,33 @@ def write_store(out: Path, n: int, seq_len: int, n_experts: int, k: int, cluster
     del mm
     writer.finish(None, "synthetic", "synthetic")
     os.replace(tmp, out)
+
+
+class AnonPeak(threading.Thread):
+    """The peak of this process's anonymous memory (``RssAnon`` of /proc/self/status, GiB), sampled
+    every ``every`` seconds until :meth:`stop`: the memory the planner needs, without the store's file
+    pages that ``ru_maxrss`` also counts (clean pages of a read-only map, which the kernel reclaims)."""
+
+    def __init__(self, every: float = 0.01):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.done = every, 0.0, threading.Event()
+
+    @staticmethod
+    def now() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 2**20  # kB
+        return float("nan")
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.every)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return max(self.peak, self.now())
 
 
 def profile_file(name: str | None, work: Path) -> str | None:
@@ -126,6 +156,8 @@ def main() -> None:
 
     hardware = profile_file(args.hardware, work)
     out = work / "plan"
+    anon_before, anon = AnonPeak.now(), AnonPeak()
+    anon.start()
     t, cpu = time.perf_counter(), time.process_time()
     cap = dict(load_cap=False) if args.load_tolerance < 0 else dict(load_tolerance=args.load_tolerance)
     summary = place(out, routing=store, ranks=args.ranks, ranks_per_node=args.ranks_per_node, algorithm=args.algorithm,
@@ -133,6 +165,7 @@ def main() -> None:
                     scope=args.scope, lp_bound=args.lp_bound, hardware=hardware, objective=args.objective, **cap)
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    anon_gib = anon.stop()
     report = json.loads((out / "report.json").read_text())
     bound_s = report["timings_s"].get("balanced_bound", 0.0)
     result = {
@@ -144,6 +177,7 @@ def main() -> None:
         "scope": args.scope, "load_tolerance": args.load_tolerance,
         "place_wall_seconds": round(wall, 2), "place_cpu_seconds": round(cpu, 2),
         "place_wall_seconds_without_lp_bound": round(wall - bound_s, 2), "peak_rss_gib": round(peak_gib, 3),
+        "peak_anon_gib": round(anon_gib, 3), "anon_before_place_gib": round(anon_before, 3),
         "plan_json_mib": round((out / "plan.json").stat().st_size / 2**20, 1),
         "planner_timings_s": report["timings_s"], "planner_cpu_s": report["cpu_s"],
         "plan_over_random": summary["plan_over_random"], "bound_over_random": summary["bound_over_random"],
@@ -162,7 +196,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     print(f"place: {wall:.1f} s wall ({wall - bound_s:.1f} s without the balanced-LP bound), {cpu:.1f} s CPU, "
-          f"peak RSS {peak_gib:.2f} GiB ({'within' if result['within_budget'] else 'OVER'} the 120 s / 8 GiB budget; "
+          f"peak RSS {peak_gib:.2f} GiB, anonymous {anon_gib:.2f} GiB ({anon_before:.2f} before planning) ({'within' if result['within_budget'] else 'OVER'} the 120 s / 8 GiB budget; "
           f"{'within' if result['within_2x_of_bytes_objective_cpu'] else 'OVER'} 2x the bytes objective's "
           f"{BYTES_CPU_S} s CPU / {BYTES_PEAK_GIB} GiB)")
     if args.json:

@@ -9,10 +9,12 @@
   active parameters; the Grouter's, counted by building it on PyTorch's meta device), plus attention's
   ``2 x layers x seq_len x d_model``; training is 3 forwards. GPU-hours divide by ``--gpu-flops``, an
   assumed sustained rate (default: the hardware profiles' 55 % of an H100's BF16 peak).
-- **The planner** is CPU work in one process. Its seconds and peak memory are fitted to two measured
-  runs with the same routed tokens (``PLANNER_RUNS``: 1M sequences of 32 tokens, 62,500 of 512) as
-  one term per routed token-slot (streaming the store) and one per sequence x rank (the placement),
-  then extrapolated: an estimate to size a machine by, not a measurement.
+- **The planner** is CPU work in one process, fitted by least squares to four measured runs
+  (``PLANNER_RUNS``) and extrapolated: an estimate to size a machine by, not a measurement. Its CPU
+  seconds are a term per routed token-slot (every pass streams the store), one per sequence x rank
+  (the placement) and a constant; its memory (anonymous: the store's pages are a read-only map the
+  kernel may drop) one per token-slot of the refinement's sample (bounded:
+  :func:`grouter.place.refine_limit`), one per sequence x rank and a constant.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from .errors import GrouterError
 from .formats.store import bytes_per_token as store_bytes_per_token
 from .formats.targets import bytes_per_token as targets_bytes_per_token
 from .options import COUNT, POSITIVE, option, path_input
+from .place import refine_limit
 from .runner import Output, Stage
 
-# `benchmarks/place_scale.py` (128 experts top-8, 64 ranks, one routing head; docs/steptime.md#planner-scale):
-# (sequences, tokens per sequence, CPU seconds, peak GiB) of `grouter place` by objective (at 1M sequences the
-# slower of two runs, at 62,500 one run), measured on the 2-core machine with one study process on the other core.
-PLANNER_RUNS = {"bytes": [(1_000_000, 32, 43.6, 2.33), (62_500, 512, 30.3, 1.19)],
-                "steptime": [(1_000_000, 32, 71.2, 2.82), (62_500, 512, 29.4, 1.18)]}
+# `benchmarks/place_scale.py` (128 experts top-8, 64 ranks, a global batch of 1,024, one routing head;
+# docs/scale.md#what-the-planner-needs), one thread, on the 2-core machine beside a study process: (sequences,
+# tokens per sequence, then CPU seconds and peak anonymous GiB while planning with the bytes objective, and the
+# same with the step-time objective on the h100x64 profile).
+PLANNER_RUNS = [(1_000_000, 32, 47.45, 1.723, 99.37, 2.2), (62_500, 512, 28.75, 0.582, 32.38, 0.578),
+                (62_500, 128, 14.41, 0.403, 21.66, 0.415), (250_000, 128, 32.41, 0.688, 45.08, 0.687)]
 PLANNER_K, PLANNER_RANKS = 8, 64
 H100_MEMORY_GIB = 80
 USABLE_MEMORY = 0.9  # of a GPU's memory, for weights, when a source is spread over GPUs (activations: the rest)
@@ -137,24 +141,47 @@ def stage_table(s: Setting, top_m: int, head_groups: int, gpu_flops: float, gpu_
         row("train (reads)", "nothing new: each rank reads its sequences' routing with their tokens", 0,
             s.target_tokens, 0.0, "the engine's data parallelism", reads=(data_token + store_token) * s.target_tokens),
     ]
+    terms = planner_terms()
     for objective in ("bytes", "steptime"):
-        per_slot, per_cell = planner_terms(objective)
-        slots = s.target_tokens * k * heads  # the plan is made over the union of the heads' routing
-        cells = {r: sequences * r * (heads if objective == "steptime" else 1) for r in s.ranks}  # per-head traffic
+        cpu, memory = {}, {}
+        for r in s.ranks:
+            f = planner_features(sequences, s.seq_len, k, heads, r)
+            cpu[r], memory[r] = float(f["cpu"] @ terms["cpu"]), float(f["memory"] @ terms["memory"])
+            if objective == "steptime":  # the bytes objective's work, then the step-time stage
+                cpu[r] += float(f["stage"] @ terms["stage_cpu"])
+                memory[r] += float(f["stage"] @ terms["stage_memory"])
         rows.append({**row(f"place ({objective})", "a placement plan", 0, s.target_tokens, 0.0,
-                           "one CPU process (extrapolated from two measured runs)"),
-                     "cpu_seconds": {r: slots * per_slot[0] + c * per_cell[0] for r, c in cells.items()},
-                     "memory_gib": {r: slots * per_slot[1] + c * per_cell[1] for r, c in cells.items()}})
+                           "one CPU process (fitted to four measured runs)"), "cpu_seconds": cpu, "memory_gib": memory})
     return rows
 
 
-def planner_terms(objective: str) -> tuple[np.ndarray, np.ndarray]:
-    """(CPU seconds, GiB) per routed token-slot and per sequence x rank, solved from the two runs."""
-    runs = PLANNER_RUNS[objective]
-    a = np.array([[n * t * PLANNER_K, n * PLANNER_RANKS] for n, t, _, _ in runs], dtype=np.float64)
-    y = np.array([[cpu, gib] for _, _, cpu, gib in runs], dtype=np.float64)
-    terms = np.linalg.solve(a, y)
-    return terms[0], terms[1]
+def planner_features(sequences: float, seq_len: int, k: int, heads: int, ranks: int) -> dict[str, np.ndarray]:
+    """What the planner's costs grow with (:func:`planner_terms` weighs them). CPU: the routed token-slots of
+    the union of the heads (every pass streams them), the sequences, a constant. Memory: the token-slots of
+    the refinement's sample (whole global batches of the default 16 per rank, at least one, up to
+    :func:`~grouter.place.refine_limit` sequences), the sequences, a constant. A sequence's arrays are
+    per expert and per rank, and the runs have one size of each (128, 64): its term is theirs, which
+    over-counts fewer experts or ranks. The step-time stage adds a term per sequence x rank x head (it
+    keeps each head's traffic per rank)."""
+    slots_per_sequence = seq_len * k * heads
+    batch = 16 * ranks
+    sample = min(sequences, max(refine_limit(slots_per_sequence) // batch, 1) * batch)
+    return {"cpu": np.array([sequences * slots_per_sequence, sequences, 1.0]),
+            "memory": np.array([sample * slots_per_sequence, sequences, 1.0]),
+            "stage": np.array([sequences * ranks * heads])}
+
+
+def planner_terms() -> dict[str, np.ndarray]:
+    """The weights of :func:`planner_features`, least squares over ``PLANNER_RUNS``: CPU seconds and GiB of the
+    bytes objective, and what the step-time objective adds to them."""
+    features = [planner_features(n, t, PLANNER_K, 1, PLANNER_RANKS) for n, t, *_ in PLANNER_RUNS]
+    runs = np.array([r[2:] for r in PLANNER_RUNS], dtype=np.float64)
+
+    def fit(name: str, y: np.ndarray) -> np.ndarray:
+        return np.linalg.lstsq(np.array([f[name] for f in features]), y, rcond=None)[0]
+
+    return {"cpu": fit("cpu", runs[:, 0]), "memory": fit("memory", runs[:, 1]),
+            "stage_cpu": fit("stage", runs[:, 2] - runs[:, 0]), "stage_memory": fit("stage", runs[:, 3] - runs[:, 1])}
 
 
 # -- checking the formulas against a pipeline directory ------------------------------------------------
@@ -233,7 +260,7 @@ def estimate(s: Setting, o: Options) -> dict:
                            f"{s.source_experts} experts; use 0 for every score")
     if o.head_groups > s.source_layers:
         raise GrouterError(f"--head-groups {o.head_groups} is more than the source's {s.source_layers} MoE layers")
-    return {"setting": asdict(s), "disk_gbps": o.disk_gbps, "gpu_flops": o.gpu_flops,
+    return {"setting": asdict(s), "assumed": {"disk_gbps": o.disk_gbps, "gpu_flops": o.gpu_flops},
             "stages": stage_table(s, o.top_m, o.head_groups, o.gpu_flops, o.gpu_memory_gib, o.disk_gbps * 1e9)}
 
 
@@ -250,8 +277,8 @@ def markdown(result: dict) -> str:
              f"{s['source_top_k']}, {s['source_params'] / 1e9:g}B parameters ({s['source_active_params'] / 1e9:g}B "
              f"active); {s['distill_tokens'] / 1e9:g}B distillation tokens, {s['target_tokens'] / 1e9:g}B target "
              f"tokens in sequences of {s['seq_len']}", "",
-             f"| stage | writes | bytes/token | on disk | reads | compute | GPU-hours at {result['gpu_flops']:.3g} FLOP/s | "
-             f"disk hours at {result['disk_gbps']:g} GB/s | how it shards |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"| stage | writes | bytes/token | on disk | reads | compute | GPU-hours at {result['assumed']['gpu_flops']:.3g} FLOP/s | "
+             f"disk hours at {result['assumed']['disk_gbps']:g} GB/s | how it shards |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["stages"]:
         if "cpu_seconds" in r:
             cpu = ", ".join(f"EP {k}: {v / 3600:,.1f} h, {r['memory_gib'][k]:,.0f} GiB" for k, v in r["cpu_seconds"].items())
