@@ -36,7 +36,7 @@ def full_forward_router_logits(model: MoELM, input_ids: torch.Tensor, layer: int
 @pytest.mark.parametrize("layer", [0, 2])
 def test_captured_logits_equal_full_forward(tmp_path, tiny_data, layer):
     model = make_source(tmp_path, tiny_data).eval()
-    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layer=layer, progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layer=layer, top_m=0, progress=False)
     targets = Targets.open(tmp_path / "t")
     idx = np.arange(5)
     expected = full_forward_router_logits(model, tiny_data.split("train").batch(idx)["input_ids"], layer)
@@ -50,7 +50,7 @@ def test_captured_logits_equal_full_forward(tmp_path, tiny_data, layer):
 def test_several_layers_equal_each_layers_own_logits(tmp_path, tiny_data, layers):
     """Per-layer heads: the scores of every captured layer, [n, L, H, E], are that layer's gate logits."""
     model = make_source(tmp_path, tiny_data).eval()
-    result = capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layers=layers, progress=False)
+    result = capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layers=layers, top_m=0, progress=False)
     chosen = [0, 1, 2] if layers == "all" else layers
     targets = Targets.open(tmp_path / "t")
     m = targets.manifest
@@ -70,8 +70,8 @@ def test_several_layers_equal_each_layers_own_logits(tmp_path, tiny_data, layers
 def test_one_layer_targets_keep_their_layout(tmp_path, tiny_data):
     """One layer (also as a one-element list) is written as before per-layer heads: version 2, ``layer``."""
     make_source(tmp_path, tiny_data)
-    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layers=[1], progress=False)
-    capture(tmp_path / "t1", source=tmp_path / "src", data=tiny_data, layer=1, progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layers=[1], top_m=0, progress=False)
+    capture(tmp_path / "t1", source=tmp_path / "src", data=tiny_data, layer=1, top_m=0, progress=False)
     m = read_json(tmp_path / "t" / "targets.json", "targets")
     assert (m["version"], m["layer"], "layers" in m, m["source"]["layer"]) == (2, 1, False, 1)
     assert m == read_json(tmp_path / "t1" / "targets.json", "targets")
@@ -88,7 +88,7 @@ def test_one_layer_targets_keep_their_layout(tmp_path, tiny_data):
 def test_bad_layer_lists(tmp_path, tiny_data, kw, message):
     make_source(tmp_path, tiny_data)
     with pytest.raises(GrouterError, match=message):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False, **kw)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False, **kw)
     assert not (tmp_path / "t").exists()
 
 
@@ -98,7 +98,7 @@ def test_auxfree_source_records_the_scores_it_selects_by(tmp_path, tiny_data):
     router = model.blocks[0].moe.router
     router.bias.copy_(torch.linspace(-0.5, 0.5, 8))  # a trained source has a non-zero bias
     model.save_pretrained(tmp_path / "src", extra={"data": {"tokenizer_sha256": tiny_data.meta["tokenizer_sha256"]}})
-    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
     targets = Targets.open(tmp_path / "t")
     assert (targets.manifest["score_function"], targets.manifest["includes_bias"]) == ("sigmoid", True)
     idx = np.arange(4)
@@ -133,7 +133,7 @@ def test_prefix_only_loading_ignores_later_layers(tmp_path, tiny_data):
 
 def test_capture_resumes_to_identical_bytes(tmp_path, tiny_data, monkeypatch):
     make_source(tmp_path, tiny_data)
-    capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, batch_size=4, progress=False)
+    capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, batch_size=4, top_m=0, progress=False)
     calls = {"n": 0}
     original = BuiltinRouterPrefix.router_logits
 
@@ -145,10 +145,10 @@ def test_capture_resumes_to_identical_bytes(tmp_path, tiny_data, monkeypatch):
 
     monkeypatch.setattr(BuiltinRouterPrefix, "router_logits", dying)
     with pytest.raises(KeyboardInterrupt):
-        capture(tmp_path / "resumed", source=tmp_path / "src", data=tiny_data, batch_size=4, progress=False)
+        capture(tmp_path / "resumed", source=tmp_path / "src", data=tiny_data, batch_size=4, top_m=0, progress=False)
     assert not (tmp_path / "resumed").exists(), "nothing half-written is visible"
     monkeypatch.setattr(BuiltinRouterPrefix, "router_logits", original)
-    capture(tmp_path / "resumed", source=tmp_path / "src", data=tiny_data, batch_size=4, progress=False)
+    capture(tmp_path / "resumed", source=tmp_path / "src", data=tiny_data, batch_size=4, top_m=0, progress=False)
     for name in ("train.logits", "val.logits"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
 
@@ -156,20 +156,20 @@ def test_capture_resumes_to_identical_bytes(tmp_path, tiny_data, monkeypatch):
 def test_layer_out_of_range(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data)
     with pytest.raises(GrouterError, match="out of range"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layer=3, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layer=3, top_m=0, progress=False)
     assert not (tmp_path / "t").exists()
 
 
 def test_source_without_moe_router(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data, router="hash")
     with pytest.raises(GrouterError, match="not its learned routing"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
 
 
 def test_vocabulary_larger_than_source(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data, vocab_size=tiny_data.vocab_size - 10)
     with pytest.raises(GrouterError, match="larger than the source's embedding"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
 
 
 def test_other_tokenizer_is_refused(tmp_path, tiny_data):
@@ -177,17 +177,17 @@ def test_other_tokenizer_is_refused(tmp_path, tiny_data):
                             d_expert=16, n_experts=8, top_k=2))
     model.save_pretrained(tmp_path / "src", extra={"data": {"tokenizer_sha256": "0" * 64}})
     with pytest.raises(GrouterError, match="another tokenizer"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
 
 
 def test_missing_source(tmp_path, tiny_data):
     with pytest.raises(GrouterError, match="not found"):
-        capture(tmp_path / "t", source=tmp_path / "nope", data=tiny_data, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "nope", data=tiny_data, top_m=0, progress=False)
 
 
 def test_nan_in_targets_is_refused(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data)
-    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
     arr = np.memmap(tmp_path / "t" / "train.logits", dtype=np.float16, mode="r+")
     arr[1000] = np.inf
     arr.flush()
@@ -204,13 +204,13 @@ def test_nan_in_targets_is_refused(tmp_path, tiny_data):
 
 def test_truncated_targets_and_other_dataset(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data)
-    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
     manifest = read_json(tmp_path / "t" / "targets.json", "targets")
     manifest["dataset_fingerprint"] = "f" * 64
     write_json(tmp_path / "t" / "targets.json", manifest)
     with pytest.raises(GrouterError, match="another dataset"):
         Targets.open(tmp_path / "t")
-    capture(tmp_path / "t2", source=tmp_path / "src", data=tiny_data, progress=False)
+    capture(tmp_path / "t2", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
     f = tmp_path / "t2" / "val.logits"
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(GrouterError, match="truncated"):
@@ -222,7 +222,7 @@ def test_existing_output_is_not_overwritten(tmp_path, tiny_data):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "keep.txt").write_text("mine")
     with pytest.raises(GrouterError, match="already exists"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
     assert (tmp_path / "t" / "keep.txt").read_text() == "mine"
 
 
@@ -245,8 +245,9 @@ SHARD_BATCH = 16  # the ranks' ranges are unequal: 217 train batches over 2 rank
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_data):
-    """A source and its every-layer targets from one process with one thread, as each rank has (the
-    source's floating point may depend on the thread count, never on the sharding)."""
+    """A source and its every-layer targets (the default: compact, top 2k) from one process with one
+    thread, as each rank has (the source's floating point may depend on the thread count, never on the
+    sharding)."""
     root = tmp_path_factory.mktemp("sharding")
     make_source(root, tiny_data)
     threads = torch.get_num_threads()
@@ -264,7 +265,7 @@ def test_shards_written_one_after_the_other_equal_one_process(tmp_path, tiny_dat
     of one work directory to the bytes one process writes."""
     from grouter.capture import _capture_shard, open_source
     from grouter.formats.dataset import SPLITS
-    from grouter.formats.targets import TargetsWriter
+    from grouter.formats.targets import TargetsWriter, resolve_top_m
     from grouter.runner import Output
     from grouter.sharding import ShardedJob, batch_ranges
 
@@ -272,7 +273,7 @@ def test_shards_written_one_after_the_other_equal_one_process(tmp_path, tiny_dat
     prefix = open_source(one_process / "src", None, "cpu", "all")
     out = Output(tmp_path / "two", {"test": 1}, progress=False)
     jobs = [ShardedJob(out, {}, _Rank(r, 2), "capture") for r in range(2)]
-    writer = TargetsWriter(jobs[0].work, tiny_data.seq_len, 3, 8)
+    writer = TargetsWriter(jobs[0].work, tiny_data.seq_len, 3, 8, top_m=resolve_top_m(None, 8, 2))
     for name in SPLITS:
         writer.allocate(name, len(tiny_data.split(name)))
     for job in jobs:
@@ -286,7 +287,9 @@ def test_shards_written_one_after_the_other_equal_one_process(tmp_path, tiny_dat
     finally:
         torch.set_num_threads(threads)
     for name in SPLITS:
-        assert (jobs[0].work / f"{name}.logits").read_bytes() == (one_process / "one" / f"{name}.logits").read_bytes()
+        for suffix in ("topm", "topm_ids", "rest"):
+            file = f"{name}.{suffix}"
+            assert (jobs[0].work / file).read_bytes() == (one_process / "one" / file).read_bytes(), file
     assert jobs[0].dir.progress() == {"train/rank0": 1728, "train/rank1": 1742, "val/rank0": 240, "val/rank1": 227}
 
 
@@ -304,7 +307,8 @@ def test_two_gloo_processes_capture_the_bytes_of_one(tiny_data, one_process):
 
     spawn(2, _capture_rank, (str(one_process / "src"), str(tiny_data.path), str(one_process / "two")))
     files = sorted(p.name for p in (one_process / "one").iterdir() if not p.name.startswith(".grouter-command"))
-    assert files == ["targets.json", "train.logits", "val.logits"]
+    compact = [f"{split}.{suffix}" for split in ("train", "val") for suffix in ("rest", "topm", "topm_ids")]
+    assert files == ["targets.json", *compact]
     for name in files:
         assert (one_process / "two" / name).read_bytes() == (one_process / "one" / name).read_bytes(), name
     assert not (one_process / ".two.partial").exists()
@@ -317,7 +321,7 @@ def test_compact_targets_keep_the_top_m_exactly_and_the_rest_as_one_log_sum_exp(
     """``--top-m 4`` of 8 experts, 3 layers: the kept scores are the full targets' top 4 (the same
     float16 values, best first), the rest their log-sum-exp; top-k is the full targets' top-k."""
     make_source(tmp_path, tiny_data)
-    full = capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, layers="all", batch_size=256,
+    full = capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, layers="all", top_m=0, batch_size=256,
                    progress=False)
     compact = capture(tmp_path / "m4", source=tmp_path / "src", data=tiny_data, layers="all", top_m=4,
                       batch_size=256, progress=False)
@@ -346,3 +350,18 @@ def test_top_m_out_of_range_is_refused(tmp_path, tiny_data, top_m, message):
     with pytest.raises(GrouterError, match=message):
         capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=top_m, progress=False)
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("n_experts, top_m", [(8, 4), (4, 0)])
+def test_capture_defaults_to_the_top_2k_scores_where_that_is_fewer_than_the_experts(capsys, tmp_path, tiny_data,
+                                                                                    n_experts, top_m):
+    """``grouter capture`` without --top-m: 8 experts top-2 keep the top 4 scores (compact targets, as
+    measured to cost nothing: docs/study.md); 4 experts top-2 keep every score (2k is all of them)."""
+    from grouter.testing import run_cli
+
+    make_source(tmp_path, tiny_data, n_experts=n_experts)
+    code, _, err = run_cli(capsys, "capture", "--source", tmp_path / "src", "--data", tiny_data.path, "--out",
+                           tmp_path / "t", "--batch-size", "256")
+    assert code == 0, err
+    t = Targets.open(tmp_path / "t")
+    assert t.top_m == top_m and t.bytes_per_token == (4 * (2 + 1) + 4 if top_m else n_experts * 2)

@@ -300,17 +300,18 @@ def test_capture(pipe, tiny_data):
     out, result = pipe["targets"]
     assert result["targets"] == str(out)
     assert (result["n_experts"], result["top_k"], result["layer"]) == (TINY["n_experts"], TINY["top_k"], 0)
+    assert result["top_m"] == 2 * TINY["top_k"]  # the default: compact targets, the top 2k scores
     assert result["score_function"] == "softmax"  # an aux-loss source: raw gate logits
     assert result["train_tokens"] == n_sequences(tiny_data) * tiny_data.seq_len
     targets = Targets.open(out, tiny_data)
-    assert {s: targets.array(s).shape for s in SPLITS} == {
-        s: (n_sequences(tiny_data, s), tiny_data.seq_len, TINY["n_experts"]) for s in SPLITS}
+    assert {s: targets.array(s, "topm").shape for s in SPLITS} == {
+        s: (n_sequences(tiny_data, s), tiny_data.seq_len, 2 * TINY["top_k"]) for s in SPLITS}
     # the stored scores' top-k is the source's own first-layer routing of those tokens
     source = MoELM.from_pretrained(pipe["source"][0] / "checkpoint").eval()
     idx = np.arange(8)
     with torch.no_grad():
         chosen = source(tiny_data.split("val").batch(idx)["input_ids"]).routing_ids[0]
-    stored = targets.logits("val", idx).topk(TINY["top_k"], -1).indices
+    stored = targets.teacher("val", idx).topk(TINY["top_k"])
     assert topk_set_agreement(chosen, stored) > 0.98  # float16 storage may flip a near tie
 
 
@@ -480,8 +481,10 @@ def test_per_layer_capture_distill_fold_tune(layered, pipe, tiny_data):
     out, result = layered["targets"]
     assert result["layers"] == layers and "layer" not in result
     targets, first = Targets.open(out, tiny_data), Targets.open(pipe["targets"][0], tiny_data)
-    assert targets.array("train").shape == (n_sequences(tiny_data), tiny_data.seq_len, len(layers), TINY["n_experts"])
-    assert np.array_equal(targets.array("val")[:, :, 0], first.array("val"))  # head 0's teacher: the first layer's
+    m = 2 * TINY["top_k"]  # the default compact targets
+    assert targets.array("train", "topm").shape == (n_sequences(tiny_data), tiny_data.seq_len, len(layers), m)
+    for kind in ("topm", "topm_ids", "rest"):  # head 0's teacher: the first layer's
+        assert np.array_equal(targets.array("val", kind)[:, :, 0], first.array("val", kind)), kind
     _, distilled = layered["distilled"]
     assert distilled["head_layers"] == layers and len(distilled["val_kl_per_head"]) == len(layers)
     assert distilled["val_kl"] == pytest.approx(np.mean(distilled["val_kl_per_head"]))

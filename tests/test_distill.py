@@ -26,7 +26,7 @@ def make_targets(tmp_path, data, n_experts, top_k=2, name="t") -> Targets:
     src = MoELM(MoEConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_layers=1, n_heads=2,
                           d_expert=8, n_experts=n_experts, top_k=top_k, init_std=0.2))
     src.save_pretrained(tmp_path / f"src{n_experts}")
-    capture(tmp_path / name, source=tmp_path / f"src{n_experts}", data=data, progress=False)
+    capture(tmp_path / name, source=tmp_path / f"src{n_experts}", data=data, top_m=0, progress=False)
     return Targets.open(tmp_path / name)
 
 
@@ -116,7 +116,7 @@ def test_per_layer_heads_learn_their_own_layers(tmp_path, tiny_data):
     src = MoELM(MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=2,
                           n_heads=2, d_expert=8, n_experts=8, top_k=2, init_std=0.2))
     src.save_pretrained(tmp_path / "src")
-    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layers="all", progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layers="all", top_m=0, progress=False)
     targets = Targets.open(tmp_path / "t")
     cfg = schedule(steps=80, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=40, eval_sequences=64,
                         checkpoint_every=40)
@@ -171,7 +171,7 @@ def test_distillation_trains_on_compact_targets(tmp_path, tiny_data):
     src = MoELM(MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=1,
                           n_heads=2, d_expert=8, n_experts=16, top_k=2, init_std=0.2))
     src.save_pretrained(tmp_path / "src")
-    capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, batch_size=256, progress=False)
+    capture(tmp_path / "full", source=tmp_path / "src", data=tiny_data, top_m=0, batch_size=256, progress=False)
     capture(tmp_path / "m4", source=tmp_path / "src", data=tiny_data, top_m=4, batch_size=256, progress=False)
     cfg = schedule(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=30, eval_sequences=64,
                    checkpoint_every=30)

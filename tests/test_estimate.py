@@ -22,7 +22,7 @@ def pipeline_dir(tiny_data, tmp_path_factory):
     cfg = MoEConfig(vocab_size=tiny_data.vocab_size, max_seq_len=tiny_data.seq_len, d_model=32, n_layers=3, n_heads=2,
                     d_expert=16, n_experts=8, top_k=2, router="aux")
     MoELM(cfg).save_pretrained(root / "source", extra={"data": {"tokenizer_sha256": tiny_data.meta["tokenizer_sha256"]}})
-    capture(root / "targets-layers-all", source=root / "source", data=tiny_data, layers="all", progress=False)
+    capture(root / "targets-layers-all", source=root / "source", data=tiny_data, layers="all", top_m=0, progress=False)
     capture(root / "targets-layers-all-m4", source=root / "source", data=tiny_data, layers="all", top_m=4,
             progress=False)
     synthetic_store(tiny_data, root / "routing", 8, 2, clusters=4)
@@ -47,10 +47,13 @@ def test_byte_formulas_equal_the_artifacts_on_disk(pipeline_dir, tiny_data):
 
 def test_the_papers_setting():
     """The issue's own figures: every score of 48 layers x 128 experts in float16 is 12 KiB per token, about
-    32 TB for 2.6B tokens; 48 heads of top-8 are 1,152 B per token, about 35 TB for 30B tokens."""
-    stages = {r["stage"]: r for r in estimate(PRESETS["paper"], Options())["stages"]}
+    32 TB for 2.6B tokens (the default top 2k = 16 about 6.5 TB); 48 heads of top-8 are 1,152 B per token,
+    about 35 TB for 30B tokens."""
+    stages = {r["stage"]: r for r in estimate(PRESETS["paper"], Options(top_m=0))["stages"]}
     assert stages["capture"]["bytes_per_token"] == 48 * 128 * 2 == 12_288
     assert 31e12 < stages["capture"]["bytes"] < 33e12
+    default = {r["stage"]: r for r in estimate(PRESETS["paper"], Options())["stages"]}
+    assert default["capture"]["bytes_per_token"] == targets_bytes_per_token(48, 128, 16) == 48 * (16 * 3 + 4)
     assert stages["dispatch"]["bytes_per_token"] == 1_152 and 34e12 < stages["dispatch"]["bytes"] < 35e12
     assert stages["capture"]["flops"] == pytest.approx(2.6e9 * (2 * 3.3e9 + 2 * 48 * 4096 * 2048))
     compact = {r["stage"]: r for r in estimate(PRESETS["paper"], Options(top_m=32, head_groups=4))["stages"]}
@@ -74,11 +77,11 @@ def test_cli_estimate_and_artifacts(capsys, pipeline_dir):
     assert result["setting"]["name"] == "small" and len(result["artifacts"]) == 5
     assert {r["stage"] for r in result["stages"]} >= {"data", "capture", "distill", "tune", "dispatch"}
     code, out, _ = run_cli(capsys, "estimate")
-    assert code == 0 and "| capture |" in out and "31.9 TB" in out
+    assert code == 0 and "| capture | targets: 48 layers, the top 16 scores |" in out and "6.5 TB" in out
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--top-m", "4"], "must keep at least the source's top-8"),
+    (["--top-m", "4"], "must keep at least the source's top-k (8)"),
     (["--top-m", "128"], "fewer than its 128 experts"),
     (["--head-groups", "49"], "more than the source's 48 MoE layers"),
     (["--preset", "huge"], "invalid choice"),

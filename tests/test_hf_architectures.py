@@ -372,7 +372,7 @@ def test_capture_manifest_records_what_the_scores_are(tmp_path, tiny_data):
             if name.endswith("e_score_correction_bias"):
                 buf.add_(torch.randn_like(buf) * 0.3)
     model.save_pretrained(tmp_path / "src", safe_serialization=True)
-    capture(tmp_path / "t", source=tmp_path / "src", data=data, progress=False)
+    capture(tmp_path / "t", source=tmp_path / "src", data=data, top_m=0, progress=False)
     m = json.loads((tmp_path / "t" / "targets.json").read_text())
     assert (m["layer"], m["score_function"], m["includes_bias"]) == (1, "sigmoid", True)
     src = m["source"]

@@ -107,7 +107,9 @@ CASES = {  # artifact file to flip -> the command that consumes it
     "dataset index": ("data", "train.index.npy", "train"),
     "dataset tokenizer": ("data", "tokenizer.json", "capture"),
     "dataset manifest": ("data", "meta.json", "train"),
-    "targets": ("targets", "train.logits", "distill"),
+    "targets": ("targets", "train.topm", "distill"),  # capture's default: compact targets
+    "targets' experts": ("targets", "train.topm_ids", "distill"),
+    "targets' rest": ("targets", "train.rest", "distill"),
     "targets manifest": ("targets", "targets.json", "distill"),
     "Grouter weights": ("folded", "model.safetensors", "dispatch"),
     "Grouter config": ("folded", "config.json", "dispatch"),
@@ -569,7 +571,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_bytes(capsys, monkeypat
     code, _, err = run(capsys, "capture", "--source", str(pipeline / "source"), "--data", str(tiny_data.path), "--out",
                        str(tmp_path / "t"))
     assert_one_line_error(code, err, "no space left on the device of")
-    assert "train.logits: writing it needs" in err and "bytes" in err
+    assert "train.topm: writing it needs" in err and "bytes" in err
     monkeypatch.undo()
 
     from safetensors import SafetensorError

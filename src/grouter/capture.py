@@ -28,7 +28,7 @@ from .errors import GrouterError
 from .formats.dataset import SPLITS, PackedDataset
 from .formats.model import read_config
 from .formats.run import finished_checkpoint
-from .formats.targets import TargetsWriter, check_top_m, layer_fields, write_manifest
+from .formats.targets import TargetsWriter, layer_fields, resolve_top_m, write_manifest
 from .hf_source import HFRouterPrefix, describe_gates, is_hf_model_dir, resolve_layers
 from .integrity import file_sha256, verify_file
 from .model import MoEConfig, MoELM
@@ -234,9 +234,10 @@ class Options:
     layers: list[int] | str | None = option(None, "several MoE layers (or all of them): distill then gives one Grouter "
                                             "head per layer", parse=layer_list, metavar="L1,L2,...|all",
                                             exclusive="layers")
-    top_m: int = option(0, "keep only the M highest scores of each layer per token and the log-sum-exp of the "
-                        "others: compact targets, exact for distillation's KL on the kept experts (0: every score)",
-                        range=COUNT)
+    top_m: int | None = option(None, "keep only the M highest scores of each layer per token and the log-sum-exp "
+                               "of the others: compact targets, exact for distillation's KL on the kept experts "
+                               "(default: M = 2k, twice the source's top-k, where that is fewer than its experts; "
+                               "0: every score)", range=COUNT)
     batch_size: int = option(16, "sequences per source forward; resuming needs the same value", range=POSITIVE_INT,
                              memory=True)
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process "
@@ -252,17 +253,17 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict | None:
 
     ``layer``: the one MoE layer to capture (default: the first); ``layers``: several (a list of
     indices, or ``"all"`` MoE layers), one Grouter head each (docs/method.md#capture). ``top_m``:
-    compact targets (docs/method.md#compact-targets). Returns (on rank 0; None on the others) the
+    compact targets (docs/method.md#compact-targets; default M = 2k, 0: every score). Returns (on rank 0; None on the others) the
     summary, with ``bytes_per_token``: the score bytes per token, all layers.
     """
     data = PackedDataset.open(inputs.data)
     with ProcessGroup(o.device) as group:
         prefix = open_source(inputs.source, o.layer, group.device, o.layers, o.device_map)
         check_vocab_against_source(prefix, data)
-        check_top_m(o.top_m, prefix.n_experts, prefix.top_k)
-        source_info, fields = prefix.describe(), layer_fields(prefix.layers, prefix.n_layers, o.top_m)
+        top_m = resolve_top_m(o.top_m, prefix.n_experts, prefix.top_k)
+        source_info, fields = prefix.describe(), layer_fields(prefix.layers, prefix.n_layers, top_m)
         job = ShardedJob(out, {"source": source_info}, group, "capture")
-        writer = TargetsWriter(job.work, data.seq_len, len(prefix.layers), prefix.n_experts, o.top_m)
+        writer = TargetsWriter(job.work, data.seq_len, len(prefix.layers), prefix.n_experts, top_m)
         sizes = {name: len(data.split(name)) for name in SPLITS}
         for name in SPLITS:  # rank 0 sizes the files every rank writes into
             if group.rank == 0 and not writer.allocate(name, sizes[name]):

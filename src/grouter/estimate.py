@@ -29,6 +29,7 @@ import numpy as np
 from .errors import GrouterError
 from .formats.store import bytes_per_token as store_bytes_per_token
 from .formats.targets import bytes_per_token as targets_bytes_per_token
+from .formats.targets import resolve_top_m
 from .options import COUNT, POSITIVE, option, path_input
 from .place import refine_limit
 from .runner import Output, Stage
@@ -242,8 +243,9 @@ class Options:
     distill_tokens: float | None = option(None, "tokens to capture and distil on (default: the preset's)",
                                           range=POSITIVE)
     target_tokens: float | None = option(None, "tokens of the target run (default: the preset's)", range=POSITIVE)
-    top_m: int = option(0, "compact targets: the top M scores per layer (capture --top-m; 0: every score)",
-                        range=COUNT)
+    top_m: int | None = option(None, "compact targets: the top M scores per layer (capture --top-m; default, as "
+                               "capture's, 2k where that is fewer than the source's experts; 0: every score)",
+                               range=COUNT)
     head_groups: int = option(0, "routing heads (distill --head-groups; 0: one per source layer)", range=COUNT)
     gpu_flops: float = option(5.5e14, "sustained FLOP/s per GPU for the GPU-hours (default: 55 % of an H100's "
                               "BF16 peak, as the hardware profiles)", range=POSITIVE)
@@ -255,13 +257,11 @@ class Options:
 
 def estimate(s: Setting, o: Options) -> dict:
     """The stage table of setting ``s`` under options ``o`` (top-M, heads, GPU)."""
-    if o.top_m and not s.source_top_k <= o.top_m < s.source_experts:
-        raise GrouterError(f"--top-m {o.top_m} must keep at least the source's top-{s.source_top_k} and fewer than its "
-                           f"{s.source_experts} experts; use 0 for every score")
+    top_m = resolve_top_m(o.top_m, s.source_experts, s.source_top_k)
     if o.head_groups > s.source_layers:
         raise GrouterError(f"--head-groups {o.head_groups} is more than the source's {s.source_layers} MoE layers")
     return {"setting": asdict(s), "assumed": {"disk_gbps": o.disk_gbps, "gpu_flops": o.gpu_flops},
-            "stages": stage_table(s, o.top_m, o.head_groups, o.gpu_flops, o.gpu_memory_gib, o.disk_gbps * 1e9)}
+            "stages": stage_table(s, top_m, o.head_groups, o.gpu_flops, o.gpu_memory_gib, o.disk_gbps * 1e9)}
 
 
 def _size(b: float) -> str:

@@ -43,6 +43,7 @@ TARGETS_FORMAT = "grouter-targets"
 TARGETS_VERSION = 4  # 2: per-chunk checksums; 3: several layers; 4: compact, top-M (each written only for them)
 SEVERAL_LAYERS_VERSION = 3
 ONE_LAYER_VERSION = 2
+DEFAULT_TOP_M_PER_K = 2  # capture's default compact targets: the top 2k scores (resolve_top_m)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -78,6 +79,17 @@ def check_top_m(top_m: int, n_experts: int, top_k: int) -> None:
     if top_m and not top_k <= top_m < n_experts:
         raise GrouterError(f"--top-m {top_m} must keep at least the source's top-k ({top_k}) and fewer than its "
                            f"{n_experts} experts; use 0 to keep every score")
+
+
+def resolve_top_m(top_m: int | None, n_experts: int, top_k: int) -> int:
+    """The M to capture: ``top_m`` (0: every score) checked, or by default (None) ``DEFAULT_TOP_M_PER_K``
+    times the source's top-k where that is fewer than its experts (else every score). The default is
+    measured: at M = 2k distillation's top-k recall and the target's speedup matched every score's
+    (docs/study.md#at-a-real-sources-scale-compact-targets-and-head-groups---study-scale)."""
+    if top_m is None:
+        top_m = DEFAULT_TOP_M_PER_K * top_k if DEFAULT_TOP_M_PER_K * top_k < n_experts else 0
+    check_top_m(top_m, n_experts, top_k)
+    return top_m
 
 
 def check_temperature(top_m: int, temperature: float) -> None:
