@@ -196,7 +196,8 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     print(f"place: {wall:.1f} s wall ({wall - bound_s:.1f} s without the balanced-LP bound), {cpu:.1f} s CPU, "
-          f"peak RSS {peak_gib:.2f} GiB, anonymous {anon_gib:.2f} GiB ({anon_before:.2f} before planning) ({'within' if result['within_budget'] else 'OVER'} the 120 s / 8 GiB budget; "
+          f"peak RSS {peak_gib:.2f} GiB, anonymous {anon_gib:.2f} GiB ({anon_before:.2f} before planning) "
+          f"({'within' if result['within_budget'] else 'OVER'} the 120 s / 8 GiB budget; "
           f"{'within' if result['within_2x_of_bytes_objective_cpu'] else 'OVER'} 2x the bytes objective's "
           f"{BYTES_CPU_S} s CPU / {BYTES_PEAK_GIB} GiB)")
     if args.json:

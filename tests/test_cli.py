@@ -24,6 +24,15 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "demo" in result.stdout
 
 
+def test_output_into_a_closed_pipe_is_quiet():
+    """``grouter estimate | head -1``: the reader is gone before the table is written (closed here at
+    once, while the command imports); no BrokenPipeError traceback, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "grouter.cli", "estimate"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0 and proc.stderr.read() == ""
+
+
 def test_train_json_output_and_resume(capsys, tiny_data, tmp_path):
     import numpy as np
 

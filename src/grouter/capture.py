@@ -253,8 +253,8 @@ def run(inputs: Inputs, o: Options, out: Output) -> dict | None:
 
     ``layer``: the one MoE layer to capture (default: the first); ``layers``: several (a list of
     indices, or ``"all"`` MoE layers), one Grouter head each (docs/method.md#capture). ``top_m``:
-    compact targets (docs/method.md#compact-targets; default M = 2k, 0: every score). Returns (on rank 0; None on the others) the
-    summary, with ``bytes_per_token``: the score bytes per token, all layers.
+    compact targets (docs/method.md#compact-targets; None: M = 2k, 0: every score). Returns (on rank
+    0; None on the others) the summary, with ``bytes_per_token``: the score bytes per token, all layers.
     """
     data = PackedDataset.open(inputs.data)
     with ProcessGroup(o.device) as group:

@@ -142,7 +142,8 @@ class _Flags:
     def inputs(self) -> None:
         for f in fields(self.stage.inputs):
             meta = f.metadata
-            kw = dict(type=Path, help=_literal(meta["help"]), metavar=meta.get("metavar"), nargs="+" if meta["many"] else None)
+            kw = dict(type=Path, help=_literal(meta["help"]), metavar=meta.get("metavar"),
+                      nargs="+" if meta["many"] else None)
             if meta["positional"]:
                 self.parser.add_argument(f.name, **kw)
             else:
@@ -290,7 +291,11 @@ def run_command(args) -> int:
             return _failure(args, message, 2)
         return _failure(args, f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", 1,
                         everywhere=True)
-    _print(args, result)
+    try:
+        _print(args, result)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `grouter ... | head`: the reader took what it wanted; nothing is lost
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and the exit's flush stays quiet
     return 0
 
 

@@ -11,10 +11,11 @@
   assumed sustained rate (default: the hardware profiles' 55 % of an H100's BF16 peak).
 - **The planner** is CPU work in one process, fitted by least squares to four measured runs
   (``PLANNER_RUNS``) and extrapolated: an estimate to size a machine by, not a measurement. Its CPU
-  seconds are a term per routed token-slot (every pass streams the store), one per sequence x rank
-  (the placement) and a constant; its memory (anonymous: the store's pages are a read-only map the
-  kernel may drop) one per token-slot of the refinement's sample (bounded:
-  :func:`grouter.place.refine_limit`), one per sequence x rank and a constant.
+  seconds are a term per routed token-slot (every pass streams the store), one per sequence and a
+  constant; its memory (anonymous: the store's pages are a read-only map the kernel may drop) one per
+  token-slot of the refinement's sample (bounded: :func:`grouter.place.refine_limit`), one per
+  sequence and a constant; the step-time objective adds one per sequence x rank x head
+  (:func:`planner_features`).
 """
 
 from __future__ import annotations
@@ -272,13 +273,13 @@ def _size(b: float) -> str:
 
 
 def markdown(result: dict) -> str:
-    s = result["setting"]
+    s, assumed = result["setting"], result["assumed"]
     lines = [f"Setting {s['name']}: source {s['source_layers']} MoE layers x {s['source_experts']} experts top-"
              f"{s['source_top_k']}, {s['source_params'] / 1e9:g}B parameters ({s['source_active_params'] / 1e9:g}B "
              f"active); {s['distill_tokens'] / 1e9:g}B distillation tokens, {s['target_tokens'] / 1e9:g}B target "
              f"tokens in sequences of {s['seq_len']}", "",
-             f"| stage | writes | bytes/token | on disk | reads | compute | GPU-hours at {result['assumed']['gpu_flops']:.3g} FLOP/s | "
-             f"disk hours at {result['assumed']['disk_gbps']:g} GB/s | how it shards |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"| stage | writes | bytes/token | on disk | reads | compute | GPU-hours at {assumed['gpu_flops']:.3g} FLOP/s | "
+             f"disk hours at {assumed['disk_gbps']:g} GB/s | how it shards |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["stages"]:
         if "cpu_seconds" in r:
             cpu = ", ".join(f"EP {k}: {v / 3600:,.1f} h, {r['memory_gib'][k]:,.0f} GiB" for k, v in r["cpu_seconds"].items())

@@ -819,8 +819,8 @@ def plan_placement(store, o: Options, compare=None) -> Plan:
     takes ``global_batch / R`` from every rank's queue, dealt so that batches get like loads: batches
     are stratified by group rather than random). ``exact``: optimal per-batch assignment
     (``linear_sum_assignment``) instead of the vectorised greedy; batch scope only. ``refine``: rounds
-    of :func:`refine_grouping` on a sample (:func:`refine_limit` sequences). ``load_tolerance``: every rank's
-    (and node's) experts take at most ``1 + load_tolerance`` times the mean token-slots of the split
+    of :func:`refine_grouping` on a sample (:func:`refine_limit` sequences). ``load_tolerance``: every
+    rank's (and node's) experts take at most ``1 + load_tolerance`` times the mean token-slots of the split
     (``load_cap`` False: no cap, the paper's grouping). ``hardware``: a built-in profile's name or a
     JSON file; it sets the ranks per node and adds the predicted step times (``report["step_time"]``).
     ``lp_bound``: compute the balanced-LP bound even when it is costly (else: when it is cheap).
