@@ -50,9 +50,9 @@ from grouter.integrations.megatron.measure import measure_rank, spawn_nccl
 def inputs(args, work: Path) -> tuple[Path, Path]:
     """The dataset and routing store to measure: --demo, --data/--routing, or a synthetic clustered store."""
     if args.demo:  # the demo's routing: a head per layer by default, one shared head with --shared-head
-        demo = Path(args.demo)
-        return demo / "data", next(demo / name for name in ("routing-layers-all", "routing")
-                                   if (demo / name / "manifest.json").is_file())
+        from grouter.experiments.demo import demo_kind
+
+        return Path(args.demo) / "data", Path(args.demo) / f"routing{demo_kind(args.demo)}"
     if args.routing:
         return Path(args.data), Path(args.routing)
     from grouter.testing import synthetic_store

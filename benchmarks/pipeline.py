@@ -29,6 +29,7 @@ import torch
 from grouter.capture import capture
 from grouter.dispatch import dispatch
 from grouter.distill import distill
+from grouter.experiments.demo import demo_kind
 from grouter.formats.dataset import PackedDataset
 from grouter.formats.targets import Targets
 from grouter.loop import TrainConfig, build_optimizer
@@ -57,11 +58,6 @@ def step_timer(model: MoELM, opt, batch, routing_fn):
 # demo's target; "base" is the `--preset base` body, a target about 7x the Grouter's compute.
 TARGETS = {"demo": dict(d_model=128, n_layers=4, n_heads=4, d_expert=64),
            "base": dict(d_model=256, n_layers=6, n_heads=8, d_expert=256)}
-
-
-def demo_kind(demo: Path) -> str:
-    """The name suffix of the demo's Grouter: ``-layers-all`` (a head per layer, the default) where made."""
-    return "-layers-all" if (demo / "routing-layers-all" / "manifest.json").is_file() else ""
 
 
 def training_throughput(demo: Path, rounds: int, batch_size: int, target: dict) -> dict:
@@ -107,7 +103,7 @@ def stage_throughput(demo: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t = time.perf_counter()
-    capture(out / "targets", source=demo / "source", data=data, progress=False)
+    capture(out / "targets", source=demo / "source", data=data, top_m=0, progress=False)  # every score, as measured
     capture_s = time.perf_counter() - t
     targets = Targets.open(out / "targets", data)
     g = Grouter.from_pretrained(demo / f"grouter-distilled{demo_kind(demo)}").cfg

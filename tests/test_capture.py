@@ -156,20 +156,20 @@ def test_capture_resumes_to_identical_bytes(tmp_path, tiny_data, monkeypatch):
 def test_layer_out_of_range(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data)
     with pytest.raises(GrouterError, match="out of range"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layer=3, top_m=0, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, layer=3, progress=False)
     assert not (tmp_path / "t").exists()
 
 
 def test_source_without_moe_router(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data, router="hash")
     with pytest.raises(GrouterError, match="not its learned routing"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
 
 
 def test_vocabulary_larger_than_source(tmp_path, tiny_data):
     make_source(tmp_path, tiny_data, vocab_size=tiny_data.vocab_size - 10)
     with pytest.raises(GrouterError, match="larger than the source's embedding"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
 
 
 def test_other_tokenizer_is_refused(tmp_path, tiny_data):
@@ -177,12 +177,12 @@ def test_other_tokenizer_is_refused(tmp_path, tiny_data):
                             d_expert=16, n_experts=8, top_k=2))
     model.save_pretrained(tmp_path / "src", extra={"data": {"tokenizer_sha256": "0" * 64}})
     with pytest.raises(GrouterError, match="another tokenizer"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
 
 
 def test_missing_source(tmp_path, tiny_data):
     with pytest.raises(GrouterError, match="not found"):
-        capture(tmp_path / "t", source=tmp_path / "nope", data=tiny_data, top_m=0, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "nope", data=tiny_data, progress=False)
 
 
 def test_nan_in_targets_is_refused(tmp_path, tiny_data):
@@ -222,7 +222,7 @@ def test_existing_output_is_not_overwritten(tmp_path, tiny_data):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "keep.txt").write_text("mine")
     with pytest.raises(GrouterError, match="already exists"):
-        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, top_m=0, progress=False)
+        capture(tmp_path / "t", source=tmp_path / "src", data=tiny_data, progress=False)
     assert (tmp_path / "t" / "keep.txt").read_text() == "mine"
 
 

@@ -23,3 +23,17 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     # a rerun reuses every finished stage
     again = run_demo(tmp_path / "demo", tiny_demo())
     assert again["report"] == summary["report"]
+
+
+def test_demo_kind_names_the_grouter_a_demo_made(tmp_path):
+    """Tools reading a demo's artifacts find its default per-layer Grouter, else the shared head's, else
+    say what to run."""
+    from grouter.errors import GrouterError
+    from grouter.experiments.demo import demo_kind
+
+    with pytest.raises(GrouterError, match="holds no demo routing store"):
+        demo_kind(tmp_path)
+    for name in ("routing", "routing-layers-all"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+        assert demo_kind(tmp_path) == name.removeprefix("routing")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..errors import GrouterError
 from ..options import option
 from ..place import place
 from ..report import report
@@ -20,6 +21,17 @@ from .pipeline import Pipeline, PipelineConfig, load_config
 
 def demo_config(**overrides) -> PipelineConfig:
     return PipelineConfig.from_dict({**load_config("demo"), **overrides})
+
+
+def demo_kind(out: Path) -> str:
+    """The name suffix of the Grouter ``grouter demo --out OUT`` made, for tools that read its artifacts:
+    ``-layers-all`` (a head per layer, the default) where its routing store is there, else ``""``
+    (``--shared-head``)."""
+    for kind in ("-layers-all", ""):
+        if (Path(out) / f"routing{kind}" / "manifest.json").is_file():
+            return kind
+    raise GrouterError(f"{out} holds no demo routing store (routing-layers-all or routing); "
+                       f"run `grouter demo --out {out}` first")
 
 
 def run_demo(out: Path, cfg: PipelineConfig) -> dict:
